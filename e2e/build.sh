@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Builds (once) every binary the local cluster needs, from the Go module proxy and crates.io, and caches
+# it by version outside the repository. Safe to run again: a cached binary is never rebuilt.
+#
+#   e2e/build.sh            build what is missing, print the bin directories
+#   e2e/build.sh --print    only print the bin directories (exits 1 when something is missing)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=e2e/versions.env
+source "$here/versions.env"
+
+cache="${CROSSTRACE_CACHE:-$HOME/.cache/crosstrace}/e2e"
+export GOFLAGS=-buildvcs=false CGO_ENABLED=0 GOTOOLCHAIN=local
+log() { printf '[build] %s\n' "$*" >&2; }
+die() { printf '[build] error: %s\n' "$*" >&2; exit 1; }
+
+etcd_dir="$cache/etcd-$ETCD_VERSION"
+kube_dir="$cache/kubernetes-$KUBERNETES_VERSION"
+kwok_dir="$cache/kwok-$KWOK_VERSION"
+helm_dir="$cache/helm-$HELM_VERSION"
+just_dir="$cache/just-$JUST_VERSION"
+bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin")
+
+have() { [ -x "$1/bin/$2" ]; }
+
+need_go() {
+  command -v go >/dev/null || die "go is not installed; this machine kind ships it (see README)"
+}
+
+build_etcd() {
+  have "$etcd_dir" etcd && return
+  need_go
+  log "etcd $ETCD_VERSION (wrapper module: etcd's own module has replace directives)"
+  local src="$etcd_dir/src"
+  rm -rf "$src" && mkdir -p "$src"
+  cat >"$src/main.go" <<'GO'
+// Command etcd is etcd's own main, built through a wrapper module.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  (cd "$src" && go mod init crosstrace.local/etcd >/dev/null 2>&1 &&
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" &&
+    go mod tidy &&
+    go build -trimpath -o "$etcd_dir/bin/etcd" .) || die "building etcd $ETCD_VERSION failed"
+}
+
+build_kubernetes() {
+  have "$kube_dir" kube-apiserver && have "$kube_dir" kube-controller-manager &&
+    have "$kube_dir" kube-scheduler && have "$kube_dir" kubectl && return
+  need_go
+  log "kubernetes $KUBERNETES_VERSION: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl"
+  local src="$kube_dir/src" staging="v0${KUBERNETES_VERSION#v1}"
+  rm -rf "$src" && mkdir -p "$src"
+  # k8s.io/kubernetes points its staging modules at ./staging; the wrapper points each at its published
+  # version instead. The list comes from k8s.io/kubernetes's own go.mod, so it follows the version.
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')"
+  [ -f "$gomod" ] || die "could not download k8s.io/kubernetes@$KUBERNETES_VERSION's go.mod"
+  {
+    echo "module crosstrace.local/kubernetes"
+    echo
+    echo "go $(sed -n 's/^go \(.*\)$/\1/p' "$gomod")"
+    echo
+    echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+    echo
+    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/k8s\.io/[a-z0-9-]+' "$gomod" |
+      awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } >"$src/go.mod"
+  grep -q '^replace k8s.io/api ' "$src/go.mod" || die "no staging replaces found in k8s.io/kubernetes's go.mod"
+  local pkgs=(cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl)
+  local minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
+  local v=k8s.io/component-base/version cv=k8s.io/client-go/pkg/version
+  local ldflags="-s -w"
+  for pkg in "$v" "$cv"; do
+    ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$src" &&
+    go get "${pkgs[@]/#/k8s.io/kubernetes/}" &&
+    go build -trimpath -ldflags "$ldflags" -o "$kube_dir/bin/" "${pkgs[@]/#/k8s.io/kubernetes/}") ||
+    die "building kubernetes $KUBERNETES_VERSION failed"
+}
+
+build_kwok() {
+  have "$kwok_dir" kwok && return
+  need_go
+  log "kwok $KWOK_VERSION"
+  GOBIN="$kwok_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" \
+    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" || die "building kwok $KWOK_VERSION failed"
+}
+
+build_helm() {
+  have "$helm_dir" helm && return
+  need_go
+  log "helm $HELM_VERSION"
+  GOBIN="$helm_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "building helm $HELM_VERSION failed"
+}
+
+build_just() {
+  have "$just_dir" just && return
+  command -v cargo >/dev/null || die "cargo is not installed; install Rust with rustup first"
+  log "just $JUST_VERSION"
+  cargo install --quiet --locked --jobs 2 --root "$just_dir" --version "$JUST_VERSION" just ||
+    die "installing just $JUST_VERSION failed"
+}
+
+if [ "${1:-}" = "--print" ]; then
+  for d in "${bin_dirs[@]}"; do [ -d "$d" ] || exit 1; echo "$d"; done
+  exit 0
+fi
+
+start=$SECONDS
+built=0
+for step in build_just build_helm build_kwok build_etcd build_kubernetes; do
+  before=$SECONDS
+  $step
+  ((SECONDS - before > 1)) && built=1
+done
+((built)) && log "build finished in $((SECONDS - start)) s (cached under $cache)"
+printf '%s\n' "${bin_dirs[@]}"

@@ -1,0 +1,119 @@
+//! Condition types, reasons, and the bookkeeping that keeps `lastTransitionTime` honest.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+pub const READY: &str = "Ready";
+pub const INGRESS_READY: &str = "IngressReady";
+pub const WORKLOADS_READY: &str = "WorkloadsReady";
+pub const NETWORK_READY: &str = "NetworkReady";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// Condition status values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+}
+
+/// A condition before it is stamped with a generation and a transition time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub type_: &'static str,
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Desired {
+    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status, reason, message: message.into() }
+    }
+}
+
+/// Longest condition message kept; the API server refuses longer ones (32768) and people cannot read them.
+const MAX_MESSAGE: usize = 2048;
+
+/// Merges desired conditions into the previous list: a condition keeps its `lastTransitionTime` unless
+/// its status changed. Conditions not desired any more (a layer turned off) are dropped.
+pub fn merge(previous: &[Condition], desired: &[Desired], generation: i64, now: Timestamp) -> Vec<Condition> {
+    desired
+        .iter()
+        .map(|d| {
+            let old = previous.iter().find(|c| c.type_ == d.type_);
+            let transition = match old {
+                Some(c) if c.status == d.status.as_str() => c.last_transition_time.clone(),
+                _ => Time(now),
+            };
+            let mut message = d.message.clone();
+            if message.len() > MAX_MESSAGE {
+                let mut cut = MAX_MESSAGE;
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                message.truncate(cut);
+            }
+            Condition {
+                type_: d.type_.to_string(),
+                status: d.status.as_str().to_string(),
+                reason: d.reason.to_string(),
+                message,
+                observed_generation: Some(generation),
+                last_transition_time: transition,
+            }
+        })
+        .collect()
+}
+
+/// The conditions whose status changed between two lists (new or flipped), for Events.
+pub fn transitions<'a>(previous: &[Condition], current: &'a [Condition]) -> Vec<&'a Condition> {
+    current
+        .iter()
+        .filter(|c| {
+            previous
+                .iter()
+                .find(|p| p.type_ == c.type_)
+                .is_none_or(|p| p.status != c.status || p.reason != c.reason)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_changes() {
+        let first = merge(&[], &[Desired::new(READY, Status::Unknown, "RolloutInProgress", "")], 1, at(10));
+        let same = merge(&first, &[Desired::new(READY, Status::Unknown, "RolloutInProgress", "x")], 2, at(20));
+        assert_eq!(same[0].last_transition_time, Time(at(10)));
+        assert_eq!(same[0].observed_generation, Some(2));
+        let flipped = merge(&same, &[Desired::new(READY, Status::True, "AllLayersReady", "")], 2, at(30));
+        assert_eq!(flipped[0].last_transition_time, Time(at(30)));
+        assert_eq!(transitions(&same, &flipped).len(), 1);
+        assert!(transitions(&flipped, &flipped).is_empty());
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_MESSAGE);
+        let merged = merge(&[], &[Desired::new(DEGRADED, Status::True, "Conflict", long)], 1, at(1));
+        assert!(merged[0].message.len() <= MAX_MESSAGE);
+    }
+}

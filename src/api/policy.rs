@@ -1,0 +1,390 @@
+//! `TracingPolicy`: one object that turns tracing on at the edge, in the workloads and in the network.
+//!
+//! Everything the API server can check is checked there: bounds on every string and list, enums, and
+//! CEL rules whose messages name the field, so that bad input never reaches the controller.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::{Message, Rule};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// CEL: `host:port` where host is a DNS name, an IPv4 address or a bracketed IPv6 address, port 1..=65535.
+const HOST_PORT_CEL: &str = r"'^(\\[[0-9a-fA-F:.]+\\]|[a-zA-Z0-9]([a-zA-Z0-9.-]{0,251}[a-zA-Z0-9])?):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$'";
+
+fn host_port_rule(subject: &str, message: &str) -> Rule {
+    Rule::new(format!("{subject}.matches({HOST_PORT_CEL})")).message(message)
+}
+
+fn targets_rule(example: &str) -> Rule {
+    Rule::new(format!("self.all(t, t.matches({HOST_PORT_CEL}))"))
+        .message(Message::Message(format!(
+            "every target must be host:port with a port in 1-65535, e.g. {example}"
+        )))
+}
+
+/// The lowest sampling rate (1 packet in N) the network layer accepts: denser sampling can flood a
+/// flow collector and costs the datapath real CPU.
+pub const SAMPLING_FLOOR: u32 = 64;
+
+/// Desired cross-layer tracing for a cluster.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "crosstrace.dev",
+    version = "v1alpha1",
+    kind = "TracingPolicy",
+    plural = "tracingpolicies",
+    shortname = "tp",
+    category = "crosstrace",
+    status = "TracingPolicyStatus",
+    doc = "TracingPolicy turns on tracing at the edge (ingress-nginx), in workloads (OpenTelemetry sidecars) and in the network (Open vSwitch sFlow/IPFIX), rolled out in health-gated batches and reverted exactly on delete.",
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Ingress", type_ = "string", json_path = ".status.ingress.summary"),
+    printcolumn(name = "Workloads", type_ = "string", json_path = ".status.workloads.summary"),
+    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes.summary"),
+    printcolumn(name = "Sampling", type_ = "string", json_path = ".spec.sampling.ratio"),
+    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters (it is used as a label value)")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.ingress) || has(self.workloads) || has(self.network)").message("at least one of spec.ingress, spec.workloads, spec.network must be set"),
+    validation = Rule::new("!(has(self.ingress) || has(self.workloads)) || (has(self.collector) && size(self.collector.endpoint) > 0)").message("spec.collector.endpoint is required when spec.ingress or spec.workloads is set"),
+    validation = Rule::new("!has(self.ingress) || !has(self.collector) || self.collector.protocol == 'grpc'").message("spec.collector.protocol must be grpc when spec.ingress is set: ingress-nginx exports OTLP over gRPC only")
+)]
+pub struct TracingPolicySpec {
+    /// Where the edge and workload layers send OTLP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<CollectorSpec>,
+    /// Head sampling for the edge and workload layers.
+    #[serde(default)]
+    pub sampling: SamplingSpec,
+    /// Edge layer (ingress-nginx); absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressSpec>,
+    /// Workload layer (collector sidecars and OTEL_* env); absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<WorkloadsSpec>,
+    /// Network layer (Open vSwitch sFlow/IPFIX on nodes); absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+    /// How changes are rolled out.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+/// An OTLP collector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectorSpec {
+    /// `host:port` of the collector, e.g. `otel-gateway.observability.svc:4317`.
+    #[schemars(length(max = 260))]
+    #[x_kube(validation = host_port_rule("self == '' || self", "must be host:port with a port in 1-65535, e.g. otel-gateway.observability.svc:4317"))]
+    pub endpoint: String,
+    /// OTLP transport.
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+}
+
+/// OTLP transport.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (port 4317 by convention).
+    #[default]
+    Grpc,
+    /// OTLP over HTTP/protobuf (port 4318 by convention).
+    Http,
+}
+
+/// Head sampling.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SamplingSpec {
+    /// Fraction of traces kept, a decimal string in [0, 1] such as "0.25" (Kubernetes APIs avoid floats).
+    #[serde(default = "default_ratio")]
+    #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.matches('^(0(\\\\.[0-9]{1,6})?|1(\\\\.0{1,6})?|\\\\.[0-9]{1,6})$')").message("must be a decimal string between 0 and 1 with at most 6 decimals, e.g. \"0.25\""))]
+    pub ratio: String,
+    /// Follow the sampling decision of an incoming parent span.
+    #[serde(default = "default_true")]
+    pub parent_based: bool,
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        Self { ratio: default_ratio(), parent_based: true }
+    }
+}
+
+fn default_ratio() -> String {
+    "1".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The edge layer: ingress-nginx controllers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressSpec {
+    /// Namespace of the ingress-nginx controllers; empty = every namespace.
+    #[serde(default)]
+    #[schemars(length(max = 63))]
+    pub namespace: String,
+    /// Labels of the controller Deployments; default
+    /// `app.kubernetes.io/name=ingress-nginx,app.kubernetes.io/component=controller`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// An instrumented controller image to roll out; empty = keep the current image.
+    #[serde(default)]
+    #[schemars(length(max = 512))]
+    pub image: String,
+    /// `otel-service-name` reported by the controller.
+    #[serde(default = "default_ingress_service_name")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_name: String,
+}
+
+fn default_ingress_service_name() -> String {
+    "ingress-nginx".into()
+}
+
+/// The workload layer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadsSpec {
+    /// Namespaces whose workloads are instrumented (required). kube-system, kube-public,
+    /// kube-node-lease and the operator's own namespace never match.
+    pub namespace_selector: LabelSelector,
+    /// Workloads instrumented inside those namespaces; absent = all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// Kinds of workload instrumented.
+    #[serde(default = "default_kinds")]
+    #[schemars(length(min = 1, max = 3))]
+    #[x_kube(validation = Rule::new("self.all(k, self.exists_one(j, j == k))").message("must not repeat a kind"))]
+    pub kinds: Vec<WorkloadKind>,
+    /// The collector sidecar; empty fields take the operator's defaults.
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+}
+
+fn default_kinds() -> Vec<WorkloadKind> {
+    vec![WorkloadKind::Deployment]
+}
+
+/// A kind of workload.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+/// The OpenTelemetry Collector sidecar.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Collector image; empty = the operator's default.
+    #[serde(default)]
+    #[schemars(length(max = 512))]
+    pub image: String,
+    /// Resources of the sidecar; absent = the operator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// The network layer: Open vSwitch flow export on nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.sflow) || has(self.ipfix)").message("spec.network needs sflow or ipfix"))]
+pub struct NetworkSpec {
+    /// Nodes whose OVS exports; empty = all nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// The OVS bridge that exports.
+    #[serde(default = "default_bridge")]
+    #[schemars(length(min = 1, max = 15))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9_.-]+$')").message("must be an OVS bridge name (letters, digits, '_', '.', '-')"))]
+    pub bridge: String,
+    /// sFlow export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sflow: Option<SflowSpec>,
+    /// IPFIX export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipfix: Option<IpfixSpec>,
+    /// What to do when the bridge already exports somewhere else.
+    #[serde(default)]
+    pub conflict_policy: ConflictPolicy,
+}
+
+fn default_bridge() -> String {
+    "br-int".into()
+}
+
+/// Flow collectors as `host:port`, validated by the API server.
+pub type Targets = Vec<String>;
+
+/// sFlow export settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SflowSpec {
+    /// sFlow collectors, `host:port`.
+    #[schemars(length(min = 1, max = 8), inner(length(max = 260)))]
+    #[x_kube(validation = targets_rule("10.0.0.5:6343"))]
+    pub targets: Targets,
+    /// Sample 1 packet in N (at least 64).
+    #[serde(default = "default_sampling")]
+    #[schemars(range(min = 64, max = 1_000_000))]
+    pub sampling: u32,
+    /// Counter polling interval in seconds (0 = off).
+    #[serde(default = "default_polling")]
+    #[schemars(range(max = 3600))]
+    pub polling: u32,
+    /// Bytes of each sampled packet's header exported.
+    #[serde(default = "default_header")]
+    #[schemars(range(min = 18, max = 512))]
+    pub header: u32,
+    /// Interface whose address is the sFlow agent address; empty = OVS's choice.
+    #[serde(default)]
+    #[schemars(length(max = 15))]
+    pub agent: String,
+}
+
+/// IPFIX export settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpfixSpec {
+    /// IPFIX collectors, `host:port`.
+    #[schemars(length(min = 1, max = 8), inner(length(max = 260)))]
+    #[x_kube(validation = targets_rule("10.0.0.5:4739"))]
+    pub targets: Targets,
+    /// Sample 1 packet in N (at least 64).
+    #[serde(default = "default_sampling")]
+    #[schemars(range(min = 64, max = 1_000_000))]
+    pub sampling: u32,
+    /// IPFIX observation domain id.
+    #[serde(default = "default_obs_domain")]
+    pub obs_domain_id: u32,
+    /// Seconds a flow may stay in the cache before it is exported.
+    #[serde(default = "default_cache_timeout")]
+    #[schemars(range(max = 4200))]
+    pub cache_active_timeout: u32,
+}
+
+fn default_sampling() -> u32 {
+    400
+}
+fn default_polling() -> u32 {
+    30
+}
+fn default_header() -> u32 {
+    128
+}
+fn default_obs_domain() -> u32 {
+    1
+}
+fn default_cache_timeout() -> u32 {
+    60
+}
+
+/// What to do with an exporter on the bridge that crosstrace does not own.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConflictPolicy {
+    /// Leave it alone and report a conflict.
+    #[default]
+    Skip,
+    /// Replace it, record it and restore it on revert.
+    Override,
+}
+
+/// How changes roll out.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Targets (controllers, workloads, nodes) changing at once.
+    #[serde(default = "default_max_concurrent")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrent: i32,
+    /// Seconds a batch may take to become healthy before it fails.
+    #[serde(default = "default_deadline")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub progress_deadline_seconds: i32,
+    /// Revert a failed batch and stop the rollout.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+    /// Hold the rollout where it is.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_concurrent: default_max_concurrent(),
+            progress_deadline_seconds: default_deadline(),
+            auto_rollback: true,
+            paused: false,
+        }
+    }
+}
+
+fn default_max_concurrent() -> i32 {
+    5
+}
+fn default_deadline() -> i32 {
+    600
+}
+
+/// What the operator observed and did.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingPolicyStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, IngressReady, WorkloadsReady, NetworkReady, Progressing, Degraded.
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    pub conditions: Vec<Condition>,
+    /// Edge layer counts; absent when the layer is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<LayerStatus>,
+    /// Workload layer counts; absent when the layer is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<LayerStatus>,
+    /// Network layer counts; absent when the layer is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<LayerStatus>,
+}
+
+/// Per-layer counts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerStatus {
+    /// Targets the layer selects.
+    pub selected: i32,
+    /// Targets instrumented and healthy.
+    pub ready: i32,
+    /// Targets whose change was rolled back.
+    #[serde(default)]
+    pub rolled_back: i32,
+    /// `ready/selected`, for `kubectl get`.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub summary: String,
+}
+
+impl LayerStatus {
+    pub fn new(selected: usize, ready: usize, rolled_back: usize) -> Self {
+        let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+        Self {
+            selected: n(selected),
+            ready: n(ready),
+            rolled_back: n(rolled_back),
+            summary: format!("{ready}/{selected}"),
+        }
+    }
+}

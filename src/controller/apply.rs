@@ -1,0 +1,159 @@
+//! Apply: every write the controller makes goes through [`Writer`], which uses the `crosstrace` field
+//! manager and counts the write in the metrics (so "a converged policy makes zero writes" is checkable).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use crate::api::FIELD_MANAGER;
+use crate::layers::ingress::{self, POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
+use crate::metrics::Metrics;
+
+/// Writes to the API server, counted.
+#[derive(Clone)]
+pub struct Writer {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    fn count<K: Resource<DynamicType = ()>>(&self, verb: &str) {
+        self.metrics.write(verb, &K::plural(&()));
+    }
+
+    /// Server-side apply, forcing ownership of exactly the fields in `patch`.
+    pub async fn apply<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        self.count::<K>("apply");
+        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+    }
+
+    /// Server-side apply to the status subresource.
+    pub async fn apply_status<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        self.count::<K>("apply_status");
+        api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+    }
+
+    /// JSON merge patch (RFC 7386): `null` removes a key.
+    pub async fn merge<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        self.count::<K>("patch");
+        api.patch(name, &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &Patch::Merge(&patch)).await
+    }
+
+    /// Strategic merge patch (lists merged by their key, e.g. containers by name).
+    pub async fn strategic<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        self.count::<K>("patch");
+        api.patch(name, &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &Patch::Strategic(&patch))
+            .await
+    }
+
+    /// Deletes; an object already gone is fine.
+    pub async fn delete<K>(&self, api: &Api<K>, name: &str) -> kube::Result<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        self.count::<K>("delete");
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn record_json(record: &ingress::Record) -> String {
+    serde_json::to_string(record).expect("a record always serializes")
+}
+
+/// Runs the edge layer's actions in order; the first failure stops the rest (the next reconcile
+/// picks up from what is observed then).
+pub async fn ingress(writer: &Writer, actions: &[ingress::Action]) -> kube::Result<()> {
+    for action in actions {
+        ingress_action(writer, action).await?;
+    }
+    Ok(())
+}
+
+async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Result<()> {
+    use ingress::Action::*;
+    let client = &writer.client;
+    match action {
+        Record { deployment, record } => {
+            let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
+            let patch = json!({"metadata": {
+                "annotations": {RECORD_ANNOTATION: record_json(record), ROLLED_BACK_ANNOTATION: null},
+                "labels": {POLICY_LABEL: record.policy},
+            }});
+            writer.merge(&api, &deployment.name, patch).await?;
+        }
+        ApplyConfig { config_map, data, policy } => {
+            let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
+            let patch = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": config_map.name, "namespace": config_map.namespace, "labels": {POLICY_LABEL: policy}},
+                "data": data,
+            });
+            writer.apply(&api, &config_map.name, patch).await?;
+        }
+        ApplyImage { deployment, image, record } => {
+            let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
+            let patch = json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": deployment.name,
+                    "namespace": deployment.namespace,
+                    "annotations": {RECORD_ANNOTATION: record_json(record)},
+                },
+                "spec": {"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}},
+            });
+            writer.apply(&api, &deployment.name, patch).await?;
+        }
+        RestoreConfig { config_map, data, delete } => {
+            let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
+            let Some(current) = api.get_opt(&config_map.name).await? else {
+                return Ok(());
+            };
+            let others = current.data.iter().flatten().any(|(k, _)| !data.contains_key(k));
+            if *delete && !others {
+                writer.delete(&api, &config_map.name).await?;
+            } else {
+                let patch = json!({"metadata": {"labels": {POLICY_LABEL: null}}, "data": data});
+                writer.merge(&api, &config_map.name, patch).await?;
+            }
+        }
+        RestoreDeployment { deployment, image, keep, rolled_back } => {
+            let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
+            let mut annotations = Map::new();
+            annotations.insert(RECORD_ANNOTATION.into(), keep.as_ref().map(record_json).into());
+            annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
+            let mut patch = json!({"metadata": {
+                "annotations": annotations,
+                "labels": {POLICY_LABEL: keep.as_ref().map(|r| r.policy.clone())},
+            }});
+            if let Some(image) = image {
+                patch["spec"] = json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
+            }
+            writer.strategic(&api, &deployment.name, patch).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! crosstrace: a Kubernetes operator that rolls out cross-layer tracing.
+//!
+//! One `TracingPolicy` turns tracing on at the edge (ingress-nginx), in the workloads (OpenTelemetry
+//! Collector sidecars) and in the network (Open vSwitch sFlow/IPFIX through a node agent), in
+//! health-gated batches, and reverts it exactly when the policy goes away.
+//!
+//! The controller runs observe → plan → apply → report. Planning is pure (no client) and lives with
+//! each layer in [`layers`]; [`controller`] wires observation, application and status around it.
+
+pub mod api;
+pub mod controller;
+pub mod http;
+pub mod layers;
+pub mod leader;
+pub mod metrics;
+pub mod telemetry;

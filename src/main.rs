@@ -1,0 +1,157 @@
+//! `crosstrace`: one binary, three roles. Everything but argument parsing lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use crosstrace::controller::{self, Settings};
+use crosstrace::http::{self, Admin};
+use crosstrace::leader::{self, LeaseSettings};
+use crosstrace::metrics::Metrics;
+use crosstrace::telemetry::{self, LogFormat};
+use futures::FutureExt;
+
+#[derive(Parser)]
+#[command(name = "crosstrace", version, about = "Cross-layer tracing for Kubernetes, rolled out by an operator")]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CROSSTRACE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Run the operator.
+    Controller(ControllerArgs),
+    /// Print every CRD as YAML, or write one file per CRD into a directory.
+    Crds {
+        /// Write `<crd name>.yaml` files here instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "CROSSTRACE_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    /// Policies reconciled at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u16,
+    /// The namespace the operator runs in; its workloads are never instrumented.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "crosstrace-system")]
+    namespace: String,
+    /// Elect a leader on a Lease so that only one replica acts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the Lease (in --namespace).
+    #[arg(long, default_value = "crosstrace-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    client.apiserver_version().await.context("reaching the Kubernetes API server")?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Admin { metrics: metrics.clone(), ready: ready.clone() };
+    let server = tokio::spawn(http::serve(args.admin_addr, admin));
+    let shutdown = shutdown_signal().shared();
+    ready.store(true, Ordering::Relaxed);
+
+    let leadership = if args.leader_election {
+        let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+        let settings = LeaseSettings {
+            namespace: args.namespace.clone(),
+            name: args.lease_name.clone(),
+            identity,
+            duration: Duration::from_secs(args.lease_duration),
+            renew_every: Duration::from_secs((args.lease_duration / 3).max(1)),
+        };
+        tokio::select! {
+            l = leader::acquire(client.clone(), settings) => Some(l),
+            _ = shutdown.clone() => return Ok(()),
+        }
+    } else {
+        None
+    };
+
+    let settings = Settings { concurrency: args.concurrency, namespace: args.namespace, ..Settings::default() };
+    let lost = leadership.as_ref().map(|l| l.lost.clone());
+    let stop = {
+        let shutdown = shutdown.clone();
+        async move {
+            match lost {
+                Some(mut lost) => tokio::select! {
+                    _ = shutdown => {}
+                    _ = lost.wait_for(|l| *l) => tracing::error!("lost the leader lease; stopping"),
+                },
+                None => shutdown.await,
+            }
+        }
+    };
+    tokio::select! {
+        _ = controller::run(client, settings, metrics, stop) => {}
+        result = server => { result??; }
+    }
+    match leadership {
+        Some(l) if *l.lost.borrow() => anyhow::bail!("lost the leader lease"),
+        Some(l) => {
+            l.release();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "crosstrace".into())
+}
+
+fn write_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    match out_dir {
+        None => print!("{}", crosstrace::api::crds_yaml()?),
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            for (file, yaml) in crosstrace::api::crd_files()? {
+                std::fs::write(dir.join(file), yaml)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.role {
+        Role::Crds { out_dir } => write_crds(out_dir),
+        Role::Controller(args) => {
+            let _telemetry = telemetry::init(cli.log_format, "crosstrace-controller")?;
+            run_controller(args).await
+        }
+    }
+}
