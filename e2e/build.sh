@@ -82,8 +82,12 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
+  # Each package is asked for at the pinned version: a bare `go get <package>` would upgrade
+  # k8s.io/kubernetes to its newest release, whose staging modules do not match the replaces above.
+  local targets=() p
+  for p in "${pkgs[@]}"; do targets+=("k8s.io/kubernetes/$p@$KUBERNETES_VERSION"); done
   (cd "$src" &&
-    go get "${pkgs[@]/#/k8s.io/kubernetes/}" &&
+    go get "${targets[@]}" &&
     go build -trimpath -ldflags "$ldflags" -o "$kube_dir/bin/" "${pkgs[@]/#/k8s.io/kubernetes/}") ||
     die "building kubernetes $KUBERNETES_VERSION failed"
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{PostParams, Api};
 use kube::Client;
+use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -41,7 +41,7 @@ impl Leadership {
 }
 
 enum Attempt {
-    Acquired(Lease),
+    Acquired(Box<Lease>),
     HeldBy(String),
 }
 
@@ -52,7 +52,10 @@ fn now() -> MicroTime {
 fn expired(lease: &Lease, duration: Duration) -> bool {
     let spec = lease.spec.as_ref();
     let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
-    let seconds = spec.and_then(|s| s.lease_duration_seconds).map(i64::from).unwrap_or(duration.as_secs() as i64);
+    let seconds = spec
+        .and_then(|s| s.lease_duration_seconds)
+        .map(i64::from)
+        .unwrap_or(duration.as_secs() as i64);
     match renewed {
         Some(at) => Timestamp::now() > at + SignedDuration::from_secs(seconds),
         None => true,
@@ -70,18 +73,35 @@ async fn try_acquire(api: &Api<Lease>, s: &LeaseSettings) -> kube::Result<Attemp
     };
     let Some(mut lease) = api.get_opt(&s.name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(s.name.clone()), namespace: Some(s.namespace.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(s.name.clone()),
+                namespace: Some(s.namespace.clone()),
+                ..Default::default()
+            },
             spec: Some(spec(0)),
         };
-        return Ok(Attempt::Acquired(api.create(&PostParams::default(), &lease).await?));
+        return Ok(Attempt::Acquired(Box::new(
+            api.create(&PostParams::default(), &lease).await?,
+        )));
     };
-    let holder = lease.spec.as_ref().and_then(|l| l.holder_identity.clone()).unwrap_or_default();
+    let holder = lease
+        .spec
+        .as_ref()
+        .and_then(|l| l.holder_identity.clone())
+        .unwrap_or_default();
     if !holder.is_empty() && holder != s.identity && !expired(&lease, s.duration) {
         return Ok(Attempt::HeldBy(holder));
     }
-    let transitions = lease.spec.as_ref().and_then(|l| l.lease_transitions).unwrap_or(0) + i32::from(holder != s.identity);
+    let transitions = lease
+        .spec
+        .as_ref()
+        .and_then(|l| l.lease_transitions)
+        .unwrap_or(0)
+        + i32::from(holder != s.identity);
     lease.spec = Some(spec(transitions));
-    Ok(Attempt::Acquired(api.replace(&s.name, &PostParams::default(), &lease).await?))
+    Ok(Attempt::Acquired(Box::new(
+        api.replace(&s.name, &PostParams::default(), &lease).await?,
+    )))
 }
 
 /// Waits until this replica holds the lease, then keeps renewing it in the background.
@@ -89,9 +109,11 @@ pub async fn acquire(client: Client, s: LeaseSettings) -> Leadership {
     let api = Api::<Lease>::namespaced(client, &s.namespace);
     let mut lease = loop {
         match try_acquire(&api, &s).await {
-            Ok(Attempt::Acquired(lease)) => break lease,
+            Ok(Attempt::Acquired(lease)) => break *lease,
             Ok(Attempt::HeldBy(holder)) => info!(%holder, "waiting for the leader lease"),
-            Err(kube::Error::Api(e)) if e.code == 409 => info!("lost a race for the leader lease; retrying"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                info!("lost a race for the leader lease; retrying")
+            }
             Err(error) => warn!(%error, "could not read or take the leader lease"),
         }
         tokio::time::sleep(s.renew_every).await;

@@ -16,7 +16,11 @@ use crosstrace::telemetry::{self, LogFormat};
 use futures::FutureExt;
 
 #[derive(Parser)]
-#[command(name = "crosstrace", version, about = "Cross-layer tracing for Kubernetes, rolled out by an operator")]
+#[command(
+    name = "crosstrace",
+    version,
+    about = "Cross-layer tracing for Kubernetes, rolled out by an operator"
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CROSSTRACE_LOG_FORMAT")]
@@ -63,7 +67,8 @@ struct ControllerArgs {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -72,17 +77,28 @@ async fn shutdown_signal() {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    client.apiserver_version().await.context("reaching the Kubernetes API server")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    client
+        .apiserver_version()
+        .await
+        .context("reaching the Kubernetes API server")?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = Admin { metrics: metrics.clone(), ready: ready.clone() };
+    let admin = Admin {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
     let server = tokio::spawn(http::serve(args.admin_addr, admin));
     let shutdown = shutdown_signal().shared();
     ready.store(true, Ordering::Relaxed);
 
     let leadership = if args.leader_election {
-        let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
         let settings = LeaseSettings {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),
@@ -98,7 +114,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         None
     };
 
-    let settings = Settings { concurrency: args.concurrency, namespace: args.namespace, ..Settings::default() };
+    let settings = Settings {
+        concurrency: args.concurrency,
+        namespace: args.namespace,
+        ..Settings::default()
+    };
     let lost = leadership.as_ref().map(|l| l.lost.clone());
     let stop = {
         let shutdown = shutdown.clone();
@@ -128,7 +148,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "crosstrace".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "crosstrace".into())
 }
 
 fn write_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {

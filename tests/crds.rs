@@ -8,7 +8,8 @@ fn committed_crds_match_the_types() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
     let files = crosstrace::api::crd_files().expect("CRDs serialize");
     for (name, generated) in &files {
-        let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("crds/{name}: {e}"));
+        let committed =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("crds/{name}: {e}"));
         assert!(
             committed == *generated,
             "crds/{name} is stale: run `just crds` (cargo run -- crds --out-dir crds) and commit the result"
@@ -22,11 +23,19 @@ fn committed_crds_match_the_types() {
 fn every_string_and_list_in_the_schemas_is_bounded() {
     fn walk(path: &str, schema: &serde_json::Value, unbounded: &mut Vec<String>) {
         // LabelSelector and ResourceRequirements are Kubernetes' own types, bounded by the API server.
-        if path.ends_with("Selector") || path.ends_with("selector") || path.ends_with(".resources") || path.contains(".conditions[]") {
+        if path.ends_with("Selector")
+            || path.ends_with("selector")
+            || path.ends_with(".resources")
+            || path.contains(".conditions[]")
+        {
             return;
         }
         match schema.get("type").and_then(|t| t.as_str()) {
-            Some("string") if schema.get("maxLength").is_none() && schema.get("enum").is_none() && schema.get("format").is_none() => {
+            Some("string")
+                if schema.get("maxLength").is_none()
+                    && schema.get("enum").is_none()
+                    && schema.get("format").is_none() =>
+            {
                 unbounded.push(path.to_string())
             }
             Some("array") if schema.get("maxItems").is_none() => unbounded.push(path.to_string()),
@@ -47,5 +56,8 @@ fn every_string_and_list_in_the_schemas_is_bounded() {
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         walk(&name, schema, &mut unbounded);
     }
-    assert!(unbounded.is_empty(), "unbounded strings or lists: {unbounded:#?}");
+    assert!(
+        unbounded.is_empty(),
+        "unbounded strings or lists: {unbounded:#?}"
+    );
 }

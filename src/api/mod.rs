@@ -31,7 +31,13 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     let tp = TracingPolicy::crd();
     let nt = NodeTracing::crd();
     Ok(vec![
-        (format!("{}.yaml", tp.metadata.name.clone().unwrap_or_default()), serde_yaml::to_string(&tp)?),
-        (format!("{}.yaml", nt.metadata.name.clone().unwrap_or_default()), serde_yaml::to_string(&nt)?),
+        (
+            format!("{}.yaml", tp.metadata.name.clone().unwrap_or_default()),
+            serde_yaml::to_string(&tp)?,
+        ),
+        (
+            format!("{}.yaml", nt.metadata.name.clone().unwrap_or_default()),
+            serde_yaml::to_string(&nt)?,
+        ),
     ])
 }

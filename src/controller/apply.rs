@@ -33,7 +33,12 @@ impl Writer {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
         self.count::<K>("apply");
-        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
     }
 
     /// Server-side apply to the status subresource.
@@ -42,7 +47,12 @@ impl Writer {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
         self.count::<K>("apply_status");
-        api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+        api.patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
     }
 
     /// JSON merge patch (RFC 7386): `null` removes a key.
@@ -51,7 +61,15 @@ impl Writer {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
         self.count::<K>("patch");
-        api.patch(name, &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &Patch::Merge(&patch)).await
+        api.patch(
+            name,
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&patch),
+        )
+        .await
     }
 
     /// Strategic merge patch (lists merged by their key, e.g. containers by name).
@@ -60,8 +78,15 @@ impl Writer {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
         self.count::<K>("patch");
-        api.patch(name, &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &Patch::Strategic(&patch))
-            .await
+        api.patch(
+            name,
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &Patch::Strategic(&patch),
+        )
+        .await
     }
 
     /// Deletes; an object already gone is fine.
@@ -103,7 +128,11 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             }});
             writer.merge(&api, &deployment.name, patch).await?;
         }
-        ApplyConfig { config_map, data, policy } => {
+        ApplyConfig {
+            config_map,
+            data,
+            policy,
+        } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
             let patch = json!({
                 "apiVersion": "v1",
@@ -113,7 +142,11 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             });
             writer.apply(&api, &config_map.name, patch).await?;
         }
-        ApplyImage { deployment, image, record } => {
+        ApplyImage {
+            deployment,
+            image,
+            record,
+        } => {
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let patch = json!({
                 "apiVersion": "apps/v1",
@@ -127,12 +160,20 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             });
             writer.apply(&api, &deployment.name, patch).await?;
         }
-        RestoreConfig { config_map, data, delete } => {
+        RestoreConfig {
+            config_map,
+            data,
+            delete,
+        } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
             let Some(current) = api.get_opt(&config_map.name).await? else {
                 return Ok(());
             };
-            let others = current.data.iter().flatten().any(|(k, _)| !data.contains_key(k));
+            let others = current
+                .data
+                .iter()
+                .flatten()
+                .any(|(k, _)| !data.contains_key(k));
             if *delete && !others {
                 writer.delete(&api, &config_map.name).await?;
             } else {
@@ -140,10 +181,18 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
                 writer.merge(&api, &config_map.name, patch).await?;
             }
         }
-        RestoreDeployment { deployment, image, keep, rolled_back } => {
+        RestoreDeployment {
+            deployment,
+            image,
+            keep,
+            rolled_back,
+        } => {
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let mut annotations = Map::new();
-            annotations.insert(RECORD_ANNOTATION.into(), keep.as_ref().map(record_json).into());
+            annotations.insert(
+                RECORD_ANNOTATION.into(),
+                keep.as_ref().map(record_json).into(),
+            );
             annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
             let mut patch = json!({"metadata": {
                 "annotations": annotations,

@@ -37,7 +37,12 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { concurrency: 4, namespace: "crosstrace-system".into(), resync: Duration::from_secs(300), poll: Duration::from_secs(2) }
+        Self {
+            concurrency: 4,
+            namespace: "crosstrace-system".into(),
+            resync: Duration::from_secs(300),
+            poll: Duration::from_secs(2),
+        }
     }
 }
 
@@ -54,41 +59,80 @@ pub struct Context {
 
 /// The policies a changed Deployment concerns: the one whose label it carries, and every policy whose
 /// `spec.ingress` selects it.
-fn policies_for_deployment(store: &Store<TracingPolicy>, d: &Deployment) -> Vec<ObjectRef<TracingPolicy>> {
-    let mut refs: Vec<_> = d.labels().get(ingress::POLICY_LABEL).map(|p| ObjectRef::new(p)).into_iter().collect();
+fn policies_for_deployment(
+    store: &Store<TracingPolicy>,
+    d: &Deployment,
+) -> Vec<ObjectRef<TracingPolicy>> {
+    let mut refs: Vec<_> = d
+        .labels()
+        .get(ingress::POLICY_LABEL)
+        .map(|p| ObjectRef::new(p))
+        .into_iter()
+        .collect();
     refs.extend(
         store
             .state()
             .iter()
-            .filter(|p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, d)))
+            .filter(|p| {
+                p.spec
+                    .ingress
+                    .as_ref()
+                    .is_some_and(|i| ingress::selects(i, d))
+            })
             .map(|p| ObjectRef::from_obj(p.as_ref())),
     );
     refs
 }
 
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
-pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let policies = Api::<TracingPolicy>::all(client.clone());
     let controller = Controller::new(policies, watcher::Config::default().any_semantic())
-        .with_config(ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::from_millis(200)));
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        );
     let store = controller.store();
     let deployment_store = store.clone();
     let context = Arc::new(Context {
-        writer: Writer { client: client.clone(), metrics: metrics.clone() },
-        recorder: Recorder::new(client.clone(), Reporter { controller: "crosstrace".into(), instance: std::env::var("POD_NAME").ok() }),
+        writer: Writer {
+            client: client.clone(),
+            metrics: metrics.clone(),
+        },
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "crosstrace".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
         client: client.clone(),
         metrics,
         policies: store,
         settings,
     });
     controller
-        .watches(Api::<Deployment>::all(client.clone()), watcher::Config::default().any_semantic(), move |d| {
-            policies_for_deployment(&deployment_store, &d)
-        })
+        .watches(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+            move |d| policies_for_deployment(&deployment_store, &d),
+        )
         .watches(
             Api::<ConfigMap>::all(client.clone()),
-            watcher::Config::default().labels(ingress::POLICY_LABEL).any_semantic(),
-            |cm| cm.labels().get(ingress::POLICY_LABEL).map(|p| ObjectRef::new(p)),
+            watcher::Config::default()
+                .labels(ingress::POLICY_LABEL)
+                .any_semantic(),
+            |cm| {
+                cm.labels()
+                    .get(ingress::POLICY_LABEL)
+                    .map(|p| ObjectRef::new(p))
+            },
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)

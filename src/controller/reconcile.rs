@@ -61,8 +61,13 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
             return Ok(Action::await_change());
         }
         cleanup(policy, name, ctx).await?;
-        let rest: Vec<&String> = policy.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-        let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
+        let rest: Vec<&String> = policy
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        let patch =
+            json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
         ctx.writer.merge(&api, name, patch).await?;
         ctx.metrics.forget_policy(name);
         return Ok(Action::await_change());
@@ -79,18 +84,37 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
 }
 
 fn view<'a>(policy: &'a TracingPolicy, name: &'a str, deleting: bool) -> PolicyView<'a> {
-    PolicyView { name, generation: policy.metadata.generation.unwrap_or(0), spec: &policy.spec, deleting }
+    PolicyView {
+        name,
+        generation: policy.metadata.generation.unwrap_or(0),
+        spec: &policy.spec,
+        deleting,
+    }
 }
 
 /// The name of an older policy that also selects this ingress controller (the older keeps it).
-fn ingress_claimant(ctx: &Context, policy: &TracingPolicy, deployment: &Deployment) -> Option<String> {
-    let rank = |p: &TracingPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any());
+fn ingress_claimant(
+    ctx: &Context,
+    policy: &TracingPolicy,
+    deployment: &Deployment,
+) -> Option<String> {
+    let rank = |p: &TracingPolicy| {
+        (
+            p.metadata.creation_timestamp.clone().map(|t| t.0),
+            p.name_any(),
+        )
+    };
     let mine = rank(policy);
     ctx.policies
         .state()
         .iter()
         .filter(|p| p.uid() != policy.uid() && p.meta().deletion_timestamp.is_none())
-        .filter(|p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, deployment)))
+        .filter(|p| {
+            p.spec
+                .ingress
+                .as_ref()
+                .is_some_and(|i| ingress::selects(i, deployment))
+        })
         .filter(|p| rank(p) < mine)
         .min_by_key(|p| rank(p))
         .map(|p| p.name_any())
@@ -104,7 +128,17 @@ async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<()
     if !plan.actions.is_empty() {
         info!(actions = plan.actions.len(), "reverting the edge layer");
         super::apply::ingress(&ctx.writer, &plan.actions).await?;
-        publish(ctx, policy, EventType::Normal, "Reverted", format!("reverted {} change(s) of the edge layer", plan.actions.len())).await;
+        publish(
+            ctx,
+            policy,
+            EventType::Normal,
+            "Reverted",
+            format!(
+                "reverted {} change(s) of the edge layer",
+                plan.actions.len()
+            ),
+        )
+        .await;
     }
     Ok(())
 }
@@ -114,7 +148,9 @@ fn unavailable_layer(field: &str) -> LayerReport {
     LayerReport {
         problems: vec![Problem {
             reason: "LayerNotAvailable",
-            message: format!("{field} is accepted but not carried out by this version of crosstrace"),
+            message: format!(
+                "{field} is accepted but not carried out by this version of crosstrace"
+            ),
             degraded: false,
         }],
         ..Default::default()
@@ -124,7 +160,8 @@ fn unavailable_layer(field: &str) -> LayerReport {
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
     let view = view(policy, name, false);
     let now = Timestamp::now();
-    let observed = ingress::observe(&ctx.client, view, |d| ingress_claimant(ctx, policy, d)).await?;
+    let observed =
+        ingress::observe(&ctx.client, view, |d| ingress_claimant(ctx, policy, d)).await?;
     let plan = ingress::plan(view, &observed, now.as_second());
     if !plan.actions.is_empty() {
         info!(actions = ?plan.actions.len(), "applying the edge layer");
@@ -133,47 +170,103 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
 
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| plan.report.clone()),
-        workloads: policy.spec.workloads.as_ref().map(|_| unavailable_layer("spec.workloads")),
-        network: policy.spec.network.as_ref().map(|_| unavailable_layer("spec.network")),
+        workloads: policy
+            .spec
+            .workloads
+            .as_ref()
+            .map(|_| unavailable_layer("spec.workloads")),
+        network: policy
+            .spec
+            .network
+            .as_ref()
+            .map(|_| unavailable_layer("spec.network")),
     };
-    for (layer, report) in [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)] {
+    for (layer, report) in [
+        ("ingress", &reports.ingress),
+        ("workloads", &reports.workloads),
+        ("network", &reports.network),
+    ] {
         if let Some(r) = report {
             ctx.metrics.set_targets(name, layer, "selected", r.selected);
             ctx.metrics.set_targets(name, layer, "ready", r.ready);
-            ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
+            ctx.metrics
+                .set_targets(name, layer, "rolledBack", r.rolled_back);
         }
     }
     let generation = view.generation;
-    let next = status::status(policy.status.as_ref(), generation, &policy.spec, &reports, now);
+    let next = status::status(
+        policy.status.as_ref(),
+        generation,
+        &policy.spec,
+        &reports,
+        now,
+    );
     report(ctx, policy, name, next).await?;
 
     let busy = [&reports.ingress, &reports.workloads, &reports.network]
         .into_iter()
         .flatten()
         .any(|r| r.in_flight > 0 || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped));
-    Ok(Action::requeue(if busy { ctx.settings.poll } else { ctx.settings.resync }))
+    Ok(Action::requeue(if busy {
+        ctx.settings.poll
+    } else {
+        ctx.settings.resync
+    }))
 }
 
 /// Writes the status only when something other than a timestamp changed, and publishes an Event for
 /// every condition that transitioned.
-async fn report(ctx: &Context, policy: &TracingPolicy, name: &str, next: TracingPolicyStatus) -> Result<(), Error> {
+async fn report(
+    ctx: &Context,
+    policy: &TracingPolicy,
+    name: &str,
+    next: TracingPolicyStatus,
+) -> Result<(), Error> {
     let previous = policy.status.clone().unwrap_or_default();
     if previous == next {
         return Ok(());
     }
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
-    let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
+    let patch =
+        json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
     ctx.writer.apply_status(&api, name, patch).await?;
     for c in conditions::transitions(&previous.conditions, &next.conditions) {
-        let bad = if c.type_ == DEGRADED { c.status == "True" } else { c.status == "False" };
-        let kind = if bad { EventType::Warning } else { EventType::Normal };
-        publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
+        let bad = if c.type_ == DEGRADED {
+            c.status == "True"
+        } else {
+            c.status == "False"
+        };
+        let kind = if bad {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(
+            ctx,
+            policy,
+            kind,
+            &c.reason,
+            format!("{} is {}: {}", c.type_, c.status, c.message),
+        )
+        .await;
     }
     Ok(())
 }
 
-async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+async fn publish(
+    ctx: &Context,
+    policy: &TracingPolicy,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
     ctx.metrics.write("create", "events");
     if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
         warn!(%error, "could not publish an event");

@@ -20,10 +20,20 @@ mod tests {
     use super::*;
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
 
-    fn deployment(generation: i64, observed: i64, replicas: i32, updated: i32, total: i32, available: i32) -> Deployment {
+    fn deployment(
+        generation: i64,
+        observed: i64,
+        replicas: i32,
+        updated: i32,
+        total: i32,
+        available: i32,
+    ) -> Deployment {
         let mut d = Deployment::default();
         d.metadata.generation = Some(generation);
-        d.spec = Some(DeploymentSpec { replicas: Some(replicas), ..Default::default() });
+        d.spec = Some(DeploymentSpec {
+            replicas: Some(replicas),
+            ..Default::default()
+        });
         d.status = Some(DeploymentStatus {
             observed_generation: Some(observed),
             updated_replicas: Some(updated),
@@ -41,9 +51,21 @@ mod tests {
 
     #[test]
     fn unobserved_generation_old_pods_or_unavailable_replicas_are_not() {
-        assert!(!deployment_rolled_out(&deployment(3, 2, 3, 3, 3, 3)), "controller has not seen the change");
-        assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 4, 3)), "an old pod is still there");
-        assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 3, 2)), "a replica is unavailable");
-        assert!(!deployment_rolled_out(&Deployment::default()), "no status yet");
+        assert!(
+            !deployment_rolled_out(&deployment(3, 2, 3, 3, 3, 3)),
+            "controller has not seen the change"
+        );
+        assert!(
+            !deployment_rolled_out(&deployment(2, 2, 3, 3, 4, 3)),
+            "an old pod is still there"
+        );
+        assert!(
+            !deployment_rolled_out(&deployment(2, 2, 3, 3, 3, 2)),
+            "a replica is unavailable"
+        );
+        assert!(
+            !deployment_rolled_out(&Deployment::default()),
+            "no status yet"
+        );
     }
 }

@@ -19,12 +19,18 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 
     /// The key of a namespaced object from its metadata.
     pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        Self::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+        Self::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
     }
 }
 
@@ -85,7 +91,10 @@ impl Gate {
     /// `in_flight` targets already use slots; a paused or stopped rollout starts nothing new.
     pub fn new(max_concurrent: i32, in_flight: usize, paused: bool, stopped: bool) -> Self {
         let max = usize::try_from(max_concurrent.max(1)).unwrap_or(1);
-        Self { free: max.saturating_sub(in_flight), open: !paused && !stopped }
+        Self {
+            free: max.saturating_sub(in_flight),
+            open: !paused && !stopped,
+        }
     }
 
     /// Takes a slot for one more target, if there is one.
@@ -105,7 +114,10 @@ pub fn selector(label_selector: &LabelSelector) -> Result<Selector, String> {
 }
 
 /// Does a label set match a selector? An empty selector matches everything.
-pub fn matches(selector: &Selector, labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+pub fn matches(
+    selector: &Selector,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
     let empty = Default::default();
     selector.matches(labels.unwrap_or(&empty))
 }

@@ -1,0 +1,53 @@
+# crosstrace tasks. Start here: `e2e/just --list` (e2e/just builds `just` itself on a fresh machine).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Builds are cached outside the repository.
+export CARGO_TARGET_DIR := env("CARGO_TARGET_DIR", home_directory() / ".cache/crosstrace/target")
+export CARGO_BUILD_JOBS := env("CARGO_BUILD_JOBS", "2")
+
+cluster := justfile_directory() / "e2e/cluster.sh"
+
+# List the recipes.
+default:
+    @just --list
+
+# Build the crosstrace binary.
+build:
+    cargo build --locked
+
+# Regenerate crds/ from the Rust types (commit the result).
+crds:
+    cargo run --locked --quiet -- crds --out-dir crds
+
+# Formatting and lints, warnings are errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --locked --all-targets --features e2e -- -D warnings
+
+# Pure and mocked-API tests, and the CRD drift check.
+unit:
+    cargo test --locked
+
+# Start the local real cluster (cached binaries; the first run builds them, see README).
+up:
+    {{cluster}} up
+
+# Stop the local cluster and remove its state.
+down:
+    {{cluster}} down
+
+# End-to-end tests on the local cluster; starts it if needed and stops it again if it started it.
+e2e:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    started=0
+    if ! {{cluster}} status >/dev/null 2>&1; then {{cluster}} up; started=1; fi
+    trap '[ $started = 1 ] && {{cluster}} down' EXIT
+    eval "$({{cluster}} env)"
+    bash e2e/tests/cluster_test.sh
+    cargo build --locked --features e2e --tests
+    cargo test --locked --features e2e --test 'e2e_*' -- --test-threads=1
+
+# Everything CI runs: lint, unit, e2e.
+test: lint unit e2e

@@ -1,0 +1,243 @@
+//! Shared helpers of the end-to-end tests. They run against the local real cluster started by
+//! `e2e/cluster.sh up` (its `env` verb gives KUBECONFIG and PATH); without it they fail, loudly.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long any wait in these tests may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+/// A client for the local cluster; panics with instructions when there is none.
+pub async fn client() -> Client {
+    assert!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "KUBECONFIG is not set: start the local cluster with `e2e/cluster.sh up` and `eval \"$(e2e/cluster.sh env)\"`, or run `just e2e`"
+    );
+    let client = Client::try_default()
+        .await
+        .expect("a kube client from KUBECONFIG");
+    client
+        .apiserver_version()
+        .await
+        .expect("the local cluster's API server answers (is `e2e/cluster.sh up` running?)");
+    client
+}
+
+/// Runs kubectl (the cluster's own, first on PATH from `cluster.sh env`) and returns (success, stdout, stderr).
+pub fn kubectl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Path of a file in the repository.
+pub fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Installs the CRDs from `crds/` (as a user would) and waits until they are served.
+pub fn install_crds() {
+    let (ok, _, err) = kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &repo("crds"),
+    ]);
+    assert!(ok, "applying crds/: {err}");
+    let (ok, _, err) = kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/tracingpolicies.crosstrace.dev",
+        "crd/nodetracings.crosstrace.dev",
+    ]);
+    assert!(ok, "CRDs not established: {err}");
+}
+
+/// A namespace that is deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str, labels: serde_json::Value) -> Self {
+        let name = format!("{prefix}-{}", std::process::id() % 100_000);
+        let api = Api::<Namespace>::all(client.clone());
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+        api.patch(
+            &name,
+            &PatchParams::apply("crosstrace-e2e").force(),
+            &Patch::Apply(&ns),
+        )
+        .await
+        .expect("create namespace");
+        Self { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .output();
+    }
+}
+
+/// Ensures a namespace exists (for the controller's Lease).
+pub async fn ensure_namespace(client: &Client, name: &str) {
+    let api = Api::<Namespace>::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    api.patch(
+        name,
+        &PatchParams::apply("crosstrace-e2e").force(),
+        &Patch::Apply(&ns),
+    )
+    .await
+    .expect("namespace");
+}
+
+/// A `crosstrace controller` host process, killed (by its PID) when dropped.
+pub struct ControllerProcess {
+    child: Child,
+    pub admin_port: u16,
+}
+
+impl ControllerProcess {
+    /// Starts the controller with the admin kubeconfig from the environment, or with `kubeconfig`.
+    pub fn start(admin_port: u16, kubeconfig: Option<&str>) -> Self {
+        let log = std::fs::File::create(format!(
+            "{}/controller-{admin_port}.log",
+            std::env::temp_dir().display()
+        ))
+        .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crosstrace"));
+        cmd.args([
+            "controller",
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+            "--namespace",
+            "crosstrace-system",
+        ])
+        .args(["--lease-name", "crosstrace-e2e", "--lease-duration", "6"])
+        .env("RUST_LOG", "info,crosstrace=debug")
+        .stdout(Stdio::null())
+        .stderr(log);
+        if let Some(path) = kubeconfig {
+            cmd.env("KUBECONFIG", path);
+        }
+        Self {
+            child: cmd.spawn().expect("start crosstrace controller"),
+            admin_port,
+        }
+    }
+
+    /// The controller's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(format!(
+            "{}/controller-{}.log",
+            std::env::temp_dir().display(),
+            self.admin_port
+        ))
+        .unwrap_or_default()
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Fetches `/metrics` from the admin port.
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").await
+    }
+
+    /// Sum of every sample of a counter family in `/metrics`.
+    pub async fn counter(&self, family: &str) -> f64 {
+        sum_samples(&self.metrics().await, family)
+    }
+}
+
+impl Drop for ControllerProcess {
+    /// Stops gracefully (SIGTERM: the lease is released for the next test), then kills.
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill();
+    }
+}
+
+/// Sum of the samples of one metric family in Prometheus text.
+pub fn sum_samples(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A plain HTTP/1.0 GET on loopback.
+pub async fn http_get(port: u16, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin port answers");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// Polls `check` every 250 ms until it returns Some, or panics with `what` after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Deletes an object if it exists.
+pub async fn delete_if_exists<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}

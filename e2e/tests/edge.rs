@@ -1,0 +1,392 @@
+//! End to end, on the local real cluster: the API refuses bad policies, and the edge layer instruments
+//! an ingress-nginx-shaped controller, gates an image rollout on health, rolls a broken one back,
+//! survives a controller crash, makes no write once converged, and reverts byte for byte.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+
+use crosstrace::api::TracingPolicy;
+use crosstrace::layers::ingress::{POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use support::*;
+
+const ORIGINAL_IMAGE: &str = "registry.k8s.io/ingress-nginx/controller:v1.12.1";
+
+/// An ingress-nginx-shaped controller: the chart's labels, `--configmap=$(POD_NAMESPACE)/...`, and a
+/// ConfigMap with keys of its own, one of them an OTel key the user set.
+async fn ingress_nginx(client: &Client, ns: &str) -> (Deployment, ConfigMap) {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "ingress-nginx-controller", "namespace": ns},
+        "data": {"use-forwarded-headers": "true", "otel-sampler-ratio": "0.5", "proxy-body-size": "8m"},
+    }))
+    .unwrap();
+    let cm = cms
+        .create(&PostParams::default(), &cm)
+        .await
+        .expect("create ConfigMap");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    let labels = json!({"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"});
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "ingress-nginx-controller", "namespace": ns, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{
+                    "name": "controller",
+                    "image": ORIGINAL_IMAGE,
+                    "args": ["/nginx-ingress-controller", "--configmap=$(POD_NAMESPACE)/ingress-nginx-controller"],
+                    "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                }]},
+            },
+        },
+    }))
+    .unwrap();
+    let d = deployments
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create Deployment");
+    eventually("the ingress controller to be available", || async {
+        let d = deployments.get(&d.name_any()).await.ok()?;
+        (d.status?.available_replicas? >= 1).then_some(())
+    })
+    .await;
+    (deployments.get(&d.name_any()).await.unwrap(), cm)
+}
+
+fn edge_policy(name: &str, ns: &str, image: &str, deadline: i32) -> serde_json::Value {
+    json!({
+        "apiVersion": "crosstrace.dev/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+            "sampling": {"ratio": "0.25", "parentBased": true},
+            "ingress": {"namespace": ns, "serviceName": "edge", "image": image},
+            "rollout": {"progressDeadlineSeconds": deadline},
+        },
+    })
+}
+
+async fn apply_policy(client: &Client, policy: &serde_json::Value) {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    let name = policy["metadata"]["name"].as_str().unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("e2e-user").force(),
+        &Patch::Apply(policy),
+    )
+    .await
+    .expect("apply policy");
+}
+
+fn condition<'a>(
+    p: &'a TracingPolicy,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    eventually(&format!("{name}: {type_}={status}"), || async {
+        let p = api.get(name).await.ok()?;
+        let generation = p.metadata.generation;
+        let c = condition(&p, type_)?;
+        (c.status == status && c.observed_generation == generation).then_some(p.clone())
+    })
+    .await
+}
+
+async fn delete_policy_and_wait(client: &Client, name: &str) {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    delete_if_exists(&api, name).await;
+    eventually(
+        &format!("{name} to be gone (finalizer removed)"),
+        || async { api.get_opt(name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+}
+
+fn image_of(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .image
+        .clone()
+        .unwrap()
+}
+
+/// Nothing of crosstrace is left on the controller and its ConfigMap, and both are as before.
+async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("ingress-nginx-controller")
+        .await
+        .unwrap();
+    assert_eq!(
+        cm.data, before_cm.data,
+        "ConfigMap data is byte-equal to before"
+    );
+    assert!(!cm.labels().contains_key(POLICY_LABEL));
+    let d = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get("ingress-nginx-controller")
+        .await
+        .unwrap();
+    assert_eq!(image_of(&d), ORIGINAL_IMAGE, "the controller image is back");
+    for key in [RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION] {
+        assert!(!d.annotations().contains_key(key), "{key} is removed");
+    }
+    assert!(!d.labels().contains_key(POLICY_LABEL));
+}
+
+#[tokio::test]
+async fn bad_policies_are_refused_naming_the_field() {
+    let _client = client().await;
+    install_crds();
+    let dir = repo("config/samples/bad");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expected = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect-error: "))
+            .expect("every bad sample says what it expects");
+        let (ok, _, err) = kubectl(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]);
+        assert!(!ok, "{} was accepted", path.display());
+        assert!(
+            err.contains(expected),
+            "{}: the error should name {expected}, got: {err}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 8,
+        "at least 8 bad inputs are covered, found {checked}"
+    );
+    for good in [
+        "edge.yaml",
+        "workloads.yaml",
+        "network.yaml",
+        "storefront.yaml",
+    ] {
+        let (ok, _, err) = kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            &repo(&format!("config/samples/{good}")),
+        ]);
+        assert!(ok, "{good} is refused: {err}");
+    }
+}
+
+#[tokio::test]
+async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-edge", json!({})).await;
+    let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
+    let controller = ControllerProcess::start(18081, None);
+
+    let name = format!("{}-policy", ns.name);
+    apply_policy(&client, &edge_policy(&name, &ns.name, "", 60)).await;
+    let p = wait_condition(&client, &name, "Ready", "True").await;
+    assert_eq!(
+        p.status.as_ref().unwrap().ingress.as_ref().unwrap().summary,
+        "1/1"
+    );
+
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("ingress-nginx-controller")
+        .await
+        .unwrap();
+    let data: BTreeMap<String, String> = cm.data.clone().unwrap();
+    for (k, v) in [
+        ("enable-opentelemetry", "true"),
+        ("otlp-collector-host", "otel-gateway.observability.svc"),
+        ("otlp-collector-port", "4317"),
+        ("otel-service-name", "edge"),
+        ("otel-sampler", "TraceIdRatioBased"),
+        ("otel-sampler-ratio", "0.25"),
+        ("otel-sampler-parent-based", "true"),
+        ("opentelemetry-trust-incoming-span", "true"),
+        ("use-forwarded-headers", "true"),
+        ("proxy-body-size", "8m"),
+    ] {
+        assert_eq!(
+            data.get(k).map(String::as_str),
+            Some(v),
+            "ConfigMap key {k}"
+        );
+    }
+    let (ok, table, _) = kubectl(&["get", "tracingpolicies", &name]);
+    assert!(ok);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "INGRESS",
+            "WORKLOADS",
+            "NODES",
+            "SAMPLING",
+            "AGE"
+        ]
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        (row[1], row[2], row[3], row[4]),
+        ("True", "1/1", "<none>", "<none>"),
+        "{table}"
+    );
+
+    // Converged: wake the policy up through a watched object and count writes.
+    let writes = controller.counter("crosstrace_api_writes_total").await;
+    let reconciles = controller.counter("crosstrace_reconciles_total").await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    for i in 0..3 {
+        let touch = json!({"metadata": {"annotations": {"e2e/touch": i.to_string()}}});
+        deployments
+            .patch(
+                "ingress-nginx-controller",
+                &PatchParams::default(),
+                &Patch::Merge(&touch),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
+    eventually("reconciles after the touches", || async {
+        (controller.counter("crosstrace_reconciles_total").await >= reconciles + 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        controller.counter("crosstrace_api_writes_total").await,
+        writes,
+        "a converged policy makes no write"
+    );
+
+    delete_policy_and_wait(&client, &name).await;
+    assert_restored(&client, &ns.name, &before_cm).await;
+}
+
+#[tokio::test]
+async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-image", json!({})).await;
+    let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
+    let _controller = ControllerProcess::start(18082, None);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+
+    let name = format!("{}-policy", ns.name);
+    let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
+    apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 60)).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+    let d = deployments.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image_of(&d), instrumented);
+    assert!(
+        crosstrace::layers::health::deployment_rolled_out(&d),
+        "Ready only after the rollout completed"
+    );
+
+    // A broken image: never Ready, so it is rolled back to the original image and the policy is Degraded.
+    apply_policy(&client, &edge_policy(&name, &ns.name, "x:broken", 10)).await;
+    let p = wait_condition(&client, &name, "Degraded", "True").await;
+    let degraded = condition(&p, "Degraded").unwrap();
+    assert_eq!(degraded.reason, "RolledBack");
+    assert!(
+        degraded
+            .message
+            .contains(&format!("{}/ingress-nginx-controller", ns.name)),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(condition(&p, "Ready").unwrap().status, "False");
+    let d = deployments.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(
+        image_of(&d),
+        ORIGINAL_IMAGE,
+        "rolled back to the image from before the policy"
+    );
+    eventually("the rolled-back controller to be healthy again", || async {
+        crosstrace::layers::health::deployment_rolled_out(
+            &deployments.get("ingress-nginx-controller").await.ok()?,
+        )
+        .then_some(())
+    })
+    .await;
+
+    delete_policy_and_wait(&client, &name).await;
+    assert_restored(&client, &ns.name, &before_cm).await;
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_rollout_converges_after_restart() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-crash", json!({})).await;
+    let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let mut first = ControllerProcess::start(18083, None);
+
+    let name = format!("{}-policy", ns.name);
+    let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
+    apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 60)).await;
+    // Kill it the moment it has started changing the controller (record written).
+    eventually(
+        "the controller to start changing the ingress controller",
+        || async {
+            deployments
+                .get("ingress-nginx-controller")
+                .await
+                .ok()?
+                .annotations()
+                .contains_key(RECORD_ANNOTATION)
+                .then_some(())
+        },
+    )
+    .await;
+    first.kill();
+
+    let _second = ControllerProcess::start(18084, None);
+    wait_condition(&client, &name, "Ready", "True").await;
+    let d = deployments.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image_of(&d), instrumented);
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("ingress-nginx-controller")
+        .await
+        .unwrap();
+    assert_eq!(
+        cm.data
+            .unwrap()
+            .get("otel-sampler-ratio")
+            .map(String::as_str),
+        Some("0.25")
+    );
+
+    delete_policy_and_wait(&client, &name).await;
+    assert_restored(&client, &ns.name, &before_cm).await;
+}
