@@ -52,10 +52,7 @@ fn now() -> MicroTime {
 fn expired(lease: &Lease, duration: Duration) -> bool {
     let spec = lease.spec.as_ref();
     let renewed = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
-    let seconds = spec
-        .and_then(|s| s.lease_duration_seconds)
-        .map(i64::from)
-        .unwrap_or(duration.as_secs() as i64);
+    let seconds = spec.and_then(|s| s.lease_duration_seconds).map(i64::from).unwrap_or(duration.as_secs() as i64);
     match renewed {
         Some(at) => Timestamp::now() > at + SignedDuration::from_secs(seconds),
         None => true,
@@ -80,28 +77,16 @@ async fn try_acquire(api: &Api<Lease>, s: &LeaseSettings) -> kube::Result<Attemp
             },
             spec: Some(spec(0)),
         };
-        return Ok(Attempt::Acquired(Box::new(
-            api.create(&PostParams::default(), &lease).await?,
-        )));
+        return Ok(Attempt::Acquired(Box::new(api.create(&PostParams::default(), &lease).await?)));
     };
-    let holder = lease
-        .spec
-        .as_ref()
-        .and_then(|l| l.holder_identity.clone())
-        .unwrap_or_default();
+    let holder = lease.spec.as_ref().and_then(|l| l.holder_identity.clone()).unwrap_or_default();
     if !holder.is_empty() && holder != s.identity && !expired(&lease, s.duration) {
         return Ok(Attempt::HeldBy(holder));
     }
-    let transitions = lease
-        .spec
-        .as_ref()
-        .and_then(|l| l.lease_transitions)
-        .unwrap_or(0)
-        + i32::from(holder != s.identity);
+    let transitions =
+        lease.spec.as_ref().and_then(|l| l.lease_transitions).unwrap_or(0) + i32::from(holder != s.identity);
     lease.spec = Some(spec(transitions));
-    Ok(Attempt::Acquired(Box::new(
-        api.replace(&s.name, &PostParams::default(), &lease).await?,
-    )))
+    Ok(Attempt::Acquired(Box::new(api.replace(&s.name, &PostParams::default(), &lease).await?)))
 }
 
 /// Waits until this replica holds the lease, then keeps renewing it in the background.

@@ -16,11 +16,7 @@ use crosstrace::telemetry::{self, LogFormat};
 use futures::FutureExt;
 
 #[derive(Parser)]
-#[command(
-    name = "crosstrace",
-    version,
-    about = "Cross-layer tracing for Kubernetes, rolled out by an operator"
-)]
+#[command(name = "crosstrace", version, about = "Cross-layer tracing for Kubernetes, rolled out by an operator")]
 struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CROSSTRACE_LOG_FORMAT")]
@@ -61,6 +57,9 @@ struct ControllerArgs {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Collector image of the workload sidecar when a policy names none.
+    #[arg(long, default_value = controller::DEFAULT_SIDECAR_IMAGE, env = "CROSSTRACE_SIDECAR_IMAGE")]
+    sidecar_image: String,
     /// Seconds a lease stays valid without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
@@ -77,28 +76,20 @@ async fn shutdown_signal() {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
-    client
-        .apiserver_version()
-        .await
-        .context("reaching the Kubernetes API server")?;
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let version = client.apiserver_version().await.context("reaching the Kubernetes API server")?;
+    // Native sidecars (init containers with restartPolicy Always) are on by default since 1.29.
+    let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
+    let native_sidecars = version.major == "1" && minor >= 29;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = Admin {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-    };
+    let admin = Admin { metrics: metrics.clone(), ready: ready.clone() };
     let server = tokio::spawn(http::serve(args.admin_addr, admin));
     let shutdown = shutdown_signal().shared();
     ready.store(true, Ordering::Relaxed);
 
     let leadership = if args.leader_election {
-        let identity = args
-            .identity
-            .clone()
-            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+        let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
         let settings = LeaseSettings {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),
@@ -114,11 +105,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         None
     };
 
-    let settings = Settings {
-        concurrency: args.concurrency,
-        namespace: args.namespace,
-        ..Settings::default()
-    };
+    let mut settings = Settings { concurrency: args.concurrency, ..Settings::default() };
+    settings.workloads.sidecar_image = args.sidecar_image;
+    settings.workloads.native_sidecars = native_sidecars;
+    settings.workloads.operator_namespace = args.namespace.clone();
+    settings.namespace = args.namespace;
     let lost = leadership.as_ref().map(|l| l.lost.clone());
     let stop = {
         let shutdown = shutdown.clone();

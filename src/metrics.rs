@@ -52,56 +52,23 @@ impl Default for Metrics {
         let api_writes = Family::<WriteLabels, Counter>::default();
         let targets = Family::<TargetLabels, Gauge>::default();
         let drift_corrections = Family::<LayerLabels, Counter>::default();
-        registry.register(
-            "reconciles",
-            "Reconciles of TracingPolicies",
-            reconciles.clone(),
-        );
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by error kind",
-            reconcile_errors.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Duration of one reconcile",
-            reconcile_duration.clone(),
-        );
-        registry.register(
-            "api_writes",
-            "Writes the operator sent to the API server",
-            api_writes.clone(),
-        );
-        registry.register(
-            "targets",
-            "Targets by policy, layer and state",
-            targets.clone(),
-        );
+        registry.register("reconciles", "Reconciles of TracingPolicies", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by error kind", reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
+        registry.register("api_writes", "Writes the operator sent to the API server", api_writes.clone());
+        registry.register("targets", "Targets by policy, layer and state", targets.clone());
         registry.register(
             "drift_corrections",
             "Changes re-applied after someone removed them",
             drift_corrections.clone(),
         );
-        Self {
-            registry,
-            reconciles,
-            reconcile_errors,
-            reconcile_duration,
-            api_writes,
-            targets,
-            drift_corrections,
-        }
+        Self { registry, reconciles, reconcile_errors, reconcile_duration, api_writes, targets, drift_corrections }
     }
 }
 
 impl Metrics {
     pub fn write(&self, verb: &str, resource: &str) {
-        self.api_writes
-            .get_or_create(&WriteLabels {
-                verb: verb.into(),
-                resource: resource.into(),
-            })
-            .inc();
+        self.api_writes.get_or_create(&WriteLabels { verb: verb.into(), resource: resource.into() }).inc();
     }
 
     pub fn reconciled(&self, took: Duration) {
@@ -110,31 +77,19 @@ impl Metrics {
     }
 
     pub fn failed(&self, kind: &str) {
-        self.reconcile_errors
-            .get_or_create(&ErrorLabels { kind: kind.into() })
-            .inc();
+        self.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
     }
 
     pub fn set_targets(&self, policy: &str, layer: &str, state: &str, count: usize) {
-        let labels = TargetLabels {
-            policy: policy.into(),
-            layer: layer.into(),
-            state: state.into(),
-        };
-        self.targets
-            .get_or_create(&labels)
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        let labels = TargetLabels { policy: policy.into(), layer: layer.into(), state: state.into() };
+        self.targets.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Forgets a deleted policy's target gauges so that they do not linger.
     pub fn forget_policy(&self, policy: &str) {
         for layer in ["ingress", "workloads", "network"] {
             for state in ["selected", "ready", "rolledBack"] {
-                self.targets.remove(&TargetLabels {
-                    policy: policy.into(),
-                    layer: layer.into(),
-                    state: state.into(),
-                });
+                self.targets.remove(&TargetLabels { policy: policy.into(), layer: layer.into(), state: state.into() });
             }
         }
     }
@@ -142,8 +97,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

@@ -20,10 +20,7 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 fn mocked() -> (Writer, Handle, Arc<Metrics>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let metrics = Arc::new(Metrics::default());
-    let writer = Writer {
-        client: Client::new(service, "default"),
-        metrics: metrics.clone(),
-    };
+    let writer = Writer { client: Client::new(service, "default"), metrics: metrics.clone() };
     (writer, handle, metrics)
 }
 
@@ -45,24 +42,11 @@ async fn serve(mut handle: Handle, expected: Vec<Expect>) -> Vec<Value> {
         let query = request.uri().query().unwrap_or_default().to_string();
         assert!(query.contains(e.query), "query {query} lacks {}", e.query);
         if !e.content_type.is_empty() {
-            assert_eq!(
-                request.headers()["content-type"],
-                e.content_type,
-                "{}",
-                e.path
-            );
+            assert_eq!(request.headers()["content-type"], e.content_type, "{}", e.path);
         }
         let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        bodies.push(if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        });
-        send.send_response(
-            Response::builder()
-                .body(Body::from(serde_json::to_vec(&e.reply).unwrap()))
-                .unwrap(),
-        );
+        bodies.push(if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() });
+        send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&e.reply).unwrap())).unwrap());
     }
     bodies
 }
@@ -76,10 +60,7 @@ fn record() -> Record {
             ("otel-sampler-ratio".to_string(), Some("0.5".to_string())),
             ("enable-opentelemetry".to_string(), None),
         ]),
-        original_image: Some(ContainerImage {
-            container: "controller".into(),
-            image: "controller:v1.12.1".into(),
-        }),
+        original_image: Some(ContainerImage { container: "controller".into(), image: "controller:v1.12.1".into() }),
         rollout_started: Some(1),
     }
 }
@@ -101,21 +82,11 @@ async fn apply_records_first_then_applies_config_then_image() {
     let deployment = ObjectKey::new("ingress-nginx", "c");
     let data = BTreeMap::from([("enable-opentelemetry".to_string(), "true".to_string())]);
     let actions = vec![
-        Action::Record {
-            deployment: deployment.clone(),
-            record: record(),
-        },
-        Action::ApplyConfig {
-            config_map: record().config_map,
-            data,
-            policy: "storefront".into(),
-        },
+        Action::Record { deployment: deployment.clone(), record: record() },
+        Action::ApplyConfig { config_map: record().config_map, data, policy: "storefront".into() },
         Action::ApplyImage {
             deployment,
-            image: ContainerImage {
-                container: "controller".into(),
-                image: "controller:otel".into(),
-            },
+            image: ContainerImage { container: "controller".into(), image: "controller:otel".into() },
             record: record(),
         },
     ];
@@ -149,31 +120,14 @@ async fn apply_records_first_then_applies_config_then_image() {
         .await
         .expect("in time")
         .expect("applied");
-    let bodies = tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .unwrap()
-        .unwrap();
+    let bodies = tokio::time::timeout(Duration::from_secs(1), server).await.unwrap().unwrap();
 
-    let recorded: Record = serde_json::from_str(
-        bodies[0]["metadata"]["annotations"]["crosstrace.dev/ingress"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        recorded,
-        record(),
-        "the originals are written before anything changes"
-    );
-    assert_eq!(
-        bodies[0]["metadata"]["labels"]["crosstrace.dev/ingress-policy"],
-        "storefront"
-    );
+    let recorded: Record =
+        serde_json::from_str(bodies[0]["metadata"]["annotations"]["crosstrace.dev/ingress"].as_str().unwrap()).unwrap();
+    assert_eq!(recorded, record(), "the originals are written before anything changes");
+    assert_eq!(bodies[0]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
     assert_eq!(bodies[1]["data"]["enable-opentelemetry"], "true");
-    assert_eq!(
-        bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"],
-        "storefront"
-    );
+    assert_eq!(bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
     assert_eq!(
         bodies[2]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:otel"}])
@@ -192,11 +146,7 @@ async fn revert_restores_config_map_then_deployment() {
     let (writer, handle, _) = mocked();
     let r = record();
     let actions = vec![
-        Action::RestoreConfig {
-            config_map: r.config_map.clone(),
-            data: r.original_data.clone(),
-            delete: false,
-        },
+        Action::RestoreConfig { config_map: r.config_map.clone(), data: r.original_data.clone(), delete: false },
         Action::RestoreDeployment {
             deployment: ObjectKey::new("ingress-nginx", "c"),
             image: r.original_image.clone(),
@@ -204,7 +154,8 @@ async fn revert_restores_config_map_then_deployment() {
             rolled_back: None,
         },
     ];
-    let current = json!({"otel-sampler-ratio": "0.25", "enable-opentelemetry": "true", "use-forwarded-headers": "true"});
+    let current =
+        json!({"otel-sampler-ratio": "0.25", "enable-opentelemetry": "true", "use-forwarded-headers": "true"});
     let server = tokio::spawn(serve(
         handle,
         vec![
@@ -235,28 +186,18 @@ async fn revert_restores_config_map_then_deployment() {
         .await
         .expect("in time")
         .expect("reverted");
-    let bodies = tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .unwrap()
-        .unwrap();
+    let bodies = tokio::time::timeout(Duration::from_secs(1), server).await.unwrap().unwrap();
     assert_eq!(
         bodies[1]["data"],
         json!({"otel-sampler-ratio": "0.5", "enable-opentelemetry": null}),
         "user value back, our key removed"
     );
-    assert_eq!(
-        bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"],
-        Value::Null
-    );
+    assert_eq!(bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], Value::Null);
     assert_eq!(
         bodies[2]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:v1.12.1"}])
     );
-    assert_eq!(
-        bodies[2]["metadata"]["annotations"]["crosstrace.dev/ingress"],
-        Value::Null,
-        "the record goes last"
-    );
+    assert_eq!(bodies[2]["metadata"]["annotations"]["crosstrace.dev/ingress"], Value::Null, "the record goes last");
 }
 
 #[tokio::test]
@@ -264,11 +205,8 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
     let (writer, handle, _) = mocked();
     let r = record();
     let only_ours = json!({"otel-sampler-ratio": "0.25", "enable-opentelemetry": "true"});
-    let actions = vec![Action::RestoreConfig {
-        config_map: r.config_map.clone(),
-        data: r.original_data.clone(),
-        delete: true,
-    }];
+    let actions =
+        vec![Action::RestoreConfig { config_map: r.config_map.clone(), data: r.original_data.clone(), delete: true }];
     let status = json!({"apiVersion": "v1", "kind": "Status", "status": "Success"});
     let server = tokio::spawn(serve(
         handle,
@@ -280,21 +218,12 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
                 content_type: "",
                 reply: config_map_reply(only_ours),
             },
-            Expect {
-                method: Method::DELETE,
-                path: CONFIG_MAP,
-                query: "",
-                content_type: "",
-                reply: status,
-            },
+            Expect { method: Method::DELETE, path: CONFIG_MAP, query: "", content_type: "", reply: status },
         ],
     ));
     tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, &actions))
         .await
         .expect("in time")
         .expect("deleted");
-    tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), server).await.unwrap().unwrap();
 }

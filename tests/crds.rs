@@ -8,8 +8,7 @@ fn committed_crds_match_the_types() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
     let files = crosstrace::api::crd_files().expect("CRDs serialize");
     for (name, generated) in &files {
-        let committed =
-            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("crds/{name}: {e}"));
+        let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("crds/{name}: {e}"));
         assert!(
             committed == *generated,
             "crds/{name} is stale: run `just crds` (cargo run -- crds --out-dir crds) and commit the result"
@@ -56,8 +55,5 @@ fn every_string_and_list_in_the_schemas_is_bounded() {
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         walk(&name, schema, &mut unbounded);
     }
-    assert!(
-        unbounded.is_empty(),
-        "unbounded strings or lists: {unbounded:#?}"
-    );
+    assert!(unbounded.is_empty(), "unbounded strings or lists: {unbounded:#?}");
 }

@@ -20,22 +20,14 @@ pub async fn client() -> Client {
         std::env::var_os("KUBECONFIG").is_some(),
         "KUBECONFIG is not set: start the local cluster with `e2e/cluster.sh up` and `eval \"$(e2e/cluster.sh env)\"`, or run `just e2e`"
     );
-    let client = Client::try_default()
-        .await
-        .expect("a kube client from KUBECONFIG");
-    client
-        .apiserver_version()
-        .await
-        .expect("the local cluster's API server answers (is `e2e/cluster.sh up` running?)");
+    let client = Client::try_default().await.expect("a kube client from KUBECONFIG");
+    client.apiserver_version().await.expect("the local cluster's API server answers (is `e2e/cluster.sh up` running?)");
     client
 }
 
 /// Runs kubectl (the cluster's own, first on PATH from `cluster.sh env`) and returns (success, stdout, stderr).
 pub fn kubectl(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("kubectl")
-        .args(args)
-        .output()
-        .expect("kubectl runs");
+    let out = Command::new("kubectl").args(args).output().expect("kubectl runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -50,13 +42,7 @@ pub fn repo(path: &str) -> String {
 
 /// Installs the CRDs from `crds/` (as a user would) and waits until they are served.
 pub fn install_crds() {
-    let (ok, _, err) = kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        &repo("crds"),
-    ]);
+    let (ok, _, err) = kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &repo("crds")]);
     assert!(ok, "applying crds/: {err}");
     let (ok, _, err) = kubectl(&[
         "wait",
@@ -78,13 +64,9 @@ impl TestNamespace {
         let name = format!("{prefix}-{}", std::process::id() % 100_000);
         let api = Api::<Namespace>::all(client.clone());
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
-        api.patch(
-            &name,
-            &PatchParams::apply("crosstrace-e2e").force(),
-            &Patch::Apply(&ns),
-        )
-        .await
-        .expect("create namespace");
+        api.patch(&name, &PatchParams::apply("crosstrace-e2e").force(), &Patch::Apply(&ns))
+            .await
+            .expect("create namespace");
         Self { name }
     }
 }
@@ -92,13 +74,7 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let _ = Command::new("kubectl")
-            .args([
-                "delete",
-                "namespace",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
             .output();
     }
 }
@@ -107,13 +83,7 @@ impl Drop for TestNamespace {
 pub async fn ensure_namespace(client: &Client, name: &str) {
     let api = Api::<Namespace>::all(client.clone());
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
-    api.patch(
-        name,
-        &PatchParams::apply("crosstrace-e2e").force(),
-        &Patch::Apply(&ns),
-    )
-    .await
-    .expect("namespace");
+    api.patch(name, &PatchParams::apply("crosstrace-e2e").force(), &Patch::Apply(&ns)).await.expect("namespace");
 }
 
 /// A `crosstrace controller` host process, killed (by its PID) when dropped.
@@ -125,11 +95,8 @@ pub struct ControllerProcess {
 impl ControllerProcess {
     /// Starts the controller with the admin kubeconfig from the environment, or with `kubeconfig`.
     pub fn start(admin_port: u16, kubeconfig: Option<&str>) -> Self {
-        let log = std::fs::File::create(format!(
-            "{}/controller-{admin_port}.log",
-            std::env::temp_dir().display()
-        ))
-        .expect("log file");
+        let log = std::fs::File::create(format!("{}/controller-{admin_port}.log", std::env::temp_dir().display()))
+            .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crosstrace"));
         cmd.args([
             "controller",
@@ -145,20 +112,13 @@ impl ControllerProcess {
         if let Some(path) = kubeconfig {
             cmd.env("KUBECONFIG", path);
         }
-        Self {
-            child: cmd.spawn().expect("start crosstrace controller"),
-            admin_port,
-        }
+        Self { child: cmd.spawn().expect("start crosstrace controller"), admin_port }
     }
 
     /// The controller's log so far (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(format!(
-            "{}/controller-{}.log",
-            std::env::temp_dir().display(),
-            self.admin_port
-        ))
-        .unwrap_or_default()
+        std::fs::read_to_string(format!("{}/controller-{}.log", std::env::temp_dir().display(), self.admin_port))
+            .unwrap_or_default()
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.
@@ -203,13 +163,8 @@ pub fn sum_samples(text: &str, family: &str) -> f64 {
 
 /// A plain HTTP/1.0 GET on loopback.
 pub async fn http_get(port: u16, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("admin port answers");
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("admin port answers");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).await.unwrap();
     body
@@ -226,10 +181,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

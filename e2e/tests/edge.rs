@@ -27,10 +27,7 @@ async fn ingress_nginx(client: &Client, ns: &str) -> (Deployment, ConfigMap) {
         "data": {"use-forwarded-headers": "true", "otel-sampler-ratio": "0.5", "proxy-body-size": "8m"},
     }))
     .unwrap();
-    let cm = cms
-        .create(&PostParams::default(), &cm)
-        .await
-        .expect("create ConfigMap");
+    let cm = cms.create(&PostParams::default(), &cm).await.expect("create ConfigMap");
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let labels = json!({"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"});
     let d: Deployment = serde_json::from_value(json!({
@@ -50,10 +47,7 @@ async fn ingress_nginx(client: &Client, ns: &str) -> (Deployment, ConfigMap) {
         },
     }))
     .unwrap();
-    let d = deployments
-        .create(&PostParams::default(), &d)
-        .await
-        .expect("create Deployment");
+    let d = deployments.create(&PostParams::default(), &d).await.expect("create Deployment");
     eventually("the ingress controller to be available", || async {
         let d = deployments.get(&d.name_any()).await.ok()?;
         (d.status?.available_replicas? >= 1).then_some(())
@@ -79,24 +73,14 @@ fn edge_policy(name: &str, ns: &str, image: &str, deadline: i32) -> serde_json::
 async fn apply_policy(client: &Client, policy: &serde_json::Value) {
     let api = Api::<TracingPolicy>::all(client.clone());
     let name = policy["metadata"]["name"].as_str().unwrap();
-    api.patch(
-        name,
-        &PatchParams::apply("e2e-user").force(),
-        &Patch::Apply(policy),
-    )
-    .await
-    .expect("apply policy");
+    api.patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(policy)).await.expect("apply policy");
 }
 
 fn condition<'a>(
     p: &'a TracingPolicy,
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    p.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
+    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
 async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
@@ -113,42 +97,22 @@ async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) 
 async fn delete_policy_and_wait(client: &Client, name: &str) {
     let api = Api::<TracingPolicy>::all(client.clone());
     delete_if_exists(&api, name).await;
-    eventually(
-        &format!("{name} to be gone (finalizer removed)"),
-        || async { api.get_opt(name).await.ok()?.is_none().then_some(()) },
-    )
+    eventually(&format!("{name} to be gone (finalizer removed)"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
     .await;
 }
 
 fn image_of(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .image
-        .clone()
-        .unwrap()
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].image.clone().unwrap()
 }
 
 /// Nothing of crosstrace is left on the controller and its ConfigMap, and both are as before.
 async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get("ingress-nginx-controller")
-        .await
-        .unwrap();
-    assert_eq!(
-        cm.data, before_cm.data,
-        "ConfigMap data is byte-equal to before"
-    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data, before_cm.data, "ConfigMap data is byte-equal to before");
     assert!(!cm.labels().contains_key(POLICY_LABEL));
-    let d = Api::<Deployment>::namespaced(client.clone(), ns)
-        .get("ingress-nginx-controller")
-        .await
-        .unwrap();
+    let d = Api::<Deployment>::namespaced(client.clone(), ns).get("ingress-nginx-controller").await.unwrap();
     assert_eq!(image_of(&d), ORIGINAL_IMAGE, "the controller image is back");
     for key in [RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION] {
         assert!(!d.annotations().contains_key(key), "{key} is removed");
@@ -171,29 +135,12 @@ async fn bad_policies_are_refused_naming_the_field() {
             .expect("every bad sample says what it expects");
         let (ok, _, err) = kubectl(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]);
         assert!(!ok, "{} was accepted", path.display());
-        assert!(
-            err.contains(expected),
-            "{}: the error should name {expected}, got: {err}",
-            path.display()
-        );
+        assert!(err.contains(expected), "{}: the error should name {expected}, got: {err}", path.display());
         checked += 1;
     }
-    assert!(
-        checked >= 8,
-        "at least 8 bad inputs are covered, found {checked}"
-    );
-    for good in [
-        "edge.yaml",
-        "workloads.yaml",
-        "network.yaml",
-        "storefront.yaml",
-    ] {
-        let (ok, _, err) = kubectl(&[
-            "apply",
-            "--dry-run=server",
-            "-f",
-            &repo(&format!("config/samples/{good}")),
-        ]);
+    assert!(checked >= 8, "at least 8 bad inputs are covered, found {checked}");
+    for good in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml"] {
+        let (ok, _, err) = kubectl(&["apply", "--dry-run=server", "-f", &repo(&format!("config/samples/{good}"))]);
         assert!(ok, "{good} is refused: {err}");
     }
 }
@@ -210,15 +157,9 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     let name = format!("{}-policy", ns.name);
     apply_policy(&client, &edge_policy(&name, &ns.name, "", 60)).await;
     let p = wait_condition(&client, &name, "Ready", "True").await;
-    assert_eq!(
-        p.status.as_ref().unwrap().ingress.as_ref().unwrap().summary,
-        "1/1"
-    );
+    assert_eq!(p.status.as_ref().unwrap().ingress.as_ref().unwrap().summary, "1/1");
 
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("ingress-nginx-controller")
-        .await
-        .unwrap();
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
     let data: BTreeMap<String, String> = cm.data.clone().unwrap();
     for (k, v) in [
         ("enable-opentelemetry", "true"),
@@ -232,33 +173,14 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
         ("use-forwarded-headers", "true"),
         ("proxy-body-size", "8m"),
     ] {
-        assert_eq!(
-            data.get(k).map(String::as_str),
-            Some(v),
-            "ConfigMap key {k}"
-        );
+        assert_eq!(data.get(k).map(String::as_str), Some(v), "ConfigMap key {k}");
     }
     let (ok, table, _) = kubectl(&["get", "tracingpolicies", &name]);
     assert!(ok);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "READY",
-            "INGRESS",
-            "WORKLOADS",
-            "NODES",
-            "SAMPLING",
-            "AGE"
-        ]
-    );
+    assert_eq!(header, ["NAME", "READY", "INGRESS", "WORKLOADS", "NODES", "SAMPLING", "AGE"]);
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(
-        (row[1], row[2], row[3], row[4]),
-        ("True", "1/1", "<none>", "<none>"),
-        "{table}"
-    );
+    assert_eq!((row[1], row[2], row[3], row[4]), ("True", "1/1", "<none>", "<none>"), "{table}");
 
     // Converged: wake the policy up through a watched object and count writes.
     let writes = controller.counter("crosstrace_api_writes_total").await;
@@ -266,25 +188,14 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
     for i in 0..3 {
         let touch = json!({"metadata": {"annotations": {"e2e/touch": i.to_string()}}});
-        deployments
-            .patch(
-                "ingress-nginx-controller",
-                &PatchParams::default(),
-                &Patch::Merge(&touch),
-            )
-            .await
-            .unwrap();
+        deployments.patch("ingress-nginx-controller", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     }
     eventually("reconciles after the touches", || async {
         (controller.counter("crosstrace_reconciles_total").await >= reconciles + 2.0).then_some(())
     })
     .await;
-    assert_eq!(
-        controller.counter("crosstrace_api_writes_total").await,
-        writes,
-        "a converged policy makes no write"
-    );
+    assert_eq!(controller.counter("crosstrace_api_writes_total").await, writes, "a converged policy makes no write");
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;
@@ -306,35 +217,20 @@ async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
     wait_condition(&client, &name, "Ready", "True").await;
     let d = deployments.get("ingress-nginx-controller").await.unwrap();
     assert_eq!(image_of(&d), instrumented);
-    assert!(
-        crosstrace::layers::health::deployment_rolled_out(&d),
-        "Ready only after the rollout completed"
-    );
+    assert!(crosstrace::layers::health::deployment_rolled_out(&d), "Ready only after the rollout completed");
 
     // A broken image: never Ready, so it is rolled back to the original image and the policy is Degraded.
     apply_policy(&client, &edge_policy(&name, &ns.name, "x:broken", 10)).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;
     let degraded = condition(&p, "Degraded").unwrap();
     assert_eq!(degraded.reason, "RolledBack");
-    assert!(
-        degraded
-            .message
-            .contains(&format!("{}/ingress-nginx-controller", ns.name)),
-        "{}",
-        degraded.message
-    );
+    assert!(degraded.message.contains(&format!("{}/ingress-nginx-controller", ns.name)), "{}", degraded.message);
     assert_eq!(condition(&p, "Ready").unwrap().status, "False");
     let d = deployments.get("ingress-nginx-controller").await.unwrap();
-    assert_eq!(
-        image_of(&d),
-        ORIGINAL_IMAGE,
-        "rolled back to the image from before the policy"
-    );
+    assert_eq!(image_of(&d), ORIGINAL_IMAGE, "rolled back to the image from before the policy");
     eventually("the rolled-back controller to be healthy again", || async {
-        crosstrace::layers::health::deployment_rolled_out(
-            &deployments.get("ingress-nginx-controller").await.ok()?,
-        )
-        .then_some(())
+        crosstrace::layers::health::deployment_rolled_out(&deployments.get("ingress-nginx-controller").await.ok()?)
+            .then_some(())
     })
     .await;
 
@@ -356,18 +252,15 @@ async fn a_controller_killed_mid_rollout_converges_after_restart() {
     let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
     apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 60)).await;
     // Kill it the moment it has started changing the controller (record written).
-    eventually(
-        "the controller to start changing the ingress controller",
-        || async {
-            deployments
-                .get("ingress-nginx-controller")
-                .await
-                .ok()?
-                .annotations()
-                .contains_key(RECORD_ANNOTATION)
-                .then_some(())
-        },
-    )
+    eventually("the controller to start changing the ingress controller", || async {
+        deployments
+            .get("ingress-nginx-controller")
+            .await
+            .ok()?
+            .annotations()
+            .contains_key(RECORD_ANNOTATION)
+            .then_some(())
+    })
     .await;
     first.kill();
 
@@ -375,17 +268,8 @@ async fn a_controller_killed_mid_rollout_converges_after_restart() {
     wait_condition(&client, &name, "Ready", "True").await;
     let d = deployments.get("ingress-nginx-controller").await.unwrap();
     assert_eq!(image_of(&d), instrumented);
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
-        .get("ingress-nginx-controller")
-        .await
-        .unwrap();
-    assert_eq!(
-        cm.data
-            .unwrap()
-            .get("otel-sampler-ratio")
-            .map(String::as_str),
-        Some("0.25")
-    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data.unwrap().get("otel-sampler-ratio").map(String::as_str), Some("0.25"));
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;

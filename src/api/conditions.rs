@@ -38,18 +38,8 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(
-        type_: &'static str,
-        status: Status,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            type_,
-            status,
-            reason,
-            message: message.into(),
-        }
+    pub fn new(type_: &'static str, status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status, reason, message: message.into() }
     }
 }
 
@@ -58,12 +48,7 @@ const MAX_MESSAGE: usize = 2048;
 
 /// Merges desired conditions into the previous list: a condition keeps its `lastTransitionTime` unless
 /// its status changed. Conditions not desired any more (a layer turned off) are dropped.
-pub fn merge(
-    previous: &[Condition],
-    desired: &[Desired],
-    generation: i64,
-    now: Timestamp,
-) -> Vec<Condition> {
+pub fn merge(previous: &[Condition], desired: &[Desired], generation: i64, now: Timestamp) -> Vec<Condition> {
     desired
         .iter()
         .map(|d| {
@@ -97,10 +82,7 @@ pub fn transitions<'a>(previous: &[Condition], current: &'a [Condition]) -> Vec<
     current
         .iter()
         .filter(|c| {
-            previous
-                .iter()
-                .find(|p| p.type_ == c.type_)
-                .is_none_or(|p| p.status != c.status || p.reason != c.reason)
+            previous.iter().find(|p| p.type_ == c.type_).is_none_or(|p| p.status != c.status || p.reason != c.reason)
         })
         .collect()
 }
@@ -115,36 +97,11 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_changes() {
-        let first = merge(
-            &[],
-            &[Desired::new(
-                READY,
-                Status::Unknown,
-                "RolloutInProgress",
-                "",
-            )],
-            1,
-            at(10),
-        );
-        let same = merge(
-            &first,
-            &[Desired::new(
-                READY,
-                Status::Unknown,
-                "RolloutInProgress",
-                "x",
-            )],
-            2,
-            at(20),
-        );
+        let first = merge(&[], &[Desired::new(READY, Status::Unknown, "RolloutInProgress", "")], 1, at(10));
+        let same = merge(&first, &[Desired::new(READY, Status::Unknown, "RolloutInProgress", "x")], 2, at(20));
         assert_eq!(same[0].last_transition_time, Time(at(10)));
         assert_eq!(same[0].observed_generation, Some(2));
-        let flipped = merge(
-            &same,
-            &[Desired::new(READY, Status::True, "AllLayersReady", "")],
-            2,
-            at(30),
-        );
+        let flipped = merge(&same, &[Desired::new(READY, Status::True, "AllLayersReady", "")], 2, at(30));
         assert_eq!(flipped[0].last_transition_time, Time(at(30)));
         assert_eq!(transitions(&same, &flipped).len(), 1);
         assert!(transitions(&flipped, &flipped).is_empty());
@@ -153,12 +110,7 @@ mod tests {
     #[test]
     fn long_messages_are_cut_on_a_char_boundary() {
         let long = "é".repeat(MAX_MESSAGE);
-        let merged = merge(
-            &[],
-            &[Desired::new(DEGRADED, Status::True, "Conflict", long)],
-            1,
-            at(1),
-        );
+        let merged = merge(&[], &[Desired::new(DEGRADED, Status::True, "Conflict", long)], 1, at(1));
         assert!(merged[0].message.len() <= MAX_MESSAGE);
     }
 }

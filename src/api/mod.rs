@@ -19,10 +19,7 @@ pub const FINALIZER: &str = "crosstrace.dev/cleanup";
 
 /// Every CRD of the API, as one multi-document YAML stream (what `crosstrace crds` prints).
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
-    let docs = [
-        serde_yaml::to_string(&TracingPolicy::crd())?,
-        serde_yaml::to_string(&NodeTracing::crd())?,
-    ];
+    let docs = [serde_yaml::to_string(&TracingPolicy::crd())?, serde_yaml::to_string(&NodeTracing::crd())?];
     Ok(docs.map(|doc| format!("---\n{doc}")).concat())
 }
 
@@ -31,13 +28,7 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     let tp = TracingPolicy::crd();
     let nt = NodeTracing::crd();
     Ok(vec![
-        (
-            format!("{}.yaml", tp.metadata.name.clone().unwrap_or_default()),
-            serde_yaml::to_string(&tp)?,
-        ),
-        (
-            format!("{}.yaml", nt.metadata.name.clone().unwrap_or_default()),
-            serde_yaml::to_string(&nt)?,
-        ),
+        (format!("{}.yaml", tp.metadata.name.clone().unwrap_or_default()), serde_yaml::to_string(&tp)?),
+        (format!("{}.yaml", nt.metadata.name.clone().unwrap_or_default()), serde_yaml::to_string(&nt)?),
     ])
 }

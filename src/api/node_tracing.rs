@@ -22,16 +22,8 @@ use super::policy::{ConflictPolicy, IpfixSpec, SflowSpec};
     selectable = ".spec.nodeName",
     doc = "NodeTracing is the Open vSwitch flow export of one node: spec written by the crosstrace controller, status by that node's agent.",
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("self.nodeName == oldSelf.nodeName").message("spec.nodeName is immutable"))]

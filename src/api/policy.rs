@@ -17,9 +17,8 @@ fn host_port_rule(subject: &str, message: &str) -> Rule {
 }
 
 fn targets_rule(example: &str) -> Rule {
-    Rule::new(format!("self.all(t, t.matches({HOST_PORT_CEL}))")).message(Message::Message(
-        format!("every target must be host:port with a port in 1-65535, e.g. {example}"),
-    ))
+    Rule::new(format!("self.all(t, t.matches({HOST_PORT_CEL}))"))
+        .message(Message::Message(format!("every target must be host:port with a port in 1-65535, e.g. {example}")))
 }
 
 /// The lowest sampling rate (1 packet in N) the network layer accepts: denser sampling can flood a
@@ -87,9 +86,7 @@ pub struct CollectorSpec {
 }
 
 /// OTLP transport.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OtlpProtocol {
     /// OTLP over gRPC (port 4317 by convention).
@@ -115,10 +112,7 @@ pub struct SamplingSpec {
 
 impl Default for SamplingSpec {
     fn default() -> Self {
-        Self {
-            ratio: default_ratio(),
-            parent_based: true,
-        }
+        Self { ratio: default_ratio(), parent_based: true }
     }
 }
 
@@ -180,19 +174,7 @@ fn default_kinds() -> Vec<WorkloadKind> {
 }
 
 /// A kind of workload.
-#[derive(
-    schemars::JsonSchema,
-    Serialize,
-    Deserialize,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WorkloadKind {
     Deployment,
     StatefulSet,
@@ -307,9 +289,7 @@ fn default_cache_timeout() -> u32 {
 }
 
 /// What to do with an exporter on the bridge that crosstrace does not own.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ConflictPolicy {
     /// Leave it alone and report a conflict.
     #[default]

@@ -4,15 +4,16 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use crate::api::FIELD_MANAGER;
+use crate::api::{FIELD_MANAGER, WorkloadKind};
 use crate::layers::ingress::{self, POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
+use crate::layers::{ObjectKey, workloads};
 use crate::metrics::Metrics;
 
 /// Writes to the API server, counted.
@@ -33,12 +34,7 @@ impl Writer {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
         self.count::<K>("apply");
-        api.patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
+        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
     }
 
     /// Server-side apply to the status subresource.
@@ -47,12 +43,7 @@ impl Writer {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
         self.count::<K>("apply_status");
-        api.patch_status(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
+        api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
     }
 
     /// JSON merge patch (RFC 7386): `null` removes a key.
@@ -63,10 +54,7 @@ impl Writer {
         self.count::<K>("patch");
         api.patch(
             name,
-            &PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
+            &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
             &Patch::Merge(&patch),
         )
         .await
@@ -80,10 +68,7 @@ impl Writer {
         self.count::<K>("patch");
         api.patch(
             name,
-            &PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
+            &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
             &Patch::Strategic(&patch),
         )
         .await
@@ -128,11 +113,7 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             }});
             writer.merge(&api, &deployment.name, patch).await?;
         }
-        ApplyConfig {
-            config_map,
-            data,
-            policy,
-        } => {
+        ApplyConfig { config_map, data, policy } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
             let patch = json!({
                 "apiVersion": "v1",
@@ -142,11 +123,7 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             });
             writer.apply(&api, &config_map.name, patch).await?;
         }
-        ApplyImage {
-            deployment,
-            image,
-            record,
-        } => {
+        ApplyImage { deployment, image, record } => {
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let patch = json!({
                 "apiVersion": "apps/v1",
@@ -160,20 +137,12 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             });
             writer.apply(&api, &deployment.name, patch).await?;
         }
-        RestoreConfig {
-            config_map,
-            data,
-            delete,
-        } => {
+        RestoreConfig { config_map, data, delete } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
             let Some(current) = api.get_opt(&config_map.name).await? else {
                 return Ok(());
             };
-            let others = current
-                .data
-                .iter()
-                .flatten()
-                .any(|(k, _)| !data.contains_key(k));
+            let others = current.data.iter().flatten().any(|(k, _)| !data.contains_key(k));
             if *delete && !others {
                 writer.delete(&api, &config_map.name).await?;
             } else {
@@ -181,27 +150,74 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
                 writer.merge(&api, &config_map.name, patch).await?;
             }
         }
-        RestoreDeployment {
-            deployment,
-            image,
-            keep,
-            rolled_back,
-        } => {
+        RestoreDeployment { deployment, image, keep, rolled_back } => {
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let mut annotations = Map::new();
-            annotations.insert(
-                RECORD_ANNOTATION.into(),
-                keep.as_ref().map(record_json).into(),
-            );
+            annotations.insert(RECORD_ANNOTATION.into(), keep.as_ref().map(record_json).into());
             annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
             let mut patch = json!({"metadata": {
                 "annotations": annotations,
                 "labels": {POLICY_LABEL: keep.as_ref().map(|r| r.policy.clone())},
             }});
             if let Some(image) = image {
-                patch["spec"] = json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
+                patch["spec"] =
+                    json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
             }
             writer.strategic(&api, &deployment.name, patch).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Server-side apply to a workload of any supported kind.
+async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, patch: Value) -> kube::Result<()> {
+    let client = writer.client.clone();
+    match kind {
+        WorkloadKind::Deployment => {
+            writer.apply(&Api::<Deployment>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
+        }
+        WorkloadKind::StatefulSet => {
+            writer.apply(&Api::<StatefulSet>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
+        }
+        WorkloadKind::DaemonSet => {
+            writer.apply(&Api::<DaemonSet>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
+        }
+    }
+}
+
+/// Runs the workload layer's actions in order; the first failure stops the rest.
+pub async fn workloads(writer: &Writer, actions: &[workloads::Action]) -> kube::Result<()> {
+    use workloads::Action::*;
+    for action in actions {
+        match action {
+            ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
+                let api = Api::<ConfigMap>::namespaced(writer.client.clone(), namespace);
+                let patch = json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": name,
+                        "namespace": namespace,
+                        "labels": {workloads::POLICY_LABEL: policy},
+                        "ownerReferences": [{
+                            "apiVersion": "crosstrace.dev/v1alpha1",
+                            "kind": "TracingPolicy",
+                            "name": policy,
+                            "uid": policy_uid,
+                        }],
+                    },
+                    "data": data,
+                });
+                writer.apply(&api, name, patch).await?;
+            }
+            Inject { kind, workload, patch } => apply_workload(writer, *kind, workload, patch.clone()).await?,
+            Remove { kind, workload, rolled_back } => {
+                let patch = workloads::removal_patch(*kind, workload, rolled_back.as_deref());
+                apply_workload(writer, *kind, workload, patch).await?;
+            }
+            DeleteCollectorConfig { namespace, name } => {
+                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await?;
+            }
         }
     }
     Ok(())

@@ -9,8 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -18,7 +21,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::TracingPolicy;
-use crate::layers::ingress;
+use crate::layers::{ingress, workloads};
 use crate::metrics::Metrics;
 use apply::Writer;
 
@@ -33,16 +36,42 @@ pub struct Settings {
     pub resync: Duration,
     /// How often a policy with a rollout in flight is looked at.
     pub poll: Duration,
+    /// What the workload layer injects when a policy leaves it open.
+    pub workloads: workloads::Defaults,
 }
 
 impl Default for Settings {
     fn default() -> Self {
+        let namespace = "crosstrace-system".to_string();
         Self {
             concurrency: 4,
-            namespace: "crosstrace-system".into(),
             resync: Duration::from_secs(300),
             poll: Duration::from_secs(2),
+            workloads: workloads::Defaults {
+                sidecar_image: DEFAULT_SIDECAR_IMAGE.into(),
+                sidecar_resources: default_sidecar_resources(),
+                native_sidecars: true,
+                operator_namespace: namespace.clone(),
+            },
+            namespace,
         }
+    }
+}
+
+/// The collector image injected when neither the policy nor the operator's flags name one: the
+/// Kubernetes distribution of the OpenTelemetry Collector (OTLP receivers, memory_limiter, batch,
+/// resource, OTLP exporters, health_check).
+pub const DEFAULT_SIDECAR_IMAGE: &str = "otel/opentelemetry-collector-k8s:0.115.1";
+
+/// Requests and limits of the sidecar when the policy sets none.
+pub fn default_sidecar_resources() -> ResourceRequirements {
+    let quantities = |cpu: &str, memory: &str| {
+        BTreeMap::from([("cpu".to_string(), Quantity(cpu.into())), ("memory".to_string(), Quantity(memory.into()))])
+    };
+    ResourceRequirements {
+        requests: Some(quantities("50m", "64Mi")),
+        limits: Some(quantities("500m", "256Mi")),
+        ..Default::default()
     }
 }
 
@@ -57,31 +86,49 @@ pub struct Context {
     pub settings: Settings,
 }
 
-/// The policies a changed Deployment concerns: the one whose label it carries, and every policy whose
-/// `spec.ingress` selects it.
-fn policies_for_deployment(
-    store: &Store<TracingPolicy>,
-    d: &Deployment,
-) -> Vec<ObjectRef<TracingPolicy>> {
-    let mut refs: Vec<_> = d
-        .labels()
-        .get(ingress::POLICY_LABEL)
-        .map(|p| ObjectRef::new(p))
-        .into_iter()
-        .collect();
-    refs.extend(
-        store
-            .state()
-            .iter()
-            .filter(|p| {
-                p.spec
-                    .ingress
-                    .as_ref()
-                    .is_some_and(|i| ingress::selects(i, d))
-            })
-            .map(|p| ObjectRef::from_obj(p.as_ref())),
-    );
+/// The policies a changed Deployment concerns: the one whose edge label it carries, every policy
+/// whose `spec.ingress` selects it, and those whose workload layer may.
+fn policies_for_deployment(store: &Store<TracingPolicy>, d: Deployment) -> Vec<ObjectRef<TracingPolicy>> {
+    let edge = d.labels().get(ingress::POLICY_LABEL).map(|p| ObjectRef::new(p));
+    let selecting = store
+        .state()
+        .iter()
+        .filter(|p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d)))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect::<Vec<_>>();
+    let mut refs: Vec<_> = edge.into_iter().chain(selecting).collect();
+    refs.extend(policies_for_workload(store, workloads::Workload::from_deployment(d)));
     refs
+}
+
+/// The policies a changed workload concerns: the one whose label it carries, and every policy with
+/// a workload layer for its kind whose selector matches (the namespace is checked in reconcile).
+fn policies_for_workload(store: &Store<TracingPolicy>, w: workloads::Workload) -> Vec<ObjectRef<TracingPolicy>> {
+    let labels = w.metadata.labels.as_ref();
+    let labelled = labels.and_then(|l| l.get(workloads::POLICY_LABEL)).map(|p| ObjectRef::new(p));
+    let wants = |s: &crate::api::WorkloadsSpec| {
+        w.kind.is_some_and(|k| s.kinds.contains(&k))
+            && s.selector
+                .as_ref()
+                .is_none_or(|sel| crate::layers::selector(sel).is_ok_and(|sel| crate::layers::matches(&sel, labels)))
+    };
+    let selecting = store
+        .state()
+        .iter()
+        .filter(|p| p.spec.workloads.as_ref().is_some_and(wants))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect::<Vec<_>>();
+    labelled.into_iter().chain(selecting).collect()
+}
+
+/// Every policy with a workload layer (a namespace's labels changed).
+fn policies_with_workloads(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
+    store.state().iter().filter(|p| p.spec.workloads.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+}
+
+/// The policy named by a label of a changed ConfigMap.
+fn policy_of_config_map(cm: ConfigMap, label: &str) -> Option<ObjectRef<TracingPolicy>> {
+    cm.labels().get(label).map(|p| ObjectRef::new(p))
 }
 
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
@@ -92,25 +139,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let policies = Api::<TracingPolicy>::all(client.clone());
-    let controller = Controller::new(policies, watcher::Config::default().any_semantic())
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(settings.concurrency)
-                .debounce(Duration::from_millis(200)),
-        );
+    let controller = Controller::new(policies, watcher::Config::default().any_semantic()).with_config(
+        ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::from_millis(200)),
+    );
     let store = controller.store();
+    let any = watcher::Config::default().any_semantic();
     let deployment_store = store.clone();
+    let statefulset_store = store.clone();
+    let daemonset_store = store.clone();
+    let namespace_store = store.clone();
     let context = Arc::new(Context {
-        writer: Writer {
-            client: client.clone(),
-            metrics: metrics.clone(),
-        },
+        writer: Writer { client: client.clone(), metrics: metrics.clone() },
         recorder: Recorder::new(
             client.clone(),
-            Reporter {
-                controller: "crosstrace".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            Reporter { controller: "crosstrace".into(), instance: std::env::var("POD_NAME").ok() },
         ),
         client: client.clone(),
         metrics,
@@ -118,22 +160,22 @@ pub async fn run(
         settings,
     });
     controller
-        .watches(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-            move |d| policies_for_deployment(&deployment_store, &d),
-        )
-        .watches(
-            Api::<ConfigMap>::all(client.clone()),
-            watcher::Config::default()
-                .labels(ingress::POLICY_LABEL)
-                .any_semantic(),
-            |cm| {
-                cm.labels()
-                    .get(ingress::POLICY_LABEL)
-                    .map(|p| ObjectRef::new(p))
-            },
-        )
+        .watches(Api::<Deployment>::all(client.clone()), any.clone(), move |d| {
+            policies_for_deployment(&deployment_store, d)
+        })
+        .watches(Api::<StatefulSet>::all(client.clone()), any.clone(), move |s| {
+            policies_for_workload(&statefulset_store, workloads::Workload::from_statefulset(s))
+        })
+        .watches(Api::<DaemonSet>::all(client.clone()), any.clone(), move |d| {
+            policies_for_workload(&daemonset_store, workloads::Workload::from_daemonset(d))
+        })
+        .watches(Api::<Namespace>::all(client.clone()), any.clone(), move |_| policies_with_workloads(&namespace_store))
+        .watches(Api::<ConfigMap>::all(client.clone()), any.clone().labels(ingress::POLICY_LABEL), |cm| {
+            policy_of_config_map(cm, ingress::POLICY_LABEL)
+        })
+        .watches(Api::<ConfigMap>::all(client.clone()), any.labels(workloads::POLICY_LABEL), |cm| {
+            policy_of_config_map(cm, workloads::POLICY_LABEL)
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

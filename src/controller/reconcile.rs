@@ -3,8 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -16,7 +19,9 @@ use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress::{self, PolicyView};
+use crate::layers::workloads;
 use crate::layers::{LayerReport, Problem};
+use crate::metrics::LayerLabels;
 use crate::telemetry;
 
 /// Why a reconcile did not complete.
@@ -61,13 +66,8 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
             return Ok(Action::await_change());
         }
         cleanup(policy, name, ctx).await?;
-        let rest: Vec<&String> = policy
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .collect();
-        let patch =
-            json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
+        let rest: Vec<&String> = policy.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+        let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
         ctx.writer.merge(&api, name, patch).await?;
         ctx.metrics.forget_policy(name);
         return Ok(Action::await_change());
@@ -84,62 +84,83 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
 }
 
 fn view<'a>(policy: &'a TracingPolicy, name: &'a str, deleting: bool) -> PolicyView<'a> {
-    PolicyView {
-        name,
-        generation: policy.metadata.generation.unwrap_or(0),
-        spec: &policy.spec,
-        deleting,
-    }
+    PolicyView { name, generation: policy.metadata.generation.unwrap_or(0), spec: &policy.spec, deleting }
 }
 
-/// The name of an older policy that also selects this ingress controller (the older keeps it).
-fn ingress_claimant(
-    ctx: &Context,
-    policy: &TracingPolicy,
-    deployment: &Deployment,
-) -> Option<String> {
-    let rank = |p: &TracingPolicy| {
-        (
-            p.metadata.creation_timestamp.clone().map(|t| t.0),
-            p.name_any(),
-        )
-    };
+/// The name of an older policy that also wants a target (the older keeps it), by `wants`.
+fn older_claimant(ctx: &Context, policy: &TracingPolicy, wants: impl Fn(&TracingPolicy) -> bool) -> Option<String> {
+    let rank = |p: &TracingPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any());
     let mine = rank(policy);
     ctx.policies
         .state()
         .iter()
         .filter(|p| p.uid() != policy.uid() && p.meta().deletion_timestamp.is_none())
-        .filter(|p| {
-            p.spec
-                .ingress
-                .as_ref()
-                .is_some_and(|i| ingress::selects(i, deployment))
-        })
-        .filter(|p| rank(p) < mine)
+        .filter(|p| rank(p) < mine && wants(p))
         .min_by_key(|p| rank(p))
         .map(|p| p.name_any())
 }
 
-/// Reverts every layer, edge first. Errors (and not-yet-done work) keep the finalizer in place.
-async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<(), Error> {
-    let view = view(policy, name, true);
-    let observed = ingress::observe(&ctx.client, view, |_| None).await?;
-    let plan = ingress::plan(view, &observed, Timestamp::now().as_second());
-    if !plan.actions.is_empty() {
-        info!(actions = plan.actions.len(), "reverting the edge layer");
-        super::apply::ingress(&ctx.writer, &plan.actions).await?;
-        publish(
-            ctx,
-            policy,
-            EventType::Normal,
-            "Reverted",
-            format!(
-                "reverted {} change(s) of the edge layer",
-                plan.actions.len()
-            ),
-        )
-        .await;
+/// Labels of every namespace, read only when another policy has a workload layer (for conflicts).
+async fn namespace_labels(
+    ctx: &Context,
+    policy: &TracingPolicy,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, Error> {
+    let others = ctx.policies.state().iter().any(|p| p.uid() != policy.uid() && p.spec.workloads.is_some());
+    if !others || policy.spec.workloads.is_none() {
+        return Ok(BTreeMap::new());
     }
+    let namespaces = Api::<Namespace>::all(ctx.client.clone()).list_metadata(&ListParams::default()).await?;
+    Ok(namespaces.into_iter().map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default())).collect())
+}
+
+/// Observes, plans and applies every layer in the safe order (edge, then workloads), and returns
+/// what each enabled layer reports. With `deleting`, the plans only revert.
+async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting: bool) -> Result<Reports, Error> {
+    let now = Timestamp::now().as_second();
+    let edge = view(policy, name, deleting);
+    let observed = ingress::observe(&ctx.client, edge, |d| {
+        older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, d)))
+    })
+    .await?;
+    let edge_plan = ingress::plan(edge, &observed, now);
+    if !edge_plan.actions.is_empty() {
+        info!(actions = edge_plan.actions.len(), deleting, "changing the edge layer");
+        super::apply::ingress(&ctx.writer, &edge_plan.actions).await?;
+    }
+
+    let uid = policy.uid().unwrap_or_default();
+    let workload_view =
+        workloads::PolicyView { name, uid: &uid, generation: edge.generation, spec: &policy.spec, deleting };
+    let defaults = &ctx.settings.workloads;
+    let labels = namespace_labels(ctx, policy).await?;
+    let (observed, config_maps) = workloads::observe(&ctx.client, workload_view, defaults, |w| {
+        let ns_labels = w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
+        older_claimant(ctx, policy, |p| {
+            p.spec.workloads.as_ref().is_some_and(|s| workloads::selects(s, defaults, w, ns_labels))
+        })
+    })
+    .await?;
+    let workload_plan = workloads::plan(workload_view, defaults, &observed, &config_maps, now);
+    if !workload_plan.actions.is_empty() {
+        info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
+        super::apply::workloads(&ctx.writer, &workload_plan.actions).await?;
+    }
+    for key in &workload_plan.drifted {
+        ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: "workloads".into() }).inc();
+        let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
+        publish(ctx, policy, EventType::Warning, "DriftCorrected", note).await;
+    }
+    Ok(Reports {
+        ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
+        workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
+        network: policy.spec.network.as_ref().map(|_| unavailable_layer("spec.network")),
+    })
+}
+
+/// Reverts every layer, edge first. Errors keep the finalizer in place.
+async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<(), Error> {
+    run_layers(policy, name, ctx, true).await?;
+    publish(ctx, policy, EventType::Normal, "Reverted", "every change of this policy is reverted".into()).await;
     Ok(())
 }
 
@@ -148,9 +169,7 @@ fn unavailable_layer(field: &str) -> LayerReport {
     LayerReport {
         problems: vec![Problem {
             reason: "LayerNotAvailable",
-            message: format!(
-                "{field} is accepted but not carried out by this version of crosstrace"
-            ),
+            message: format!("{field} is accepted but not carried out by this version of crosstrace"),
             degraded: false,
         }],
         ..Default::default()
@@ -158,115 +177,47 @@ fn unavailable_layer(field: &str) -> LayerReport {
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
-    let view = view(policy, name, false);
-    let now = Timestamp::now();
-    let observed =
-        ingress::observe(&ctx.client, view, |d| ingress_claimant(ctx, policy, d)).await?;
-    let plan = ingress::plan(view, &observed, now.as_second());
-    if !plan.actions.is_empty() {
-        info!(actions = ?plan.actions.len(), "applying the edge layer");
-        super::apply::ingress(&ctx.writer, &plan.actions).await?;
-    }
-
-    let reports = Reports {
-        ingress: policy.spec.ingress.as_ref().map(|_| plan.report.clone()),
-        workloads: policy
-            .spec
-            .workloads
-            .as_ref()
-            .map(|_| unavailable_layer("spec.workloads")),
-        network: policy
-            .spec
-            .network
-            .as_ref()
-            .map(|_| unavailable_layer("spec.network")),
-    };
-    for (layer, report) in [
-        ("ingress", &reports.ingress),
-        ("workloads", &reports.workloads),
-        ("network", &reports.network),
-    ] {
+    let reports = run_layers(policy, name, ctx, false).await?;
+    for (layer, report) in
+        [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
+    {
         if let Some(r) = report {
             ctx.metrics.set_targets(name, layer, "selected", r.selected);
             ctx.metrics.set_targets(name, layer, "ready", r.ready);
-            ctx.metrics
-                .set_targets(name, layer, "rolledBack", r.rolled_back);
+            ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
         }
     }
-    let generation = view.generation;
-    let next = status::status(
-        policy.status.as_ref(),
-        generation,
-        &policy.spec,
-        &reports,
-        now,
-    );
+    let generation = policy.metadata.generation.unwrap_or(0);
+    let next = status::status(policy.status.as_ref(), generation, &policy.spec, &reports, Timestamp::now());
     report(ctx, policy, name, next).await?;
 
     let busy = [&reports.ingress, &reports.workloads, &reports.network]
         .into_iter()
         .flatten()
         .any(|r| r.in_flight > 0 || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped));
-    Ok(Action::requeue(if busy {
-        ctx.settings.poll
-    } else {
-        ctx.settings.resync
-    }))
+    Ok(Action::requeue(if busy { ctx.settings.poll } else { ctx.settings.resync }))
 }
 
 /// Writes the status only when something other than a timestamp changed, and publishes an Event for
 /// every condition that transitioned.
-async fn report(
-    ctx: &Context,
-    policy: &TracingPolicy,
-    name: &str,
-    next: TracingPolicyStatus,
-) -> Result<(), Error> {
+async fn report(ctx: &Context, policy: &TracingPolicy, name: &str, next: TracingPolicyStatus) -> Result<(), Error> {
     let previous = policy.status.clone().unwrap_or_default();
     if previous == next {
         return Ok(());
     }
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
-    let patch =
-        json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
+    let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
     ctx.writer.apply_status(&api, name, patch).await?;
     for c in conditions::transitions(&previous.conditions, &next.conditions) {
-        let bad = if c.type_ == DEGRADED {
-            c.status == "True"
-        } else {
-            c.status == "False"
-        };
-        let kind = if bad {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(
-            ctx,
-            policy,
-            kind,
-            &c.reason,
-            format!("{} is {}: {}", c.type_, c.status, c.message),
-        )
-        .await;
+        let bad = if c.type_ == DEGRADED { c.status == "True" } else { c.status == "False" };
+        let kind = if bad { EventType::Warning } else { EventType::Normal };
+        publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
     }
     Ok(())
 }
 
-async fn publish(
-    ctx: &Context,
-    policy: &TracingPolicy,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
+async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     ctx.metrics.write("create", "events");
     if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
         warn!(%error, "could not publish an event");

@@ -4,8 +4,7 @@
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{
-    self, DEGRADED, Desired, INGRESS_READY, NETWORK_READY, PROGRESSING, READY, Status,
-    WORKLOADS_READY,
+    self, DEGRADED, Desired, INGRESS_READY, NETWORK_READY, PROGRESSING, READY, Status, WORKLOADS_READY,
 };
 use crate::api::{LayerStatus, TracingPolicySpec, TracingPolicyStatus};
 use crate::layers::LayerReport;
@@ -33,11 +32,7 @@ impl Reports {
 fn layer_condition(type_: &'static str, field: &str, r: &LayerReport) -> Desired {
     let counts = format!("{}/{} ready", r.ready, r.selected);
     let with_warnings = |m: String| {
-        if r.warnings.is_empty() {
-            m
-        } else {
-            format!("{m}; warning: {}", r.warnings.join("; "))
-        }
+        if r.warnings.is_empty() { m } else { format!("{m}; warning: {}", r.warnings.join("; ")) }
     };
     if let Some(first) = r.problems.first() {
         let all: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
@@ -53,43 +48,22 @@ fn layer_condition(type_: &'static str, field: &str, r: &LayerReport) -> Desired
             type_,
             Status::Unknown,
             "RolloutInProgress",
-            with_warnings(format!(
-                "{counts}, {} changing, {} waiting",
-                r.in_flight, r.pending
-            )),
+            with_warnings(format!("{counts}, {} changing, {} waiting", r.in_flight, r.pending)),
         );
     }
     if r.selected == 0 {
-        return Desired::new(
-            type_,
-            Status::False,
-            "NoTargets",
-            format!("nothing matches {field}"),
-        );
+        return Desired::new(type_, Status::False, "NoTargets", format!("nothing matches {field}"));
     }
     if r.ready == r.selected {
-        Desired::new(
-            type_,
-            Status::True,
-            "AllTargetsReady",
-            with_warnings(counts),
-        )
+        Desired::new(type_, Status::True, "AllTargetsReady", with_warnings(counts))
     } else {
-        Desired::new(
-            type_,
-            Status::False,
-            "TargetsNotReady",
-            with_warnings(counts),
-        )
+        Desired::new(type_, Status::False, "TargetsNotReady", with_warnings(counts))
     }
 }
 
 /// The conditions a set of reports implies, in a stable order.
 pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<Desired> {
-    let layers: Vec<Desired> = reports
-        .layers()
-        .map(|(t, f, r)| layer_condition(t, f, r))
-        .collect();
+    let layers: Vec<Desired> = reports.layers().map(|(t, f, r)| layer_condition(t, f, r)).collect();
     let all: Vec<&LayerReport> = reports.layers().map(|(_, _, r)| r).collect();
     let paused = spec.rollout.paused;
     let moving = all.iter().any(|r| r.in_flight > 0);
@@ -97,12 +71,7 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
     let stopped = all.iter().any(|r| r.stopped);
 
     let progressing = if moving || (waiting && !paused && !stopped) {
-        Desired::new(
-            PROGRESSING,
-            Status::True,
-            "RolloutInProgress",
-            "targets are being changed",
-        )
+        Desired::new(PROGRESSING, Status::True, "RolloutInProgress", "targets are being changed")
     } else if stopped {
         Desired::new(
             PROGRESSING,
@@ -111,36 +80,18 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
             "a failed batch stopped the rollout; change the policy to retry",
         )
     } else if paused && waiting {
-        Desired::new(
-            PROGRESSING,
-            Status::False,
-            "RolloutPaused",
-            "spec.rollout.paused is true",
-        )
+        Desired::new(PROGRESSING, Status::False, "RolloutPaused", "spec.rollout.paused is true")
     } else {
-        Desired::new(
-            PROGRESSING,
-            Status::False,
-            "RolloutComplete",
-            "no change pending",
-        )
+        Desired::new(PROGRESSING, Status::False, "RolloutComplete", "no change pending")
     };
 
-    let degraded: Vec<_> = all
-        .iter()
-        .flat_map(|r| r.problems.iter().filter(|p| p.degraded))
-        .collect();
+    let degraded: Vec<_> = all.iter().flat_map(|r| r.problems.iter().filter(|p| p.degraded)).collect();
     let degraded_condition = match degraded.first() {
         Some(first) => {
             let messages: Vec<&str> = degraded.iter().map(|p| p.message.as_str()).collect();
             Desired::new(DEGRADED, Status::True, first.reason, messages.join("; "))
         }
-        None => Desired::new(
-            DEGRADED,
-            Status::False,
-            "AsExpected",
-            "no target is failing",
-        ),
+        None => Desired::new(DEGRADED, Status::False, "AsExpected", "no target is failing"),
     };
 
     let ready = if layers.iter().all(|c| c.status == Status::True) {
@@ -151,30 +102,12 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
             "every selected target of every enabled layer is traced and healthy",
         )
     } else if let Some(first) = degraded.first() {
-        Desired::new(
-            READY,
-            Status::False,
-            first.reason,
-            degraded_condition.message.clone(),
-        )
+        Desired::new(READY, Status::False, first.reason, degraded_condition.message.clone())
     } else if moving || (waiting && !paused) {
-        Desired::new(
-            READY,
-            Status::Unknown,
-            "RolloutInProgress",
-            "the rollout is in flight",
-        )
+        Desired::new(READY, Status::Unknown, "RolloutInProgress", "the rollout is in flight")
     } else {
-        let first = layers
-            .iter()
-            .find(|c| c.status != Status::True)
-            .expect("not all layers are ready");
-        Desired::new(
-            READY,
-            Status::False,
-            first.reason,
-            format!("{}: {}", first.type_, first.message),
-        )
+        let first = layers.iter().find(|c| c.status != Status::True).expect("not all layers are ready");
+        Desired::new(READY, Status::False, first.reason, format!("{}: {}", first.type_, first.message))
     };
 
     let mut out = vec![ready];
@@ -185,8 +118,7 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
 }
 
 fn counts(r: &Option<LayerReport>) -> Option<LayerStatus> {
-    r.as_ref()
-        .map(|r| LayerStatus::new(r.selected, r.ready, r.rolled_back))
+    r.as_ref().map(|r| LayerStatus::new(r.selected, r.ready, r.rolled_back))
 }
 
 /// The whole status for a generation.
@@ -197,17 +129,10 @@ pub fn status(
     reports: &Reports,
     now: Timestamp,
 ) -> TracingPolicyStatus {
-    let previous_conditions = previous
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or_default();
     TracingPolicyStatus {
         observed_generation: Some(generation),
-        conditions: conditions::merge(
-            previous_conditions,
-            &desired_conditions(spec, reports),
-            generation,
-            now,
-        ),
+        conditions: conditions::merge(previous_conditions, &desired_conditions(spec, reports), generation, now),
         ingress: counts(&reports.ingress),
         workloads: counts(&reports.workloads),
         nodes: counts(&reports.network),
@@ -225,62 +150,35 @@ mod tests {
     }
 
     fn report(selected: usize, ready: usize) -> LayerReport {
-        LayerReport {
-            selected,
-            ready,
-            ..Default::default()
-        }
+        LayerReport { selected, ready, ..Default::default() }
     }
 
     #[test]
     fn all_ready_is_ready() {
-        let reports = Reports {
-            ingress: Some(report(1, 1)),
-            ..Default::default()
-        };
+        let reports = Reports { ingress: Some(report(1, 1)), ..Default::default() };
         let c = desired_conditions(&TracingPolicySpec::default(), &reports);
         assert_eq!(ready_of(&c, READY), (Status::True, "AllLayersReady"));
-        assert_eq!(
-            ready_of(&c, INGRESS_READY),
-            (Status::True, "AllTargetsReady")
-        );
+        assert_eq!(ready_of(&c, INGRESS_READY), (Status::True, "AllTargetsReady"));
         assert_eq!(ready_of(&c, DEGRADED), (Status::False, "AsExpected"));
-        assert_eq!(
-            ready_of(&c, PROGRESSING),
-            (Status::False, "RolloutComplete")
-        );
-        assert!(
-            !c.iter().any(|c| c.type_ == WORKLOADS_READY),
-            "a layer that is off has no condition"
-        );
+        assert_eq!(ready_of(&c, PROGRESSING), (Status::False, "RolloutComplete"));
+        assert!(!c.iter().any(|c| c.type_ == WORKLOADS_READY), "a layer that is off has no condition");
     }
 
     #[test]
     fn in_flight_is_unknown_and_progressing() {
         let reports = Reports {
-            ingress: Some(LayerReport {
-                selected: 2,
-                ready: 1,
-                in_flight: 1,
-                ..Default::default()
-            }),
+            ingress: Some(LayerReport { selected: 2, ready: 1, in_flight: 1, ..Default::default() }),
             ..Default::default()
         };
         let c = desired_conditions(&TracingPolicySpec::default(), &reports);
         assert_eq!(ready_of(&c, READY), (Status::Unknown, "RolloutInProgress"));
-        assert_eq!(
-            ready_of(&c, PROGRESSING),
-            (Status::True, "RolloutInProgress")
-        );
+        assert_eq!(ready_of(&c, PROGRESSING), (Status::True, "RolloutInProgress"));
     }
 
     #[test]
     fn rollback_is_degraded_and_stops_the_rollout() {
-        let problem = Problem {
-            reason: "RolledBack",
-            message: "ingress-nginx/ctrl was rolled back".into(),
-            degraded: true,
-        };
+        let problem =
+            Problem { reason: "RolledBack", message: "ingress-nginx/ctrl was rolled back".into(), degraded: true };
         let reports = Reports {
             ingress: Some(LayerReport {
                 selected: 1,
@@ -301,20 +199,14 @@ mod tests {
 
     #[test]
     fn nothing_selected_is_not_ready() {
-        let reports = Reports {
-            ingress: Some(report(0, 0)),
-            ..Default::default()
-        };
+        let reports = Reports { ingress: Some(report(0, 0)), ..Default::default() };
         let c = desired_conditions(&TracingPolicySpec::default(), &reports);
         assert_eq!(ready_of(&c, READY), (Status::False, "NoTargets"));
     }
 
     #[test]
     fn counts_show_ready_of_selected() {
-        let reports = Reports {
-            ingress: Some(report(3, 2)),
-            ..Default::default()
-        };
+        let reports = Reports { ingress: Some(report(3, 2)), ..Default::default() };
         let now = Timestamp::from_second(100).unwrap();
         let s = status(None, 4, &TracingPolicySpec::default(), &reports, now);
         assert_eq!(s.ingress.as_ref().unwrap().summary, "2/3");

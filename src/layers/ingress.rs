@@ -13,7 +13,7 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::{Gate, LayerReport, ObjectKey, Problem, Progress, health};
+use super::{LayerReport, ObjectKey, Progress, health, normalize_ratio};
 use crate::api::{CollectorSpec, IngressSpec, SamplingSpec, TracingPolicySpec};
 
 /// Annotation on the controller Deployment holding the [`Record`] (what to restore).
@@ -23,10 +23,8 @@ pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/ingress-rolled-back";
 /// Label on every Deployment and ConfigMap the edge layer changed, valued with the policy name.
 pub const POLICY_LABEL: &str = "crosstrace.dev/ingress-policy";
 /// Labels of the ingress-nginx controller Deployments when the policy names none.
-pub const DEFAULT_SELECTOR: [(&str, &str); 2] = [
-    ("app.kubernetes.io/name", "ingress-nginx"),
-    ("app.kubernetes.io/component", "controller"),
-];
+pub const DEFAULT_SELECTOR: [(&str, &str); 2] =
+    [("app.kubernetes.io/name", "ingress-nginx"), ("app.kubernetes.io/component", "controller")];
 
 /// What the operator overwrote on one ingress-nginx controller, recorded before the first change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,29 +55,14 @@ pub struct ContainerImage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Write the record and the policy label on the Deployment (merge patch), before any change.
-    Record {
-        deployment: ObjectKey,
-        record: Record,
-    },
+    Record { deployment: ObjectKey, record: Record },
     /// Server-side apply every OTel key (and the policy label) to the ConfigMap.
-    ApplyConfig {
-        config_map: ObjectKey,
-        data: BTreeMap<String, String>,
-        policy: String,
-    },
+    ApplyConfig { config_map: ObjectKey, data: BTreeMap<String, String>, policy: String },
     /// Server-side apply the controller image together with the updated record.
-    ApplyImage {
-        deployment: ObjectKey,
-        image: ContainerImage,
-        record: Record,
-    },
+    ApplyImage { deployment: ObjectKey, image: ContainerImage, record: Record },
     /// Put the recorded values back (absent keys removed, label removed), or delete a ConfigMap the
     /// operator created.
-    RestoreConfig {
-        config_map: ObjectKey,
-        data: BTreeMap<String, Option<String>>,
-        delete: bool,
-    },
+    RestoreConfig { config_map: ObjectKey, data: BTreeMap<String, Option<String>>, delete: bool },
     /// Put the recorded image back (if any). `keep` is the record that stays (image-only revert);
     /// `None` removes the record and the label; `rolled_back` leaves the no-retry marker.
     RestoreDeployment {
@@ -142,10 +125,7 @@ pub fn otel_config(
         ("otel-service-name", ingress.service_name.clone()),
         ("otel-sampler", sampler.to_string()),
         ("otel-sampler-ratio", ratio.clone()),
-        (
-            "otel-sampler-parent-based",
-            sampling.parent_based.to_string(),
-        ),
+        ("otel-sampler-parent-based", sampling.parent_based.to_string()),
         ("otel-max-queuesize", "2048".to_string()),
         ("otel-schedule-delay-millis", "5000".to_string()),
         ("otel-max-export-batch-size", "512".to_string()),
@@ -161,20 +141,6 @@ pub fn split_host_port(endpoint: &str) -> (&str, &str) {
     (host.trim_start_matches('[').trim_end_matches(']'), port)
 }
 
-/// "0.250" → "0.25", ".5" → "0.5", "1.0" → "1", "0.0" → "0".
-pub fn normalize_ratio(ratio: &str) -> String {
-    let Some((int, frac)) = ratio.split_once('.') else {
-        return ratio.to_string();
-    };
-    let int = if int.is_empty() { "0" } else { int };
-    let frac = frac.trim_end_matches('0');
-    if frac.is_empty() {
-        int.to_string()
-    } else {
-        format!("{int}.{frac}")
-    }
-}
-
 /// The controller container (the one with `--configmap`) and the ConfigMap it names. A bare name is
 /// in the Deployment's namespace; `$(POD_NAMESPACE)` is the Deployment's namespace.
 pub fn config_map_ref(deployment: &Deployment) -> Option<(&Container, ObjectKey)> {
@@ -182,14 +148,13 @@ pub fn config_map_ref(deployment: &Deployment) -> Option<(&Container, ObjectKey)
     let containers = &deployment.spec.as_ref()?.template.spec.as_ref()?.containers;
     containers.iter().find_map(|c| {
         let args = c.args.iter().flatten();
-        let value = args
-            .clone()
-            .zip(args.skip(1).map(Some).chain([None]))
-            .find_map(|(arg, next)| match arg.strip_prefix("--configmap") {
+        let value = args.clone().zip(args.skip(1).map(Some).chain([None])).find_map(|(arg, next)| {
+            match arg.strip_prefix("--configmap") {
                 Some(rest) if rest.starts_with('=') => Some(rest[1..].to_string()),
                 Some("") => next.cloned(),
                 _ => None,
-            })?;
+            }
+        })?;
         let value = value.replace("$(POD_NAMESPACE)", &namespace);
         let key = match value.split_once('/') {
             Some((ns, name)) => ObjectKey::new(ns, name),
@@ -205,12 +170,8 @@ pub fn version_warning(image: &str) -> Option<String> {
     let without_digest = image.split('@').next().unwrap_or(image);
     let last_segment = without_digest.rsplit('/').next().unwrap_or(without_digest);
     let (_, tag) = last_segment.split_once(':')?;
-    let numbers: Vec<u32> = tag
-        .trim_start_matches('v')
-        .split(['.', '-'])
-        .take(3)
-        .map_while(|p| p.parse().ok())
-        .collect();
+    let numbers: Vec<u32> =
+        tag.trim_start_matches('v').split(['.', '-']).take(3).map_while(|p| p.parse().ok()).collect();
     let [major, minor, patch] = numbers[..] else {
         return None;
     };
@@ -229,34 +190,7 @@ fn record_of(deployment: &Deployment) -> Result<Option<Record>, String> {
     }
 }
 
-/// What one controller needs.
-struct TargetPlan {
-    progress: Progress,
-    actions: Vec<Action>,
-    problem: Option<Problem>,
-    rolled_back: bool,
-}
-
-impl TargetPlan {
-    fn state(progress: Progress) -> Self {
-        Self {
-            progress,
-            actions: vec![],
-            problem: None,
-            rolled_back: false,
-        }
-    }
-    fn problem(progress: Progress, reason: &'static str, message: String, degraded: bool) -> Self {
-        Self {
-            problem: Some(Problem {
-                reason,
-                message,
-                degraded,
-            }),
-            ..Self::state(progress)
-        }
-    }
-}
+type TargetPlan = super::TargetPlan<Action>;
 
 /// Plans the edge layer: pure, from the policy, what was observed and the current time.
 pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Plan {
@@ -273,8 +207,7 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
         let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
         if !(active && t.selected) {
             if ours {
-                plan.actions
-                    .extend(revert(&key, record.ok().flatten().as_ref(), None));
+                plan.actions.extend(revert(&key, record.ok().flatten().as_ref(), None));
             }
             continue;
         }
@@ -282,73 +215,35 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
         per_target.push((key, forward(policy, t, record, now_secs)));
     }
 
-    let in_flight = per_target
-        .iter()
-        .filter(|(_, p)| p.progress == Progress::InFlight)
-        .count();
-    let stopped = per_target.iter().any(|(_, p)| p.rolled_back);
-    let rollout = &policy.spec.rollout;
-    let mut gate = Gate::new(rollout.max_concurrent, in_flight, rollout.paused, stopped);
-    for (_, target) in per_target {
-        let report = &mut plan.report;
-        match target.progress {
-            Progress::Ready => report.ready += 1,
-            Progress::InFlight => report.in_flight += 1,
-            Progress::Pending if gate.admit() => report.in_flight += 1,
-            Progress::Pending => {
-                report.pending += 1;
-                continue;
-            }
-            Progress::Held => {}
-        }
-        report.rolled_back += usize::from(target.rolled_back);
-        report.problems.extend(target.problem);
-        plan.actions.extend(target.actions);
-    }
-    plan.report.stopped = stopped;
+    plan.actions.extend(super::schedule(
+        per_target.into_iter().map(|(_, p)| p).collect(),
+        &policy.spec.rollout,
+        &mut plan.report,
+    ));
     for t in &targets {
         if t.selected
             && let Some(image) = config_map_ref(&t.deployment).and_then(|(c, _)| c.image.clone())
             && let Some(warning) = version_warning(&image)
         {
-            plan.report.warnings.push(format!(
-                "{}: {warning}",
-                ObjectKey::of(&t.deployment.metadata)
-            ));
+            plan.report.warnings.push(format!("{}: {warning}", ObjectKey::of(&t.deployment.metadata)));
         }
     }
     plan
 }
 
 /// The forward plan for one selected controller.
-fn forward(
-    policy: PolicyView<'_>,
-    t: &Observed,
-    record: Result<Option<Record>, String>,
-    now: i64,
-) -> TargetPlan {
+fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, String>, now: i64) -> TargetPlan {
     let key = ObjectKey::of(&t.deployment.metadata);
     let spec = policy.spec;
-    let ingress = spec
-        .ingress
-        .as_ref()
-        .expect("forward is only planned with spec.ingress");
+    let ingress = spec.ingress.as_ref().expect("forward is only planned with spec.ingress");
     let record = match record {
         Ok(r) => r,
         Err(message) => {
-            return TargetPlan::problem(
-                Progress::Held,
-                "TargetBroken",
-                format!("{key}: {message}"),
-                true,
-            );
+            return TargetPlan::problem(Progress::Held, "TargetBroken", format!("{key}: {message}"), true);
         }
     };
-    if let Some(other) = record
-        .as_ref()
-        .map(|r| r.policy.as_str())
-        .filter(|p| *p != policy.name)
-        .or(t.claimed_by.as_deref())
+    if let Some(other) =
+        record.as_ref().map(|r| r.policy.as_str()).filter(|p| *p != policy.name).or(t.claimed_by.as_deref())
     {
         return TargetPlan::problem(
             Progress::Held,
@@ -383,11 +278,7 @@ fn forward(
 
     let collector = spec.collector.clone().unwrap_or_default();
     let desired = otel_config(&collector, &spec.sampling, ingress);
-    let current_data = t
-        .config_map
-        .as_ref()
-        .and_then(|cm| cm.data.clone())
-        .unwrap_or_default();
+    let current_data = t.config_map.as_ref().and_then(|cm| cm.data.clone()).unwrap_or_default();
     let config_converged = t.config_map.as_ref().is_some_and(|cm| {
         cm.labels().get(POLICY_LABEL).map(String::as_str) == Some(policy.name)
             && desired.iter().all(|(k, v)| current_data.get(k) == Some(v))
@@ -403,47 +294,32 @@ fn forward(
                 policy: policy.name.to_string(),
                 config_map: cm_key.clone(),
                 config_map_existed: t.config_map.is_some(),
-                original_data: desired
-                    .keys()
-                    .map(|k| (k.clone(), current_data.get(k).cloned()))
-                    .collect(),
+                original_data: desired.keys().map(|k| (k.clone(), current_data.get(k).cloned())).collect(),
                 original_image: None,
                 rollout_started: None,
             };
-            actions.push(Action::Record {
-                deployment: key.clone(),
-                record: record.clone(),
-            });
+            actions.push(Action::Record { deployment: key.clone(), record: record.clone() });
             record
         }
     };
     if !config_converged {
-        actions.push(Action::ApplyConfig {
-            config_map: cm_key,
-            data: desired,
-            policy: policy.name.to_string(),
-        });
+        actions.push(Action::ApplyConfig { config_map: cm_key, data: desired, policy: policy.name.to_string() });
     }
     match want_image {
         Some(image) if image != current_image => {
-            record.original_image.get_or_insert(ContainerImage {
-                container: container.name.clone(),
-                image: current_image,
-            });
+            record
+                .original_image
+                .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
             record.rollout_started = Some(now);
             actions.push(Action::ApplyImage {
                 deployment: key.clone(),
-                image: ContainerImage {
-                    container: container.name.clone(),
-                    image: image.to_string(),
-                },
+                image: ContainerImage { container: container.name.clone(), image: image.to_string() },
                 record,
             });
         }
         Some(_) => {
             let healthy = health::deployment_rolled_out(&t.deployment);
-            let deadline = record.rollout_started.unwrap_or(now)
-                + i64::from(spec.rollout.progress_deadline_seconds);
+            let deadline = record.rollout_started.unwrap_or(now) + i64::from(spec.rollout.progress_deadline_seconds);
             if !healthy && now >= deadline {
                 let message = format!(
                     "ingress controller {key} did not roll out image {} within {}s",
@@ -464,10 +340,7 @@ fn forward(
                 return TargetPlan::problem(Progress::Held, "RolloutFailed", message, true);
             }
             if !healthy {
-                return TargetPlan {
-                    actions,
-                    ..TargetPlan::state(Progress::InFlight)
-                };
+                return TargetPlan { actions, ..TargetPlan::state(Progress::InFlight) };
             }
         }
         None => {
@@ -483,13 +356,7 @@ fn forward(
         }
     }
     if actions.is_empty() {
-        if t.deployment
-            .status
-            .as_ref()
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0)
-            > 0
-        {
+        if t.deployment.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0 {
             TargetPlan::state(Progress::Ready)
         } else {
             TargetPlan::problem(
@@ -500,27 +367,17 @@ fn forward(
             )
         }
     } else {
-        TargetPlan {
-            actions,
-            ..TargetPlan::state(Progress::Pending)
-        }
+        TargetPlan { actions, ..TargetPlan::state(Progress::Pending) }
     }
 }
 
 fn original_image_text(record: &Record) -> String {
-    record
-        .original_image
-        .as_ref()
-        .map_or_else(|| "its previous state".to_string(), |i| i.image.clone())
+    record.original_image.as_ref().map_or_else(|| "its previous state".to_string(), |i| i.image.clone())
 }
 
 /// Everything that puts one controller back as recorded: ConfigMap first, then the Deployment, whose
 /// record goes last so that a crash halfway leaves enough to finish the job.
-fn revert(
-    deployment: &ObjectKey,
-    record: Option<&Record>,
-    rolled_back: Option<String>,
-) -> Vec<Action> {
+fn revert(deployment: &ObjectKey, record: Option<&Record>, rolled_back: Option<String>) -> Vec<Action> {
     let mut actions = Vec::new();
     if let Some(record) = record {
         actions.push(Action::RestoreConfig {
@@ -553,38 +410,21 @@ pub async fn observe(
             Api::namespaced(client.clone(), &ingress.namespace)
         };
         let selector = ingress_selector(ingress).map_err(|e| kube::Error::Service(e.into()))?;
-        for d in api
-            .list(&ListParams::default().labels_from(&selector))
-            .await?
-        {
+        for d in api.list(&ListParams::default().labels_from(&selector)).await? {
             let claimed_by = claimant(&d);
             found.insert(
                 ObjectKey::of(&d.metadata),
-                Observed {
-                    deployment: d,
-                    config_map: None,
-                    selected: true,
-                    claimed_by,
-                },
+                Observed { deployment: d, config_map: None, selected: true, claimed_by },
             );
         }
     }
-    let labelled =
-        ListParams::default().labels_from(&super::label_equals(POLICY_LABEL, policy.name));
-    for d in Api::<Deployment>::all(client.clone())
-        .list(&labelled)
-        .await?
-    {
-        found.entry(ObjectKey::of(&d.metadata)).or_insert(Observed {
-            deployment: d,
-            ..Default::default()
-        });
+    let labelled = ListParams::default().labels_from(&super::label_equals(POLICY_LABEL, policy.name));
+    for d in Api::<Deployment>::all(client.clone()).list(&labelled).await? {
+        found.entry(ObjectKey::of(&d.metadata)).or_insert(Observed { deployment: d, ..Default::default() });
     }
     for target in found.values_mut() {
         if let Some((_, key)) = config_map_ref(&target.deployment) {
-            target.config_map = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace)
-                .get_opt(&key.name)
-                .await?;
+            target.config_map = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace).get_opt(&key.name).await?;
         }
     }
     Ok(found.into_values().collect())
@@ -602,10 +442,8 @@ pub fn ingress_selector(ingress: &IngressSpec) -> Result<kube::core::Selector, S
 
 /// Does `spec.ingress` of a policy select this Deployment?
 pub fn selects(ingress: &IngressSpec, deployment: &Deployment) -> bool {
-    (ingress.namespace.is_empty()
-        || deployment.namespace().as_deref() == Some(ingress.namespace.as_str()))
-        && ingress_selector(ingress)
-            .is_ok_and(|s| super::matches(&s, deployment.metadata.labels.as_ref()))
+    (ingress.namespace.is_empty() || deployment.namespace().as_deref() == Some(ingress.namespace.as_str()))
+        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, deployment.metadata.labels.as_ref()))
 }
 
 #[cfg(test)]
@@ -619,34 +457,16 @@ mod tests {
 
     fn spec(image: &str) -> TracingPolicySpec {
         TracingPolicySpec {
-            collector: Some(CollectorSpec {
-                endpoint: "otel.observability.svc:4317".into(),
-                ..Default::default()
-            }),
-            sampling: SamplingSpec {
-                ratio: "0.25".into(),
-                parent_based: true,
-            },
-            ingress: Some(IngressSpec {
-                service_name: "edge".into(),
-                image: image.into(),
-                ..Default::default()
-            }),
-            rollout: RolloutSpec {
-                progress_deadline_seconds: 60,
-                ..Default::default()
-            },
+            collector: Some(CollectorSpec { endpoint: "otel.observability.svc:4317".into(), ..Default::default() }),
+            sampling: SamplingSpec { ratio: "0.25".into(), parent_based: true },
+            ingress: Some(IngressSpec { service_name: "edge".into(), image: image.into(), ..Default::default() }),
+            rollout: RolloutSpec { progress_deadline_seconds: 60, ..Default::default() },
             ..Default::default()
         }
     }
 
     fn view(spec: &TracingPolicySpec) -> PolicyView<'_> {
-        PolicyView {
-            name: "storefront",
-            generation: 2,
-            spec,
-            deleting: false,
-        }
+        PolicyView { name: "storefront", generation: 2, spec, deleting: false }
     }
 
     fn controller(name: &str, image: &str, healthy: bool) -> Deployment {
@@ -678,21 +498,12 @@ mod tests {
         let mut cm = ConfigMap::default();
         cm.metadata.name = Some("ingress-nginx-controller".into());
         cm.metadata.namespace = Some("ingress-nginx".into());
-        cm.data = Some(
-            data.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        cm.data = Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
         cm
     }
 
     fn observed(d: Deployment, cm: Option<ConfigMap>) -> Observed {
-        Observed {
-            deployment: d,
-            config_map: cm,
-            selected: true,
-            claimed_by: None,
-        }
+        Observed { deployment: d, config_map: cm, selected: true, claimed_by: None }
     }
 
     /// The state after the plan's actions took effect, as the API server would hold it.
@@ -700,13 +511,10 @@ mod tests {
         for action in actions {
             match action {
                 Action::Record { record, .. } => {
-                    t.deployment.annotations_mut().insert(
-                        RECORD_ANNOTATION.into(),
-                        serde_json::to_string(record).unwrap(),
-                    );
                     t.deployment
-                        .labels_mut()
-                        .insert(POLICY_LABEL.into(), record.policy.clone());
+                        .annotations_mut()
+                        .insert(RECORD_ANNOTATION.into(), serde_json::to_string(record).unwrap());
+                    t.deployment.labels_mut().insert(POLICY_LABEL.into(), record.policy.clone());
                 }
                 Action::ApplyConfig { data, policy, .. } => {
                     let cm = t.config_map.get_or_insert_with(|| config_map(&[]));
@@ -714,10 +522,9 @@ mod tests {
                     cm.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
                 }
                 Action::ApplyImage { image, record, .. } => {
-                    t.deployment.annotations_mut().insert(
-                        RECORD_ANNOTATION.into(),
-                        serde_json::to_string(record).unwrap(),
-                    );
+                    t.deployment
+                        .annotations_mut()
+                        .insert(RECORD_ANNOTATION.into(), serde_json::to_string(record).unwrap());
                     set_image(&mut t.deployment, &image.image);
                 }
                 other => panic!("unexpected {other:?}"),
@@ -727,25 +534,13 @@ mod tests {
     }
 
     fn set_image(d: &mut Deployment, image: &str) {
-        d.spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .image = Some(image.into());
+        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].image = Some(image.into());
     }
 
     #[test]
     fn writes_every_otel_key_explicitly() {
         let s = spec("");
-        let config = otel_config(
-            s.collector.as_ref().unwrap(),
-            &s.sampling,
-            s.ingress.as_ref().unwrap(),
-        );
+        let config = otel_config(s.collector.as_ref().unwrap(), &s.sampling, s.ingress.as_ref().unwrap());
         let expected: BTreeMap<String, String> = [
             ("enable-opentelemetry", "true"),
             ("opentelemetry-trust-incoming-span", "true"),
@@ -778,53 +573,24 @@ mod tests {
 
     #[test]
     fn finds_the_config_map_from_the_controller_argument() {
-        let d = controller(
-            "c",
-            "registry.k8s.io/ingress-nginx/controller:v1.12.1",
-            true,
-        );
+        let d = controller("c", "registry.k8s.io/ingress-nginx/controller:v1.12.1", true);
         let (container, key) = config_map_ref(&d).unwrap();
         assert_eq!(container.name, "controller");
-        assert_eq!(
-            key,
-            ObjectKey::new("ingress-nginx", "ingress-nginx-controller")
-        );
+        assert_eq!(key, ObjectKey::new("ingress-nginx", "ingress-nginx-controller"));
 
         let mut split = d.clone();
-        split
-            .spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .args = Some(vec!["--configmap".into(), "edge-config".into()]);
-        assert_eq!(
-            config_map_ref(&split).unwrap().1,
-            ObjectKey::new("ingress-nginx", "edge-config")
-        );
+        split.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args =
+            Some(vec!["--configmap".into(), "edge-config".into()]);
+        assert_eq!(config_map_ref(&split).unwrap().1, ObjectKey::new("ingress-nginx", "edge-config"));
 
         let mut none = d;
-        none.spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .args = None;
+        none.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args = None;
         assert!(config_map_ref(&none).is_none());
     }
 
     #[test]
     fn warns_about_retired_and_vulnerable_versions() {
-        assert!(
-            version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.4@sha256:abc")
-                .is_some()
-        );
+        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.4@sha256:abc").is_some());
         assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.12.0").is_some());
         assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.9.6").is_some());
         assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.5").is_none());
@@ -835,10 +601,7 @@ mod tests {
     #[test]
     fn records_originals_before_the_first_change_then_converges_with_no_action() {
         let s = spec("");
-        let cm = config_map(&[
-            ("use-forwarded-headers", "true"),
-            ("otel-sampler-ratio", "0.5"),
-        ]);
+        let cm = config_map(&[("use-forwarded-headers", "true"), ("otel-sampler-ratio", "0.5")]);
         let t = observed(controller("c", "controller:v1.12.1", true), Some(cm));
         let plan = plan(view(&s), std::slice::from_ref(&t), NOW);
         let Action::Record { record, .. } = &plan.actions[0] else {
@@ -850,40 +613,27 @@ mod tests {
             Some("0.5".into()),
             "a user's OTel key is kept to restore"
         );
-        assert_eq!(
-            record.original_data["enable-opentelemetry"], None,
-            "an absent key is recorded as absent"
-        );
+        assert_eq!(record.original_data["enable-opentelemetry"], None, "an absent key is recorded as absent");
         assert!(matches!(plan.actions[1], Action::ApplyConfig { .. }));
         assert_eq!(plan.actions.len(), 2);
         assert_eq!(plan.report.in_flight, 1);
 
         let after = applied(t, &plan.actions);
         let again = super::plan(view(&s), &[after], NOW + 1);
-        assert!(
-            again.actions.is_empty(),
-            "a converged controller needs no write: {:?}",
-            again.actions
-        );
+        assert!(again.actions.is_empty(), "a converged controller needs no write: {:?}", again.actions);
         assert_eq!((again.report.selected, again.report.ready), (1, 1));
     }
 
     #[test]
     fn image_rollout_is_health_gated_and_rolled_back_after_the_deadline() {
         let s = spec("controller:v1.12.1-otel");
-        let t = observed(
-            controller("c", "controller:v1.12.1", true),
-            Some(config_map(&[])),
-        );
+        let t = observed(controller("c", "controller:v1.12.1", true), Some(config_map(&[])));
         let first = plan(view(&s), std::slice::from_ref(&t), NOW);
         let Some(Action::ApplyImage { record, image, .. }) = first.actions.last() else {
             panic!("{:?}", first.actions)
         };
         assert_eq!(image.image, "controller:v1.12.1-otel");
-        assert_eq!(
-            record.original_image.as_ref().unwrap().image,
-            "controller:v1.12.1"
-        );
+        assert_eq!(record.original_image.as_ref().unwrap().image, "controller:v1.12.1");
         assert_eq!(record.rollout_started, Some(NOW));
 
         // The new pods never become available.
@@ -900,12 +650,7 @@ mod tests {
         match &failed.actions[..] {
             [
                 Action::RestoreConfig { delete: false, .. },
-                Action::RestoreDeployment {
-                    image: Some(image),
-                    keep: None,
-                    rolled_back: Some(marker),
-                    ..
-                },
+                Action::RestoreDeployment { image: Some(image), keep: None, rolled_back: Some(marker), .. },
             ] => {
                 assert_eq!(image.image, "controller:v1.12.1");
                 assert_eq!(marker, "storefront/2");
@@ -918,8 +663,7 @@ mod tests {
     fn a_rolled_back_generation_is_not_retried() {
         let s = spec("controller:broken");
         let mut d = controller("c", "controller:v1.12.1", true);
-        d.annotations_mut()
-            .insert(ROLLED_BACK_ANNOTATION.into(), "storefront/2".into());
+        d.annotations_mut().insert(ROLLED_BACK_ANNOTATION.into(), "storefront/2".into());
         let plan = plan(view(&s), &[observed(d, Some(config_map(&[])))], NOW);
         assert!(plan.actions.is_empty());
         assert_eq!(plan.report.rolled_back, 1);
@@ -929,30 +673,16 @@ mod tests {
     #[test]
     fn delete_restores_everything_config_map_first() {
         let s = spec("controller:otel");
-        let t = observed(
-            controller("c", "controller:v1.12.1", true),
-            Some(config_map(&[("otel-sampler-ratio", "0.5")])),
-        );
+        let t =
+            observed(controller("c", "controller:v1.12.1", true), Some(config_map(&[("otel-sampler-ratio", "0.5")])));
         let first = plan(view(&s), std::slice::from_ref(&t), NOW);
         let after = applied(t, &first.actions);
-        let deleting = PolicyView {
-            deleting: true,
-            ..view(&s)
-        };
+        let deleting = PolicyView { deleting: true, ..view(&s) };
         let revert = plan(deleting, &[after], NOW);
         match &revert.actions[..] {
             [
-                Action::RestoreConfig {
-                    data,
-                    delete: false,
-                    ..
-                },
-                Action::RestoreDeployment {
-                    image: Some(image),
-                    keep: None,
-                    rolled_back: None,
-                    ..
-                },
+                Action::RestoreConfig { data, delete: false, .. },
+                Action::RestoreDeployment { image: Some(image), keep: None, rolled_back: None, .. },
             ] => {
                 assert_eq!(data["otel-sampler-ratio"], Some("0.5".into()));
                 assert_eq!(data["enable-opentelemetry"], None);
@@ -967,32 +697,17 @@ mod tests {
         let s = spec("");
         let t = observed(controller("c", "controller:v1.12.1", true), None);
         let first = plan(view(&s), std::slice::from_ref(&t), NOW);
-        let Action::Record { record, .. } = &first.actions[0] else {
-            panic!()
-        };
+        let Action::Record { record, .. } = &first.actions[0] else { panic!() };
         assert!(!record.config_map_existed);
         let after = applied(t, &first.actions);
-        let revert = plan(
-            PolicyView {
-                deleting: true,
-                ..view(&s)
-            },
-            &[after],
-            NOW,
-        );
-        assert!(matches!(
-            revert.actions[0],
-            Action::RestoreConfig { delete: true, .. }
-        ));
+        let revert = plan(PolicyView { deleting: true, ..view(&s) }, &[after], NOW);
+        assert!(matches!(revert.actions[0], Action::RestoreConfig { delete: true, .. }));
     }
 
     #[test]
     fn the_older_policy_keeps_a_controller() {
         let s = spec("");
-        let mut t = observed(
-            controller("c", "controller:v1.12.1", true),
-            Some(config_map(&[])),
-        );
+        let mut t = observed(controller("c", "controller:v1.12.1", true), Some(config_map(&[])));
         t.claimed_by = Some("older".into());
         let plan = plan(view(&s), &[t], NOW);
         assert!(plan.actions.is_empty());
@@ -1004,15 +719,7 @@ mod tests {
     fn missing_configmap_argument_is_reported_not_guessed() {
         let s = spec("");
         let mut d = controller("c", "controller:v1.12.1", true);
-        d.spec
-            .as_mut()
-            .unwrap()
-            .template
-            .spec
-            .as_mut()
-            .unwrap()
-            .containers[0]
-            .args = None;
+        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args = None;
         let plan = plan(view(&s), &[observed(d, None)], NOW);
         assert!(plan.actions.is_empty());
         assert_eq!(plan.report.problems[0].reason, "ConfigMapArgumentMissing");
@@ -1023,24 +730,12 @@ mod tests {
         let mut s = spec("controller:otel");
         s.rollout.max_concurrent = 2;
         let targets: Vec<Observed> = (0..5)
-            .map(|i| {
-                observed(
-                    controller(&format!("c{i}"), "controller:v1.12.1", true),
-                    Some(config_map(&[])),
-                )
-            })
+            .map(|i| observed(controller(&format!("c{i}"), "controller:v1.12.1", true), Some(config_map(&[]))))
             .collect();
         let first = plan(view(&s), &targets, NOW);
         assert_eq!(first.report.in_flight, 2);
         assert_eq!(first.report.pending, 3);
-        assert_eq!(
-            first
-                .actions
-                .iter()
-                .filter(|a| matches!(a, Action::ApplyImage { .. }))
-                .count(),
-            2
-        );
+        assert_eq!(first.actions.iter().filter(|a| matches!(a, Action::ApplyImage { .. })).count(), 2);
 
         s.rollout.paused = true;
         let paused = plan(view(&s), &targets, NOW);
@@ -1051,46 +746,25 @@ mod tests {
     #[test]
     fn leaving_the_selection_reverts_and_removing_the_image_restores_it() {
         let s = spec("controller:otel");
-        let t = observed(
-            controller("c", "controller:v1.12.1", true),
-            Some(config_map(&[])),
-        );
-        let after = applied(
-            t.clone(),
-            &plan(view(&s), std::slice::from_ref(&t), NOW).actions,
-        );
+        let t = observed(controller("c", "controller:v1.12.1", true), Some(config_map(&[])));
+        let after = applied(t.clone(), &plan(view(&s), std::slice::from_ref(&t), NOW).actions);
 
         let without_image = spec("");
         let restore = plan(view(&without_image), std::slice::from_ref(&after), NOW);
         match &restore.actions[..] {
-            [
-                Action::RestoreDeployment {
-                    image: Some(image),
-                    keep: Some(record),
-                    ..
-                },
-            ] => {
+            [Action::RestoreDeployment { image: Some(image), keep: Some(record), .. }] => {
                 assert_eq!(image.image, "controller:v1.12.1");
-                assert!(
-                    record.original_image.is_none(),
-                    "the kept record no longer claims the image"
-                );
+                assert!(record.original_image.is_none(), "the kept record no longer claims the image");
             }
             other => panic!("unexpected {other:?}"),
         }
 
-        let unselected = Observed {
-            selected: false,
-            ..after
-        };
+        let unselected = Observed { selected: false, ..after };
         let revert = plan(view(&s), &[unselected], NOW);
         assert_eq!(revert.report.selected, 0);
         assert!(matches!(
             revert.actions[..],
-            [
-                Action::RestoreConfig { .. },
-                Action::RestoreDeployment { keep: None, .. }
-            ]
+            [Action::RestoreConfig { .. }, Action::RestoreDeployment { keep: None, .. }]
         ));
     }
 }

@@ -3,12 +3,15 @@
 
 pub mod health;
 pub mod ingress;
+pub mod workloads;
 
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Expression, Selector, SelectorExt};
 use serde::{Deserialize, Serialize};
+
+use crate::api::RolloutSpec;
 
 /// Namespace and name of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -19,18 +22,12 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 
     /// The key of a namespaced object from its metadata.
     pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        Self::new(
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        )
+        Self::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
     }
 }
 
@@ -91,10 +88,7 @@ impl Gate {
     /// `in_flight` targets already use slots; a paused or stopped rollout starts nothing new.
     pub fn new(max_concurrent: i32, in_flight: usize, paused: bool, stopped: bool) -> Self {
         let max = usize::try_from(max_concurrent.max(1)).unwrap_or(1);
-        Self {
-            free: max.saturating_sub(in_flight),
-            open: !paused && !stopped,
-        }
+        Self { free: max.saturating_sub(in_flight), open: !paused && !stopped }
     }
 
     /// Takes a slot for one more target, if there is one.
@@ -108,16 +102,78 @@ impl Gate {
     }
 }
 
+/// What one target needs: where it stands, the changes that move it on (in order), and what to
+/// report about it.
+#[derive(Clone, Debug)]
+pub struct TargetPlan<A> {
+    pub progress: Progress,
+    pub actions: Vec<A>,
+    pub problem: Option<Problem>,
+    pub rolled_back: bool,
+}
+
+impl<A> TargetPlan<A> {
+    pub fn state(progress: Progress) -> Self {
+        Self { progress, actions: vec![], problem: None, rolled_back: false }
+    }
+
+    pub fn problem(progress: Progress, reason: &'static str, message: String, degraded: bool) -> Self {
+        Self { problem: Some(Problem { reason, message, degraded }), ..Self::state(progress) }
+    }
+
+    pub fn with_actions(self, actions: Vec<A>) -> Self {
+        Self { actions, ..self }
+    }
+
+    pub fn rolled_back(self) -> Self {
+        Self { rolled_back: true, ..self }
+    }
+}
+
+/// The rollout shared by every layer: targets already in flight keep their slots, pending targets
+/// start in order while slots are free (none while paused, or once a batch failed), and the report
+/// counts them. Returns the actions to run, in target order.
+pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &mut LayerReport) -> Vec<A> {
+    let in_flight = targets.iter().filter(|t| t.progress == Progress::InFlight).count();
+    let stopped = targets.iter().any(|t| t.rolled_back);
+    let mut gate = Gate::new(rollout.max_concurrent, in_flight, rollout.paused, stopped);
+    let mut actions = Vec::new();
+    for target in targets {
+        match target.progress {
+            Progress::Ready => report.ready += 1,
+            Progress::InFlight => report.in_flight += 1,
+            Progress::Pending if gate.admit() => report.in_flight += 1,
+            Progress::Pending => {
+                report.pending += 1;
+                continue;
+            }
+            Progress::Held => {}
+        }
+        report.rolled_back += usize::from(target.rolled_back);
+        report.problems.extend(target.problem);
+        actions.extend(target.actions);
+    }
+    report.stopped = stopped;
+    actions
+}
+
+/// "0.250" → "0.25", ".5" → "0.5", "1.0" → "1", "0.0" → "0".
+pub fn normalize_ratio(ratio: &str) -> String {
+    let Some((int, frac)) = ratio.split_once('.') else {
+        return ratio.to_string();
+    };
+    let int = if int.is_empty() { "0" } else { int };
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() { int.to_string() } else { format!("{int}.{frac}") }
+}
+
 /// A LabelSelector as a kube [`Selector`], or an error naming what is wrong with it.
 pub fn selector(label_selector: &LabelSelector) -> Result<Selector, String> {
     Selector::try_from(label_selector.clone()).map_err(|e| e.to_string())
 }
 
 /// Does a label set match a selector? An empty selector matches everything.
-pub fn matches(
-    selector: &Selector,
-    labels: Option<&std::collections::BTreeMap<String, String>>,
-) -> bool {
+pub fn matches(selector: &Selector, labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
     let empty = Default::default();
     selector.matches(labels.unwrap_or(&empty))
 }

@@ -1,0 +1,909 @@
+//! The workload layer: an OpenTelemetry Collector sidecar and `OTEL_*` env in selected Deployments,
+//! StatefulSets and DaemonSets, rolled out in health-gated batches.
+//!
+//! Everything is injected with one server-side apply under the `crosstrace` field manager, so the
+//! operator owns exactly the fields it added. Reverting is the same apply with those fields left out:
+//! the API server removes what only `crosstrace` owned — the user's own containers, sidecars and env
+//! stay as they were, byte for byte.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    LayerReport, ObjectKey, Progress, TargetPlan, health, label_equals, matches, normalize_ratio, schedule, selector,
+};
+use crate::api::{OtlpProtocol, TracingPolicySpec, WorkloadKind, WorkloadsSpec};
+
+/// Annotation on an instrumented workload: the [`Record`] of what was injected.
+pub const RECORD_ANNOTATION: &str = "crosstrace.dev/workloads";
+/// Annotation left after a rollback, `<policy>/<generation>`: that generation is not retried.
+pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/workloads-rolled-back";
+/// Label on every workload and collector ConfigMap of the layer, valued with the policy name.
+pub const POLICY_LABEL: &str = "crosstrace.dev/workloads-policy";
+/// Name of the injected collector container.
+pub const SIDECAR_NAME: &str = "crosstrace-otel-collector";
+/// Name of the injected volume holding the collector configuration.
+pub const CONFIG_VOLUME: &str = "crosstrace-otel-config";
+/// Namespaces never instrumented, whatever the selectors say.
+pub const PROTECTED_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// What the operator's configuration provides when the policy leaves it open.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub sidecar_image: String,
+    pub sidecar_resources: ResourceRequirements,
+    /// The API server runs native sidecars (init containers with `restartPolicy: Always`, 1.29+).
+    pub native_sidecars: bool,
+    /// The operator's own namespace (never instrumented).
+    pub operator_namespace: String,
+}
+
+/// What was injected into one workload, recorded with the injection itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub policy: String,
+    pub generation: i64,
+    /// Hash of the injection: a different one means the policy changed what is injected.
+    pub hash: String,
+    /// Env names injected per app container (env the user set is never among them).
+    pub env: BTreeMap<String, Vec<String>>,
+    /// Unix seconds when this injection started rolling out, for the progress deadline.
+    pub rollout_started: i64,
+}
+
+/// One workload, reduced to what the layer needs (the pod template and whether it rolled out).
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    pub kind: Option<WorkloadKind>,
+    pub metadata: ObjectMeta,
+    pub template: PodTemplateSpec,
+    pub rolled_out: bool,
+}
+
+impl Workload {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::of(&self.metadata)
+    }
+
+    fn kind(&self) -> WorkloadKind {
+        self.kind.unwrap_or(WorkloadKind::Deployment)
+    }
+
+    pub fn from_deployment(d: Deployment) -> Self {
+        let rolled_out = health::deployment_rolled_out(&d);
+        Self {
+            kind: Some(WorkloadKind::Deployment),
+            template: d.spec.map(|s| s.template).unwrap_or_default(),
+            metadata: d.metadata,
+            rolled_out,
+        }
+    }
+
+    pub fn from_statefulset(s: StatefulSet) -> Self {
+        let rolled_out = health::statefulset_rolled_out(&s);
+        Self {
+            kind: Some(WorkloadKind::StatefulSet),
+            template: s.spec.map(|s| s.template).unwrap_or_default(),
+            metadata: s.metadata,
+            rolled_out,
+        }
+    }
+
+    pub fn from_daemonset(d: DaemonSet) -> Self {
+        let rolled_out = health::daemonset_rolled_out(&d);
+        Self {
+            kind: Some(WorkloadKind::DaemonSet),
+            template: d.spec.map(|s| s.template).unwrap_or_default(),
+            metadata: d.metadata,
+            rolled_out,
+        }
+    }
+}
+
+/// One workload as observed for a policy.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub workload: Workload,
+    /// Matches the policy's `spec.workloads` selection now.
+    pub selected: bool,
+    /// An older policy that also selects this workload and therefore keeps it.
+    pub claimed_by: Option<String>,
+}
+
+/// One change of the workload layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Server-side apply the collector configuration ConfigMap of a namespace.
+    ApplyCollectorConfig {
+        namespace: String,
+        name: String,
+        data: BTreeMap<String, String>,
+        policy: String,
+        policy_uid: String,
+    },
+    /// Server-side apply the whole injection (sidecar, volume, env, record) into a workload.
+    Inject { kind: WorkloadKind, workload: ObjectKey, patch: Value },
+    /// Server-side apply without the injection: the API server removes exactly what was injected.
+    /// `rolled_back` leaves the no-retry marker instead of nothing.
+    Remove { kind: WorkloadKind, workload: ObjectKey, rolled_back: Option<String> },
+    /// Delete a namespace's collector ConfigMap once nothing uses it.
+    DeleteCollectorConfig { namespace: String, name: String },
+}
+
+/// The plan of the workload layer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub report: LayerReport,
+    /// Workloads whose injection had been removed by someone else and is applied again.
+    pub drifted: Vec<ObjectKey>,
+}
+
+/// The policy as this layer needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyView<'a> {
+    pub name: &'a str,
+    /// The policy's uid, for the owner reference of its collector ConfigMaps.
+    pub uid: &'a str,
+    pub generation: i64,
+    pub spec: &'a TracingPolicySpec,
+    pub deleting: bool,
+}
+
+/// Name of the collector ConfigMap a policy puts in each namespace.
+pub fn config_map_name(policy: &str) -> String {
+    format!("crosstrace-otel-{policy}")
+}
+
+fn kind_key(kind: WorkloadKind) -> &'static str {
+    match kind {
+        WorkloadKind::Deployment => "deployment",
+        WorkloadKind::StatefulSet => "statefulset",
+        WorkloadKind::DaemonSet => "daemonset",
+    }
+}
+
+/// The collector configuration, one file per workload kind so that the resource attribute follows
+/// the semantic conventions (`k8s.deployment.name`, ...). Pod, namespace and node come from the
+/// downward API through the sidecar's env.
+pub fn collector_config(spec: &TracingPolicySpec) -> BTreeMap<String, String> {
+    let collector = spec.collector.clone().unwrap_or_default();
+    let (exporter, exporter_config) = match collector.protocol {
+        OtlpProtocol::Grpc => ("otlp", json!({"endpoint": collector.endpoint, "tls": {"insecure": true}})),
+        OtlpProtocol::Http => ("otlphttp", json!({"endpoint": format!("http://{}", collector.endpoint)})),
+    };
+    [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet]
+        .into_iter()
+        .map(|kind| {
+            let attribute =
+                |key: &str, env: &str| json!({"key": key, "value": format!("${{env:{env}}}"), "action": "upsert"});
+            let config = json!({
+                "extensions": {"health_check": {"endpoint": "0.0.0.0:13133"}},
+                "receivers": {"otlp": {"protocols": {
+                    "grpc": {"endpoint": "localhost:4317"},
+                    "http": {"endpoint": "localhost:4318"},
+                }}},
+                "processors": {
+                    "memory_limiter": {"check_interval": "1s", "limit_percentage": 80, "spike_limit_percentage": 25},
+                    "resource": {"attributes": [
+                        attribute("k8s.namespace.name", "K8S_NAMESPACE_NAME"),
+                        attribute("k8s.pod.name", "K8S_POD_NAME"),
+                        attribute("k8s.node.name", "K8S_NODE_NAME"),
+                        attribute(&format!("k8s.{}.name", kind_key(kind)), "K8S_WORKLOAD_NAME"),
+                    ]},
+                    "batch": {"send_batch_size": 512, "timeout": "5s"},
+                },
+                "exporters": {exporter: exporter_config},
+                "service": {
+                    "extensions": ["health_check"],
+                    "pipelines": {"traces": {
+                        "receivers": ["otlp"],
+                        "processors": ["memory_limiter", "resource", "batch"],
+                        "exporters": [exporter],
+                    }},
+                },
+            });
+            (format!("{}.yaml", kind_key(kind)), serde_yaml::to_string(&config).expect("collector config serializes"))
+        })
+        .collect()
+}
+
+/// `OTEL_*` env for an app container of `workload`, in a stable order.
+pub fn otel_env(spec: &TracingPolicySpec, kind: WorkloadKind, workload: &ObjectKey) -> Vec<(String, String)> {
+    let protocol = spec.collector.as_ref().map(|c| c.protocol).unwrap_or_default();
+    let (endpoint, protocol) = match protocol {
+        OtlpProtocol::Grpc => ("http://localhost:4317", "grpc"),
+        OtlpProtocol::Http => ("http://localhost:4318", "http/protobuf"),
+    };
+    let ratio = normalize_ratio(&spec.sampling.ratio);
+    let parent = if spec.sampling.parent_based { "parentbased_" } else { "" };
+    let (sampler, arg) = match ratio.as_str() {
+        "1" => (format!("{parent}always_on"), None),
+        "0" => (format!("{parent}always_off"), None),
+        _ => (format!("{parent}traceidratio"), Some(ratio.clone())),
+    };
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint.to_string()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".to_string(), protocol.to_string()),
+        ("OTEL_SERVICE_NAME".to_string(), workload.name.clone()),
+        ("OTEL_TRACES_SAMPLER".to_string(), sampler),
+    ];
+    if let Some(arg) = arg {
+        env.push(("OTEL_TRACES_SAMPLER_ARG".to_string(), arg));
+    }
+    env.push((
+        "OTEL_RESOURCE_ATTRIBUTES".to_string(),
+        format!("k8s.namespace.name={},k8s.{}.name={}", workload.namespace, kind_key(kind), workload.name),
+    ));
+    env
+}
+
+fn sidecar(spec: &WorkloadsSpec, defaults: &Defaults, kind: WorkloadKind, workload: &ObjectKey) -> Value {
+    let image = if spec.sidecar.image.is_empty() { &defaults.sidecar_image } else { &spec.sidecar.image };
+    let resources = spec.sidecar.resources.clone().unwrap_or_else(|| defaults.sidecar_resources.clone());
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let probe = json!({"httpGet": {"path": "/", "port": 13133}, "periodSeconds": 10, "failureThreshold": 3});
+    let mut container = json!({
+        "name": SIDECAR_NAME,
+        "image": image,
+        "args": [format!("--config=/etc/crosstrace-otel/{}.yaml", kind_key(kind))],
+        "env": [
+            {"name": "K8S_POD_NAME", "valueFrom": field("metadata.name")},
+            {"name": "K8S_NAMESPACE_NAME", "valueFrom": field("metadata.namespace")},
+            {"name": "K8S_NODE_NAME", "valueFrom": field("spec.nodeName")},
+            {"name": "K8S_WORKLOAD_NAME", "value": workload.name},
+        ],
+        "ports": [
+            {"name": "otlp-grpc", "containerPort": 4317, "protocol": "TCP"},
+            {"name": "otlp-http", "containerPort": 4318, "protocol": "TCP"},
+        ],
+        "resources": resources,
+        "startupProbe": {"httpGet": {"path": "/", "port": 13133}, "periodSeconds": 2, "failureThreshold": 30},
+        "livenessProbe": probe,
+        "readinessProbe": probe,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 10001,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": "/etc/crosstrace-otel", "readOnly": true}],
+    });
+    if defaults.native_sidecars {
+        container["restartPolicy"] = json!("Always");
+    }
+    container
+}
+
+fn api_version_kind(kind: WorkloadKind) -> (&'static str, &'static str) {
+    match kind {
+        WorkloadKind::Deployment => ("apps/v1", "Deployment"),
+        WorkloadKind::StatefulSet => ("apps/v1", "StatefulSet"),
+        WorkloadKind::DaemonSet => ("apps/v1", "DaemonSet"),
+    }
+}
+
+/// The apply configuration that removes the injection: only what should remain owned by the
+/// operator (nothing, or the rollback marker).
+pub fn removal_patch(kind: WorkloadKind, workload: &ObjectKey, rolled_back: Option<&str>) -> Value {
+    let (api_version, kind) = api_version_kind(kind);
+    let mut patch = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": workload.name, "namespace": workload.namespace}});
+    if let Some(marker) = rolled_back {
+        patch["metadata"]["annotations"] = json!({ROLLED_BACK_ANNOTATION: marker});
+    }
+    patch
+}
+
+/// FNV-1a of the injection's JSON: stable across builds, so records written by one version of the
+/// operator are understood by the next.
+fn hash_of(value: &Value) -> String {
+    let hash = value
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+fn record_of(meta: &ObjectMeta) -> Result<Option<Record>, String> {
+    match meta.annotations.as_ref().and_then(|a| a.get(RECORD_ANNOTATION)) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|e| format!("annotation {RECORD_ANNOTATION} is unreadable: {e}")),
+    }
+}
+
+/// The injection for one workload: the apply configuration and the env names it adds per container.
+/// Env a container already has (and that the operator did not inject before) is left alone.
+fn injection(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    w: &Workload,
+    previous: Option<&Record>,
+    now: i64,
+) -> (Value, Record) {
+    let spec = policy.spec;
+    let workloads = spec.workloads.as_ref().expect("injection is only planned with spec.workloads");
+    let kind = w.kind();
+    let key = w.key();
+    let pod = w.template.spec.clone().unwrap_or_default();
+    let desired_env = otel_env(spec, kind, &key);
+    let mut injected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let containers: Vec<Value> = pod
+        .containers
+        .iter()
+        .filter(|c| c.name != SIDECAR_NAME)
+        .map(|c| {
+            let ours: BTreeSet<&str> =
+                previous.and_then(|r| r.env.get(&c.name)).into_iter().flatten().map(String::as_str).collect();
+            let users: BTreeSet<&str> =
+                c.env.iter().flatten().map(|e| e.name.as_str()).filter(|n| !ours.contains(n)).collect();
+            let env: Vec<Value> = desired_env
+                .iter()
+                .filter(|(name, _)| !users.contains(name.as_str()))
+                .map(|(name, value)| json!({"name": name, "value": value}))
+                .collect();
+            injected.insert(
+                c.name.clone(),
+                env.iter().map(|e| e["name"].as_str().unwrap_or_default().to_string()).collect(),
+            );
+            json!({"name": c.name, "env": env})
+        })
+        .collect();
+    let sidecar = sidecar(workloads, defaults, kind, &key);
+    let mut pod_spec = json!({
+        "containers": containers,
+        "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(policy.name)}}],
+    });
+    if defaults.native_sidecars {
+        pod_spec["initContainers"] = json!([sidecar]);
+    } else {
+        pod_spec["containers"].as_array_mut().expect("containers is a list").push(sidecar);
+    }
+    let hash = hash_of(&pod_spec);
+    let rollout_started = match previous {
+        Some(r) if r.hash == hash => r.rollout_started,
+        _ => now,
+    };
+    let record =
+        Record { policy: policy.name.to_string(), generation: policy.generation, hash, env: injected, rollout_started };
+    let (api_version, kind_name) = api_version_kind(kind);
+    let patch = json!({
+        "apiVersion": api_version,
+        "kind": kind_name,
+        "metadata": {
+            "name": key.name,
+            "namespace": key.namespace,
+            "labels": {POLICY_LABEL: policy.name},
+            "annotations": {RECORD_ANNOTATION: serde_json::to_string(&record).expect("record serializes")},
+        },
+        "spec": {"template": {"spec": pod_spec}},
+    });
+    (patch, record)
+}
+
+/// Is everything the record says was injected still in the pod template?
+fn injection_present(w: &Workload, record: &Record, native: bool) -> bool {
+    let Some(pod) = w.template.spec.as_ref() else {
+        return false;
+    };
+    let sidecars = if native { pod.init_containers.as_deref().unwrap_or_default() } else { &pod.containers };
+    let has_sidecar = sidecars.iter().any(|c| c.name == SIDECAR_NAME);
+    let has_volume = pod.volumes.iter().flatten().any(|v| v.name == CONFIG_VOLUME);
+    let has_env = record.env.iter().all(|(container, names)| {
+        pod.containers
+            .iter()
+            .find(|c| &c.name == container)
+            .is_none_or(|c| names.iter().all(|n| c.env.iter().flatten().any(|e| &e.name == n)))
+    });
+    has_sidecar && has_volume && has_env
+}
+
+/// Plans the workload layer: pure, from the policy, the observed workloads and the time.
+pub fn plan(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    observed: &[Observed],
+    config_maps: &[ConfigMap],
+    now: i64,
+) -> Plan {
+    let active = !policy.deleting && policy.spec.workloads.is_some();
+    let mut plan = Plan::default();
+    let mut targets: Vec<&Observed> = observed.iter().collect();
+    targets.sort_by_key(|t| (t.workload.key(), t.workload.kind));
+
+    let mut reverts = Vec::new();
+    let mut per_target = Vec::new();
+    let mut namespaces_in_use = BTreeSet::new();
+    for t in targets {
+        let w = &t.workload;
+        let record = record_of(&w.metadata);
+        let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
+        let marker = w.metadata.annotations.as_ref().and_then(|a| a.get(ROLLED_BACK_ANNOTATION));
+        let our_marker = marker.is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
+        if !(active && t.selected) {
+            if ours || our_marker {
+                reverts.push(Action::Remove { kind: w.kind(), workload: w.key(), rolled_back: None });
+            }
+            continue;
+        }
+        plan.report.selected += 1;
+        let target = forward(policy, defaults, t, record, marker.map(String::as_str), now, &mut plan.drifted);
+        if !target.actions.is_empty() || ours {
+            namespaces_in_use.insert(w.key().namespace);
+        }
+        per_target.push(target);
+    }
+
+    // The collector configuration goes first into every namespace that gets (or keeps) a sidecar.
+    let name = config_map_name(policy.name);
+    if active {
+        let data = collector_config(policy.spec);
+        for namespace in &namespaces_in_use {
+            let current = config_maps.iter().find(|cm| cm.namespace().as_deref() == Some(namespace.as_str()));
+            if current.and_then(|cm| cm.data.as_ref()) != Some(&data) {
+                plan.actions.push(Action::ApplyCollectorConfig {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    data: data.clone(),
+                    policy: policy.name.to_string(),
+                    policy_uid: policy.uid.to_string(),
+                });
+            }
+        }
+    }
+    plan.actions.extend(schedule(per_target, &policy.spec.rollout, &mut plan.report));
+    plan.actions.extend(reverts);
+    // A ConfigMap goes last, once no sidecar of this policy is left in its namespace.
+    for cm in config_maps {
+        let namespace = cm.namespace().unwrap_or_default();
+        if !active || !namespaces_in_use.contains(&namespace) {
+            plan.actions.push(Action::DeleteCollectorConfig { namespace, name: name.clone() });
+        }
+    }
+    plan
+}
+
+fn forward(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    t: &Observed,
+    record: Result<Option<Record>, String>,
+    marker: Option<&str>,
+    now: i64,
+    drifted: &mut Vec<ObjectKey>,
+) -> TargetPlan<Action> {
+    let w = &t.workload;
+    let key = w.key();
+    let kind = w.kind();
+    let what = format!("{kind:?} {key}");
+    let record = match record {
+        Ok(r) => r,
+        Err(message) => {
+            return TargetPlan::problem(Progress::Held, "TargetBroken", format!("{what}: {message}"), true);
+        }
+    };
+    if let Some(other) =
+        record.as_ref().map(|r| r.policy.as_str()).filter(|p| *p != policy.name).or(t.claimed_by.as_deref())
+    {
+        return TargetPlan::problem(
+            Progress::Held,
+            "Conflict",
+            format!("{what} is already traced by TracingPolicy {other}"),
+            true,
+        );
+    }
+    let deadline = i64::from(policy.spec.rollout.progress_deadline_seconds);
+    if record.is_none() && marker == Some(format!("{}/{}", policy.name, policy.generation).as_str()) {
+        return TargetPlan::problem(
+            Progress::Held,
+            "RolledBack",
+            format!("{what} was rolled back: it did not become healthy within {deadline}s with the collector sidecar; change the policy to retry"),
+            true,
+        )
+        .rolled_back();
+    }
+    let (patch, desired) = injection(policy, defaults, w, record.as_ref(), now);
+    let inject = || vec![Action::Inject { kind, workload: key.clone(), patch: patch.clone() }];
+    match record {
+        Some(r) if r.hash == desired.hash => {
+            if !injection_present(w, &r, defaults.native_sidecars) {
+                drifted.push(key.clone());
+                return TargetPlan::state(Progress::InFlight).with_actions(inject());
+            }
+            if w.rolled_out {
+                return TargetPlan::state(Progress::Ready);
+            }
+            if now >= r.rollout_started + deadline {
+                let message = format!(
+                    "{what} did not become healthy within {deadline}s after the collector sidecar was injected"
+                );
+                if policy.spec.rollout.auto_rollback {
+                    let marker = format!("{}/{}", policy.name, policy.generation);
+                    return TargetPlan::problem(
+                        Progress::Held,
+                        "RolledBack",
+                        format!("{message}; its pod template was rolled back"),
+                        true,
+                    )
+                    .with_actions(vec![Action::Remove { kind, workload: key, rolled_back: Some(marker) }])
+                    .rolled_back();
+                }
+                return TargetPlan::problem(Progress::Held, "RolloutFailed", message, true);
+            }
+            TargetPlan::state(Progress::InFlight)
+        }
+        _ => TargetPlan::state(Progress::Pending).with_actions(inject()),
+    }
+}
+
+/// Namespaces `spec.workloads.namespaceSelector` selects, never the protected ones nor the operator's.
+pub async fn selected_namespaces(
+    client: &Client,
+    spec: &WorkloadsSpec,
+    defaults: &Defaults,
+) -> Result<BTreeSet<String>, kube::Error> {
+    let selector = selector(&spec.namespace_selector)
+        .map_err(|e| kube::Error::Service(format!("spec.workloads.namespaceSelector: {e}").into()))?;
+    let namespaces =
+        Api::<Namespace>::all(client.clone()).list_metadata(&ListParams::default().labels_from(&selector)).await?;
+    Ok(namespaces
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .filter(|n| !PROTECTED_NAMESPACES.contains(&n.as_str()) && *n != defaults.operator_namespace)
+        .collect())
+}
+
+/// Lists the workloads of `kind` in `namespace` (or every namespace) matching `params`.
+async fn list(
+    client: &Client,
+    kind: WorkloadKind,
+    namespace: Option<&str>,
+    params: &ListParams,
+) -> Result<Vec<Workload>, kube::Error> {
+    fn api<K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>>(
+        client: &Client,
+        ns: Option<&str>,
+    ) -> Api<K> {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    Ok(match kind {
+        WorkloadKind::Deployment => api::<Deployment>(client, namespace)
+            .list(params)
+            .await?
+            .into_iter()
+            .map(Workload::from_deployment)
+            .collect(),
+        WorkloadKind::StatefulSet => api::<StatefulSet>(client, namespace)
+            .list(params)
+            .await?
+            .into_iter()
+            .map(Workload::from_statefulset)
+            .collect(),
+        WorkloadKind::DaemonSet => {
+            api::<DaemonSet>(client, namespace).list(params).await?.into_iter().map(Workload::from_daemonset).collect()
+        }
+    })
+}
+
+/// Does a workload belong to the edge layer? Those are left to it: one field manager cannot own
+/// both injections without one revert undoing the other.
+fn is_edge_controller(w: &Workload) -> bool {
+    w.metadata.labels.as_ref().is_some_and(|l| l.contains_key(super::ingress::POLICY_LABEL))
+}
+
+/// The workloads the layer must look at for a policy: those it selects, and those it changed before.
+pub async fn observe(
+    client: &Client,
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    claimant: impl Fn(&Workload) -> Option<String>,
+) -> Result<(Vec<Observed>, Vec<ConfigMap>), kube::Error> {
+    let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
+    if let Some(spec) = policy.spec.workloads.as_ref().filter(|_| !policy.deleting) {
+        let params = match &spec.selector {
+            Some(s) => ListParams::default().labels_from(
+                &selector(s).map_err(|e| kube::Error::Service(format!("spec.workloads.selector: {e}").into()))?,
+            ),
+            None => ListParams::default(),
+        };
+        for namespace in selected_namespaces(client, spec, defaults).await? {
+            for kind in &spec.kinds {
+                for w in list(client, *kind, Some(&namespace), &params).await? {
+                    if is_edge_controller(&w) {
+                        continue;
+                    }
+                    let claimed_by = claimant(&w);
+                    found.insert((w.key(), *kind), Observed { workload: w, selected: true, claimed_by });
+                }
+            }
+        }
+    }
+    let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
+    for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
+        for w in list(client, kind, None, &labelled).await? {
+            found.entry((w.key(), kind)).or_insert(Observed { workload: w, ..Default::default() });
+        }
+    }
+    let config_maps = Api::<ConfigMap>::all(client.clone()).list(&labelled).await?.items;
+    Ok((found.into_values().collect(), config_maps))
+}
+
+/// Does `spec.workloads` select this workload, given the labels of its namespace?
+pub fn selects(
+    spec: &WorkloadsSpec,
+    defaults: &Defaults,
+    w: &Workload,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
+    !PROTECTED_NAMESPACES.contains(&namespace)
+        && namespace != defaults.operator_namespace
+        && spec.kinds.contains(&w.kind())
+        && selector(&spec.namespace_selector).is_ok_and(|s| matches(&s, namespace_labels))
+        && spec.selector.as_ref().is_none_or(|s| selector(s).is_ok_and(|s| matches(&s, w.metadata.labels.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CollectorSpec, RolloutSpec, SamplingSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    const NOW: i64 = 5_000;
+
+    fn spec() -> TracingPolicySpec {
+        TracingPolicySpec {
+            collector: Some(CollectorSpec {
+                endpoint: "otel-gateway.observability.svc:4317".into(),
+                ..Default::default()
+            }),
+            sampling: SamplingSpec { ratio: "0.25".into(), parent_based: true },
+            workloads: Some(WorkloadsSpec {
+                namespace_selector: LabelSelector {
+                    match_labels: Some(BTreeMap::from([("tracing".into(), "enabled".into())])),
+                    ..Default::default()
+                },
+                kinds: vec![WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet],
+                ..Default::default()
+            }),
+            rollout: RolloutSpec { max_concurrent: 2, progress_deadline_seconds: 60, ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    fn defaults() -> Defaults {
+        Defaults {
+            sidecar_image: "otel/opentelemetry-collector-k8s:0.115.1".into(),
+            sidecar_resources: crate::controller::default_sidecar_resources(),
+            native_sidecars: true,
+            operator_namespace: "crosstrace-system".into(),
+        }
+    }
+
+    fn view(spec: &TracingPolicySpec) -> PolicyView<'_> {
+        PolicyView { name: "shop", uid: "uid-1", generation: 3, spec, deleting: false }
+    }
+
+    fn workload(name: &str, env: &[(&str, &str)]) -> Workload {
+        let template: PodTemplateSpec = serde_json::from_value(json!({
+            "metadata": {"labels": {"app": name}},
+            "spec": {"containers": [{
+                "name": "app",
+                "image": "shop/app:1",
+                "env": env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+            }]},
+        }))
+        .unwrap();
+        let metadata = ObjectMeta { name: Some(name.into()), namespace: Some("shop".into()), ..Default::default() };
+        Workload { kind: Some(WorkloadKind::Deployment), metadata, template, rolled_out: true }
+    }
+
+    fn selected(w: Workload) -> Observed {
+        Observed { workload: w, selected: true, claimed_by: None }
+    }
+
+    /// The workload as the API server holds it after an Inject (record and injected fields present).
+    fn injected(mut t: Observed, actions: &[Action]) -> Observed {
+        for action in actions {
+            if let Action::Inject { workload, patch, .. } = action
+                && *workload == t.workload.key()
+            {
+                let annotations = t.workload.metadata.annotations.get_or_insert_default();
+                let record = patch["metadata"]["annotations"][RECORD_ANNOTATION].as_str().unwrap();
+                annotations.insert(RECORD_ANNOTATION.into(), record.into());
+                let pod = t.workload.template.spec.as_mut().unwrap();
+                let injected_pod: k8s_openapi::api::core::v1::PodSpec =
+                    serde_json::from_value(patch["spec"]["template"]["spec"].clone()).unwrap();
+                pod.init_containers = injected_pod.init_containers;
+                pod.volumes = injected_pod.volumes;
+                for (c, patch_c) in pod.containers.iter_mut().zip(injected_pod.containers) {
+                    c.env.get_or_insert_default().extend(patch_c.env.unwrap_or_default());
+                }
+            }
+        }
+        t
+    }
+
+    /// Compares with a committed snapshot; `UPDATE_SNAPSHOTS=1` rewrites it.
+    fn snapshot(name: &str, actual: &str) {
+        let path = format!("{}/src/layers/snapshots/{name}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(expected == actual, "snapshot {name} differs (UPDATE_SNAPSHOTS=1 to accept):\n{actual}");
+    }
+
+    #[test]
+    fn injection_snapshot() {
+        let s = spec();
+        let plan =
+            plan(view(&s), &defaults(), &[selected(workload("cart", &[("OTEL_SERVICE_NAME", "checkout")]))], &[], NOW);
+        let Some(Action::Inject { patch, .. }) = plan.actions.iter().find(|a| matches!(a, Action::Inject { .. }))
+        else {
+            panic!("{:?}", plan.actions)
+        };
+        snapshot("injection.yaml", &serde_yaml::to_string(patch).unwrap());
+    }
+
+    #[test]
+    fn collector_config_snapshot() {
+        let config = collector_config(&spec());
+        snapshot("collector-deployment.yaml", &config["deployment.yaml"]);
+        assert!(config["statefulset.yaml"].contains("k8s.statefulset.name"));
+        assert!(config["daemonset.yaml"].contains("k8s.daemonset.name"));
+    }
+
+    #[test]
+    fn user_env_is_never_overwritten() {
+        let s = spec();
+        let plan =
+            plan(view(&s), &defaults(), &[selected(workload("cart", &[("OTEL_SERVICE_NAME", "checkout")]))], &[], NOW);
+        let Some(Action::Inject { patch, .. }) = plan.actions.iter().find(|a| matches!(a, Action::Inject { .. }))
+        else {
+            panic!()
+        };
+        let env = patch["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+        assert!(env.iter().all(|e| e["name"] != "OTEL_SERVICE_NAME"), "the user's OTEL_SERVICE_NAME stays theirs");
+        assert!(env.iter().any(|e| e["name"] == "OTEL_TRACES_SAMPLER" && e["value"] == "parentbased_traceidratio"));
+        assert!(env.iter().any(|e| e["name"] == "OTEL_TRACES_SAMPLER_ARG" && e["value"] == "0.25"));
+    }
+
+    #[test]
+    fn collector_config_goes_first_and_batches_respect_max_concurrent() {
+        let s = spec();
+        let targets: Vec<Observed> = (0..5).map(|i| selected(workload(&format!("w{i}"), &[]))).collect();
+        let plan = plan(view(&s), &defaults(), &targets, &[], NOW);
+        assert!(matches!(plan.actions[0], Action::ApplyCollectorConfig { .. }));
+        assert_eq!(plan.actions.iter().filter(|a| matches!(a, Action::Inject { .. })).count(), 2);
+        assert_eq!((plan.report.in_flight, plan.report.pending, plan.report.selected), (2, 3, 5));
+    }
+
+    #[test]
+    fn converged_needs_nothing_and_drift_is_reapplied() {
+        let s = spec();
+        let t = selected(workload("cart", &[]));
+        let first = plan(view(&s), &defaults(), std::slice::from_ref(&t), &[], NOW);
+        let done = injected(t.clone(), &first.actions);
+        let cm = {
+            let mut cm = ConfigMap::default();
+            cm.metadata.namespace = Some("shop".into());
+            cm.data = Some(collector_config(&s));
+            cm
+        };
+        let again = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 5);
+        assert!(again.actions.is_empty(), "{:?}", again.actions);
+        assert_eq!(again.report.ready, 1);
+
+        let mut drifted = done.clone();
+        drifted.workload.template.spec.as_mut().unwrap().init_containers = None;
+        let fix = plan(view(&s), &defaults(), &[drifted], &[cm], NOW + 10);
+        assert_eq!(fix.drifted, vec![t.workload.key()]);
+        assert!(matches!(fix.actions[..], [Action::Inject { .. }]));
+    }
+
+    #[test]
+    fn an_unhealthy_batch_is_rolled_back_and_not_retried() {
+        let s = spec();
+        let t = selected(workload("cart", &[]));
+        let first = plan(view(&s), &defaults(), std::slice::from_ref(&t), &[], NOW);
+        let mut stuck = injected(t, &first.actions);
+        stuck.workload.rolled_out = false;
+        let waiting = plan(view(&s), &defaults(), std::slice::from_ref(&stuck), &[], NOW + 30);
+        assert_eq!(waiting.report.in_flight, 1);
+        let failed = plan(view(&s), &defaults(), std::slice::from_ref(&stuck), &[], NOW + 60);
+        assert!(failed.report.stopped);
+        assert_eq!(failed.report.problems[0].reason, "RolledBack");
+        assert!(failed.report.problems[0].message.contains("shop/cart"));
+        assert!(
+            failed.actions.iter().any(|a| matches!(a, Action::Remove { rolled_back: Some(m), .. } if m == "shop/3"))
+        );
+
+        // Removed, marker left: the same generation does not try again.
+        let mut rolled_back = stuck;
+        let annotations = rolled_back.workload.metadata.annotations.get_or_insert_default();
+        annotations.remove(RECORD_ANNOTATION);
+        annotations.insert(ROLLED_BACK_ANNOTATION.into(), "shop/3".into());
+        let held = plan(view(&s), &defaults(), std::slice::from_ref(&rolled_back), &[], NOW + 61);
+        assert!(held.actions.iter().all(|a| !matches!(a, Action::Inject { .. })));
+        assert_eq!(held.report.rolled_back, 1);
+
+        let changed = PolicyView { generation: 4, ..view(&s) };
+        let retry = plan(changed, &defaults(), &[rolled_back], &[], NOW + 62);
+        assert!(retry.actions.iter().any(|a| matches!(a, Action::Inject { .. })), "a new generation retries");
+    }
+
+    #[test]
+    fn delete_removes_injections_then_the_config_map() {
+        let s = spec();
+        let t = selected(workload("cart", &[]));
+        let done = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
+        let mut cm = ConfigMap::default();
+        cm.metadata.namespace = Some("shop".into());
+        let deleting = PolicyView { deleting: true, ..view(&s) };
+        let revert = plan(deleting, &defaults(), &[done], &[cm], NOW);
+        assert!(matches!(
+            revert.actions[..],
+            [Action::Remove { rolled_back: None, .. }, Action::DeleteCollectorConfig { .. }]
+        ));
+        let removal = removal_patch(WorkloadKind::Deployment, &ObjectKey::new("shop", "cart"), None);
+        assert_eq!(
+            removal,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "cart", "namespace": "shop"}})
+        );
+    }
+
+    #[test]
+    fn older_policy_keeps_a_workload() {
+        let s = spec();
+        let mut t = selected(workload("cart", &[]));
+        t.claimed_by = Some("first".into());
+        let plan = plan(view(&s), &defaults(), &[t], &[], NOW);
+        assert_eq!(plan.report.problems[0].reason, "Conflict");
+        assert!(plan.report.problems[0].message.contains("first"));
+        assert!(plan.actions.iter().all(|a| !matches!(a, Action::Inject { .. })));
+    }
+
+    #[test]
+    fn protected_and_operator_namespaces_never_match() {
+        let s = spec();
+        let labels = BTreeMap::from([("tracing".to_string(), "enabled".to_string())]);
+        let mut w = workload("dns", &[]);
+        for ns in ["kube-system", "crosstrace-system"] {
+            w.metadata.namespace = Some(ns.into());
+            assert!(!selects(s.workloads.as_ref().unwrap(), &defaults(), &w, Some(&labels)), "{ns}");
+        }
+        w.metadata.namespace = Some("shop".into());
+        assert!(selects(s.workloads.as_ref().unwrap(), &defaults(), &w, Some(&labels)));
+        assert!(!selects(s.workloads.as_ref().unwrap(), &defaults(), &w, None));
+    }
+
+    #[test]
+    fn without_native_sidecars_the_collector_is_a_plain_container() {
+        let s = spec();
+        let legacy = Defaults { native_sidecars: false, ..defaults() };
+        let plan = plan(view(&s), &legacy, &[selected(workload("cart", &[]))], &[], NOW);
+        let Some(Action::Inject { patch, .. }) = plan.actions.iter().find(|a| matches!(a, Action::Inject { .. }))
+        else {
+            panic!()
+        };
+        let pod = &patch["spec"]["template"]["spec"];
+        assert!(pod.get("initContainers").is_none());
+        assert_eq!(pod["containers"][1]["name"], SIDECAR_NAME);
+        assert!(pod["containers"][1].get("restartPolicy").is_none());
+    }
+}
