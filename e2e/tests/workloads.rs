@@ -1,0 +1,319 @@
+//! End to end, on the local real cluster: the workload layer instruments selected Deployments,
+//! StatefulSets and DaemonSets in batches of `maxConcurrent`, leaves everything else alone, rolls a
+//! broken batch back to the exact previous pod template, and reverts byte for byte on delete.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use crosstrace::api::TracingPolicy;
+use crosstrace::layers::workloads::{POLICY_LABEL, RECORD_ANNOTATION, SIDECAR_NAME, config_map_name};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use support::*;
+
+const PART_OF: &str = "app.kubernetes.io/part-of";
+
+fn pod_template(name: &str, image: &str, env: Value) -> Value {
+    json!({
+        "metadata": {"labels": {"app": name, PART_OF: "shop"}},
+        "spec": {"containers": [{"name": "app", "image": image, "env": env}]},
+    })
+}
+
+async fn create_deployment(client: &Client, ns: &str, name: &str, env: Value) {
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {PART_OF: "shop"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": pod_template(name, "shop/app:1", env)},
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create Deployment");
+}
+
+async fn create_statefulset(client: &Client, ns: &str, name: &str) {
+    let s: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {PART_OF: "shop"}},
+        "spec": {"replicas": 1, "serviceName": name, "selector": {"matchLabels": {"app": name}}, "template": pod_template(name, "shop/db:1", json!([]))},
+    }))
+    .unwrap();
+    Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create StatefulSet");
+}
+
+async fn create_daemonset(client: &Client, ns: &str, name: &str) {
+    let d: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {PART_OF: "shop"}},
+        "spec": {"selector": {"matchLabels": {"app": name}}, "template": pod_template(name, "shop/agent:1", json!([]))},
+    }))
+    .unwrap();
+    Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create DaemonSet");
+}
+
+/// The pod template of every Deployment, StatefulSet and DaemonSet in a namespace, by "Kind/name".
+async fn templates(client: &Client, ns: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for d in Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap() {
+        out.insert(format!("Deployment/{}", d.name_any()), serde_json::to_value(d.spec.unwrap().template).unwrap());
+    }
+    for s in Api::<StatefulSet>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap() {
+        out.insert(format!("StatefulSet/{}", s.name_any()), serde_json::to_value(s.spec.unwrap().template).unwrap());
+    }
+    for d in Api::<DaemonSet>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap() {
+        out.insert(format!("DaemonSet/{}", d.name_any()), serde_json::to_value(d.spec.unwrap().template).unwrap());
+    }
+    out
+}
+
+async fn all_rolled_out(client: &Client, ns: &str) -> bool {
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+    deployments.iter().all(crosstrace::layers::health::deployment_rolled_out)
+        && statefulsets.iter().all(crosstrace::layers::health::statefulset_rolled_out)
+        && daemonsets.iter().all(crosstrace::layers::health::daemonset_rolled_out)
+}
+
+async fn wait_rolled_out(client: &Client, ns: &str) {
+    eventually(&format!("every workload in {ns} to be rolled out"), || async {
+        all_rolled_out(client, ns).await.then_some(())
+    })
+    .await;
+}
+
+fn workloads_policy(
+    name: &str,
+    selector_value: &str,
+    max_concurrent: i32,
+    sidecar_image: &str,
+    kinds: &[&str],
+) -> Value {
+    json!({
+        "apiVersion": "crosstrace.dev/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+            "sampling": {"ratio": "0.5"},
+            "workloads": {
+                "namespaceSelector": {"matchLabels": {"tracing": selector_value}},
+                "selector": {"matchLabels": {PART_OF: "shop"}},
+                "kinds": kinds,
+                "sidecar": {"image": sidecar_image},
+            },
+            "rollout": {"maxConcurrent": max_concurrent, "progressDeadlineSeconds": 15},
+        },
+    })
+}
+
+async fn apply(client: &Client, policy: &Value) {
+    let name = policy["metadata"]["name"].as_str().unwrap();
+    Api::<TracingPolicy>::all(client.clone())
+        .patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(policy))
+        .await
+        .expect("apply policy");
+}
+
+async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    eventually(&format!("{name}: {type_}={status}"), || async {
+        let p = api.get(name).await.ok()?;
+        let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+        (c.status == status && c.observed_generation == p.metadata.generation).then_some(p.clone())
+    })
+    .await
+}
+
+async fn delete_and_wait(client: &Client, name: &str) {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    delete_if_exists(&api, name).await;
+    eventually(&format!("{name} to be gone"), || async { api.get_opt(name).await.ok()?.is_none().then_some(()) }).await;
+}
+
+fn has_sidecar(template: &Value) -> bool {
+    template["spec"]["initContainers"].as_array().is_some_and(|c| c.iter().any(|c| c["name"] == SIDECAR_NAME))
+}
+
+/// Deployments in these namespaces that carry an injection not yet rolled out, as seen by a watch.
+fn track_rolling(client: &Client, namespaces: Vec<String>) -> (Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
+    let max = Arc::new(Mutex::new(0));
+    let seen = max.clone();
+    let api = Api::<Deployment>::all(client.clone());
+    let task = tokio::spawn(async move {
+        let mut rolling: BTreeSet<String> = BTreeSet::new();
+        let mut stream = watcher(api, watcher::Config::default()).applied_objects().boxed();
+        while let Some(Ok(d)) = stream.next().await {
+            if !namespaces.contains(&d.namespace().unwrap_or_default()) {
+                continue;
+            }
+            let key = format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any());
+            let injected = d.annotations().contains_key(RECORD_ANNOTATION);
+            if injected && !crosstrace::layers::health::deployment_rolled_out(&d) {
+                rolling.insert(key);
+            } else {
+                rolling.remove(&key);
+            }
+            let mut m = seen.lock().unwrap();
+            *m = (*m).max(rolling.len());
+        }
+    });
+    (max, task)
+}
+
+#[tokio::test]
+async fn workloads_roll_out_in_batches_leave_others_alone_and_revert_exactly() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("e2e-wl-{}", std::process::id() % 100_000);
+    let a = TestNamespace::create(&client, "e2e-wla", json!({"tracing": tag})).await;
+    let b = TestNamespace::create(&client, "e2e-wlb", json!({"tracing": tag})).await;
+    let other = TestNamespace::create(&client, "e2e-wlc", json!({})).await;
+    for i in 0..10 {
+        let env = if i == 0 { json!([{"name": "OTEL_SERVICE_NAME", "value": "custom-checkout"}]) } else { json!([]) };
+        create_deployment(&client, &a.name, &format!("shop-{i}"), env).await;
+        create_deployment(&client, &b.name, &format!("shop-{i}"), json!([])).await;
+    }
+    create_statefulset(&client, &a.name, "db").await;
+    create_daemonset(&client, &a.name, "node-agent").await;
+    for i in 0..4 {
+        create_deployment(&client, &other.name, &format!("shop-{i}"), json!([])).await;
+    }
+    // kube-system matches the namespace selector too: it must still never be instrumented.
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let label = |v: Value| json!({"metadata": {"labels": {"tracing": v}}});
+    namespaces.patch("kube-system", &PatchParams::default(), &Patch::Merge(&label(json!(tag)))).await.unwrap();
+    create_deployment(&client, "kube-system", &format!("{tag}-system"), json!([])).await;
+    for ns in [&a.name, &b.name, &other.name] {
+        wait_rolled_out(&client, ns).await;
+    }
+    let before: Vec<BTreeMap<String, Value>> = vec![
+        templates(&client, &a.name).await,
+        templates(&client, &b.name).await,
+        templates(&client, &other.name).await,
+    ];
+    let system_deployment = format!("{tag}-system");
+    let system_api = Api::<Deployment>::namespaced(client.clone(), "kube-system");
+    let system_before = system_api.get(&system_deployment).await.unwrap().spec.unwrap().template;
+
+    let controller = ControllerProcess::start(18091, None);
+    let (max_rolling, tracker) = track_rolling(&client, vec![a.name.clone(), b.name.clone()]);
+    let name = format!("{tag}-policy");
+    apply(&client, &workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet", "DaemonSet"])).await;
+    let p = wait_condition(&client, &name, "Ready", "True").await;
+    assert_eq!(p.status.as_ref().unwrap().workloads.as_ref().unwrap().summary, "22/22");
+    tracker.abort();
+    let max_rolling = *max_rolling.lock().unwrap();
+    assert!(max_rolling <= 5, "at most maxConcurrent=5 Deployments rolled at once, saw {max_rolling}");
+    assert!(max_rolling >= 1, "the watch saw the rollout");
+
+    // Every matching workload's pods carry the sidecar and the env; the user's service name stays.
+    for ns in [&a.name, &b.name] {
+        let after = templates(&client, ns).await;
+        assert_eq!(after.len(), if *ns == a.name { 12 } else { 10 });
+        for (workload, template) in &after {
+            assert!(has_sidecar(template), "{ns} {workload} has the collector sidecar");
+            let env = template["spec"]["containers"][0]["env"].as_array().unwrap();
+            assert!(
+                env.iter().any(|e| e["name"] == "OTEL_TRACES_SAMPLER_ARG" && e["value"] == "0.5"),
+                "{workload}: {env:?}"
+            );
+        }
+        let pods = Api::<Pod>::namespaced(client.clone(), ns);
+        eventually(&format!("every pod in {ns} to run the sidecar"), || async {
+            let list = pods.list(&ListParams::default()).await.ok()?;
+            let live: Vec<&Pod> = list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+            live.iter()
+                .all(|p| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.init_containers.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.name == SIDECAR_NAME))
+                })
+                .then_some(())
+        })
+        .await;
+    }
+    let custom = &templates(&client, &a.name).await["Deployment/shop-0"];
+    let service_names: Vec<&Value> = custom["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "OTEL_SERVICE_NAME")
+        .collect();
+    assert_eq!(service_names, [&json!({"name": "OTEL_SERVICE_NAME", "value": "custom-checkout"})]);
+    assert_eq!(templates(&client, &other.name).await, before[2], "an unselected namespace is untouched");
+    assert_eq!(
+        system_api.get(&system_deployment).await.unwrap().spec.unwrap().template,
+        system_before,
+        "kube-system is untouched"
+    );
+    let config = Api::<ConfigMap>::namespaced(client.clone(), &a.name).get(&config_map_name(&name)).await.unwrap();
+    assert!(config.data.unwrap()["deployment.yaml"].contains("otel-gateway.observability.svc:4317"));
+    assert!(controller.metrics().await.contains("crosstrace_api_writes_total"));
+
+    delete_and_wait(&client, &name).await;
+    for (ns, expected) in [&a.name, &b.name, &other.name].into_iter().zip(&before) {
+        assert_eq!(&templates(&client, ns).await, expected, "every pod template in {ns} is exactly as before");
+    }
+    for ns in [&a.name, &b.name] {
+        let deployments = Api::<Deployment>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+        assert!(
+            deployments
+                .iter()
+                .all(|d| !d.labels().contains_key(POLICY_LABEL) && !d.annotations().contains_key(RECORD_ANNOTATION))
+        );
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(&config_map_name(&name)).await.unwrap();
+        assert!(cm.is_none(), "the collector ConfigMap is gone from {ns}");
+    }
+    namespaces.patch("kube-system", &PatchParams::default(), &Patch::Merge(&label(Value::Null))).await.unwrap();
+    delete_if_exists(&system_api, &system_deployment).await;
+}
+
+#[tokio::test]
+async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("e2e-wlbroken-{}", std::process::id() % 100_000);
+    let ns = TestNamespace::create(&client, "e2e-wlbroken", json!({"tracing": tag})).await;
+    for name in ["cart", "payments"] {
+        create_deployment(&client, &ns.name, name, json!([{"name": "OTEL_SERVICE_NAME", "value": name}])).await;
+    }
+    wait_rolled_out(&client, &ns.name).await;
+    let before = templates(&client, &ns.name).await;
+
+    let _controller = ControllerProcess::start(18092, None);
+    let name = format!("{tag}-policy");
+    apply(&client, &workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"])).await;
+    let p = wait_condition(&client, &name, "Degraded", "True").await;
+    let degraded = p.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.reason, "RolledBack");
+    assert!(degraded.message.contains(&format!("{}/cart", ns.name)), "names the workload: {}", degraded.message);
+    assert_eq!(p.status.as_ref().unwrap().workloads.as_ref().unwrap().rolled_back, 1);
+    eventually("the rolled-back template", || async { (templates(&client, &ns.name).await == before).then_some(()) })
+        .await;
+    wait_rolled_out(&client, &ns.name).await;
+    // The rollout stopped: still the same after a few more reconciles.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(templates(&client, &ns.name).await, before, "payments was never touched, cart is exactly as before");
+
+    delete_and_wait(&client, &name).await;
+    assert_eq!(templates(&client, &ns.name).await, before);
+    let cart = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("cart").await.unwrap();
+    assert!(cart.annotations().keys().all(|k| !k.starts_with("crosstrace.dev/")), "{:?}", cart.annotations());
+}
