@@ -1,7 +1,7 @@
 //! `NodeTracing`: the Open vSwitch export one node must have, merged across policies by the controller
 //! (spec), and what that node's agent made of it (status).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,9 @@ pub struct BridgeExport {
     /// What to do with an exporter crosstrace does not own.
     #[serde(default)]
     pub conflict_policy: ConflictPolicy,
+    /// When the controller asked for this export (the start of the node's progress deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<Time>,
 }
 
 /// What the agent did on its node.

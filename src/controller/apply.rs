@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use crate::api::{FIELD_MANAGER, WorkloadKind};
+use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
 use crate::layers::ingress::{self, POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
-use crate::layers::{ObjectKey, workloads};
+use crate::layers::{ObjectKey, network, workloads};
 use crate::metrics::Metrics;
 
 /// Writes to the API server, counted.
@@ -24,7 +24,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    fn count<K: Resource<DynamicType = ()>>(&self, verb: &str) {
+    pub fn count<K: Resource<DynamicType = ()>>(&self, verb: &str) {
         self.metrics.write(verb, &K::plural(&()));
     }
 
@@ -217,6 +217,43 @@ pub async fn workloads(writer: &Writer, actions: &[workloads::Action]) -> kube::
             }
             DeleteCollectorConfig { namespace, name } => {
                 writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the network layer's actions. Every write carries the resourceVersion it was planned from:
+/// a conflict means another policy changed the node meanwhile, and the reconcile is retried.
+pub async fn network(writer: &Writer, actions: &[network::Action]) -> kube::Result<()> {
+    let api = Api::<NodeTracing>::all(writer.client.clone());
+    for action in actions {
+        match action {
+            network::Action::Put { node, bridges, rolled_back, resource_version } => {
+                let mut metadata = json!({"name": node});
+                if let Some(rv) = resource_version {
+                    metadata["resourceVersion"] = json!(rv);
+                }
+                if let Some(marker) = rolled_back {
+                    metadata["annotations"] = json!({network::ROLLED_BACK_ANNOTATION: marker});
+                }
+                let patch = json!({
+                    "apiVersion": "crosstrace.dev/v1alpha1",
+                    "kind": "NodeTracing",
+                    "metadata": metadata,
+                    "spec": {"nodeName": node, "bridges": bridges},
+                });
+                writer.apply(&api, node, patch).await?;
+            }
+            network::Action::Delete { node, resource_version } => {
+                writer.count::<NodeTracing>("delete");
+                let preconditions = Preconditions { resource_version: resource_version.clone(), uid: None };
+                match api.delete(node, &DeleteParams { preconditions: Some(preconditions), ..Default::default() }).await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
     }

@@ -12,16 +12,19 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ResourceRequirements};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::TracingPolicy;
-use crate::layers::{ingress, workloads};
+use crate::api::{NodeTracing, WorkloadKind};
+use crate::layers::{ingress, matches, network, selector, workloads};
 use crate::metrics::Metrics;
 use apply::Writer;
 
@@ -88,29 +91,31 @@ pub struct Context {
 
 /// The policies a changed Deployment concerns: the one whose edge label it carries, every policy
 /// whose `spec.ingress` selects it, and those whose workload layer may.
-fn policies_for_deployment(store: &Store<TracingPolicy>, d: Deployment) -> Vec<ObjectRef<TracingPolicy>> {
-    let edge = d.labels().get(ingress::POLICY_LABEL).map(|p| ObjectRef::new(p));
+fn policies_for_deployment(store: &Store<TracingPolicy>, d: &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>> {
+    let edge = d.labels.as_ref().and_then(|l| l.get(ingress::POLICY_LABEL)).map(|p| ObjectRef::new(p));
     let selecting = store
         .state()
         .iter()
-        .filter(|p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d)))
+        .filter(|p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, d)))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect::<Vec<_>>();
     let mut refs: Vec<_> = edge.into_iter().chain(selecting).collect();
-    refs.extend(policies_for_workload(store, workloads::Workload::from_deployment(d)));
+    refs.extend(policies_for_workload(store, WorkloadKind::Deployment, d));
     refs
 }
 
 /// The policies a changed workload concerns: the one whose label it carries, and every policy with
 /// a workload layer for its kind whose selector matches (the namespace is checked in reconcile).
-fn policies_for_workload(store: &Store<TracingPolicy>, w: workloads::Workload) -> Vec<ObjectRef<TracingPolicy>> {
-    let labels = w.metadata.labels.as_ref();
+fn policies_for_workload(
+    store: &Store<TracingPolicy>,
+    kind: WorkloadKind,
+    w: &ObjectMeta,
+) -> Vec<ObjectRef<TracingPolicy>> {
+    let labels = w.labels.as_ref();
     let labelled = labels.and_then(|l| l.get(workloads::POLICY_LABEL)).map(|p| ObjectRef::new(p));
     let wants = |s: &crate::api::WorkloadsSpec| {
-        w.kind.is_some_and(|k| s.kinds.contains(&k))
-            && s.selector
-                .as_ref()
-                .is_none_or(|sel| crate::layers::selector(sel).is_ok_and(|sel| crate::layers::matches(&sel, labels)))
+        s.kinds.contains(&kind)
+            && s.selector.as_ref().is_none_or(|sel| selector(sel).is_ok_and(|sel| matches(&sel, labels)))
     };
     let selecting = store
         .state()
@@ -124,6 +129,23 @@ fn policies_for_workload(store: &Store<TracingPolicy>, w: workloads::Workload) -
 /// Every policy with a workload layer (a namespace's labels changed).
 fn policies_with_workloads(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
     store.state().iter().filter(|p| p.spec.workloads.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+}
+
+/// Every policy with a network layer (a node's labels changed).
+fn policies_with_network(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
+    store.state().iter().filter(|p| p.spec.network.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+}
+
+/// The policies a NodeTracing concerns: those with an entry in it or a rollback marker on it.
+fn policies_of_node_tracing(t: NodeTracing) -> Vec<ObjectRef<TracingPolicy>> {
+    let marked: Vec<String> = t
+        .annotations()
+        .get(network::ROLLED_BACK_ANNOTATION)
+        .and_then(|raw| serde_json::from_str::<BTreeMap<String, i64>>(raw).ok())
+        .map(|m| m.into_keys().collect())
+        .unwrap_or_default();
+    let named = t.spec.bridges.into_iter().map(|b| b.policy).chain(marked);
+    named.collect::<std::collections::BTreeSet<_>>().into_iter().map(|p| ObjectRef::new(&p)).collect()
 }
 
 /// The policy named by a label of a changed ConfigMap.
@@ -148,6 +170,7 @@ pub async fn run(
     let statefulset_store = store.clone();
     let daemonset_store = store.clone();
     let namespace_store = store.clone();
+    let node_store = store.clone();
     let context = Arc::new(Context {
         writer: Writer { client: client.clone(), metrics: metrics.clone() },
         recorder: Recorder::new(
@@ -160,22 +183,33 @@ pub async fn run(
         settings,
     });
     controller
-        .watches(Api::<Deployment>::all(client.clone()), any.clone(), move |d| {
-            policies_for_deployment(&deployment_store, d)
+        // Workloads: metadata-only watches (labels are all the mapping needs), nothing cached.
+        .watches(Api::<PartialObjectMeta<Deployment>>::all(client.clone()), any.clone(), move |d| {
+            policies_for_deployment(&deployment_store, &d.metadata)
         })
-        .watches(Api::<StatefulSet>::all(client.clone()), any.clone(), move |s| {
-            policies_for_workload(&statefulset_store, workloads::Workload::from_statefulset(s))
+        .watches(Api::<PartialObjectMeta<StatefulSet>>::all(client.clone()), any.clone(), move |s| {
+            policies_for_workload(&statefulset_store, WorkloadKind::StatefulSet, &s.metadata)
         })
-        .watches(Api::<DaemonSet>::all(client.clone()), any.clone(), move |d| {
-            policies_for_workload(&daemonset_store, workloads::Workload::from_daemonset(d))
+        .watches(Api::<PartialObjectMeta<DaemonSet>>::all(client.clone()), any.clone(), move |d| {
+            policies_for_workload(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata)
         })
-        .watches(Api::<Namespace>::all(client.clone()), any.clone(), move |_| policies_with_workloads(&namespace_store))
+        .watches(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), any.clone(), move |_| {
+            policies_with_workloads(&namespace_store)
+        })
         .watches(Api::<ConfigMap>::all(client.clone()), any.clone().labels(ingress::POLICY_LABEL), |cm| {
             policy_of_config_map(cm, ingress::POLICY_LABEL)
         })
         .watches(Api::<ConfigMap>::all(client.clone()), any.labels(workloads::POLICY_LABEL), |cm| {
             policy_of_config_map(cm, workloads::POLICY_LABEL)
         })
+        // Nodes: only label changes matter (heartbeats would wake every network policy all the time).
+        .watches_stream(
+            watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), watcher::Config::default())
+                .touched_objects()
+                .predicate_filter(predicates::labels, Default::default()),
+            move |_| policies_with_network(&node_store),
+        )
+        .watches(Api::<NodeTracing>::all(client.clone()), watcher::Config::default(), policies_of_node_tracing)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
@@ -19,8 +19,7 @@ use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress::{self, PolicyView};
-use crate::layers::workloads;
-use crate::layers::{LayerReport, Problem};
+use crate::layers::{network, workloads};
 use crate::metrics::LayerLabels;
 use crate::telemetry;
 
@@ -87,9 +86,13 @@ fn view<'a>(policy: &'a TracingPolicy, name: &'a str, deleting: bool) -> PolicyV
     PolicyView { name, generation: policy.metadata.generation.unwrap_or(0), spec: &policy.spec, deleting }
 }
 
+/// Seniority between policies: creation time, then name.
+fn rank(p: &TracingPolicy) -> (Option<Timestamp>, String) {
+    (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any())
+}
+
 /// The name of an older policy that also wants a target (the older keeps it), by `wants`.
 fn older_claimant(ctx: &Context, policy: &TracingPolicy, wants: impl Fn(&TracingPolicy) -> bool) -> Option<String> {
-    let rank = |p: &TracingPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any());
     let mine = rank(policy);
     ctx.policies
         .state()
@@ -119,7 +122,7 @@ async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting:
     let now = Timestamp::now().as_second();
     let edge = view(policy, name, deleting);
     let observed = ingress::observe(&ctx.client, edge, |d| {
-        older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, d)))
+        older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d.metadata)))
     })
     .await?;
     let edge_plan = ingress::plan(edge, &observed, now);
@@ -150,10 +153,26 @@ async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting:
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
         publish(ctx, policy, EventType::Warning, "DriftCorrected", note).await;
     }
+
+    let older: BTreeSet<String> = ctx
+        .policies
+        .state()
+        .iter()
+        .filter(|p| p.uid() != policy.uid() && rank(p) < rank(policy))
+        .map(|p| p.name_any())
+        .collect();
+    let network_view =
+        network::PolicyView { name, generation: edge.generation, spec: &policy.spec, deleting, older: &older };
+    let observed = network::observe(&ctx.client, network_view).await?;
+    let network_plan = network::plan(network_view, &observed, Timestamp::now());
+    if !network_plan.actions.is_empty() {
+        info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
+        super::apply::network(&ctx.writer, &network_plan.actions).await?;
+    }
     Ok(Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
         workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
-        network: policy.spec.network.as_ref().map(|_| unavailable_layer("spec.network")),
+        network: policy.spec.network.as_ref().map(|_| network_plan.report),
     })
 }
 
@@ -162,18 +181,6 @@ async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<()
     run_layers(policy, name, ctx, true).await?;
     publish(ctx, policy, EventType::Normal, "Reverted", "every change of this policy is reverted".into()).await;
     Ok(())
-}
-
-/// Stand-in report for a layer this build does not carry out yet: honest, never Ready.
-fn unavailable_layer(field: &str) -> LayerReport {
-    LayerReport {
-        problems: vec![Problem {
-            reason: "LayerNotAvailable",
-            message: format!("{field} is accepted but not carried out by this version of crosstrace"),
-            degraded: false,
-        }],
-        ..Default::default()
-    }
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {

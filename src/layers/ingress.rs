@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -441,9 +442,9 @@ pub fn ingress_selector(ingress: &IngressSpec) -> Result<kube::core::Selector, S
 }
 
 /// Does `spec.ingress` of a policy select this Deployment?
-pub fn selects(ingress: &IngressSpec, deployment: &Deployment) -> bool {
-    (ingress.namespace.is_empty() || deployment.namespace().as_deref() == Some(ingress.namespace.as_str()))
-        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, deployment.metadata.labels.as_ref()))
+pub fn selects(ingress: &IngressSpec, deployment: &ObjectMeta) -> bool {
+    (ingress.namespace.is_empty() || deployment.namespace.as_deref() == Some(ingress.namespace.as_str()))
+        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, deployment.labels.as_ref()))
 }
 
 #[cfg(test)]

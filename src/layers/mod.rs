@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod ingress;
+pub mod network;
 pub mod workloads;
 
 use std::fmt;

@@ -1,0 +1,354 @@
+//! The network layer, controller side: one `NodeTracing` per selected node carries the merged OVS
+//! export wanted there (one entry per bridge, the oldest policy wins a bridge); the node's agent makes
+//! it so and reports back in the status, which is this layer's health signal.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use super::{LayerReport, Progress, TargetPlan, schedule, selector};
+use crate::api::node_tracing::{BridgeExport, BridgeStatus};
+use crate::api::{NetworkSpec, NodeTracing, TracingPolicySpec};
+
+/// Annotation on a NodeTracing: `{policy: generation}` of exports rolled back there (not retried).
+pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/network-rolled-back";
+
+/// One node as observed for a policy.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub node: String,
+    /// Matches the policy's `spec.network.nodeSelector` now.
+    pub selected: bool,
+    pub tracing: Option<NodeTracing>,
+}
+
+/// One change of the network layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Write a node's whole NodeTracing spec (every policy's entries), guarded by the resourceVersion
+    /// that was read so that two policies never overwrite each other's entries.
+    Put { node: String, bridges: Vec<BridgeExport>, rolled_back: Option<String>, resource_version: Option<String> },
+    /// Delete a NodeTracing left with nothing to export (the agent then removes its rows).
+    Delete { node: String, resource_version: Option<String> },
+}
+
+/// The policy as this layer needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyView<'a> {
+    pub name: &'a str,
+    pub generation: i64,
+    pub spec: &'a TracingPolicySpec,
+    pub deleting: bool,
+    /// Existing policies created before this one: they keep a bridge they hold.
+    pub older: &'a BTreeSet<String>,
+}
+
+/// The plan of the network layer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub report: LayerReport,
+}
+
+fn rolled_back_map(t: Option<&NodeTracing>) -> BTreeMap<String, i64> {
+    t.and_then(|t| t.annotations().get(ROLLED_BACK_ANNOTATION))
+        .and_then(|raw| serde_json::from_str(raw).ok())
+        .unwrap_or_default()
+}
+
+fn put(t: Option<&NodeTracing>, node: &str, bridges: Vec<BridgeExport>, rolled_back: &BTreeMap<String, i64>) -> Action {
+    let resource_version = t.and_then(|t| t.metadata.resource_version.clone());
+    if bridges.is_empty() && rolled_back.is_empty() {
+        return Action::Delete { node: node.to_string(), resource_version };
+    }
+    let rolled_back = (!rolled_back.is_empty()).then(|| serde_json::to_string(rolled_back).expect("a map serializes"));
+    Action::Put { node: node.to_string(), bridges, rolled_back, resource_version }
+}
+
+/// The export a policy wants on a node (without the request time, which is set when it is written).
+fn desired(policy: PolicyView<'_>, network: &NetworkSpec) -> BridgeExport {
+    BridgeExport {
+        bridge: network.bridge.clone(),
+        policy: policy.name.to_string(),
+        policy_generation: policy.generation,
+        sflow: network.sflow.clone(),
+        ipfix: network.ipfix.clone(),
+        conflict_policy: network.conflict_policy,
+        requested_at: None,
+    }
+}
+
+fn same_export(a: &BridgeExport, b: &BridgeExport) -> bool {
+    BridgeExport { requested_at: None, ..a.clone() } == BridgeExport { requested_at: None, ..b.clone() }
+}
+
+/// Plans the network layer: pure, from the policy, the observed nodes and the time.
+pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now: Timestamp) -> Plan {
+    let network = policy.spec.network.as_ref().filter(|_| !policy.deleting);
+    let mut plan = Plan::default();
+    let mut targets: Vec<&Observed> = observed.iter().collect();
+    targets.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut per_node = Vec::new();
+    let mut reverts = Vec::new();
+    for t in targets {
+        let tracing = t.tracing.as_ref();
+        let bridges = tracing.map(|t| t.spec.bridges.clone()).unwrap_or_default();
+        let (mine, others): (Vec<_>, Vec<_>) = bridges.into_iter().partition(|b| b.policy == policy.name);
+        let mut rolled_back = rolled_back_map(tracing);
+        match network {
+            Some(network) if t.selected => {
+                plan.report.selected += 1;
+                per_node.push(forward(policy, network, t, mine, others, rolled_back, now));
+            }
+            _ => {
+                if !mine.is_empty() || rolled_back.remove(policy.name).is_some() {
+                    reverts.push(put(tracing, &t.node, others, &rolled_back));
+                }
+            }
+        }
+    }
+    plan.actions = schedule(per_node, &policy.spec.rollout, &mut plan.report);
+    plan.actions.extend(reverts);
+    plan
+}
+
+fn forward(
+    policy: PolicyView<'_>,
+    network: &NetworkSpec,
+    t: &Observed,
+    mine: Vec<BridgeExport>,
+    others: Vec<BridgeExport>,
+    mut rolled_back: BTreeMap<String, i64>,
+    now: Timestamp,
+) -> TargetPlan<Action> {
+    let node = &t.node;
+    let tracing = t.tracing.as_ref();
+    let want = desired(policy, network);
+    let deadline = SignedDuration::from_secs(i64::from(policy.spec.rollout.progress_deadline_seconds));
+    if let Some(holder) = others.iter().find(|b| b.bridge == want.bridge && policy.older.contains(&b.policy)) {
+        return TargetPlan::problem(
+            Progress::Held,
+            "Conflict",
+            format!("bridge {} on node {node} already exports for TracingPolicy {}", want.bridge, holder.policy),
+            true,
+        );
+    }
+    if rolled_back.get(policy.name) == Some(&policy.generation) {
+        return TargetPlan::problem(
+            Progress::Held,
+            "RolledBack",
+            format!(
+                "node {node} did not apply the export within {}s and was rolled back; change the policy to retry",
+                deadline.as_secs()
+            ),
+            true,
+        )
+        .rolled_back();
+    }
+    let current = mine.iter().find(|b| same_export(b, &want));
+    let Some(current) = current else {
+        // Write (or rewrite) this policy's entry; a newer policy's entry on the same bridge gives way.
+        let mut bridges: Vec<BridgeExport> = others.into_iter().filter(|b| b.bridge != want.bridge).collect();
+        bridges.push(BridgeExport { requested_at: Some(Time(now)), ..want });
+        rolled_back.remove(policy.name);
+        return TargetPlan::state(Progress::Pending).with_actions(vec![put(tracing, node, bridges, &rolled_back)]);
+    };
+    let status: Option<&BridgeStatus> = tracing
+        .and_then(|t| t.status.as_ref())
+        .and_then(|s| s.bridges.iter().find(|b| b.bridge == want.bridge && b.policy == policy.name));
+    match status {
+        Some(s) if s.conflict => {
+            return TargetPlan::problem(
+                Progress::Held,
+                "Conflict",
+                format!(
+                    "bridge {} on node {node} already exports somewhere crosstrace does not own (conflictPolicy Skip): {}",
+                    want.bridge, s.message
+                ),
+                true,
+            );
+        }
+        Some(s) if s.applied && s.verified && s.applied_generation == policy.generation => {
+            return TargetPlan::state(Progress::Ready);
+        }
+        _ => {}
+    }
+    let requested = current.requested_at.as_ref().map(|t| t.0).unwrap_or(now);
+    if now < requested + deadline {
+        return TargetPlan::state(Progress::InFlight);
+    }
+    let why = status
+        .filter(|s| !s.message.is_empty())
+        .map(|s| format!(": {}", s.message))
+        .unwrap_or_else(|| ": no report from its agent".into());
+    let message = format!(
+        "node {node} did not apply and verify the export on {} within {}s{why}",
+        want.bridge,
+        deadline.as_secs()
+    );
+    if !policy.spec.rollout.auto_rollback {
+        return TargetPlan::problem(Progress::Held, "RolloutFailed", message, true);
+    }
+    rolled_back.insert(policy.name.to_string(), policy.generation);
+    TargetPlan::problem(Progress::Held, "RolledBack", format!("{message}; its export was removed"), true)
+        .with_actions(vec![put(tracing, node, others, &rolled_back)])
+        .rolled_back()
+}
+
+/// Nodes the policy selects and nodes whose NodeTracing carries something of it.
+pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Observed>, kube::Error> {
+    let mut found: BTreeMap<String, Observed> = BTreeMap::new();
+    if let Some(network) = policy.spec.network.as_ref().filter(|_| !policy.deleting) {
+        let params = match &network.node_selector {
+            Some(s) => ListParams::default().labels_from(
+                &selector(s).map_err(|e| kube::Error::Service(format!("spec.network.nodeSelector: {e}").into()))?,
+            ),
+            None => ListParams::default(),
+        };
+        for node in Api::<Node>::all(client.clone()).list_metadata(&params).await? {
+            let name = node.name_any();
+            found.insert(name.clone(), Observed { node: name, selected: true, tracing: None });
+        }
+    }
+    for tracing in Api::<NodeTracing>::all(client.clone()).list(&ListParams::default()).await? {
+        let name = tracing.name_any();
+        let concerns = tracing.spec.bridges.iter().any(|b| b.policy == policy.name)
+            || rolled_back_map(Some(&tracing)).contains_key(policy.name);
+        if let Some(o) = found.get_mut(&name) {
+            o.tracing = Some(tracing);
+        } else if concerns {
+            found.insert(name.clone(), Observed { node: name, selected: false, tracing: Some(tracing) });
+        }
+    }
+    Ok(found.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::node_tracing::{NodeTracingSpec, NodeTracingStatus};
+    use crate::api::{RolloutSpec, SflowSpec};
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + s).unwrap()
+    }
+
+    fn spec() -> TracingPolicySpec {
+        TracingPolicySpec {
+            network: Some(NetworkSpec {
+                node_selector: None,
+                bridge: "br-int".into(),
+                sflow: Some(SflowSpec {
+                    targets: vec!["127.0.0.1:6343".into()],
+                    sampling: 64,
+                    polling: 10,
+                    header: 128,
+                    agent: String::new(),
+                }),
+                ipfix: None,
+                conflict_policy: Default::default(),
+            }),
+            rollout: RolloutSpec { max_concurrent: 2, progress_deadline_seconds: 30, ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str, tracing: Option<NodeTracing>) -> Observed {
+        Observed { node: name.into(), selected: true, tracing }
+    }
+
+    fn tracing_with(node: &str, bridges: Vec<BridgeExport>, status: Vec<BridgeStatus>) -> NodeTracing {
+        let mut t = NodeTracing::new(node, NodeTracingSpec { node_name: node.into(), bridges });
+        t.status = Some(NodeTracingStatus { bridges: status, ..Default::default() });
+        t
+    }
+
+    fn applied_from(action: &Action) -> Vec<BridgeExport> {
+        match action {
+            Action::Put { bridges, .. } => bridges.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nodes_are_brought_in_batches() {
+        let s = spec();
+        let older = BTreeSet::new();
+        let view = PolicyView { name: "fabric", generation: 1, spec: &s, deleting: false, older: &older };
+        let plan = plan(view, &[node("n0", None), node("n1", None), node("n2", None)], at(0));
+        assert_eq!(plan.actions.len(), 2);
+        assert_eq!((plan.report.in_flight, plan.report.pending), (2, 1));
+        let bridges = applied_from(&plan.actions[0]);
+        assert_eq!(bridges[0].policy, "fabric");
+        assert_eq!(bridges[0].requested_at, Some(Time(at(0))));
+    }
+
+    #[test]
+    fn ready_when_the_agent_reports_applied_and_verified_for_this_generation() {
+        let s = spec();
+        let older = BTreeSet::new();
+        let view = PolicyView { name: "fabric", generation: 1, spec: &s, deleting: false, older: &older };
+        let entry = BridgeExport { requested_at: Some(Time(at(0))), ..desired(view, s.network.as_ref().unwrap()) };
+        let ok = BridgeStatus {
+            bridge: "br-int".into(),
+            policy: "fabric".into(),
+            applied_generation: 1,
+            applied: true,
+            verified: true,
+            ..Default::default()
+        };
+        let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![ok])))], at(5));
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.report.ready, 1);
+
+        let waiting = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![])))], at(5));
+        assert_eq!(waiting.report.in_flight, 1);
+        let failed = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![entry], vec![])))], at(31));
+        assert_eq!(failed.report.problems[0].reason, "RolledBack");
+        match &failed.actions[..] {
+            [Action::Delete { .. }] | [Action::Put { .. }] => {}
+            other => panic!("{other:?}"),
+        }
+        if let [Action::Put { bridges, rolled_back, .. }] = &failed.actions[..] {
+            assert!(bridges.is_empty());
+            assert_eq!(rolled_back.as_deref(), Some(r#"{"fabric":1}"#));
+        }
+    }
+
+    #[test]
+    fn the_older_policy_keeps_a_bridge_and_other_entries_are_kept() {
+        let s = spec();
+        let older = BTreeSet::from(["first".to_string()]);
+        let view = PolicyView { name: "second", generation: 1, spec: &s, deleting: false, older: &older };
+        let theirs = BridgeExport { policy: "first".into(), ..desired(view, s.network.as_ref().unwrap()) };
+        let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![theirs.clone()], vec![])))], at(0));
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.report.problems[0].reason, "Conflict");
+
+        // Another bridge of another policy stays when this one adds its entry.
+        let other_bridge = BridgeExport { bridge: "br-ex".into(), ..theirs };
+        let plan =
+            super::plan(view, &[node("n0", Some(tracing_with("n0", vec![other_bridge.clone()], vec![])))], at(0));
+        let bridges = applied_from(&plan.actions[0]);
+        assert_eq!(bridges.len(), 2);
+        assert_eq!(bridges[0], other_bridge);
+    }
+
+    #[test]
+    fn delete_empties_only_this_policys_part() {
+        let s = spec();
+        let older = BTreeSet::new();
+        let view = PolicyView { name: "fabric", generation: 1, spec: &s, deleting: true, older: &older };
+        let mine = desired(view, s.network.as_ref().unwrap());
+        let theirs = BridgeExport { bridge: "br-ex".into(), policy: "other".into(), ..mine.clone() };
+        let plan =
+            plan(view, &[node("n0", Some(tracing_with("n0", vec![mine.clone(), theirs.clone()], vec![])))], at(0));
+        assert_eq!(applied_from(&plan.actions[0]), vec![theirs]);
+        let alone = super::plan(view, &[node("n1", Some(tracing_with("n1", vec![mine], vec![])))], at(0));
+        assert!(matches!(alone.actions[..], [Action::Delete { .. }]));
+    }
+}
