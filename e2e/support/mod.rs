@@ -141,6 +141,9 @@ impl ControllerProcess {
 impl Drop for ControllerProcess {
     /// Stops gracefully (SIGTERM: the lease is released for the next test), then kills.
     fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         for _ in 0..50 {

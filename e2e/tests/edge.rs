@@ -120,6 +120,24 @@ async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
     assert!(!d.labels().contains_key(POLICY_LABEL));
 }
 
+/// The columns of a one-row `kubectl get` table as (header, value), cut at the header's offsets so
+/// that empty cells stay empty.
+fn printed_columns(table: &str) -> Vec<(String, String)> {
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let row = lines.next().unwrap();
+    let starts: Vec<usize> = header
+        .match_indices(|c: char| c != ' ')
+        .filter(|(i, _)| *i == 0 || header.as_bytes()[i - 1] == b' ')
+        .map(|(i, _)| i)
+        .collect();
+    let cell = |line: &str, i: usize| {
+        let end = starts.get(i + 1).copied().unwrap_or(line.len()).min(line.len());
+        line.get(starts[i].min(line.len())..end).unwrap_or_default().trim().to_string()
+    };
+    (0..starts.len()).map(|i| (cell(header, i), cell(row, i))).collect()
+}
+
 #[tokio::test]
 async fn bad_policies_are_refused_naming_the_field() {
     let _client = client().await;
@@ -177,10 +195,11 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     }
     let (ok, table, _) = kubectl(&["get", "tracingpolicies", &name]);
     assert!(ok);
-    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "INGRESS", "WORKLOADS", "NODES", "SAMPLING", "AGE"]);
-    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!((row[1], row[2], row[3], row[4]), ("True", "1/1", "<none>", "<none>"), "{table}");
+    let columns = printed_columns(&table);
+    let names: Vec<&str> = columns.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["NAME", "READY", "INGRESS", "WORKLOADS", "NODES", "SAMPLING", "AGE"]);
+    let values: Vec<&str> = columns.iter().map(|(_, value)| value.as_str()).collect();
+    assert_eq!(&values[1..6], ["True", "1/1", "", "", "0.25"], "{table}");
 
     // Converged: wake the policy up through a watched object and count writes.
     let writes = controller.counter("crosstrace_api_writes_total").await;

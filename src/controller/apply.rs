@@ -88,6 +88,10 @@ impl Writer {
     }
 }
 
+fn policy_of_marker(marker: &Option<String>) -> Option<String> {
+    marker.as_ref().and_then(|m| m.split_once('/')).map(|(policy, _)| policy.to_string())
+}
+
 fn record_json(record: &ingress::Record) -> String {
     serde_json::to_string(record).expect("a record always serializes")
 }
@@ -157,7 +161,8 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
             let mut patch = json!({"metadata": {
                 "annotations": annotations,
-                "labels": {POLICY_LABEL: keep.as_ref().map(|r| r.policy.clone())},
+                // A rolled-back controller stays labelled so that delete finds it and clears the marker.
+                "labels": {POLICY_LABEL: keep.as_ref().map(|r| r.policy.clone()).or_else(|| policy_of_marker(rolled_back))},
             }});
             if let Some(image) = image {
                 patch["spec"] =

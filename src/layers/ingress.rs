@@ -206,8 +206,13 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
         let key = ObjectKey::of(&t.deployment.metadata);
         let record = record_of(&t.deployment);
         let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
+        let marked = t
+            .deployment
+            .annotations()
+            .get(ROLLED_BACK_ANNOTATION)
+            .is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
         if !(active && t.selected) {
-            if ours {
+            if ours || marked {
                 plan.actions.extend(revert(&key, record.ok().flatten().as_ref(), None));
             }
             continue;
