@@ -299,7 +299,10 @@ pub fn removal_patch(kind: WorkloadKind, workload: &ObjectKey, rolled_back: Opti
     let (api_version, kind) = api_version_kind(kind);
     let mut patch = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": workload.name, "namespace": workload.namespace}});
     if let Some(marker) = rolled_back {
+        // The label stays with the marker so that deleting the policy finds the workload and clears it.
+        let policy = marker.split_once('/').map_or(marker, |(policy, _)| policy);
         patch["metadata"]["annotations"] = json!({ROLLED_BACK_ANNOTATION: marker});
+        patch["metadata"]["labels"] = json!({POLICY_LABEL: policy});
     }
     patch
 }
