@@ -16,9 +16,9 @@ default:
 build:
     cargo build --locked
 
-# Regenerate crds/ from the Rust types (commit the result).
+# Regenerate crds/ and the chart's crds/ from the Rust types (commit the result).
 crds:
-    cargo run --locked --quiet -- crds --out-dir crds
+    cargo run --locked --quiet -- crds --out-dir crds --out-dir helm/crosstrace/crds
 
 # Formatting and lints, warnings are errors.
 lint:

@@ -31,9 +31,9 @@ enum Role {
     Controller(ControllerArgs),
     /// Print every CRD as YAML, or write one file per CRD into a directory.
     Crds {
-        /// Write `<crd name>.yaml` files here instead of printing.
+        /// Write `<crd name>.yaml` files into this directory instead of printing (repeatable).
         #[arg(long)]
-        out_dir: Option<PathBuf>,
+        out_dir: Vec<PathBuf>,
     },
 }
 
@@ -144,14 +144,14 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "crosstrace".into())
 }
 
-fn write_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    match out_dir {
-        None => print!("{}", crosstrace::api::crds_yaml()?),
-        Some(dir) => {
-            std::fs::create_dir_all(&dir)?;
-            for (file, yaml) in crosstrace::api::crd_files()? {
-                std::fs::write(dir.join(file), yaml)?;
-            }
+fn write_crds(out_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
+    if out_dirs.is_empty() {
+        print!("{}", crosstrace::api::crds_yaml()?);
+    }
+    for dir in out_dirs {
+        std::fs::create_dir_all(&dir)?;
+        for (file, yaml) in crosstrace::api::crd_files()? {
+            std::fs::write(dir.join(file), yaml)?;
         }
     }
     Ok(())

@@ -1,21 +1,25 @@
-//! `crds/` is generated from the Rust types by `crosstrace crds --out-dir crds`; this fails when the
-//! committed files are stale, so the API server never gets a schema the code does not match.
+//! `crds/` and the chart's `crds/` are generated from the Rust types (`just crds`); this fails when
+//! the committed files are stale, so the API server never gets a schema the code does not match.
 
 use std::path::Path;
 
 #[test]
 fn committed_crds_match_the_types() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
     let files = crosstrace::api::crd_files().expect("CRDs serialize");
-    for (name, generated) in &files {
-        let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("crds/{name}: {e}"));
-        assert!(
-            committed == *generated,
-            "crds/{name} is stale: run `just crds` (cargo run -- crds --out-dir crds) and commit the result"
-        );
+    for dir in ["crds", "helm/crosstrace/crds"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        for (name, generated) in &files {
+            let committed =
+                std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{}/{name}: {e}", dir.display()));
+            assert!(
+                committed == *generated,
+                "{}/{name} is stale: run `just crds` and commit the result",
+                dir.display()
+            );
+        }
+        let on_disk = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(on_disk, files.len(), "{} holds files no type generates", dir.display());
     }
-    let on_disk = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(on_disk, files.len(), "crds/ holds files no type generates");
 }
 
 #[test]

@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# The Helm chart (helm/crosstrace) on the local e2e cluster: lint, server-side validation of the rendered
+# manifests, install, Ready workloads (kwok simulates the pods), least-privilege RBAC, the agent admission
+# policy with real pod-bound tokens, and an uninstall that keeps only the CRDs.
+#
+# Run after `e2e/cluster.sh up` and `eval "$(e2e/cluster.sh env)"` (the env is loaded here when KUBECONFIG
+# is unset). Uses `helm` and `kubectl` from PATH. Prints `ok - <check>` / `not ok - <check>` and a final
+# `N passed, M failed`; exits non-zero when any check fails. Leaves the CRDs in place (other tests use them).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+chart="$root/helm/crosstrace"
+release=crosstrace
+ns=crosstrace-system
+controller_sa="system:serviceaccount:$ns:crosstrace-controller"
+agent_sa="system:serviceaccount:$ns:crosstrace-agent"
+
+passed=0
+failed=0
+ok() { echo "ok - $1"; passed=$((passed + 1)); }
+not_ok() {
+  echo "not ok - $1"
+  failed=$((failed + 1))
+  [ -z "${2:-}" ] || printf '  # %s\n' "${2//$'\n'/$'\n'  # }"
+}
+# check <name> <command...>: ok when the command succeeds, otherwise not ok with its output.
+check() {
+  local name=$1 out
+  shift
+  if out="$("$@" 2>&1)"; then ok "$name"; else not_ok "$name" "$out"; fi
+}
+finish() {
+  echo "$passed passed, $failed failed"
+  [ "$failed" -eq 0 ]
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Offline checks
+
+lint_clean() {
+  local out
+  out="$(helm lint --strict "$chart" 2>&1)" || { echo "$out"; return 1; }
+  # --strict fails on warnings already; errors or warnings printed anyway are a failure too.
+  ! grep -E '^\[(WARNING|ERROR)\]' <<<"$out"
+}
+check "helm lint --strict is clean" lint_clean
+
+crds_match() {
+  diff -r "$root/crds" "$chart/crds"
+}
+check "the chart's CRDs are the generated ones" crds_match
+
+schema_rejects_bad_values() {
+  local bad
+  for bad in logFormat=xml controller.replicas=0 agent.securityContext.privileged=true unknown=1; do
+    if helm template "$release" "$chart" -n "$ns" --set "$bad" >/dev/null 2>&1; then
+      echo "values.schema.json accepted $bad"
+      return 1
+    fi
+  done
+}
+check "values.schema.json rejects bad values" schema_rejects_bad_values
+
+# ----------------------------------------------------------------------------------------------------------
+# On the cluster
+
+if [ -z "${KUBECONFIG:-}" ]; then
+  env_out="$("$root/e2e/cluster.sh" env 2>&1)" || {
+    not_ok "cluster env (is the cluster up? run e2e/cluster.sh up)" "$env_out"
+    finish
+    exit 1
+  }
+  eval "$env_out"
+fi
+
+if helm status "$release" -n "$ns" >/dev/null 2>&1; then
+  not_ok "no release $release in $ns before the test (is the demo running? leaving it alone)"
+  finish
+  exit 1
+fi
+
+installed=0
+ns_created=0
+tmp="$(mktemp -d)"
+psa_ns="helm-test-psa-$$"
+created_nts=()
+cleanup() {
+  set +e
+  ((installed)) && helm uninstall "$release" -n "$ns" >/dev/null 2>&1
+  ((${#created_nts[@]})) && kubectl delete nodetracing "${created_nts[@]}" --ignore-not-found >/dev/null 2>&1
+  kubectl delete namespace "$psa_ns" --ignore-not-found --wait=false >/dev/null 2>&1
+  ((ns_created)) && kubectl delete namespace "$ns" --ignore-not-found --wait=false >/dev/null 2>&1
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+crds_installed() {
+  kubectl apply --server-side --force-conflicts -f "$root/crds/" >/dev/null &&
+    kubectl wait --for=condition=Established --timeout=30s \
+      crd/tracingpolicies.crosstrace.dev crd/nodetracings.crosstrace.dev >/dev/null
+}
+check "CRDs applied (server-side) and Established" crds_installed
+
+# A namespace left terminating by an earlier run cannot take new objects: wait until it is gone.
+if [ "$(kubectl get namespace "$ns" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
+  kubectl wait --for=delete "namespace/$ns" --timeout=180s >/dev/null 2>&1 ||
+    { not_ok "namespace $ns from an earlier run still terminating after 180 s"; finish; exit 1; }
+fi
+# Namespaced objects can only be validated by the server when their namespace exists.
+if ! kubectl get namespace "$ns" >/dev/null 2>&1; then
+  kubectl create namespace "$ns" >/dev/null && ns_created=1
+fi
+
+template_accepted() {
+  helm template "$release" "$chart" -n "$ns" >"$tmp/rendered.yaml" &&
+    kubectl apply --dry-run=server -f "$tmp/rendered.yaml"
+}
+check "helm template output accepted by the server (apply --dry-run=server)" template_accepted
+
+template_with_options_accepted() {
+  helm template "$release" "$chart" -n "$ns" --set agent.enabled=false,logFormat=json \
+    --set otel.endpoint=http://otel-collector.observability:4317 | kubectl apply --dry-run=server -f - >/dev/null
+}
+check "helm template with agent off, json logs and OTLP accepted by the server" template_with_options_accepted
+
+# The controller's pod, created for real (dry run) in a namespace that enforces Pod Security "restricted".
+controller_pod_restricted() {
+  local out
+  local i
+  kubectl create namespace "$psa_ns" >/dev/null
+  kubectl label namespace "$psa_ns" pod-security.kubernetes.io/enforce=restricted \
+    pod-security.kubernetes.io/warn=restricted >/dev/null
+  # The pod runs as the namespace's default ServiceAccount, which kube-controller-manager creates shortly.
+  for ((i = 0; i < 100; i++)); do
+    kubectl -n "$psa_ns" get serviceaccount default >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  helm template "$release" "$chart" -n "$ns" -s templates/controller-deployment.yaml |
+    kubectl create --dry-run=client -o json -f - |
+    jq --arg ns "$psa_ns" '{apiVersion: "v1", kind: "Pod", metadata: {name: "psa-check", namespace: $ns},
+      spec: (.spec.template.spec | .serviceAccountName = "default")}' >"$tmp/pod.json"
+  out="$(kubectl create --dry-run=server -f "$tmp/pod.json" 2>&1)" || { echo "$out"; return 1; }
+  ! grep -i warning <<<"$out"
+}
+check "controller pod admitted under Pod Security restricted" controller_pod_restricted
+
+install() {
+  helm install "$release" "$chart" -n "$ns" --create-namespace --wait=false >"$tmp/install.out" 2>&1 ||
+    { cat "$tmp/install.out"; return 1; }
+  grep -q 'kubectl apply -f config/samples/edge.yaml' "$tmp/install.out" ||
+    { echo "NOTES do not say what to apply next"; cat "$tmp/install.out"; return 1; }
+}
+check "helm install succeeds (and NOTES say what to apply next)" install
+# (check runs its command in a subshell, so whether the release exists is asked here.)
+helm status "$release" -n "$ns" >/dev/null 2>&1 && installed=1
+((installed)) || { finish; exit 1; }
+
+controller_ready() {
+  kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s &&
+    kubectl -n "$ns" get deployment crosstrace-controller -o json |
+    jq -e '.status.readyReplicas == .spec.replicas and .spec.replicas == 2' >/dev/null
+}
+check "controller Deployment Ready (2 replicas)" controller_ready
+
+agent_ready() {
+  local nodes i ready=0 desired=0
+  nodes="$(kubectl get nodes -o name | wc -l)"
+  for ((i = 0; i < 600; i++)); do
+    read -r desired ready < <(kubectl -n "$ns" get daemonset crosstrace-agent \
+      -o jsonpath='{.status.desiredNumberScheduled} {.status.numberReady}' 2>/dev/null)
+    [ "${desired:-0}" -eq "$nodes" ] && [ "${ready:-0}" -eq "$nodes" ] && break
+    sleep 0.2
+  done
+  echo "agent pods Ready: ${ready:-0}, scheduled: ${desired:-0}, nodes: $nodes"
+  [ "${desired:-0}" -eq "$nodes" ] && [ "${ready:-0}" -eq "$nodes" ] || return 1
+  kubectl -n "$ns" get pods -l app.kubernetes.io/component=agent -o json |
+    jq -e --argjson n "$nodes" '[.items[].spec.nodeName] | unique | length == $n' >/dev/null
+}
+check "agent DaemonSet has one Ready pod per node" agent_ready
+
+# can <yes|no> <verb> <resource> <user> [flags...]
+can() {
+  local want=$1 verb=$2 resource=$3 user=$4 got
+  shift 4
+  got="$(kubectl auth can-i "$verb" "$resource" --as="$user" "$@" 2>/dev/null || true)"
+  [ "$got" = "$want" ] || { echo "can-i $verb $resource as $user $*: $got, want $want"; return 1; }
+}
+check "controller may patch deployments" can yes patch deployments "$controller_sa" -A
+check "controller may not delete deployments" can no delete deployments "$controller_sa" -n default
+check "controller may not read secrets" can no get secrets "$controller_sa" -A
+check "controller may update its Lease" can yes update leases/crosstrace-controller "$controller_sa" -n "$ns"
+check "controller may not touch Leases elsewhere" can no create leases "$controller_sa" -n kube-system
+check "controller may patch tracingpolicies/status" can yes patch tracingpolicies "$controller_sa" --subresource=status
+check "agent may patch nodetracings/status" can yes patch nodetracings "$agent_sa" --subresource=status
+check "agent may not delete nodetracings" can no delete nodetracings "$agent_sa"
+check "agent may not patch nodetracings (spec)" can no patch nodetracings "$agent_sa"
+check "agent may get nodes" can yes get nodes "$agent_sa"
+check "agent may not list nodes" can no list nodes "$agent_sa"
+
+# refused <expected message part> <command...>: the command fails with the admission policy's message.
+# Retried for a while: a new policy takes effect once the API server's policy informer has seen it.
+refused() {
+  local want=$1 out="" i
+  shift
+  for ((i = 0; i < 40; i++)); do
+    if ! out="$("$@" 2>&1)" && grep -q "crosstrace-agent-own-node" <<<"$out"; then
+      grep -q "$want" <<<"$out" || { echo "$out"; return 1; }
+      return 0
+    fi
+    sleep 0.5
+  done
+  echo "not refused by the policy: $out"
+  return 1
+}
+
+# The admission policy, with real ServiceAccount tokens: an agent pod's token carries its node's name.
+# The API server's address and CA, for requests made with a ServiceAccount token alone.
+api_server() {
+  kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}'
+}
+api_ca() {
+  local ca="$tmp/ca.crt"
+  if [ ! -s "$ca" ]; then
+    kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' |
+      base64 -d >"$ca"
+    [ -s "$ca" ] || cp "$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority}')" "$ca"
+  fi
+  echo "$ca"
+}
+ensure_nodetracing() { # <name>: creates it (and removes it at exit) unless it exists
+  kubectl get nodetracing "$1" >/dev/null 2>&1 && return 0
+  kubectl create -f - >/dev/null <<EOF
+apiVersion: crosstrace.dev/v1alpha1
+kind: NodeTracing
+metadata: {name: $1}
+spec: {nodeName: $1}
+EOF
+  created_nts+=("$1")
+}
+# status_patch <token> <nodetracing>: a merge patch of the status, sent the way the agent sends it (a bare
+# PATCH; `kubectl patch` would GET first, which the agent may not). A server-side dry run: admission runs,
+# nothing is stored.
+status_patch() {
+  local out code
+  out="$(curl -sS --cacert "$(api_ca)" -H "Authorization: Bearer $1" -X PATCH \
+    -H 'Content-Type: application/merge-patch+json' -d '{"status":{"ovsVersion":"helm-test"}}' \
+    -w '\n%{http_code}' "$(api_server)/apis/crosstrace.dev/v1alpha1/nodetracings/$2/status?dryRun=All")"
+  code="${out##*$'\n'}"
+  echo "HTTP $code: ${out%$'\n'*}"
+  [ "$code" = 200 ]
+}
+
+pod="$(kubectl -n "$ns" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)"
+node="$(kubectl -n "$ns" get pod "$pod" -o jsonpath='{.spec.nodeName}' 2>/dev/null || true)"
+other="helm-test-other-$$"
+if [ -n "$pod" ] && [ -n "$node" ] && ensure_nodetracing "$node" && ensure_nodetracing "$other"; then
+  bound="$(kubectl -n "$ns" create token crosstrace-agent --bound-object-kind=Pod --bound-object-name="$pod" \
+    --duration=10m)"
+  unbound="$(kubectl -n "$ns" create token crosstrace-agent --duration=10m)"
+
+  check "agent token of a pod on $node may patch NodeTracing $node status" status_patch "$bound" "$node"
+  check "agent token of a pod on $node is refused for another node's NodeTracing status" \
+    refused "may only write NodeTracing $node" status_patch "$bound" "$other"
+  check "agent token not bound to a pod is refused" \
+    refused "bound to a pod on a node" status_patch "$unbound" "$node"
+else
+  not_ok "set up the admission policy checks (agent pod '$pod' on node '$node')"
+fi
+
+# ----------------------------------------------------------------------------------------------------------
+# Uninstall: everything goes but the CRDs.
+
+uninstall() {
+  helm uninstall "$release" -n "$ns" --wait --timeout=120s >/dev/null
+}
+check "helm uninstall succeeds" uninstall
+helm status "$release" -n "$ns" >/dev/null 2>&1 || installed=0
+
+all_gone() {
+  local left=() kind_name
+  for kind_name in deployment/crosstrace-controller daemonset/crosstrace-agent serviceaccount/crosstrace-controller \
+    serviceaccount/crosstrace-agent service/crosstrace-metrics role/crosstrace-controller-leader-election \
+    rolebinding/crosstrace-controller-leader-election; do
+    kubectl -n "$ns" get "$kind_name" >/dev/null 2>&1 && left+=("$kind_name")
+  done
+  for kind_name in clusterrole/crosstrace-controller clusterrole/crosstrace-agent \
+    clusterrolebinding/crosstrace-controller clusterrolebinding/crosstrace-agent \
+    validatingadmissionpolicy/crosstrace-agent-own-node validatingadmissionpolicybinding/crosstrace-agent-own-node; do
+    kubectl get "$kind_name" >/dev/null 2>&1 && left+=("$kind_name")
+  done
+  ((${#left[@]} == 0)) || { echo "left after uninstall: ${left[*]}"; return 1; }
+}
+check "helm uninstall removes the workloads, RBAC and admission policy" all_gone
+
+crds_remain() {
+  kubectl get crd tracingpolicies.crosstrace.dev nodetracings.crosstrace.dev >/dev/null
+}
+check "helm uninstall keeps the CRDs" crds_remain
+
+finish
