@@ -29,6 +29,8 @@ struct Cli {
 enum Role {
     /// Run the operator.
     Controller(ControllerArgs),
+    /// Run the node agent: Open vSwitch flow export for this node's NodeTracing.
+    Agent(crosstrace::agent::AgentArgs),
     /// Print every CRD as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing (repeatable).
@@ -162,6 +164,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.role {
         Role::Crds { out_dir } => write_crds(out_dir),
+        Role::Agent(args) => {
+            let _telemetry = telemetry::init(cli.log_format, "crosstrace-agent")?;
+            crosstrace::agent::run(args, shutdown_signal()).await
+        }
         Role::Controller(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-controller")?;
             run_controller(args).await

@@ -25,6 +25,14 @@ pub async fn client() -> Client {
     client
 }
 
+/// The kubeconfig of the chart's controller ServiceAccount, written by `just e2e`.
+pub fn controller_kubeconfig() -> String {
+    std::env::var("CROSSTRACE_E2E_CONTROLLER_KUBECONFIG").expect(
+        "CROSSTRACE_E2E_CONTROLLER_KUBECONFIG is not set: `just e2e` installs the chart and writes a kubeconfig \
+         for its controller ServiceAccount (e2e/sa-kubeconfig.sh crosstrace-system crosstrace-controller FILE)",
+    )
+}
+
 /// Runs kubectl (the cluster's own, first on PATH from `cluster.sh env`) and returns (success, stdout, stderr).
 pub fn kubectl(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("kubectl").args(args).output().expect("kubectl runs");
@@ -93,8 +101,14 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// Starts the controller with the admin kubeconfig from the environment, or with `kubeconfig`.
-    pub fn start(admin_port: u16, kubeconfig: Option<&str>) -> Self {
+    /// Starts the controller authenticated as the chart's `crosstrace-controller` ServiceAccount (the
+    /// kubeconfig `just e2e` writes), so that every suite also proves the chart's RBAC is enough.
+    pub fn start(admin_port: u16) -> Self {
+        Self::start_with(admin_port, &controller_kubeconfig())
+    }
+
+    /// Starts the controller with the given kubeconfig.
+    pub fn start_with(admin_port: u16, kubeconfig: &str) -> Self {
         let log = std::fs::File::create(format!("{}/controller-{admin_port}.log", std::env::temp_dir().display()))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crosstrace"));
@@ -109,9 +123,7 @@ impl ControllerProcess {
         .env("RUST_LOG", "info,crosstrace=debug")
         .stdout(Stdio::null())
         .stderr(log);
-        if let Some(path) = kubeconfig {
-            cmd.env("KUBECONFIG", path);
-        }
+        cmd.env("KUBECONFIG", kubeconfig);
         Self { child: cmd.spawn().expect("start crosstrace controller"), admin_port }
     }
 

@@ -170,7 +170,7 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-edge", json!({})).await;
     let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
-    let controller = ControllerProcess::start(18081, None);
+    let controller = ControllerProcess::start(18081);
 
     let name = format!("{}-policy", ns.name);
     apply_policy(&client, &edge_policy(&name, &ns.name, "", 60)).await;
@@ -227,7 +227,7 @@ async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-image", json!({})).await;
     let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
-    let _controller = ControllerProcess::start(18082, None);
+    let _controller = ControllerProcess::start(18082);
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
 
     let name = format!("{}-policy", ns.name);
@@ -265,7 +265,7 @@ async fn a_controller_killed_mid_rollout_converges_after_restart() {
     let ns = TestNamespace::create(&client, "e2e-crash", json!({})).await;
     let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
-    let mut first = ControllerProcess::start(18083, None);
+    let mut first = ControllerProcess::start(18083);
 
     let name = format!("{}-policy", ns.name);
     let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
@@ -283,7 +283,7 @@ async fn a_controller_killed_mid_rollout_converges_after_restart() {
     .await;
     first.kill();
 
-    let _second = ControllerProcess::start(18084, None);
+    let _second = ControllerProcess::start(18084);
     wait_condition(&client, &name, "Ready", "True").await;
     let d = deployments.get("ingress-nginx-controller").await.unwrap();
     assert_eq!(image_of(&d), instrumented);
@@ -292,4 +292,30 @@ async fn a_controller_killed_mid_rollout_converges_after_restart() {
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;
+}
+
+#[tokio::test]
+async fn the_controller_identity_is_least_privilege() {
+    let admin = client().await;
+    let ns = TestNamespace::create(&admin, "e2e-rbac", json!({})).await;
+    ingress_nginx(&admin, &ns.name).await;
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(controller_kubeconfig()).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let controller = Client::try_from(config).unwrap();
+    let deployments = Api::<Deployment>::namespaced(controller.clone(), &ns.name);
+    let refused = |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(e)) if e.code == 403);
+    assert!(deployments.get("ingress-nginx-controller").await.is_ok(), "it may read Deployments");
+    let dry_run = kube::api::DeleteParams { dry_run: true, ..Default::default() };
+    assert!(
+        refused(deployments.delete("ingress-nginx-controller", &dry_run).await.map(drop)),
+        "it may not delete a Deployment"
+    );
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(controller.clone(), &ns.name);
+    assert!(refused(secrets.list(&Default::default()).await.map(drop)), "it may not read Secrets");
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(controller, &ns.name);
+    assert!(refused(pods.list(&Default::default()).await.map(drop)), "it may not read Pods");
 }

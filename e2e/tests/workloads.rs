@@ -210,7 +210,7 @@ async fn workloads_roll_out_in_batches_leave_others_alone_and_revert_exactly() {
     let system_api = Api::<Deployment>::namespaced(client.clone(), "kube-system");
     let system_before = system_api.get(&system_deployment).await.unwrap().spec.unwrap().template;
 
-    let controller = ControllerProcess::start(18091, None);
+    let controller = ControllerProcess::start(18091);
     let (max_rolling, tracker) = track_rolling(&client, vec![a.name.clone(), b.name.clone()]);
     let name = format!("{tag}-policy");
     apply(&client, &workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet", "DaemonSet"])).await;
@@ -297,7 +297,7 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
     wait_rolled_out(&client, &ns.name).await;
     let before = templates(&client, &ns.name).await;
 
-    let _controller = ControllerProcess::start(18092, None);
+    let _controller = ControllerProcess::start(18092);
     let name = format!("{tag}-policy");
     apply(&client, &workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"])).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;

@@ -245,7 +245,7 @@ pub struct SflowSpec {
     #[serde(default = "default_header")]
     #[schemars(range(min = 18, max = 512))]
     pub header: u32,
-    /// Interface whose address is the sFlow agent address; empty = OVS's choice.
+    /// The sFlow agent address: an interface name or an IP address; empty = OVS's choice.
     #[serde(default)]
     #[schemars(length(max = 15))]
     pub agent: String,
