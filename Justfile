@@ -37,16 +37,25 @@ up:
 down:
     {{cluster}} down
 
-# End-to-end tests on the local cluster; starts it if needed and stops it again if it started it.
+# End-to-end tests on the local cluster; starts it if needed and, then, stops it again (proving
+# `down` leaves nothing behind). Installs the chart: the controller and agents run as its ServiceAccounts.
 e2e:
     #!/usr/bin/env bash
     set -euo pipefail
     started=0
     if ! {{cluster}} status >/dev/null 2>&1; then {{cluster}} up; started=1; fi
-    trap '[ $started = 1 ] && {{cluster}} down' EXIT
     eval "$({{cluster}} env)"
-    bash e2e/tests/cluster_test.sh
+    finish() {
+        e2e/install-chart.sh --remove
+        if [ "$started" = 1 ]; then bash e2e/tests/down_test.sh || exit 1; fi
+    }
+    trap finish EXIT
     cargo build --locked --features e2e --tests
+    bash e2e/tests/cluster_test.sh
+    e2e/install-chart.sh --remove
+    bash e2e/tests/helm_test.sh
+    e2e/install-chart.sh
+    export CROSSTRACE_E2E_CONTROLLER_KUBECONFIG="$CROSSTRACE_E2E_STATE/controller.kubeconfig"
     cargo test --locked --features e2e --test 'e2e_*' -- --test-threads=1
 
 # Everything CI runs: lint, unit, e2e.

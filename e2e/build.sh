@@ -123,6 +123,12 @@ if [ "${1:-}" = "--print" ]; then
   exit 0
 fi
 
+# One build at a time: a second caller (e.g. cluster.sh up while a background build runs) waits for the
+# first and then finds everything cached.
+mkdir -p "$cache"
+exec 9>"$cache/.build.lock"
+flock 9 || die "could not lock $cache/.build.lock"
+
 start=$SECONDS
 built=0
 for step in build_just build_helm build_kwok build_etcd build_kubernetes; do

@@ -123,7 +123,8 @@ ours() {
 start_bg() {
   local name=$1
   shift
-  setsid "$@" </dev/null >>"$state/logs/$name.log" 2>&1 &
+  # 9>&-: the lock of `up` must not be inherited, or the cluster itself would hold it until `down`.
+  setsid "$@" </dev/null >>"$state/logs/$name.log" 2>&1 9>&- &
   record_pid "$name" $!
 }
 
@@ -363,8 +364,13 @@ start_kwok() {
 }
 
 node_name() { echo "kwok-node-$1"; }
+# Each node gets its own loopback address (all of 127.0.0.0/8 reaches this machine, so an agent simulating
+# the node can really listen on it) and its own pod range, as node IPAM would give (it is off here).
+node_ip() { echo "127.0.1.$(($1 + 1))"; }
+node_pod_cidr() { echo "10.244.$1.0/24"; }
 
 create_nodes() {
+  ((nodes <= 250)) || die "at most 250 nodes (CROSSTRACE_E2E_NODES=$nodes)"
   local i name
   for ((i = 0; i < nodes; i++)); do
     name="$(node_name "$i")"
@@ -381,17 +387,25 @@ metadata:
     kubernetes.io/os: linux
     kubernetes.io/arch: amd64
     type: kwok
+spec:
+  podCIDR: $(node_pod_cidr "$i")
+  podCIDRs: [$(node_pod_cidr "$i")]
 status:
   allocatable: {cpu: "32", memory: 256Gi, pods: "1000"}
   capacity: {cpu: "32", memory: 256Gi, pods: "1000"}
+  addresses:
+  - {type: InternalIP, address: $(node_ip "$i")}
+  - {type: Hostname, address: $name}
 EOF
   done | kubectl apply -f - >/dev/null || die "could not create the kwok nodes"
 }
 
+# Nodes that are Ready and untainted. Right after creation the node lifecycle controller taints a node
+# not-ready until kwok reports it; tests should start only once that taint is gone again.
 ready_nodes() {
   kubectl get nodes -l type=kwok \
-    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null |
-    grep -cx True || true
+    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}|{.spec.taints}{"\n"}{end}' \
+    2>/dev/null | grep -cx 'True|' || true
 }
 
 all_nodes_ready() { [ "$(ready_nodes)" -ge "$nodes" ]; }
@@ -421,7 +435,7 @@ start_ovs() {
     --unixctl="$dir/ovsdb-server.ctl" \
     --pidfile="$dir/ovsdb-server.pid" \
     --log-file="$dir/ovsdb-server.log" \
-    --detach --no-chdir >>"$state/logs/ovs-$node.log" 2>&1 ||
+    --detach --no-chdir >>"$state/logs/ovs-$node.log" 2>&1 9>&- ||
     die "ovsdb-server for $node did not start (see $dir/ovsdb-server.log)"
   pid="$(cat "$dir/ovsdb-server.pid")"
   record_pid "ovsdb-server-$node" "$pid"
@@ -431,7 +445,7 @@ start_ovs() {
     --unixctl="$dir/ovs-vswitchd.ctl" \
     --pidfile="$dir/ovs-vswitchd.pid" \
     --log-file="$dir/ovs-vswitchd.log" \
-    --detach --no-chdir >>"$state/logs/ovs-$node.log" 2>&1 ||
+    --detach --no-chdir >>"$state/logs/ovs-$node.log" 2>&1 9>&- ||
     die "ovs-vswitchd for $node did not start (see $dir/ovs-vswitchd.log)"
   pid="$(cat "$dir/ovs-vswitchd.pid")"
   record_pid "ovs-vswitchd-$node" "$pid"
@@ -588,7 +602,7 @@ cmd_status() {
   fi
   local ready
   ready="$(ready_nodes)"
-  echo "nodes Ready: $ready/$nodes"
+  echo "nodes Ready (and untainted): $ready/$nodes"
   [ "$ready" -ge "$nodes" ] || ok=1
   [ -f "$state/up-complete" ] || { echo "up did not complete"; ok=1; }
   return $ok
@@ -610,12 +624,13 @@ cmd_env() {
   for ((i = 0; i < nodes; i++)); do
     dir="$(ovs_dir "$i")"
     printf 'export CROSSTRACE_NODE_%d=%q\n' "$i" "$(node_name "$i")"
+    printf 'export CROSSTRACE_NODE_%d_IP=%q\n' "$i" "$(node_ip "$i")"
     printf 'export CROSSTRACE_NODE_%d_OVSDB=%q\n' "$i" "unix:$dir/db.sock"
     printf 'export CROSSTRACE_NODE_%d_UNIXCTL=%q\n' "$i" "$dir/ovs-vswitchd.ctl"
   done
 }
 
-# `up` and `down` change the state directory; one at a time.
+# `up` and `down` change the state directory; one at a time. Daemons are started with fd 9 closed.
 with_lock() {
   mkdir -p "$(dirname "$state")"
   exec 9>"$state.lock"

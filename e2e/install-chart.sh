@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the chart into the local cluster (release crosstrace in crosstrace-system) and writes
+# kubeconfigs for its ServiceAccounts, so that host processes run with the chart's own RBAC:
+#   $CROSSTRACE_E2E_STATE/controller.kubeconfig         the controller
+#   $CROSSTRACE_E2E_STATE/agent-<node>.kubeconfig       each node's agent, its token bound to the
+#                                                       chart's agent pod on that node
+#   e2e/install-chart.sh            install (or upgrade) and write the kubeconfigs
+#   e2e/install-chart.sh --remove   helm uninstall
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${CROSSTRACE_E2E_STATE:?run eval \"\$(e2e/cluster.sh env)\" first}"
+release=crosstrace namespace=crosstrace-system
+
+if [ "${1:-}" = "--remove" ]; then
+  helm uninstall "$release" -n "$namespace" --wait --timeout=120s >/dev/null 2>&1 || true
+  exit 0
+fi
+
+kubectl apply --server-side --force-conflicts -f "$here/../crds" >/dev/null
+helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --create-namespace --wait=false >/dev/null
+kubectl -n "$namespace" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null
+kubectl -n "$namespace" rollout status daemonset/crosstrace-agent --timeout=120s >/dev/null
+
+"$here/sa-kubeconfig.sh" "$namespace" crosstrace-controller "$CROSSTRACE_E2E_STATE/controller.kubeconfig"
+# One agent token per node, bound to the chart's agent pod there: the API server puts the node name
+# in it, which the chart's ValidatingAdmissionPolicy checks on every status write.
+kubectl -n "$namespace" get pods -l app.kubernetes.io/component=agent \
+  -o jsonpath='{range .items[*]}{.spec.nodeName} {.metadata.name}{"\n"}{end}' |
+  while read -r node pod; do
+    [ -n "$node" ] || continue
+    "$here/sa-kubeconfig.sh" "$namespace" crosstrace-agent "$CROSSTRACE_E2E_STATE/agent-$node.kubeconfig" \
+      --bound-object-kind Pod --bound-object-name "$pod"
+  done
+echo "chart installed; kubeconfigs in $CROSSTRACE_E2E_STATE (controller.kubeconfig, agent-<node>.kubeconfig)"
