@@ -119,7 +119,7 @@ impl ControllerProcess {
             "--namespace",
             "crosstrace-system",
         ])
-        .args(["--lease-name", "crosstrace-e2e", "--lease-duration", "6"])
+        .args(["--lease-duration", "6"])
         .env("RUST_LOG", "info,crosstrace=debug")
         .stdout(Stdio::null())
         .stderr(log);
@@ -208,3 +208,4 @@ where
 {
     let _ = api.delete(name, &DeleteParams::default()).await;
 }
+pub mod agents;
