@@ -58,5 +58,13 @@ e2e:
     export CROSSTRACE_E2E_CONTROLLER_KUBECONFIG="$CROSSTRACE_E2E_STATE/controller.kubeconfig"
     cargo test --locked --features e2e --test 'e2e_*' -- --test-threads=1
 
+# The demo: local cluster, chart, controller and agents, sample objects, storefront policy.
+demo:
+    e2e/demo.sh up
+
+# Stop everything the demo started.
+demo-down:
+    e2e/demo.sh down
+
 # Everything CI runs: lint, unit, e2e.
 test: lint unit e2e

@@ -319,3 +319,50 @@ async fn the_controller_identity_is_least_privilege() {
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(controller, &ns.name);
     assert!(refused(pods.list(&Default::default()).await.map(drop)), "it may not read Pods");
 }
+
+#[tokio::test]
+async fn two_replicas_never_both_act_and_the_standby_takes_over() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-lease", json!({})).await;
+    let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
+    let first = ControllerProcess::start(18085);
+    let second = ControllerProcess::start(18086);
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "crosstrace-system");
+    let holder = eventually("a leader", || async {
+        leases.get("crosstrace-controller").await.ok()?.spec?.holder_identity.filter(|h| !h.is_empty())
+    })
+    .await;
+
+    let name = format!("{}-policy", ns.name);
+    apply_policy(&client, &edge_policy(&name, &ns.name, "", 60)).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+    let counts =
+        (first.counter("crosstrace_reconciles_total").await, second.counter("crosstrace_reconciles_total").await);
+    assert!(
+        (counts.0 > 0.0) != (counts.1 > 0.0),
+        "exactly one replica reconciles (leader {holder}), reconciles: {counts:?}"
+    );
+    let (mut leader, standby) = if counts.0 > 0.0 { (first, second) } else { (second, first) };
+
+    // The leader dies without releasing the lease: the standby takes over once it expires.
+    leader.kill();
+    let sampling = json!({"spec": {"sampling": {"ratio": "0.5"}}});
+    Api::<TracingPolicy>::all(client.clone())
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&sampling))
+        .await
+        .unwrap();
+    wait_condition(&client, &name, "Ready", "True").await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data.unwrap()["otel-sampler-ratio"], "0.5", "the standby applied the change");
+    assert!(standby.counter("crosstrace_reconciles_total").await > 0.0);
+    let new_holder =
+        leases.get("crosstrace-controller").await.unwrap().spec.unwrap().holder_identity.unwrap_or_default();
+    assert_ne!(new_holder, holder, "the lease changed hands");
+    assert!(http_get(standby.admin_port, "/healthz").await.contains("ok"));
+    assert!(http_get(standby.admin_port, "/readyz").await.contains("ready"));
+
+    delete_policy_and_wait(&client, &name).await;
+    assert_restored(&client, &ns.name, &before_cm).await;
+}

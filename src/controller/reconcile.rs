@@ -18,7 +18,8 @@ use super::Context;
 use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
-use crate::layers::ingress::{self, PolicyView};
+use crate::layers::PolicyView;
+use crate::layers::ingress;
 use crate::layers::{network, workloads};
 use crate::metrics::LayerLabels;
 use crate::telemetry;
@@ -82,10 +83,6 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
     converge(policy, name, ctx).await
 }
 
-fn view<'a>(policy: &'a TracingPolicy, name: &'a str, deleting: bool) -> PolicyView<'a> {
-    PolicyView { name, generation: policy.metadata.generation.unwrap_or(0), spec: &policy.spec, deleting }
-}
-
 /// Seniority between policies: creation time, then name.
 fn rank(p: &TracingPolicy) -> (Option<Timestamp>, String) {
     (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any())
@@ -120,30 +117,42 @@ async fn namespace_labels(
 /// what each enabled layer reports. With `deleting`, the plans only revert.
 async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting: bool) -> Result<Reports, Error> {
     let now = Timestamp::now().as_second();
-    let edge = view(policy, name, deleting);
-    let observed = ingress::observe(&ctx.client, edge, |d| {
+    let uid = policy.uid().unwrap_or_default();
+    let older: BTreeSet<String> = ctx
+        .policies
+        .state()
+        .iter()
+        .filter(|p| p.uid() != policy.uid() && rank(p) < rank(policy))
+        .map(|p| p.name_any())
+        .collect();
+    let view = PolicyView {
+        name,
+        uid: &uid,
+        generation: policy.metadata.generation.unwrap_or(0),
+        spec: &policy.spec,
+        deleting,
+        older: &older,
+    };
+    let observed = ingress::observe(&ctx.client, view, |d| {
         older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d.metadata)))
     })
     .await?;
-    let edge_plan = ingress::plan(edge, &observed, now);
+    let edge_plan = ingress::plan(view, &observed, now);
     if !edge_plan.actions.is_empty() {
         info!(actions = edge_plan.actions.len(), deleting, "changing the edge layer");
         super::apply::ingress(&ctx.writer, &edge_plan.actions).await?;
     }
 
-    let uid = policy.uid().unwrap_or_default();
-    let workload_view =
-        workloads::PolicyView { name, uid: &uid, generation: edge.generation, spec: &policy.spec, deleting };
     let defaults = &ctx.settings.workloads;
     let labels = namespace_labels(ctx, policy).await?;
-    let (observed, config_maps) = workloads::observe(&ctx.client, workload_view, defaults, |w| {
+    let (observed, config_maps) = workloads::observe(&ctx.client, view, defaults, |w| {
         let ns_labels = w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
         older_claimant(ctx, policy, |p| {
             p.spec.workloads.as_ref().is_some_and(|s| workloads::selects(s, defaults, w, ns_labels))
         })
     })
     .await?;
-    let workload_plan = workloads::plan(workload_view, defaults, &observed, &config_maps, now);
+    let workload_plan = workloads::plan(view, defaults, &observed, &config_maps, now);
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
         super::apply::workloads(&ctx.writer, &workload_plan.actions).await?;
@@ -154,17 +163,8 @@ async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting:
         publish(ctx, policy, EventType::Warning, "DriftCorrected", note).await;
     }
 
-    let older: BTreeSet<String> = ctx
-        .policies
-        .state()
-        .iter()
-        .filter(|p| p.uid() != policy.uid() && rank(p) < rank(policy))
-        .map(|p| p.name_any())
-        .collect();
-    let network_view =
-        network::PolicyView { name, generation: edge.generation, spec: &policy.spec, deleting, older: &older };
-    let observed = network::observe(&ctx.client, network_view).await?;
-    let network_plan = network::plan(network_view, &observed, Timestamp::now());
+    let observed = network::observe(&ctx.client, view).await?;
+    let network_plan = network::plan(view, &observed, Timestamp::now());
     if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
         super::apply::network(&ctx.writer, &network_plan.actions).await?;

@@ -14,8 +14,8 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::{LayerReport, ObjectKey, Progress, health, normalize_ratio};
-use crate::api::{CollectorSpec, IngressSpec, SamplingSpec, TracingPolicySpec};
+use super::{LayerReport, ObjectKey, PolicyView, Progress, health, normalize_ratio};
+use crate::api::{CollectorSpec, IngressSpec, SamplingSpec};
 
 /// Annotation on the controller Deployment holding the [`Record`] (what to restore).
 pub const RECORD_ANNOTATION: &str = "crosstrace.dev/ingress";
@@ -84,16 +84,6 @@ pub struct Observed {
     pub selected: bool,
     /// An older policy that also selects this controller and therefore keeps it.
     pub claimed_by: Option<String>,
-}
-
-/// The policy as the plan needs it.
-#[derive(Clone, Copy, Debug)]
-pub struct PolicyView<'a> {
-    pub name: &'a str,
-    pub generation: i64,
-    pub spec: &'a TracingPolicySpec,
-    /// The policy is being deleted: everything is reverted.
-    pub deleting: bool,
 }
 
 /// The plan for the edge layer.
@@ -183,11 +173,12 @@ pub fn version_warning(image: &str) -> Option<String> {
 }
 
 fn record_of(deployment: &Deployment) -> Result<Option<Record>, String> {
-    match deployment.annotations().get(RECORD_ANNOTATION) {
-        None => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|e| format!("annotation {RECORD_ANNOTATION} is unreadable: {e}")),
+    super::read_record(deployment.metadata.annotations.as_ref(), RECORD_ANNOTATION)
+}
+
+impl super::Owned for Record {
+    fn policy(&self) -> &str {
+        &self.policy
     }
 }
 
@@ -242,22 +233,11 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let key = ObjectKey::of(&t.deployment.metadata);
     let spec = policy.spec;
     let ingress = spec.ingress.as_ref().expect("forward is only planned with spec.ingress");
-    let record = match record {
-        Ok(r) => r,
-        Err(message) => {
-            return TargetPlan::problem(Progress::Held, "TargetBroken", format!("{key}: {message}"), true);
-        }
-    };
-    if let Some(other) =
-        record.as_ref().map(|r| r.policy.as_str()).filter(|p| *p != policy.name).or(t.claimed_by.as_deref())
+    let record = match super::claim(record, &format!("ingress controller {key}"), policy.name, t.claimed_by.as_deref())
     {
-        return TargetPlan::problem(
-            Progress::Held,
-            "Conflict",
-            format!("ingress controller {key} is already traced by TracingPolicy {other}"),
-            true,
-        );
-    }
+        Ok(record) => record,
+        Err(held) => return held,
+    };
     let Some((container, cm_key)) = config_map_ref(&t.deployment) else {
         return TargetPlan::problem(
             Progress::Held,
@@ -455,7 +435,7 @@ pub fn selects(ingress: &IngressSpec, deployment: &ObjectMeta) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CollectorSpec, RolloutSpec};
+    use crate::api::{CollectorSpec, RolloutSpec, TracingPolicySpec};
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
     use serde_json::json;
 
@@ -472,7 +452,7 @@ mod tests {
     }
 
     fn view(spec: &TracingPolicySpec) -> PolicyView<'_> {
-        PolicyView { name: "storefront", generation: 2, spec, deleting: false }
+        PolicyView { generation: 2, ..PolicyView::new("storefront", spec) }
     }
 
     fn controller(name: &str, image: &str, healthy: bool) -> Deployment {

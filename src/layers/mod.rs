@@ -10,9 +10,12 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Expression, Selector, SelectorExt};
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::api::RolloutSpec;
+use crate::api::{RolloutSpec, TracingPolicySpec};
 
 /// Namespace and name of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -36,6 +39,66 @@ impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
+}
+
+/// A policy as every layer's plan sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyView<'a> {
+    pub name: &'a str,
+    /// For owner references of objects the policy creates.
+    pub uid: &'a str,
+    pub generation: i64,
+    pub spec: &'a TracingPolicySpec,
+    /// The policy is being deleted: every layer only reverts.
+    pub deleting: bool,
+    /// Existing policies created before this one: a target they hold stays theirs.
+    pub older: &'a BTreeSet<String>,
+}
+
+static NO_POLICIES: BTreeSet<String> = BTreeSet::new();
+
+impl<'a> PolicyView<'a> {
+    /// A live policy at generation 1 with no older policy around.
+    pub fn new(name: &'a str, spec: &'a TracingPolicySpec) -> Self {
+        Self { name, uid: "", generation: 1, spec, deleting: false, older: &NO_POLICIES }
+    }
+}
+
+/// A record a layer keeps in an annotation of a target it changed, naming the owning policy.
+pub trait Owned {
+    fn policy(&self) -> &str;
+}
+
+/// Reads the JSON record a layer keeps under `key` in a target's annotations.
+pub fn read_record<R: DeserializeOwned>(
+    annotations: Option<&BTreeMap<String, String>>,
+    key: &str,
+) -> Result<Option<R>, String> {
+    match annotations.and_then(|a| a.get(key)) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw).map(Some).map_err(|e| format!("annotation {key} is unreadable: {e}")),
+    }
+}
+
+/// The target's record if this policy may act on it; otherwise the plan that reports why not (an
+/// unreadable record, or another policy owning or having the first claim on the target).
+pub fn claim<R: Owned, A>(
+    record: Result<Option<R>, String>,
+    what: &str,
+    policy: &str,
+    claimed_by: Option<&str>,
+) -> Result<Option<R>, TargetPlan<A>> {
+    let record =
+        record.map_err(|m| TargetPlan::problem(Progress::Held, "TargetBroken", format!("{what}: {m}"), true))?;
+    if let Some(other) = record.as_ref().map(|r| r.policy()).filter(|p| *p != policy).or(claimed_by) {
+        return Err(TargetPlan::problem(
+            Progress::Held,
+            "Conflict",
+            format!("{what} is already traced by TracingPolicy {other}"),
+            true,
+        ));
+    }
+    Ok(record)
 }
 
 /// A problem a layer reports on one target; it becomes part of a condition.
@@ -174,7 +237,7 @@ pub fn selector(label_selector: &LabelSelector) -> Result<Selector, String> {
 }
 
 /// Does a label set match a selector? An empty selector matches everything.
-pub fn matches(selector: &Selector, labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+pub fn matches(selector: &Selector, labels: Option<&BTreeMap<String, String>>) -> bool {
     let empty = Default::default();
     selector.matches(labels.unwrap_or(&empty))
 }

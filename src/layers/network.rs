@@ -2,7 +2,7 @@
 //! export wanted there (one entry per bridge, the oldest policy wins a bridge); the node's agent makes
 //! it so and reports back in the status, which is this layer's health signal.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -10,9 +10,9 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use super::{LayerReport, Progress, TargetPlan, schedule, selector};
+use super::{LayerReport, PolicyView, Progress, TargetPlan, schedule, selector};
 use crate::api::node_tracing::{BridgeExport, BridgeStatus};
-use crate::api::{NetworkSpec, NodeTracing, TracingPolicySpec};
+use crate::api::{NetworkSpec, NodeTracing};
 
 /// Annotation on a NodeTracing: `{policy: generation}` of exports rolled back there (not retried).
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/network-rolled-back";
@@ -34,17 +34,6 @@ pub enum Action {
     Put { node: String, bridges: Vec<BridgeExport>, rolled_back: Option<String>, resource_version: Option<String> },
     /// Delete a NodeTracing left with nothing to export (the agent then removes its rows).
     Delete { node: String, resource_version: Option<String> },
-}
-
-/// The policy as this layer needs it.
-#[derive(Clone, Copy, Debug)]
-pub struct PolicyView<'a> {
-    pub name: &'a str,
-    pub generation: i64,
-    pub spec: &'a TracingPolicySpec,
-    pub deleting: bool,
-    /// Existing policies created before this one: they keep a bridge they hold.
-    pub older: &'a BTreeSet<String>,
 }
 
 /// The plan of the network layer.
@@ -231,7 +220,8 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
 mod tests {
     use super::*;
     use crate::api::node_tracing::{NodeTracingSpec, NodeTracingStatus};
-    use crate::api::{RolloutSpec, SflowSpec};
+    use crate::api::{RolloutSpec, SflowSpec, TracingPolicySpec};
+    use std::collections::BTreeSet;
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + s).unwrap()
@@ -278,7 +268,7 @@ mod tests {
     fn nodes_are_brought_in_batches() {
         let s = spec();
         let older = BTreeSet::new();
-        let view = PolicyView { name: "fabric", generation: 1, spec: &s, deleting: false, older: &older };
+        let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
         let plan = plan(view, &[node("n0", None), node("n1", None), node("n2", None)], at(0));
         assert_eq!(plan.actions.len(), 2);
         assert_eq!((plan.report.in_flight, plan.report.pending), (2, 1));
@@ -291,7 +281,7 @@ mod tests {
     fn ready_when_the_agent_reports_applied_and_verified_for_this_generation() {
         let s = spec();
         let older = BTreeSet::new();
-        let view = PolicyView { name: "fabric", generation: 1, spec: &s, deleting: false, older: &older };
+        let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
         let entry = BridgeExport { requested_at: Some(Time(at(0))), ..desired(view, s.network.as_ref().unwrap()) };
         let ok = BridgeStatus {
             bridge: "br-int".into(),
@@ -323,7 +313,7 @@ mod tests {
     fn the_older_policy_keeps_a_bridge_and_other_entries_are_kept() {
         let s = spec();
         let older = BTreeSet::from(["first".to_string()]);
-        let view = PolicyView { name: "second", generation: 1, spec: &s, deleting: false, older: &older };
+        let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("second", &s) };
         let theirs = BridgeExport { policy: "first".into(), ..desired(view, s.network.as_ref().unwrap()) };
         let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![theirs.clone()], vec![])))], at(0));
         assert!(plan.actions.is_empty());
@@ -342,7 +332,7 @@ mod tests {
     fn delete_empties_only_this_policys_part() {
         let s = spec();
         let older = BTreeSet::new();
-        let view = PolicyView { name: "fabric", generation: 1, spec: &s, deleting: true, older: &older };
+        let view = PolicyView { deleting: true, older: &older, ..PolicyView::new("fabric", &s) };
         let mine = desired(view, s.network.as_ref().unwrap());
         let theirs = BridgeExport { bridge: "br-ex".into(), policy: "other".into(), ..mine.clone() };
         let plan =

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
-    LayerReport, ObjectKey, Progress, TargetPlan, health, label_equals, matches, normalize_ratio, schedule, selector,
+    LayerReport, ObjectKey, PolicyView, Progress, TargetPlan, health, label_equals, matches, normalize_ratio, schedule,
+    selector,
 };
 use crate::api::{OtlpProtocol, TracingPolicySpec, WorkloadKind, WorkloadsSpec};
 
@@ -145,17 +146,6 @@ pub struct Plan {
     pub report: LayerReport,
     /// Workloads whose injection had been removed by someone else and is applied again.
     pub drifted: Vec<ObjectKey>,
-}
-
-/// The policy as this layer needs it.
-#[derive(Clone, Copy, Debug)]
-pub struct PolicyView<'a> {
-    pub name: &'a str,
-    /// The policy's uid, for the owner reference of its collector ConfigMaps.
-    pub uid: &'a str,
-    pub generation: i64,
-    pub spec: &'a TracingPolicySpec,
-    pub deleting: bool,
 }
 
 /// Name of the collector ConfigMap a policy puts in each namespace.
@@ -318,11 +308,12 @@ fn hash_of(value: &Value) -> String {
 }
 
 fn record_of(meta: &ObjectMeta) -> Result<Option<Record>, String> {
-    match meta.annotations.as_ref().and_then(|a| a.get(RECORD_ANNOTATION)) {
-        None => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|e| format!("annotation {RECORD_ANNOTATION} is unreadable: {e}")),
+    super::read_record(meta.annotations.as_ref(), RECORD_ANNOTATION)
+}
+
+impl super::Owned for Record {
+    fn policy(&self) -> &str {
+        &self.policy
     }
 }
 
@@ -490,22 +481,10 @@ fn forward(
     let key = w.key();
     let kind = w.kind();
     let what = format!("{kind:?} {key}");
-    let record = match record {
-        Ok(r) => r,
-        Err(message) => {
-            return TargetPlan::problem(Progress::Held, "TargetBroken", format!("{what}: {message}"), true);
-        }
+    let record = match super::claim(record, &what, policy.name, t.claimed_by.as_deref()) {
+        Ok(record) => record,
+        Err(held) => return held,
     };
-    if let Some(other) =
-        record.as_ref().map(|r| r.policy.as_str()).filter(|p| *p != policy.name).or(t.claimed_by.as_deref())
-    {
-        return TargetPlan::problem(
-            Progress::Held,
-            "Conflict",
-            format!("{what} is already traced by TracingPolicy {other}"),
-            true,
-        );
-    }
     let deadline = i64::from(policy.spec.rollout.progress_deadline_seconds);
     if record.is_none() && marker == Some(format!("{}/{}", policy.name, policy.generation).as_str()) {
         return TargetPlan::problem(
@@ -698,7 +677,7 @@ mod tests {
     }
 
     fn view(spec: &TracingPolicySpec) -> PolicyView<'_> {
-        PolicyView { name: "shop", uid: "uid-1", generation: 3, spec, deleting: false }
+        PolicyView { uid: "uid-1", generation: 3, ..PolicyView::new("shop", spec) }
     }
 
     fn workload(name: &str, env: &[(&str, &str)]) -> Workload {
