@@ -109,6 +109,11 @@ impl ControllerProcess {
 
     /// Starts the controller with the given kubeconfig.
     pub fn start_with(admin_port: u16, kubeconfig: &str) -> Self {
+        Self::start_with_env(admin_port, kubeconfig, &[])
+    }
+
+    /// Starts the controller with the given kubeconfig and extra environment.
+    pub fn start_with_env(admin_port: u16, kubeconfig: &str, env: &[(&str, &str)]) -> Self {
         let log = std::fs::File::create(format!("{}/controller-{admin_port}.log", std::env::temp_dir().display()))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crosstrace"));
@@ -123,7 +128,7 @@ impl ControllerProcess {
         .env("RUST_LOG", "info,crosstrace=debug")
         .stdout(Stdio::null())
         .stderr(log);
-        cmd.env("KUBECONFIG", kubeconfig);
+        cmd.env("KUBECONFIG", kubeconfig).envs(env.iter().copied());
         Self { child: cmd.spawn().expect("start crosstrace controller"), admin_port }
     }
 

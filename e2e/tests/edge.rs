@@ -366,3 +366,44 @@ async fn two_replicas_never_both_act_and_the_standby_takes_over() {
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;
 }
+
+#[tokio::test]
+async fn reconcile_spans_are_exported_over_otlp_and_transitions_are_events() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-otel", json!({})).await;
+    ingress_nginx(&client, &ns.name).await;
+    // A stand-in OTLP/gRPC collector: it only has to see the exporter's HTTP/2 connection preface.
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let _controller = ControllerProcess::start_with_env(
+        18087,
+        &controller_kubeconfig(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "500")],
+    );
+    let name = format!("{}-policy", ns.name);
+    apply_policy(&client, &edge_policy(&name, &ns.name, "", 60)).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+
+    let (mut stream, _) =
+        tokio::time::timeout(PATIENCE, collector.accept()).await.expect("spans exported in time").unwrap();
+    let mut preface = [0u8; 24];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut preface).await.unwrap();
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "an OTLP/gRPC (HTTP/2) export");
+    drop(stream);
+
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    let mine = eventually("events about the policy", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let mine: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
+            .collect();
+        mine.iter().any(|e| e.reason.as_deref() == Some("AllLayersReady")).then_some(mine)
+    })
+    .await;
+    assert!(mine.iter().all(|e| e.reporting_controller.as_deref() == Some("crosstrace")), "{mine:?}");
+    delete_policy_and_wait(&client, &name).await;
+}
