@@ -16,6 +16,10 @@ if [ "${1:-}" = "--remove" ]; then
   exit 0
 fi
 
+# A namespace still terminating (an uninstall or the helm test just deleted it) cannot take the release.
+if [ "$(kubectl get namespace "$namespace" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
+  kubectl wait --for=delete "namespace/$namespace" --timeout=180s >/dev/null
+fi
 kubectl apply --server-side --force-conflicts -f "$here/../crds" >/dev/null
 helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --create-namespace --wait=false >/dev/null
 kubectl -n "$namespace" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null

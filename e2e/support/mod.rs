@@ -5,7 +5,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crosstrace::api::TracingPolicy;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -204,6 +206,57 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Applies a TracingPolicy (server-side, as a user would).
+pub async fn apply_policy(client: &Client, policy: &serde_json::Value) {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    let name = policy["metadata"]["name"].as_str().unwrap();
+    api.patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(policy)).await.expect("apply policy");
+}
+
+/// A condition of a policy's status.
+pub fn condition<'a>(p: &'a TracingPolicy, type_: &str) -> Option<&'a Condition> {
+    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Waits until a policy has the condition with that status, for its current generation.
+pub async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    eventually(&format!("{name}: {type_}={status}"), || async {
+        let p = api.get(name).await.ok()?;
+        let c = condition(&p, type_)?;
+        (c.status == status && c.observed_generation == p.metadata.generation).then_some(p.clone())
+    })
+    .await
+}
+
+/// Deletes a policy and waits until it is gone (its finalizer removed after the revert).
+pub async fn delete_policy_and_wait(client: &Client, name: &str) {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    delete_if_exists(&api, name).await;
+    eventually(&format!("{name} to be gone (finalizer removed)"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// The columns of a one-row `kubectl get` table as (header, value), cut at the header's offsets so
+/// that empty cells stay empty.
+pub fn printed_columns(table: &str) -> Vec<(String, String)> {
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let row = lines.next().unwrap();
+    let starts: Vec<usize> = header
+        .match_indices(|c: char| c != ' ')
+        .filter(|(i, _)| *i == 0 || header.as_bytes()[i - 1] == b' ')
+        .map(|(i, _)| i)
+        .collect();
+    let cell = |line: &str, i: usize| {
+        let end = starts.get(i + 1).copied().unwrap_or(line.len()).min(line.len());
+        line.get(starts[i].min(line.len())..end).unwrap_or_default().trim().to_string()
+    };
+    (0..starts.len()).map(|i| (cell(header, i), cell(row, i))).collect()
 }
 
 /// Deletes an object if it exists.

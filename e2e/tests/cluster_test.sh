@@ -12,20 +12,8 @@ cluster="$here/cluster.sh"
 env_out="$("$cluster" env)" || { echo "not ok - cluster env (is the cluster up? run e2e/cluster.sh up)"; echo "0 passed, 1 failed"; exit 1; }
 eval "$env_out"
 
-passed=0
-failed=0
-ok() { echo "ok - $1"; passed=$((passed + 1)); }
-not_ok() {
-  echo "not ok - $1"
-  failed=$((failed + 1))
-  [ -z "${2:-}" ] || printf '  # %s\n' "${2//$'\n'/$'\n'  # }"
-}
-# check <name> <command...>: ok when the command succeeds, otherwise not ok with its output.
-check() {
-  local name=$1 out
-  shift
-  if out="$("$@" 2>&1)"; then ok "$name"; else not_ok "$name" "$out"; fi
-}
+# shellcheck source=e2e/tests/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ns="cluster-test-$$"
 cleanup() { kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true; }
@@ -223,5 +211,4 @@ warm_start() {
 }
 check "warm up reaches all nodes Ready in under 60 s" warm_start
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary

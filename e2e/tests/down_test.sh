@@ -12,14 +12,8 @@ state="${CROSSTRACE_E2E_STATE:-$HOME/.cache/crosstrace/e2e-state}"
 # kube-scheduler, kwok.
 ports=(12379 12380 16443 20257 20259 20247)
 
-passed=0
-failed=0
-ok() { echo "ok - $1"; passed=$((passed + 1)); }
-not_ok() {
-  echo "not ok - $1"
-  failed=$((failed + 1))
-  [ -z "${2:-}" ] || echo "  # $2"
-}
+# shellcheck source=e2e/tests/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Read the PIDs before `down` removes the state directory: these are what must be gone afterwards.
 declare -A pids=() cmdlines=()
@@ -61,5 +55,4 @@ if out="$("$cluster" down 2>&1)"; then ok "down again (nothing running) succeeds
 
 if ! "$cluster" status >/dev/null 2>&1; then ok "status exits non-zero when down"; else not_ok "status exits non-zero when down"; fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary

@@ -70,39 +70,6 @@ fn edge_policy(name: &str, ns: &str, image: &str, deadline: i32) -> serde_json::
     })
 }
 
-async fn apply_policy(client: &Client, policy: &serde_json::Value) {
-    let api = Api::<TracingPolicy>::all(client.clone());
-    let name = policy["metadata"]["name"].as_str().unwrap();
-    api.patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(policy)).await.expect("apply policy");
-}
-
-fn condition<'a>(
-    p: &'a TracingPolicy,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
-}
-
-async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
-    let api = Api::<TracingPolicy>::all(client.clone());
-    eventually(&format!("{name}: {type_}={status}"), || async {
-        let p = api.get(name).await.ok()?;
-        let generation = p.metadata.generation;
-        let c = condition(&p, type_)?;
-        (c.status == status && c.observed_generation == generation).then_some(p.clone())
-    })
-    .await
-}
-
-async fn delete_policy_and_wait(client: &Client, name: &str) {
-    let api = Api::<TracingPolicy>::all(client.clone());
-    delete_if_exists(&api, name).await;
-    eventually(&format!("{name} to be gone (finalizer removed)"), || async {
-        api.get_opt(name).await.ok()?.is_none().then_some(())
-    })
-    .await;
-}
-
 fn image_of(d: &Deployment) -> String {
     d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].image.clone().unwrap()
 }
@@ -118,24 +85,6 @@ async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
         assert!(!d.annotations().contains_key(key), "{key} is removed");
     }
     assert!(!d.labels().contains_key(POLICY_LABEL));
-}
-
-/// The columns of a one-row `kubectl get` table as (header, value), cut at the header's offsets so
-/// that empty cells stay empty.
-fn printed_columns(table: &str) -> Vec<(String, String)> {
-    let mut lines = table.lines();
-    let header = lines.next().unwrap();
-    let row = lines.next().unwrap();
-    let starts: Vec<usize> = header
-        .match_indices(|c: char| c != ' ')
-        .filter(|(i, _)| *i == 0 || header.as_bytes()[i - 1] == b' ')
-        .map(|(i, _)| i)
-        .collect();
-    let cell = |line: &str, i: usize| {
-        let end = starts.get(i + 1).copied().unwrap_or(line.len()).min(line.len());
-        line.get(starts[i].min(line.len())..end).unwrap_or_default().trim().to_string()
-    };
-    (0..starts.len()).map(|i| (cell(header, i), cell(row, i))).collect()
 }
 
 #[tokio::test]

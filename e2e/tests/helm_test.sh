@@ -15,24 +15,8 @@ ns=crosstrace-system
 controller_sa="system:serviceaccount:$ns:crosstrace-controller"
 agent_sa="system:serviceaccount:$ns:crosstrace-agent"
 
-passed=0
-failed=0
-ok() { echo "ok - $1"; passed=$((passed + 1)); }
-not_ok() {
-  echo "not ok - $1"
-  failed=$((failed + 1))
-  [ -z "${2:-}" ] || printf '  # %s\n' "${2//$'\n'/$'\n'  # }"
-}
-# check <name> <command...>: ok when the command succeeds, otherwise not ok with its output.
-check() {
-  local name=$1 out
-  shift
-  if out="$("$@" 2>&1)"; then ok "$name"; else not_ok "$name" "$out"; fi
-}
-finish() {
-  echo "$passed passed, $failed failed"
-  [ "$failed" -eq 0 ]
-}
+# shellcheck source=e2e/tests/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ----------------------------------------------------------------------------------------------------------
 # Offline checks
@@ -67,7 +51,7 @@ check "values.schema.json rejects bad values" schema_rejects_bad_values
 if [ -z "${KUBECONFIG:-}" ]; then
   env_out="$("$root/e2e/cluster.sh" env 2>&1)" || {
     not_ok "cluster env (is the cluster up? run e2e/cluster.sh up)" "$env_out"
-    finish
+    summary
     exit 1
   }
   eval "$env_out"
@@ -75,7 +59,7 @@ fi
 
 if helm status "$release" -n "$ns" >/dev/null 2>&1; then
   not_ok "no release $release in $ns before the test (is the demo running? leaving it alone)"
-  finish
+  summary
   exit 1
 fi
 
@@ -104,7 +88,7 @@ check "CRDs applied (server-side) and Established" crds_installed
 # A namespace left terminating by an earlier run cannot take new objects: wait until it is gone.
 if [ "$(kubectl get namespace "$ns" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
   kubectl wait --for=delete "namespace/$ns" --timeout=180s >/dev/null 2>&1 ||
-    { not_ok "namespace $ns from an earlier run still terminating after 180 s"; finish; exit 1; }
+    { not_ok "namespace $ns from an earlier run still terminating after 180 s"; summary; exit 1; }
 fi
 # Namespaced objects can only be validated by the server when their namespace exists.
 if ! kubectl get namespace "$ns" >/dev/null 2>&1; then
@@ -153,7 +137,7 @@ install() {
 check "helm install succeeds (and NOTES say what to apply next)" install
 # (check runs its command in a subshell, so whether the release exists is asked here.)
 helm status "$release" -n "$ns" >/dev/null 2>&1 && installed=1
-((installed)) || { finish; exit 1; }
+((installed)) || { summary; exit 1; }
 
 controller_ready() {
   kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s &&
@@ -297,4 +281,4 @@ crds_remain() {
 }
 check "helm uninstall keeps the CRDs" crds_remain
 
-finish
+summary

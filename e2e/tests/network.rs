@@ -262,10 +262,6 @@ fn ours(i: usize, table: &str, policy: &str) -> Vec<String> {
     rows_with(i, table, &[(OWNER_KEY, OWNER), (POLICY_KEY, policy)])
 }
 
-fn condition<'a>(p: &'a TracingPolicy, type_: &str) -> Option<&'a Condition> {
-    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
-}
-
 fn nodes_summary(p: &TracingPolicy) -> String {
     p.status.as_ref().and_then(|s| s.nodes.as_ref()).map(|n| n.summary.clone()).unwrap_or_default()
 }
@@ -292,24 +288,6 @@ fn policy(name: &str, network: Value) -> Value {
             "rollout": {"maxConcurrent": 2, "progressDeadlineSeconds": 120},
         },
     })
-}
-
-/// The columns of a one-row `kubectl get` table as (header, value), cut at the header's offsets so
-/// that empty cells stay empty.
-fn printed_columns(table: &str) -> Vec<(String, String)> {
-    let mut lines = table.lines();
-    let header = lines.next().unwrap();
-    let row = lines.next().unwrap();
-    let starts: Vec<usize> = header
-        .match_indices(|c: char| c != ' ')
-        .filter(|(i, _)| *i == 0 || header.as_bytes()[i - 1] == b' ')
-        .map(|(i, _)| i)
-        .collect();
-    let cell = |line: &str, i: usize| {
-        let end = starts.get(i + 1).copied().unwrap_or(line.len()).min(line.len());
-        line.get(starts[i].min(line.len())..end).unwrap_or_default().trim().to_string()
-    };
-    (0..starts.len()).map(|i| (cell(header, i), cell(row, i))).collect()
 }
 
 /// Every node has exactly one `table` row of crosstrace, tagged with `policy`, on br-int, and its

@@ -8,7 +8,6 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use crosstrace::api::TracingPolicy;
 use crosstrace::layers::workloads::{POLICY_LABEL, RECORD_ANNOTATION, SIDECAR_NAME, config_map_name};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -120,30 +119,6 @@ fn workloads_policy(
     })
 }
 
-async fn apply(client: &Client, policy: &Value) {
-    let name = policy["metadata"]["name"].as_str().unwrap();
-    Api::<TracingPolicy>::all(client.clone())
-        .patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(policy))
-        .await
-        .expect("apply policy");
-}
-
-async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
-    let api = Api::<TracingPolicy>::all(client.clone());
-    eventually(&format!("{name}: {type_}={status}"), || async {
-        let p = api.get(name).await.ok()?;
-        let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
-        (c.status == status && c.observed_generation == p.metadata.generation).then_some(p.clone())
-    })
-    .await
-}
-
-async fn delete_and_wait(client: &Client, name: &str) {
-    let api = Api::<TracingPolicy>::all(client.clone());
-    delete_if_exists(&api, name).await;
-    eventually(&format!("{name} to be gone"), || async { api.get_opt(name).await.ok()?.is_none().then_some(()) }).await;
-}
-
 fn has_sidecar(template: &Value) -> bool {
     template["spec"]["initContainers"].as_array().is_some_and(|c| c.iter().any(|c| c["name"] == SIDECAR_NAME))
 }
@@ -213,7 +188,7 @@ async fn workloads_roll_out_in_batches_leave_others_alone_and_revert_exactly() {
     let controller = ControllerProcess::start(18091);
     let (max_rolling, tracker) = track_rolling(&client, vec![a.name.clone(), b.name.clone()]);
     let name = format!("{tag}-policy");
-    apply(&client, &workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet", "DaemonSet"])).await;
+    apply_policy(&client, &workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet", "DaemonSet"])).await;
     let p = wait_condition(&client, &name, "Ready", "True").await;
     assert_eq!(p.status.as_ref().unwrap().workloads.as_ref().unwrap().summary, "22/22");
     tracker.abort();
@@ -266,7 +241,7 @@ async fn workloads_roll_out_in_batches_leave_others_alone_and_revert_exactly() {
     assert!(config.data.unwrap()["deployment.yaml"].contains("otel-gateway.observability.svc:4317"));
     assert!(controller.metrics().await.contains("crosstrace_api_writes_total"));
 
-    delete_and_wait(&client, &name).await;
+    delete_policy_and_wait(&client, &name).await;
     for (ns, expected) in [&a.name, &b.name, &other.name].into_iter().zip(&before) {
         assert_eq!(&templates(&client, ns).await, expected, "every pod template in {ns} is exactly as before");
     }
@@ -299,7 +274,7 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
 
     let _controller = ControllerProcess::start(18092);
     let name = format!("{tag}-policy");
-    apply(&client, &workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"])).await;
+    apply_policy(&client, &workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"])).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;
     let degraded = p.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(degraded.reason, "RolledBack");
@@ -312,7 +287,7 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!(templates(&client, &ns.name).await, before, "payments was never touched, cart is exactly as before");
 
-    delete_and_wait(&client, &name).await;
+    delete_policy_and_wait(&client, &name).await;
     assert_eq!(templates(&client, &ns.name).await, before);
     let cart = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("cart").await.unwrap();
     assert!(cart.annotations().keys().all(|k| !k.starts_with("crosstrace.dev/")), "{:?}", cart.annotations());
