@@ -184,6 +184,13 @@ async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<()
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
+    let generation = policy.metadata.generation.unwrap_or(0);
+    if let Err(message) = crate::layers::validate(&policy.spec) {
+        // Bad input waits for a change of the spec: no retry loop, the condition says what to fix.
+        let next = status::invalid(policy.status.as_ref(), generation, &message, Timestamp::now());
+        report(ctx, policy, name, next).await?;
+        return Ok(Action::await_change());
+    }
     let reports = run_layers(policy, name, ctx, false).await?;
     for (layer, report) in
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
@@ -194,7 +201,6 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
         }
     }
-    let generation = policy.metadata.generation.unwrap_or(0);
     let next = status::status(policy.status.as_ref(), generation, &policy.spec, &reports, Timestamp::now());
     report(ctx, policy, name, next).await?;
 

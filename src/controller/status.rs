@@ -139,6 +139,25 @@ pub fn status(
     }
 }
 
+/// The status of a policy whose spec the operator cannot use (the API server accepted it): nothing is
+/// changed, and the conditions say why.
+pub fn invalid(
+    previous: Option<&TracingPolicyStatus>,
+    generation: i64,
+    message: &str,
+    now: Timestamp,
+) -> TracingPolicyStatus {
+    let desired = [
+        Desired::new(READY, Status::False, "InvalidSpec", message),
+        Desired::new(PROGRESSING, Status::False, "InvalidSpec", "nothing is rolled out until the spec is fixed"),
+        Desired::new(DEGRADED, Status::True, "InvalidSpec", message),
+    ];
+    let mut status = previous.cloned().unwrap_or_default();
+    status.conditions = conditions::merge(&status.conditions, &desired, generation, now);
+    status.observed_generation = Some(generation);
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,6 +231,23 @@ pub fn normalize_ratio(ratio: &str) -> String {
     if frac.is_empty() { int.to_string() } else { format!("{int}.{frac}") }
 }
 
+/// Checks what the API server's schema cannot: every label selector of the spec is one the operator
+/// can use. The error names the field.
+pub fn validate(spec: &TracingPolicySpec) -> Result<(), String> {
+    let check = |field: &str, s: &LabelSelector| selector(s).map(drop).map_err(|e| format!("{field}: {e}"));
+    if let Some(ingress) = &spec.ingress {
+        ingress::ingress_selector(ingress)?;
+    }
+    if let Some(w) = &spec.workloads {
+        check("spec.workloads.namespaceSelector", &w.namespace_selector)?;
+        w.selector.as_ref().map_or(Ok(()), |s| check("spec.workloads.selector", s))?;
+    }
+    if let Some(n) = &spec.network {
+        n.node_selector.as_ref().map_or(Ok(()), |s| check("spec.network.nodeSelector", s))?;
+    }
+    Ok(())
+}
+
 /// A LabelSelector as a kube [`Selector`], or an error naming what is wrong with it.
 pub fn selector(label_selector: &LabelSelector) -> Result<Selector, String> {
     Selector::try_from(label_selector.clone()).map_err(|e| e.to_string())
@@ -245,4 +262,47 @@ pub fn matches(selector: &Selector, labels: Option<&BTreeMap<String, String>>) -
 /// A selector for objects carrying `key=value`.
 pub fn label_equals(key: &str, value: &str) -> Selector {
     Selector::from_iter([Expression::Equal(key.into(), value.into())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{IngressSpec, WorkloadsSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn bad_selector() -> LabelSelector {
+        LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "Near".into(),
+                values: Some(vec!["web".into()]),
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_unusable_selector_is_reported_with_its_field() {
+        let spec = TracingPolicySpec {
+            workloads: Some(WorkloadsSpec { selector: Some(bad_selector()), ..Default::default() }),
+            ..Default::default()
+        };
+        let error = validate(&spec).unwrap_err();
+        assert!(error.starts_with("spec.workloads.selector: "), "{error}");
+
+        let spec = TracingPolicySpec {
+            ingress: Some(IngressSpec { selector: Some(bad_selector()), ..Default::default() }),
+            ..Default::default()
+        };
+        assert!(validate(&spec).unwrap_err().starts_with("spec.ingress.selector: "));
+        assert!(validate(&TracingPolicySpec::default()).is_ok());
+    }
+
+    #[test]
+    fn ratios_are_normalized() {
+        assert_eq!(normalize_ratio("1.000"), "1");
+        assert_eq!(normalize_ratio(".5"), "0.5");
+        assert_eq!(normalize_ratio("0.250"), "0.25");
+        assert_eq!(normalize_ratio("0"), "0");
+    }
 }
