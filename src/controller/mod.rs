@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
@@ -23,7 +24,7 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::TracingPolicy;
-use crate::api::{NodeTracing, WorkloadKind};
+use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
 use crate::layers::{ingress, matches, network, selector, workloads};
 use crate::metrics::Metrics;
 use apply::Writer;
@@ -87,6 +88,8 @@ pub struct Context {
     /// Every TracingPolicy, from the controller's own reflector (for ownership between policies).
     pub policies: Store<TracingPolicy>,
     pub settings: Settings,
+    /// The status last written per policy uid: the reflector's copy may not show it yet.
+    pub written: Mutex<HashMap<String, TracingPolicyStatus>>,
 }
 
 /// The policies a changed Deployment concerns: the one whose edge label it carries, every policy
@@ -181,6 +184,7 @@ pub async fn run(
         metrics,
         policies: store,
         settings,
+        written: Mutex::default(),
     });
     controller
         // Workloads: metadata-only watches (labels are all the mapping needs), nothing cached.

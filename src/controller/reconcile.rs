@@ -16,7 +16,7 @@ use tracing::{Span, field, info, instrument, warn};
 
 use super::Context;
 use super::status::{self, Reports};
-use crate::api::conditions::{self, DEGRADED};
+use crate::api::conditions::{self, DEGRADED, PROGRESSING};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::PolicyView;
 use crate::layers::ingress;
@@ -70,6 +70,7 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
         ctx.writer.merge(&api, name, patch).await?;
         ctx.metrics.forget_policy(name);
+        ctx.written.lock().expect("status memo lock").remove(&policy.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
     if !has_finalizer {
@@ -214,15 +215,30 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
 /// Writes the status only when something other than a timestamp changed, and publishes an Event for
 /// every condition that transitioned.
 async fn report(ctx: &Context, policy: &TracingPolicy, name: &str, next: TracingPolicyStatus) -> Result<(), Error> {
-    let previous = policy.status.clone().unwrap_or_default();
+    // The cached object can lag behind the last status written (reconciles run back to back): compare
+    // with what was written last, so that neither the write nor an Event is repeated.
+    let uid = policy.uid().unwrap_or_default();
+    let previous = ctx
+        .written
+        .lock()
+        .expect("status memo lock")
+        .get(&uid)
+        .filter(|w| w.observed_generation >= policy.status.as_ref().and_then(|s| s.observed_generation))
+        .cloned()
+        .unwrap_or_else(|| policy.status.clone().unwrap_or_default());
     if previous == next {
         return Ok(());
     }
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
     let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
     ctx.writer.apply_status(&api, name, patch).await?;
+    ctx.written.lock().expect("status memo lock").insert(uid, next.clone());
     for c in conditions::transitions(&previous.conditions, &next.conditions) {
-        let bad = if c.type_ == DEGRADED { c.status == "True" } else { c.status == "False" };
+        let bad = match c.type_.as_str() {
+            DEGRADED => c.status == "True",
+            PROGRESSING => false,
+            _ => c.status == "False",
+        };
         let kind = if bad { EventType::Warning } else { EventType::Normal };
         publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
     }
