@@ -51,6 +51,19 @@ async fn serve(mut handle: Handle, expected: Vec<Expect>) -> Vec<Value> {
     bodies
 }
 
+/// Runs the edge layer's actions against a mocked API server that expects `expected`, in order,
+/// each exchange within a second; returns the request bodies.
+async fn run(actions: &[Action], expected: Vec<Expect>) -> (Vec<Value>, Arc<Metrics>) {
+    let (writer, handle, metrics) = mocked();
+    let server = tokio::spawn(serve(handle, expected));
+    tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, actions))
+        .await
+        .expect("in time")
+        .expect("written");
+    let bodies = tokio::time::timeout(Duration::from_secs(1), server).await.expect("in time");
+    (bodies.expect("every request as expected"), metrics)
+}
+
 fn record() -> Record {
     Record {
         policy: "storefront".into(),
@@ -78,7 +91,6 @@ const CONFIG_MAP: &str = "/api/v1/namespaces/ingress-nginx/configmaps/ingress-ng
 
 #[tokio::test]
 async fn apply_records_first_then_applies_config_then_image() {
-    let (writer, handle, metrics) = mocked();
     let deployment = ObjectKey::new("ingress-nginx", "c");
     let data = BTreeMap::from([("enable-opentelemetry".to_string(), "true".to_string())]);
     let actions = vec![
@@ -90,8 +102,8 @@ async fn apply_records_first_then_applies_config_then_image() {
             record: record(),
         },
     ];
-    let server = tokio::spawn(serve(
-        handle,
+    let (bodies, metrics) = run(
+        &actions,
         vec![
             Expect {
                 method: Method::PATCH,
@@ -115,12 +127,8 @@ async fn apply_records_first_then_applies_config_then_image() {
                 reply: deployment_reply(),
             },
         ],
-    ));
-    tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, &actions))
-        .await
-        .expect("in time")
-        .expect("applied");
-    let bodies = tokio::time::timeout(Duration::from_secs(1), server).await.unwrap().unwrap();
+    )
+    .await;
 
     let recorded: Record =
         serde_json::from_str(bodies[0]["metadata"]["annotations"]["crosstrace.dev/ingress"].as_str().unwrap()).unwrap();
@@ -143,7 +151,6 @@ async fn apply_records_first_then_applies_config_then_image() {
 
 #[tokio::test]
 async fn revert_restores_config_map_then_deployment() {
-    let (writer, handle, _) = mocked();
     let r = record();
     let actions = vec![
         Action::RestoreConfig { config_map: r.config_map.clone(), data: r.original_data.clone(), delete: false },
@@ -156,8 +163,8 @@ async fn revert_restores_config_map_then_deployment() {
     ];
     let current =
         json!({"otel-sampler-ratio": "0.25", "enable-opentelemetry": "true", "use-forwarded-headers": "true"});
-    let server = tokio::spawn(serve(
-        handle,
+    let (bodies, _) = run(
+        &actions,
         vec![
             Expect {
                 method: Method::GET,
@@ -181,12 +188,8 @@ async fn revert_restores_config_map_then_deployment() {
                 reply: deployment_reply(),
             },
         ],
-    ));
-    tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, &actions))
-        .await
-        .expect("in time")
-        .expect("reverted");
-    let bodies = tokio::time::timeout(Duration::from_secs(1), server).await.unwrap().unwrap();
+    )
+    .await;
     assert_eq!(
         bodies[1]["data"],
         json!({"otel-sampler-ratio": "0.5", "enable-opentelemetry": null}),
@@ -202,14 +205,13 @@ async fn revert_restores_config_map_then_deployment() {
 
 #[tokio::test]
 async fn a_config_map_the_operator_created_is_deleted_on_revert() {
-    let (writer, handle, _) = mocked();
     let r = record();
     let only_ours = json!({"otel-sampler-ratio": "0.25", "enable-opentelemetry": "true"});
     let actions =
         vec![Action::RestoreConfig { config_map: r.config_map.clone(), data: r.original_data.clone(), delete: true }];
     let status = json!({"apiVersion": "v1", "kind": "Status", "status": "Success"});
-    let server = tokio::spawn(serve(
-        handle,
+    let _ = run(
+        &actions,
         vec![
             Expect {
                 method: Method::GET,
@@ -220,10 +222,6 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
             },
             Expect { method: Method::DELETE, path: CONFIG_MAP, query: "", content_type: "", reply: status },
         ],
-    ));
-    tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, &actions))
-        .await
-        .expect("in time")
-        .expect("deleted");
-    tokio::time::timeout(Duration::from_secs(1), server).await.unwrap().unwrap();
+    )
+    .await;
 }
