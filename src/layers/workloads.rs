@@ -850,6 +850,22 @@ mod tests {
     }
 
     #[test]
+    fn a_workload_leaving_the_selection_is_reverted_and_the_config_map_goes_with_the_last_one() {
+        let s = spec();
+        let t = selected(workload("cart", &[]));
+        let done = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
+        let left = Observed { selected: false, ..done };
+        let mut cm = ConfigMap::default();
+        cm.metadata.namespace = Some("shop".into());
+        let plan = plan(view(&s), &defaults(), &[left], &[cm], NOW);
+        assert_eq!(plan.report.selected, 0);
+        assert!(matches!(
+            plan.actions[..],
+            [Action::Remove { rolled_back: None, .. }, Action::DeleteCollectorConfig { .. }]
+        ));
+    }
+
+    #[test]
     fn older_policy_keeps_a_workload() {
         let s = spec();
         let mut t = selected(workload("cart", &[]));
