@@ -71,12 +71,16 @@ build() {
   load_bins
 }
 
-# Debian's openvswitch-switch gives ovsdb-server, ovs-vswitchd and the tools; its own service is never used.
+# Debian's openvswitch-switch gives ovsdb-server, ovs-vswitchd and the tools (its own service is never
+# used); the scripts and tests also use openssl, jq, curl, ss (iproute2) and flock (util-linux).
+debian_packages=(openvswitch-switch openssl jq curl iproute2 util-linux)
 ensure_ovs() {
-  if ! dpkg -s openvswitch-switch >/dev/null 2>&1; then
-    log "installing openvswitch-switch"
-    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openvswitch-switch; } >&2 ||
-      die "cannot install openvswitch-switch with apt-get (root and the package registry are needed)"
+  local missing=() pkg
+  for pkg in "${debian_packages[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"; } >&2 ||
+      die "cannot install ${missing[*]} with apt-get (root and the package registry are needed)"
   fi
   local tool
   for tool in ovsdb-tool ovsdb-server ovs-vswitchd ovs-vsctl ovs-appctl; do
