@@ -292,3 +292,72 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
     let cart = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("cart").await.unwrap();
     assert!(cart.annotations().keys().all(|k| !k.starts_with("crosstrace.dev/")), "{:?}", cart.annotations());
 }
+
+#[tokio::test]
+async fn drift_is_reapplied_and_a_second_policy_on_the_same_workload_is_a_conflict() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("e2e-wldrift-{}", std::process::id() % 100_000);
+    let ns = TestNamespace::create(&client, "e2e-wldrift", json!({"tracing": tag})).await;
+    create_deployment(&client, &ns.name, "cart", json!([])).await;
+    wait_rolled_out(&client, &ns.name).await;
+    let before = templates(&client, &ns.name).await;
+    let controller = ControllerProcess::start(18093);
+
+    let first = format!("{tag}-first");
+    apply_policy(&client, &workloads_policy(&first, &tag, 5, "", &["Deployment"])).await;
+    wait_condition(&client, &first, "Ready", "True").await;
+
+    // Someone (a helm upgrade, GitOps) takes the sidecar out again: it comes back, and the fight shows.
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let remove = json!([{"op": "remove", "path": "/spec/template/spec/initContainers"}]);
+    let by_helm = PatchParams { field_manager: Some("helm".into()), ..Default::default() };
+    deployments.patch("cart", &by_helm, &Patch::<Value>::Json(serde_json::from_value(remove).unwrap())).await.unwrap();
+    eventually("the sidecar to be re-applied", || async {
+        has_sidecar(&templates(&client, &ns.name).await["Deployment/cart"]).then_some(())
+    })
+    .await;
+    eventually("the drift metric", || async {
+        (controller.counter("crosstrace_drift_corrections_total").await >= 1.0).then_some(())
+    })
+    .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    eventually("a DriftCorrected event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("DriftCorrected")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(first.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+    wait_condition(&client, &first, "Ready", "True").await;
+
+    // A newer policy wanting the same workload: the older keeps it, the newer says why, nothing flaps.
+    let second = format!("{tag}-second");
+    let mut other = workloads_policy(&second, &tag, 5, "", &["Deployment"]);
+    other["spec"]["sampling"]["ratio"] = json!("0.1");
+    apply_policy(&client, &other).await;
+    let p = wait_condition(&client, &second, "Degraded", "True").await;
+    let degraded = condition(&p, "Degraded").unwrap();
+    assert_eq!(degraded.reason, "Conflict");
+    assert!(
+        degraded.message.contains(&format!("{}/cart", ns.name)) && degraded.message.contains(&first),
+        "{}",
+        degraded.message
+    );
+    let owner = |d: &Deployment| d.annotations().get(RECORD_ANNOTATION).cloned().unwrap_or_default();
+    let recorded = owner(&deployments.get("cart").await.unwrap());
+    assert!(recorded.contains(&format!("\"policy\":\"{first}\"")), "{recorded}");
+    let generation = deployments.get("cart").await.unwrap().metadata.generation;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let later = deployments.get("cart").await.unwrap();
+    assert_eq!((later.metadata.generation, owner(&later)), (generation, recorded), "no flapping between the policies");
+
+    delete_policy_and_wait(&client, &second).await;
+    delete_policy_and_wait(&client, &first).await;
+    assert_eq!(templates(&client, &ns.name).await, before);
+}

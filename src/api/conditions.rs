@@ -46,6 +46,17 @@ impl Desired {
 /// Longest condition message kept; the API server refuses longer ones (32768) and people cannot read them.
 const MAX_MESSAGE: usize = 2048;
 
+/// Cuts a text to at most `max` bytes, on a character boundary.
+pub fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
+
 /// Merges desired conditions into the previous list: a condition keeps its `lastTransitionTime` unless
 /// its status changed. Conditions not desired any more (a layer turned off) are dropped.
 pub fn merge(previous: &[Condition], desired: &[Desired], generation: i64, now: Timestamp) -> Vec<Condition> {
@@ -58,13 +69,7 @@ pub fn merge(previous: &[Condition], desired: &[Desired], generation: i64, now: 
                 _ => Time(now),
             };
             let mut message = d.message.clone();
-            if message.len() > MAX_MESSAGE {
-                let mut cut = MAX_MESSAGE;
-                while !message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                message.truncate(cut);
-            }
+            truncate(&mut message, MAX_MESSAGE);
             Condition {
                 type_: d.type_.to_string(),
                 status: d.status.as_str().to_string(),

@@ -78,8 +78,7 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         finalizers.push(FINALIZER.to_string());
         let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": policy.resource_version()}});
         ctx.writer.merge(&api, name, patch).await?;
-        // The write wakes this policy again; converge then.
-        return Ok(Action::await_change());
+        // Go on at once: the finalizer is in place before anything is changed.
     }
     converge(policy, name, ctx).await
 }
@@ -245,7 +244,11 @@ async fn report(ctx: &Context, policy: &TracingPolicy, name: &str, next: Tracing
     Ok(())
 }
 
-async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, note: String) {
+/// Longest Event note the API server accepts (events.k8s.io/v1 refuses longer ones).
+const MAX_NOTE: usize = 1024;
+
+async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, mut note: String) {
+    conditions::truncate(&mut note, MAX_NOTE);
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     ctx.metrics.write("create", "events");
     if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
