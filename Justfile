@@ -68,3 +68,19 @@ demo-down:
 
 # Everything CI runs: lint, unit, e2e.
 test: lint unit e2e
+
+# Benchmarks (issue 7) on the local cluster with 20 nodes: starts it if needed (restarts it with 20
+# nodes if it has fewer), installs the chart, runs every scenario and prints the table; JSON goes to
+# target/bench/ of the repository. Knobs: CROSSTRACE_BENCH_* (see e2e/bench/main.rs and RESULTS.md).
+bench:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    nodes="${CROSSTRACE_BENCH_NODES:-20}"
+    if {{cluster}} status >/dev/null 2>&1; then
+        eval "$({{cluster}} env)"
+        if [ "$CROSSTRACE_E2E_NODES" != "$nodes" ]; then {{cluster}} down; fi
+    fi
+    if ! {{cluster}} status >/dev/null 2>&1; then CROSSTRACE_E2E_NODES="$nodes" {{cluster}} up; fi
+    eval "$({{cluster}} env)"
+    e2e/install-chart.sh
+    cargo bench --locked --features e2e --bench bench

@@ -320,6 +320,7 @@ start_controller_manager() {
   local pki="$state/pki" kc="$state/controller-manager.kubeconfig"
   # No leader election: there is only one, and a restart after a crash must not wait out an old lease.
   # No node IPAM: there is no pod network, kwok hands out pod IPs itself.
+  # A higher client rate than the default 20 QPS, so that a thousand Deployments roll out in minutes.
   start_bg kube-controller-manager "$kube_bin/kube-controller-manager" \
     --kubeconfig="$kc" \
     --authentication-kubeconfig="$kc" \
@@ -335,6 +336,8 @@ start_controller_manager() {
     --cluster-signing-cert-file="$pki/ca.crt" \
     --cluster-signing-key-file="$pki/ca.key" \
     --profiling=false \
+    --kube-api-qps=200 \
+    --kube-api-burst=400 \
     --v=1
 }
 

@@ -1,0 +1,168 @@
+//! `just bench`: speed and memory of crosstrace at scale on the local real cluster, each figure next
+//! to a baseline measured in the same run (issue 7). It prints a table and writes one JSON file per
+//! scenario into `target/bench/` of the repository. Nothing here passes or fails on wall-clock time:
+//! goals are printed as met or missed, with by how much.
+//!
+//! Scenarios (`CROSSTRACE_BENCH_SCENARIOS`, default `5,1,4,3,2`, run in that order so that the big
+//! object count of 2 does not slow down the others):
+//!   1 rollout speed (operator vs a minimal SSA client vs a kubectl loop)
+//!   2 controller memory vs cluster size
+//!   3 idle cost (API writes, CPU)
+//!   4 reconcile latency and "policy change -> Ready"
+//!   5 network layer (apply -> NODES n/n vs direct OVSDB writes; agent RSS)
+//!
+//! Knobs: CROSSTRACE_BENCH_RUNS (3), CROSSTRACE_BENCH_TARGETS (1000), CROSSTRACE_BENCH_NAMESPACES (10),
+//! CROSSTRACE_BENCH_NONTARGETS (10000), CROSSTRACE_BENCH_PODS (20000), CROSSTRACE_BENCH_IDLE_SECONDS (300),
+//! CROSSTRACE_BENCH_KUBECTL_SAMPLE (100), CROSSTRACE_BENCH_WRITE_CONCURRENCY (1: the operator's),
+//! CROSSTRACE_BENCH_MAX_CONCURRENT (the policy's rollout.maxConcurrent; default min(1000, targets)),
+//! CROSSTRACE_BENCH_CHANGE_RUNS (runs of scenario 4; default RUNS).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod network;
+mod util;
+mod workloads;
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+/// One line of the printed table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub scenario: &'static str,
+    pub metric: String,
+    pub value: String,
+    pub baseline: String,
+    pub ratio: String,
+    pub goal: String,
+    pub verdict: String,
+}
+
+/// Everything a run measured: the table and the JSON of each scenario.
+#[derive(Default)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub json: BTreeMap<&'static str, Value>,
+}
+
+impl Report {
+    pub fn row(&mut self, scenario: &'static str, metric: impl Into<String>, value: impl Into<String>) -> &mut Row {
+        self.rows.push(Row {
+            scenario,
+            metric: metric.into(),
+            value: value.into(),
+            baseline: String::new(),
+            ratio: String::new(),
+            goal: String::new(),
+            verdict: String::new(),
+        });
+        self.rows.last_mut().unwrap()
+    }
+}
+
+impl Row {
+    pub fn baseline(&mut self, b: impl Into<String>) -> &mut Self {
+        self.baseline = b.into();
+        self
+    }
+    pub fn ratio(&mut self, r: f64) -> &mut Self {
+        self.ratio = format!("{r:.2}x");
+        self
+    }
+    /// A goal `value <= limit` (`lower` false: `value >= limit`), with how far it misses.
+    pub fn goal(&mut self, text: &str, value: f64, limit: f64, lower_is_better: bool) -> &mut Self {
+        self.goal = text.into();
+        let met = if lower_is_better { value <= limit } else { value >= limit };
+        self.verdict = if met {
+            "met".into()
+        } else if limit == 0.0 {
+            format!("MISSED by {value:.1}")
+        } else if lower_is_better {
+            format!("MISSED ({:.2}x the goal)", value / limit)
+        } else {
+            format!("MISSED ({:.2}x short)", limit / value.max(f64::MIN_POSITIVE))
+        };
+        self
+    }
+}
+
+/// Seconds, printed.
+pub fn secs(s: f64) -> String {
+    if s < 1.0 { format!("{:.0} ms", s * 1000.0) } else { format!("{s:.1} s") }
+}
+
+/// KiB, printed as MiB.
+pub fn mib(kib: f64) -> String {
+    format!("{:.1} MiB", kib / 1024.0)
+}
+
+fn print_table(rows: &[Row]) {
+    let headers = ["scenario", "metric", "value", "baseline (same run)", "ratio", "goal", "verdict"];
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.scenario.to_string(),
+                r.metric.clone(),
+                r.value.clone(),
+                r.baseline.clone(),
+                r.ratio.clone(),
+                r.goal.clone(),
+                r.verdict.clone(),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for c in &cells {
+        for (i, v) in c.iter().enumerate() {
+            widths[i] = widths[i].max(v.chars().count());
+        }
+    }
+    let line = |values: Vec<&str>| {
+        let cols: Vec<String> = values.iter().enumerate().map(|(i, v)| format!("{v:<w$}", w = widths[i])).collect();
+        format!("| {} |", cols.join(" | "))
+    };
+    println!("{}", line(headers.to_vec()));
+    println!("|{}|", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("|"));
+    for c in &cells {
+        println!("{}", line(c.iter().map(String::as_str).collect()));
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let client = support::client().await;
+    let scenarios: Vec<u8> = util::knob::<String>("CROSSTRACE_BENCH_SCENARIOS", "5,1,4,3,2".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let out_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).expect("create target/bench");
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "nodes": support::agents::node_count(),
+        "started": util::kubectl(&["version", "-o", "json"]).parse::<Value>().ok().map(|v| v["serverVersion"]["gitVersion"].clone()),
+    });
+    println!("crosstrace bench: scenarios {scenarios:?}, machine {machine}");
+    let mut report = Report::default();
+    if scenarios.contains(&5) {
+        network::run(&client, &mut report).await;
+    }
+    if scenarios.iter().any(|s| (1..=4).contains(s)) {
+        workloads::run(&client, &scenarios, &mut report).await;
+    }
+    println!();
+    print_table(&report.rows);
+    for (name, value) in &report.json {
+        let mut value = value.clone();
+        value["machine"] = machine.clone();
+        let path = out_dir.join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&value).unwrap()).expect("write JSON");
+        println!("wrote {}", path.display());
+    }
+    let all = json!({"machine": machine, "rows": report.rows});
+    std::fs::write(out_dir.join("table.json"), serde_json::to_string_pretty(&all).unwrap()).expect("write table");
+}

@@ -1,0 +1,846 @@
+//! Scenarios 1-4 on the workload layer: N target Deployments (replicas 1) in 10 namespaces.
+//!
+//! One controller process (the chart's ServiceAccount, production defaults) serves scenarios 1, 4
+//! and 3; scenario 2 reads its memory and restarts it. A metadata watch on the targets (the bench's
+//! own, in this process) timestamps when each pod template is patched and when each Deployment has
+//! rolled out, so the operator and the baselines are timed by the same observer.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crosstrace::api::{TracingPolicy, TracingPolicySpec, WorkloadKind};
+use crosstrace::controller::Settings;
+use crosstrace::layers::workloads::{self, Action, Observed, RECORD_ANNOTATION, Workload};
+use crosstrace::layers::{ObjectKey, PolicyView, health};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::util::{self, Proc, knob, median, quantile, since};
+use crate::{Report, mib, secs, support};
+
+const POLICY: &str = "bench";
+const TARGET_LABEL: &str = "crosstrace-bench";
+const PART_OF: &str = "app.kubernetes.io/part-of";
+const PATIENCE: Duration = Duration::from_secs(1800);
+
+struct Config {
+    runs: usize,
+    change_runs: usize,
+    targets: usize,
+    namespaces: usize,
+    nontargets: usize,
+    pods: usize,
+    idle: u64,
+    kubectl_sample: usize,
+    write_concurrency: usize,
+    max_concurrent: usize,
+}
+
+impl Config {
+    fn from_env() -> Self {
+        let runs = knob("CROSSTRACE_BENCH_RUNS", 3usize).max(1);
+        let targets = knob("CROSSTRACE_BENCH_TARGETS", 1000usize).max(1);
+        Self {
+            runs,
+            change_runs: knob("CROSSTRACE_BENCH_CHANGE_RUNS", runs).max(1),
+            targets,
+            namespaces: knob("CROSSTRACE_BENCH_NAMESPACES", 10usize).clamp(1, targets),
+            nontargets: knob("CROSSTRACE_BENCH_NONTARGETS", 10_000usize),
+            pods: knob("CROSSTRACE_BENCH_PODS", 20_000usize),
+            idle: knob("CROSSTRACE_BENCH_IDLE_SECONDS", 300u64),
+            kubectl_sample: knob("CROSSTRACE_BENCH_KUBECTL_SAMPLE", 100usize).clamp(1, targets),
+            write_concurrency: knob("CROSSTRACE_BENCH_WRITE_CONCURRENCY", 1usize).max(1),
+            max_concurrent: knob("CROSSTRACE_BENCH_MAX_CONCURRENT", targets.min(1000)).clamp(1, 1000),
+        }
+    }
+}
+
+fn namespace(i: usize) -> String {
+    format!("ct-bench-{i}")
+}
+
+fn target(i: usize, namespaces: usize) -> ObjectKey {
+    ObjectKey::new(namespace(i % namespaces), format!("t-{i:05}"))
+}
+
+fn template(name: &str) -> Value {
+    json!({
+        "metadata": {"labels": {"app": name, PART_OF: "bench"}},
+        "spec": {"containers": [{"name": "app", "image": "bench/app:1"}]},
+    })
+}
+
+fn target_deployment(key: &ObjectKey) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": key.name, "namespace": key.namespace, "labels": {TARGET_LABEL: "target", PART_OF: "bench"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": key.name}}, "template": template(&key.name)},
+    })
+}
+
+fn policy(ratio: &str, max_concurrent: usize) -> Value {
+    json!({
+        "apiVersion": "crosstrace.dev/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": POLICY},
+        "spec": {
+            "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+            "sampling": {"ratio": ratio},
+            "workloads": {
+                "namespaceSelector": {"matchLabels": {TARGET_LABEL: "on"}},
+                "selector": {"matchLabels": {PART_OF: "bench"}},
+                "kinds": ["Deployment"],
+            },
+            "rollout": {"maxConcurrent": max_concurrent, "progressDeadlineSeconds": 3600},
+        },
+    })
+}
+
+/// What the bench's watch knows of one target.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// `hash` of the crosstrace record annotation, if any.
+    hash: Option<String>,
+    changed_at: Instant,
+    rolled_out: bool,
+    ready_at: Option<Instant>,
+}
+
+/// A watch on the target Deployments (full objects: rollout health needs the status).
+struct Tracker {
+    state: Arc<Mutex<HashMap<String, Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn record_hash(d: &Deployment) -> Option<String> {
+    let raw = d.annotations().get(RECORD_ANNOTATION)?;
+    let v: Value = serde_json::from_str(raw).ok()?;
+    v["hash"].as_str().map(str::to_string)
+}
+
+impl Tracker {
+    fn start(client: &Client) -> Self {
+        let state: Arc<Mutex<HashMap<String, Seen>>> = Arc::default();
+        let shared = state.clone();
+        let api = Api::<Deployment>::all(client.clone());
+        let task = tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default().labels(&format!("{TARGET_LABEL}=target"))).boxed();
+            while let Some(event) = stream.next().await {
+                let now = Instant::now();
+                let Ok(event) = event else { continue };
+                let mut map = shared.lock().unwrap();
+                match event {
+                    watcher::Event::Apply(d) | watcher::Event::InitApply(d) => {
+                        let key = format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any());
+                        let hash = record_hash(&d);
+                        let rolled_out = health::deployment_rolled_out(&d);
+                        let e = map.entry(key).or_insert_with(|| Seen {
+                            hash: hash.clone(),
+                            changed_at: now,
+                            rolled_out,
+                            ready_at: None,
+                        });
+                        if e.hash != hash {
+                            e.hash = hash;
+                            e.changed_at = now;
+                            e.ready_at = None;
+                        }
+                        e.rolled_out = rolled_out;
+                        if !rolled_out {
+                            e.ready_at = None;
+                        } else if e.ready_at.is_none() {
+                            e.ready_at = Some(now);
+                        }
+                    }
+                    watcher::Event::Delete(d) => {
+                        map.remove(&format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any()));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Self { state, task }
+    }
+
+    fn hashes(&self) -> HashMap<String, Option<String>> {
+        self.state.lock().unwrap().iter().map(|(k, s)| (k.clone(), s.hash.clone())).collect()
+    }
+
+    /// Waits until `n` targets satisfy `want`; returns them.
+    async fn wait(&self, what: &str, n: usize, want: impl Fn(&str, &Seen) -> bool) -> Vec<Seen> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut last_report = Instant::now();
+        loop {
+            let (count, seen) = {
+                let map = self.state.lock().unwrap();
+                let seen: Vec<Seen> = map.iter().filter(|(k, s)| want(k, s)).map(|(_, s)| s.clone()).collect();
+                (seen.len(), seen)
+            };
+            if count >= n {
+                return seen;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {count}/{n}");
+            if last_report.elapsed() > Duration::from_secs(30) {
+                println!("    ... waiting for {what}: {count}/{n}");
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every target is free of any injection and rolled out.
+    async fn wait_clean(&self, n: usize) {
+        self.wait("targets reverted and rolled out", n, |_, s| s.hash.is_none() && s.rolled_out).await;
+    }
+}
+
+/// Seconds from `t0` to the latest `changed_at` / `ready_at` of `seen`.
+fn last_changed(t0: Instant, seen: &[Seen]) -> f64 {
+    seen.iter().map(|s| s.changed_at.saturating_duration_since(t0).as_secs_f64()).fold(0.0, f64::max)
+}
+
+fn ready_latencies(t0: Instant, seen: &[Seen]) -> Vec<f64> {
+    seen.iter().filter_map(|s| s.ready_at).map(|r| r.saturating_duration_since(t0).as_secs_f64()).collect()
+}
+
+/// Applies `items` with at most `concurrency` requests in flight; panics on the first error.
+async fn bounded<I, F, Fut>(items: I, concurrency: usize, f: F)
+where
+    I: IntoIterator,
+    F: Fn(I::Item) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    futures::stream::iter(items.into_iter().map(f))
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<()>>()
+        .await
+        .expect("bounded writes");
+}
+
+fn ignore_exists(r: Result<impl Sized, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn ensure_namespace(client: &Client, name: &str, labels: Value) {
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply("crosstrace-bench").force(), &Patch::Apply(&ns))
+        .await
+        .expect("namespace");
+}
+
+async fn apply_policy(client: &Client, policy: &Value) {
+    Api::<TracingPolicy>::all(client.clone())
+        .patch(POLICY, &PatchParams::apply("bench-user").force(), &Patch::Apply(policy))
+        .await
+        .expect("apply policy");
+}
+
+fn ready(p: &TracingPolicy) -> bool {
+    let Some(status) = p.status.as_ref() else { return false };
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == p.metadata.generation)
+}
+
+async fn wait_policy_ready(client: &Client) -> TracingPolicy {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(p) = api.get(POLICY).await
+            && ready(&p)
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for policy {POLICY} to be Ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn delete_policy(client: &Client) {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    let _ = api.delete(POLICY, &DeleteParams::default()).await;
+    let deadline = Instant::now() + PATIENCE;
+    while api.get_opt(POLICY).await.ok().flatten().is_some() {
+        assert!(Instant::now() < deadline, "timed out waiting for policy {POLICY} to be gone");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the controller has made no write for `quiet`.
+async fn wait_quiet(controller: &Proc, quiet: Duration) {
+    let mut last = support::sum_samples(&controller.metrics().await, "crosstrace_api_writes_total");
+    let mut since_change = Instant::now();
+    let deadline = Instant::now() + PATIENCE;
+    while since_change.elapsed() < quiet && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = support::sum_samples(&controller.metrics().await, "crosstrace_api_writes_total");
+        if now != last {
+            last = now;
+            since_change = Instant::now();
+        }
+    }
+}
+
+/// The writes the minimal client sends: exactly the operator's apply configurations, built by the
+/// operator's own pure plan (`crosstrace::layers::workloads::plan`) from the same policy.
+struct Limit {
+    config_maps: Vec<(String, Value)>,
+    injections: Vec<(ObjectKey, Value)>,
+}
+
+fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
+    let spec: TracingPolicySpec = serde_json::from_value(policy["spec"].clone()).expect("policy spec");
+    let older = BTreeSet::new();
+    let view = PolicyView { uid: "bench-limit", generation: 1, older: &older, ..PolicyView::new(POLICY, &spec) };
+    let defaults = Settings::default().workloads;
+    let mut config_maps = BTreeMap::new();
+    let mut injections = Vec::new();
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    // The plan admits up to maxConcurrent (at most 1000) new targets at once: plan in chunks.
+    for chunk in keys.chunks(1000) {
+        let observed: Vec<Observed> = chunk
+            .iter()
+            .map(|k| Observed {
+                workload: Workload {
+                    kind: Some(WorkloadKind::Deployment),
+                    metadata: ObjectMeta {
+                        name: Some(k.name.clone()),
+                        namespace: Some(k.namespace.clone()),
+                        labels: Some(BTreeMap::from([(PART_OF.to_string(), "bench".to_string())])),
+                        ..Default::default()
+                    },
+                    template: serde_json::from_value::<PodTemplateSpec>(template(&k.name)).unwrap(),
+                    rolled_out: true,
+                },
+                selected: true,
+                claimed_by: None,
+            })
+            .collect();
+        let mut chunk_spec = spec.clone();
+        chunk_spec.rollout.max_concurrent = 1000;
+        let view = PolicyView { spec: &chunk_spec, ..view };
+        for action in workloads::plan(view, &defaults, &observed, &[], now).actions {
+            match action {
+                Action::ApplyCollectorConfig { namespace, name, data, policy, policy_uid: _ } => {
+                    // As controller::apply does, minus the owner reference (there is no policy object).
+                    let cm = json!({
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": {"name": name, "namespace": namespace, "labels": {workloads::POLICY_LABEL: policy}},
+                        "data": data,
+                    });
+                    config_maps.insert(namespace, cm);
+                }
+                Action::Inject { workload, patch, .. } => injections.push((workload, patch)),
+                other => panic!("unexpected action in the limit plan: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(injections.len(), keys.len(), "the plan injects every target");
+    Limit { config_maps: config_maps.into_iter().collect(), injections }
+}
+
+async fn client_from(kubeconfig: &str) -> Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+fn ssa() -> PatchParams {
+    PatchParams::apply(crosstrace::api::FIELD_MANAGER).force()
+}
+
+/// Sends the limit's writes (config maps first, then the injections, `concurrency` in flight).
+async fn send_limit(client: &Client, limit: &Limit, concurrency: usize) {
+    for (ns, cm) in &limit.config_maps {
+        let name = cm["metadata"]["name"].as_str().unwrap();
+        Api::<ConfigMap>::namespaced(client.clone(), ns).patch(name, &ssa(), &Patch::Apply(cm)).await.expect("cm");
+    }
+    bounded(&limit.injections, concurrency, |(key, patch)| async move {
+        Api::<Deployment>::namespaced(client.clone(), &key.namespace)
+            .patch(&key.name, &ssa(), &Patch::Apply(patch))
+            .await
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// The removal patches (the operator's `removal_patch`), then the config maps deleted.
+async fn revert_limit(client: &Client, limit: &Limit, concurrency: usize) {
+    bounded(&limit.injections, concurrency, |(key, _)| async move {
+        let patch = workloads::removal_patch(WorkloadKind::Deployment, key, None);
+        Api::<Deployment>::namespaced(client.clone(), &key.namespace)
+            .patch(&key.name, &ssa(), &Patch::Apply(&patch))
+            .await
+            .map(|_| ())
+    })
+    .await;
+    for (ns, cm) in &limit.config_maps {
+        let name = cm["metadata"]["name"].as_str().unwrap();
+        let _ = Api::<ConfigMap>::namespaced(client.clone(), ns).delete(name, &DeleteParams::default()).await;
+    }
+}
+
+fn writes(metrics: &str) -> f64 {
+    support::sum_samples(metrics, "crosstrace_api_writes_total")
+}
+
+pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
+    let cfg = Config::from_env();
+    let n = cfg.targets;
+    let keys: Vec<ObjectKey> = (0..n).map(|i| target(i, cfg.namespaces)).collect();
+    println!(
+        "workloads: {n} targets in {} namespaces, runs {}, write concurrency {}, policy maxConcurrent {}",
+        cfg.namespaces, cfg.runs, cfg.write_concurrency, cfg.max_concurrent
+    );
+
+    // Setup: no policy, the targets exist, nothing injected, everything rolled out.
+    delete_policy(client).await;
+    for i in 0..cfg.namespaces {
+        ensure_namespace(client, &namespace(i), json!({TARGET_LABEL: "on"})).await;
+    }
+    let tracker = Tracker::start(client);
+    let t_setup = Instant::now();
+    bounded(&keys, 16, |key| async move {
+        let api = Api::<Deployment>::namespaced(client.clone(), &key.namespace);
+        let d: Deployment = serde_json::from_value(target_deployment(key)).unwrap();
+        ignore_exists(api.create(&PostParams::default(), &d).await)
+    })
+    .await;
+    // Left over from an interrupted run: take any injection out.
+    let leftovers: Vec<ObjectKey> = {
+        tracker.wait("targets listed", n, |_, _| true).await;
+        tracker
+            .hashes()
+            .into_iter()
+            .filter(|(_, h)| h.is_some())
+            .filter_map(|(k, _)| k.split_once('/').map(|(ns, name)| ObjectKey::new(ns, name)))
+            .collect()
+    };
+    bounded(&leftovers, 8, |key| async move {
+        let patch = workloads::removal_patch(WorkloadKind::Deployment, key, None);
+        Api::<Deployment>::namespaced(client.clone(), &key.namespace)
+            .patch(&key.name, &ssa(), &Patch::Apply(&patch))
+            .await
+            .map(|_| ())
+    })
+    .await;
+    tracker.wait_clean(n).await;
+    println!("  setup: {n} targets rolled out after {}", secs(since(t_setup)));
+
+    let controller_kubeconfig = format!("{}/controller.kubeconfig", std::env::var("CROSSTRACE_E2E_STATE").unwrap());
+    let mut controller = Proc::controller("main");
+    controller.wait_up().await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let empty = controller.stats();
+    println!("  controller without policy: RSS {}", mib(empty.rss_kib as f64));
+    let metrics_start = controller.metrics().await;
+
+    // ---- Scenario 1: rollout speed -------------------------------------------------------------
+    let policy_on = policy("0.5", cfg.max_concurrent);
+    if scenarios.contains(&1) {
+        let limit = limit_patches(&policy_on, &keys);
+        let mut op_patched = Vec::new();
+        let mut op_ready = Vec::new();
+        let mut op_rolled = Vec::new();
+        let mut op_writes = Vec::new();
+        let mut lim_sent = Vec::new();
+        let mut lim_patched = Vec::new();
+        let mut lim_rolled = Vec::new();
+        for run in 0..cfg.runs {
+            // The operator.
+            let w0 = writes(&controller.metrics().await);
+            let t0 = Instant::now();
+            apply_policy(client, &policy_on).await;
+            let seen = tracker.wait("operator: pod templates patched", n, |_, s| s.hash.is_some()).await;
+            op_patched.push(last_changed(t0, &seen));
+            wait_policy_ready(client).await;
+            op_ready.push(since(t0));
+            let seen = tracker.wait("operator: rolled out", n, |_, s| s.hash.is_some() && s.rolled_out).await;
+            op_rolled.push(ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max));
+            op_writes.push(writes(&controller.metrics().await) - w0);
+            delete_policy(client).await;
+            tracker.wait_clean(n).await;
+
+            // The limit: a fresh client (no caches), the same apply configurations, the same identity.
+            let limit_client = client_from(&controller_kubeconfig).await;
+            let t0 = Instant::now();
+            send_limit(&limit_client, &limit, cfg.write_concurrency).await;
+            lim_sent.push(since(t0));
+            let seen = tracker.wait("limit: pod templates patched", n, |_, s| s.hash.is_some()).await;
+            lim_patched.push(last_changed(t0, &seen));
+            let seen = tracker.wait("limit: rolled out", n, |_, s| s.hash.is_some() && s.rolled_out).await;
+            lim_rolled.push(ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max));
+            revert_limit(&limit_client, &limit, cfg.write_concurrency).await;
+            tracker.wait_clean(n).await;
+            println!(
+                "  run {}: operator patched {} ready {} | limit patched {} rolled out {}",
+                run + 1,
+                secs(op_patched[run]),
+                secs(op_ready[run]),
+                secs(lim_patched[run]),
+                secs(lim_rolled[run])
+            );
+        }
+
+        // kubectl: one process per Deployment, sequential; a sample, extrapolated to N.
+        let sample = cfg.kubectl_sample;
+        let dir = std::env::temp_dir().join(format!("crosstrace-bench-kubectl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t0 = Instant::now();
+        for (ns, cm) in &limit.config_maps {
+            let file = dir.join(format!("cm-{ns}.json"));
+            std::fs::write(&file, cm.to_string()).unwrap();
+            util::kubectl(&["apply", "--server-side", "--field-manager=crosstrace", "-f", file.to_str().unwrap()]);
+        }
+        let t_cms = since(t0);
+        let t1 = Instant::now();
+        for (key, patch) in limit.injections.iter().take(sample) {
+            util::kubectl(&[
+                "patch",
+                "deployment",
+                &key.name,
+                "-n",
+                &key.namespace,
+                "--type=strategic",
+                "--field-manager=crosstrace",
+                "-p",
+                &patch.to_string(),
+            ]);
+        }
+        let t_sample = since(t1);
+        let kubectl_total = t_cms + t_sample * n as f64 / sample as f64;
+        tracker.wait("kubectl: sample patched", sample, |_, s| s.hash.is_some()).await;
+        // Revert the sample: put the original object back (a PUT removes what the patches added).
+        for (key, _) in limit.injections.iter().take(sample) {
+            let api = Api::<Deployment>::namespaced(client.clone(), &key.namespace);
+            let mut d = api.get(&key.name).await.expect("get");
+            d.metadata.annotations.as_mut().map(|a| a.remove(RECORD_ANNOTATION));
+            d.metadata.labels.as_mut().map(|l| l.remove(workloads::POLICY_LABEL));
+            d.spec.as_mut().unwrap().template = serde_json::from_value(template(&key.name)).unwrap();
+            d.metadata.managed_fields = None;
+            api.replace(&key.name, &PostParams::default(), &d).await.expect("revert kubectl sample");
+        }
+        for (ns, cm) in &limit.config_maps {
+            let name = cm["metadata"]["name"].as_str().unwrap();
+            let _ = Api::<ConfigMap>::namespaced(client.clone(), ns).delete(name, &DeleteParams::default()).await;
+        }
+        tracker.wait_clean(n).await;
+
+        let (op, lim) = (median(&op_patched), median(&lim_patched));
+        report
+            .row("1 rollout", format!("apply -> last of {n} pod templates patched (median of {})", cfg.runs), secs(op))
+            .baseline(format!("limit client {} (c={})", secs(lim), cfg.write_concurrency))
+            .ratio(op / lim)
+            .goal("<= 1.5x limit", op / lim, 1.5, true);
+        report
+            .row("1 rollout", "same, vs a kubectl patch loop", secs(op))
+            .baseline(format!("kubectl {} (sample {sample}, extrapolated)", secs(kubectl_total)))
+            .ratio(op / kubectl_total)
+            .goal(">= 5x faster than kubectl", kubectl_total / op, 5.0, false);
+        report
+            .row("1 rollout", "apply -> policy Ready (all rolled out)", secs(median(&op_ready)))
+            .baseline(format!("limit: all rolled out {}", secs(median(&lim_rolled))))
+            .ratio(median(&op_ready) / median(&lim_rolled));
+        report.row("1 rollout", "operator API writes per rollout", format!("{:.0}", median(&op_writes)));
+        report.json.insert(
+            "rollout",
+            json!({
+                "targets": n, "namespaces": cfg.namespaces, "runs": cfg.runs,
+                "write_concurrency": cfg.write_concurrency, "policy_max_concurrent": cfg.max_concurrent,
+                "operator": {"patched_s": op_patched, "ready_s": op_ready, "rolled_out_s": op_rolled, "writes": op_writes,
+                             "median_patched_s": op, "median_ready_s": median(&op_ready)},
+                "limit": {"sent_s": lim_sent, "patched_s": lim_patched, "rolled_out_s": lim_rolled,
+                          "median_patched_s": lim, "median_rolled_out_s": median(&lim_rolled)},
+                "kubectl": {"sample": sample, "config_maps_s": t_cms, "sample_s": t_sample, "extrapolated_s": kubectl_total,
+                            "method": "one `kubectl patch --type=strategic` process per Deployment, sequential; the sample time scaled to N, plus the config maps"},
+                "ratio_operator_over_limit": op / lim, "ratio_operator_over_kubectl": op / kubectl_total,
+            }),
+        );
+    }
+
+    // ---- Scenario 4: policy change -> Ready ------------------------------------------------------
+    apply_policy(client, &policy_on).await;
+    wait_policy_ready(client).await;
+    tracker.wait("converged", n, |_, s| s.hash.is_some() && s.rolled_out).await;
+    if scenarios.contains(&4) {
+        let mut to_ready = Vec::new();
+        let mut patched = Vec::new();
+        let mut per_target: Vec<f64> = Vec::new();
+        let h0 = util::histogram(&controller.metrics().await, "crosstrace_reconcile_duration_seconds");
+        for run in 0..cfg.change_runs {
+            let ratio = if run % 2 == 0 { "0.25" } else { "0.5" };
+            let before = tracker.hashes();
+            let t0 = Instant::now();
+            apply_policy(client, &policy(ratio, cfg.max_concurrent)).await;
+            let changed = |k: &str, s: &Seen| s.hash.is_some() && before.get(k).is_none_or(|b| *b != s.hash);
+            let seen = tracker.wait("sampling change patched", n, changed).await;
+            patched.push(last_changed(t0, &seen));
+            wait_policy_ready(client).await;
+            to_ready.push(since(t0));
+            let seen = tracker.wait("sampling change rolled out", n, |k, s| changed(k, s) && s.rolled_out).await;
+            per_target.extend(ready_latencies(t0, &seen));
+            println!("  change run {}: patched {} Ready {}", run + 1, secs(patched[run]), secs(to_ready[run]));
+        }
+        let metrics = controller.metrics().await;
+        let all = util::histogram_delta(
+            &util::histogram(&metrics_start, "crosstrace_reconcile_duration_seconds"),
+            &util::histogram(&metrics, "crosstrace_reconcile_duration_seconds"),
+        );
+        let change = util::histogram_delta(&h0, &util::histogram(&metrics, "crosstrace_reconcile_duration_seconds"));
+        let q = |b: &[(f64, f64)], q: f64| util::histogram_quantile(b, q).unwrap_or((0.0, 0.0));
+        let (p50, p50_le) = q(&all, 0.5);
+        let (p99, p99_le) = q(&all, 0.99);
+        let count = all.last().map_or(0.0, |b| b.1);
+        report
+            .row(
+                "4 latency",
+                format!("reconcile p50 / p99 ({count:.0} reconciles, scenarios 1+4)"),
+                format!("{} / {}", secs(p50), secs(p99)),
+            )
+            .baseline(format!("bucket bounds <= {} / <= {}", secs(p50_le), secs(p99_le)))
+            .goal("p99 < 1 s", p99, 1.0, true);
+        report
+            .row(
+                "4 latency",
+                format!("sampling change -> policy Ready, {n} targets (median of {})", cfg.change_runs),
+                secs(median(&to_ready)),
+            )
+            .baseline(format!("last template patched {}", secs(median(&patched))));
+        report.row(
+            "4 latency",
+            "sampling change -> each target rolled out, p50 / p99",
+            format!("{} / {}", secs(quantile(&per_target, 0.5)), secs(quantile(&per_target, 0.99))),
+        );
+        report.json.insert(
+            "latency",
+            json!({
+                "targets": n, "runs": cfg.change_runs,
+                "reconcile_duration": {
+                    "method": "delta of the controller's crosstrace_reconcile_duration_seconds histogram over scenarios 1 and 4, quantile interpolated inside its bucket (as histogram_quantile); bucket upper bounds given too",
+                    "count": count, "p50_s": p50, "p50_bucket_le": p50_le, "p99_s": p99, "p99_bucket_le": p99_le,
+                    "buckets": all, "sampling_change_only": change,
+                },
+                "change_to_ready_s": to_ready, "change_patched_s": patched,
+                "per_target_rolled_out_p50_s": quantile(&per_target, 0.5), "per_target_rolled_out_p99_s": quantile(&per_target, 0.99),
+            }),
+        );
+    }
+
+    // ---- Scenario 3: idle cost -----------------------------------------------------------------
+    wait_quiet(&controller, Duration::from_secs(15)).await;
+    if scenarios.contains(&3) {
+        let window = cfg.idle;
+        let leases = Api::<Lease>::namespaced(client.clone(), "crosstrace-system");
+        let lease_rv = |l: Lease| l.resource_version().unwrap_or_default();
+        let lease_count = Arc::new(Mutex::new(0usize));
+        let lease_task = {
+            let count = lease_count.clone();
+            let leases = leases.clone();
+            tokio::spawn(async move {
+                let mut last = String::new();
+                loop {
+                    if let Ok(l) = leases.get("crosstrace-controller").await {
+                        let rv = lease_rv(l);
+                        if !last.is_empty() && rv != last {
+                            *count.lock().unwrap() += 1;
+                        }
+                        last = rv;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        let m0 = controller.metrics().await;
+        let a0 = util::apiserver_writes(
+            &client
+                .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
+                .await
+                .expect("apiserver /metrics"),
+        );
+        let s0 = controller.stats();
+        println!("  idle window: {window} s");
+        tokio::time::sleep(Duration::from_secs(window)).await;
+        let m1 = controller.metrics().await;
+        let a1 = util::apiserver_writes(
+            &client
+                .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
+                .await
+                .expect("apiserver /metrics"),
+        );
+        let s1 = controller.stats();
+        lease_task.abort();
+        let renewals = *lease_count.lock().unwrap();
+        let op_writes = writes(&m1) - writes(&m0);
+        let reconciles = support::sum_samples(&m1, "crosstrace_reconciles_total")
+            - support::sum_samples(&m0, "crosstrace_reconciles_total");
+        let cpu = s1.cpu_seconds - s0.cpu_seconds;
+        let api = util::delta(&a0, &a1);
+        let ours: f64 = ["tracingpolicies", "tracingpolicies/status", "nodetracings", "events", "configmaps"]
+            .iter()
+            .map(|r| api.get(*r).copied().unwrap_or(0.0))
+            .sum();
+        report
+            .row("3 idle", format!("controller API writes in {window} s (its metrics)"), format!("{op_writes:.0}"))
+            .baseline(format!("+ {renewals} lease renewals (by design)"))
+            .goal("0 writes", op_writes, 0.0, true);
+        report
+            .row("3 idle", "apiserver writes to crosstrace's resources (all clients)", format!("{ours:.0}"))
+            .baseline(format!("all writes in the cluster {:.0}", api.values().sum::<f64>()));
+        report
+            .row(
+                "3 idle",
+                format!("controller CPU ({reconciles:.0} reconciles)"),
+                format!("{cpu:.2} s = {:.3}% of a core", 100.0 * cpu / window as f64),
+            )
+            .goal("< 1% of a core", 100.0 * cpu / window as f64, 1.0, true);
+        report.json.insert(
+            "idle",
+            json!({
+                "window_s": window, "controller_writes": op_writes, "lease_renewals": renewals, "reconciles": reconciles,
+                "controller_cpu_s": cpu, "cpu_percent_of_core": 100.0 * cpu / window as f64,
+                "apiserver_write_deltas_by_resource": api,
+                "note": "apiserver_request_total has no user label: the deltas are every client's (kwok's node leases and pod status, the controller manager...). The controller's own writes are counted by its crosstrace_api_writes_total; its Lease renewals (leader election, by design) are counted by watching the Lease's resourceVersion.",
+            }),
+        );
+    }
+
+    // ---- Scenario 2: memory --------------------------------------------------------------------
+    if scenarios.contains(&2) {
+        let settle = Duration::from_secs(30);
+        let long = controller.stats();
+        drop(controller);
+        controller = Proc::controller("targets");
+        controller.wait_up().await;
+        wait_policy_ready(client).await;
+        tokio::time::sleep(settle).await;
+        wait_quiet(&controller, Duration::from_secs(10)).await;
+        let fresh_n = controller.stats();
+        println!(
+            "  controller with {n} targets: RSS {} peak {}",
+            mib(fresh_n.rss_kib as f64),
+            mib(fresh_n.hwm_kib as f64)
+        );
+
+        let (m, p) = (cfg.nontargets, cfg.pods);
+        let extra_ns = 10usize;
+        for i in 0..extra_ns {
+            ensure_namespace(client, &format!("ct-bench-extra-{i}"), json!({})).await;
+        }
+        let t0 = Instant::now();
+        bounded(0..m, 32, |i| async move {
+            let ns = format!("ct-bench-extra-{}", i % extra_ns);
+            let name = format!("x-{i:06}");
+            let d: Deployment = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": ns, "labels": {TARGET_LABEL: "extra", PART_OF: "other"}},
+                "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}}, "template": {
+                    "metadata": {"labels": {"app": name, PART_OF: "other"}},
+                    "spec": {"containers": [{"name": "app", "image": "other/app:1"}]},
+                }},
+            }))
+            .unwrap();
+            ignore_exists(Api::<Deployment>::namespaced(client.clone(), &ns).create(&PostParams::default(), &d).await)
+        })
+        .await;
+        let nodes = support::agents::node_count();
+        bounded(0..p, 32, |i| async move {
+            let ns = format!("ct-bench-extra-{}", i % extra_ns);
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("p-{i:06}"), "namespace": ns, "labels": {TARGET_LABEL: "extra-pod"}},
+                "spec": {"nodeName": support::agents::node_name(i % nodes), "containers": [{"name": "app", "image": "other/idle:1"}]},
+            }))
+            .unwrap();
+            ignore_exists(Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &pod).await)
+        })
+        .await;
+        println!("  created {m} non-target Deployments and {p} pods in {}", secs(since(t0)));
+        // A reconcile in the bigger cluster (an annotation change wakes the policy, nothing to write).
+        let poke = json!({"metadata": {"annotations": {"bench.crosstrace.dev/poke": format!("{}", since(t0))}}});
+        Api::<TracingPolicy>::all(client.clone())
+            .patch(POLICY, &PatchParams::default(), &Patch::Merge(&poke))
+            .await
+            .expect("poke policy");
+        tokio::time::sleep(settle).await;
+        let same_process = controller.stats();
+        drop(controller);
+        controller = Proc::controller("cluster");
+        controller.wait_up().await;
+        wait_policy_ready(client).await;
+        tokio::time::sleep(settle).await;
+        wait_quiet(&controller, Duration::from_secs(10)).await;
+        let fresh_big = controller.stats();
+        let per_target = (fresh_n.rss_kib as f64 - empty.rss_kib as f64) / n as f64;
+        let per_object = (fresh_big.rss_kib as f64 - fresh_n.rss_kib as f64) / (m + p).max(1) as f64;
+        report
+            .row(
+                "2 memory",
+                format!("RSS steady, {n} targets + {m} non-target Deployments + {p} pods"),
+                mib(fresh_big.rss_kib as f64),
+            )
+            .baseline(format!(
+                "{} with {n} targets only, {} with none",
+                mib(fresh_n.rss_kib as f64),
+                mib(empty.rss_kib as f64)
+            ))
+            .goal("<= 64 MiB", fresh_big.rss_kib as f64 / 1024.0, 64.0, true);
+        report.row("2 memory", "KiB per target", format!("{per_target:.2}"));
+        if m + p > 0 {
+            report
+                .row("2 memory", "KiB per non-target object", format!("{per_object:.3}"))
+                .goal("<= 2 KiB", per_object, 2.0, true);
+        }
+        let peak_ratio = fresh_big.hwm_kib as f64 / fresh_big.rss_kib.max(1) as f64;
+        report
+            .row("2 memory", "peak (VmHWM) / steady, fresh start in the big cluster", mib(fresh_big.hwm_kib as f64))
+            .ratio(peak_ratio)
+            .goal("peak <= 2x steady", peak_ratio, 2.0, true);
+        let long_ratio = long.hwm_kib as f64 / fresh_n.rss_kib.max(1) as f64;
+        report
+            .row("2 memory", "peak during scenarios 1+4 rollouts / steady at N", mib(long.hwm_kib as f64))
+            .baseline(format!("RSS after them {}", mib(long.rss_kib as f64)))
+            .ratio(long_ratio)
+            .goal("peak <= 2x steady", long_ratio, 2.0, true);
+        report.json.insert(
+            "memory",
+            json!({
+                "targets": n, "nontarget_deployments": m, "pods": p,
+                "no_policy": empty, "targets_fresh": fresh_n, "big_cluster_same_process": same_process,
+                "big_cluster_fresh": fresh_big, "long_running_after_rollouts": long,
+                "kib_per_target": per_target, "kib_per_nontarget_object": per_object,
+                "method": "VmRSS / VmHWM from /proc/<pid>/status of the controller host process, each a fresh start that converged and settled 30 s with no write; per-target = (RSS at N - RSS with no policy) / N; per-object = (RSS with the extra objects - RSS at N) / (non-target Deployments + pods)",
+            }),
+        );
+    }
+
+    // ---- Cleanup -------------------------------------------------------------------------------
+    delete_policy(client).await;
+    drop(controller);
+    let mut namespaces: Vec<String> = (0..cfg.namespaces).map(namespace).collect();
+    namespaces.extend((0..10).map(|i| format!("ct-bench-extra-{i}")));
+    for ns in namespaces {
+        let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::background()).await;
+    }
+}
