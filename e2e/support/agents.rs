@@ -176,18 +176,7 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     /// SIGTERM (the agent leaves the export in place and stops), then SIGKILL after 5 s.
     fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        for _ in 0..50 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::stop(&mut self.child);
     }
 }
 

@@ -160,19 +160,24 @@ impl ControllerProcess {
 impl Drop for ControllerProcess {
     /// Stops gracefully (SIGTERM: the lease is released for the next test), then kills.
     fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
+        stop(&mut self.child);
+    }
+}
+
+/// Stops a process this test started: SIGTERM, up to 5 s to exit, then SIGKILL.
+pub fn stop(child: &mut Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    for _ in 0..50 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
             return;
         }
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        for _ in 0..50 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.kill();
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Sum of the samples of one metric family in Prometheus text.
