@@ -174,8 +174,11 @@ fn default_kinds() -> Vec<WorkloadKind> {
 }
 
 /// A kind of workload.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub enum WorkloadKind {
+    #[default]
     Deployment,
     StatefulSet,
     DaemonSet,

@@ -63,7 +63,7 @@ pub struct Record {
 /// One workload, reduced to what the layer needs (the pod template and whether it rolled out).
 #[derive(Clone, Debug, Default)]
 pub struct Workload {
-    pub kind: Option<WorkloadKind>,
+    pub kind: WorkloadKind,
     pub metadata: ObjectMeta,
     pub template: PodTemplateSpec,
     pub rolled_out: bool,
@@ -74,14 +74,10 @@ impl Workload {
         ObjectKey::of(&self.metadata)
     }
 
-    fn kind(&self) -> WorkloadKind {
-        self.kind.unwrap_or(WorkloadKind::Deployment)
-    }
-
     pub fn from_deployment(d: Deployment) -> Self {
         let rolled_out = health::deployment_rolled_out(&d);
         Self {
-            kind: Some(WorkloadKind::Deployment),
+            kind: WorkloadKind::Deployment,
             template: d.spec.map(|s| s.template).unwrap_or_default(),
             metadata: d.metadata,
             rolled_out,
@@ -91,7 +87,7 @@ impl Workload {
     pub fn from_statefulset(s: StatefulSet) -> Self {
         let rolled_out = health::statefulset_rolled_out(&s);
         Self {
-            kind: Some(WorkloadKind::StatefulSet),
+            kind: WorkloadKind::StatefulSet,
             template: s.spec.map(|s| s.template).unwrap_or_default(),
             metadata: s.metadata,
             rolled_out,
@@ -101,7 +97,7 @@ impl Workload {
     pub fn from_daemonset(d: DaemonSet) -> Self {
         let rolled_out = health::daemonset_rolled_out(&d);
         Self {
-            kind: Some(WorkloadKind::DaemonSet),
+            kind: WorkloadKind::DaemonSet,
             template: d.spec.map(|s| s.template).unwrap_or_default(),
             metadata: d.metadata,
             rolled_out,
@@ -328,7 +324,7 @@ fn injection(
 ) -> (Value, Record) {
     let spec = policy.spec;
     let workloads = spec.workloads.as_ref().expect("injection is only planned with spec.workloads");
-    let kind = w.kind();
+    let kind = w.kind;
     let key = w.key();
     let pod = w.template.spec.clone().unwrap_or_default();
     let desired_env = otel_env(spec, kind, &key);
@@ -427,7 +423,7 @@ pub fn plan(
         let our_marker = marker.is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
         if !(active && t.selected) {
             if ours || our_marker {
-                reverts.push(Action::Remove { kind: w.kind(), workload: w.key(), rolled_back: None });
+                reverts.push(Action::Remove { kind: w.kind, workload: w.key(), rolled_back: None });
             }
             continue;
         }
@@ -479,7 +475,7 @@ fn forward(
 ) -> TargetPlan<Action> {
     let w = &t.workload;
     let key = w.key();
-    let kind = w.kind();
+    let kind = w.kind;
     let what = format!("{kind:?} {key}");
     let record = match super::claim(record, &what, policy.name, t.claimed_by.as_deref()) {
         Ok(record) => record,
@@ -634,7 +630,7 @@ pub fn selects(
     let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
     !PROTECTED_NAMESPACES.contains(&namespace)
         && namespace != defaults.operator_namespace
-        && spec.kinds.contains(&w.kind())
+        && spec.kinds.contains(&w.kind)
         && selector(&spec.namespace_selector).is_ok_and(|s| matches(&s, namespace_labels))
         && spec.selector.as_ref().is_none_or(|s| selector(s).is_ok_and(|s| matches(&s, w.metadata.labels.as_ref())))
 }
@@ -691,7 +687,7 @@ mod tests {
         }))
         .unwrap();
         let metadata = ObjectMeta { name: Some(name.into()), namespace: Some("shop".into()), ..Default::default() };
-        Workload { kind: Some(WorkloadKind::Deployment), metadata, template, rolled_out: true }
+        Workload { kind: WorkloadKind::Deployment, metadata, template, rolled_out: true }
     }
 
     fn selected(w: Workload) -> Observed {
