@@ -198,7 +198,16 @@ pub async fn http_get(port: u16, path: &str) -> String {
 }
 
 /// Polls `check` every 250 ms until it returns Some, or panics with `what` after [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_with(what, String::new, check).await
+}
+
+/// [`eventually`], with `context()` (e.g. process logs) appended to the panic message on timeout.
+pub async fn eventually_with<T, F, Fut>(what: &str, context: impl FnOnce() -> String, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -208,7 +217,9 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {PATIENCE:?} waiting for {what}\n{}", context());
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

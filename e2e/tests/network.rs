@@ -69,23 +69,17 @@ impl Suite {
         format!("--- controller ---\n{}\n{}", tail(&self.controller.log(), 60), self.agents.logs(30))
     }
 
-    /// Polls `check` every 250 ms until it returns Some; panics after [`PATIENCE`] with the logs' tails.
-    async fn until<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    /// [`eventually`] that shows the controller's and agents' log tails when it times out.
+    async fn until<T, F, Fut>(&self, what: &str, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                self.logs_shown.set(true);
-                panic!("timed out after {PATIENCE:?} waiting for {what}\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let logs = || {
+            self.logs_shown.set(true);
+            self.logs()
+        };
+        eventually_with(what, logs, check).await
     }
 
     fn policies_api(&self) -> Api<TracingPolicy> {
