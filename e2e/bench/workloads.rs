@@ -323,7 +323,7 @@ fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
             .iter()
             .map(|k| Observed {
                 workload: Workload {
-                    kind: Some(WorkloadKind::Deployment),
+                    kind: WorkloadKind::Deployment,
                     metadata: ObjectMeta {
                         name: Some(k.name.clone()),
                         namespace: Some(k.namespace.clone()),
@@ -674,24 +674,17 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
                 }
             })
         };
-        let m0 = controller.metrics().await;
-        let a0 = util::apiserver_writes(
-            &client
-                .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
-                .await
-                .expect("apiserver /metrics"),
-        );
-        let s0 = controller.stats();
+        // The controller's metrics, the apiserver's write counts and the controller's /proc stats, together.
+        let snapshot = || async {
+            let metrics = controller.metrics().await;
+            let request = http::Request::get("/metrics").body(vec![]).unwrap();
+            let apiserver = client.request_text(request).await.expect("apiserver /metrics");
+            (metrics, util::apiserver_writes(&apiserver), controller.stats())
+        };
+        let (m0, a0, s0) = snapshot().await;
         println!("  idle window: {window} s");
         tokio::time::sleep(Duration::from_secs(window)).await;
-        let m1 = controller.metrics().await;
-        let a1 = util::apiserver_writes(
-            &client
-                .request_text(http::Request::get("/metrics").body(vec![]).unwrap())
-                .await
-                .expect("apiserver /metrics"),
-        );
-        let s1 = controller.stats();
+        let (m1, a1, s1) = snapshot().await;
         lease_task.abort();
         let renewals = *lease_count.lock().unwrap();
         let op_writes = writes(&m1) - writes(&m0);
