@@ -65,6 +65,12 @@ struct ControllerArgs {
     /// Seconds a lease stays valid without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
+    /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
+    #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    write_concurrency: u16,
+    /// Milliseconds one reconcile starts new writes; a bigger batch goes on in the next reconcile.
+    #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    write_budget_ms: u64,
 }
 
 async fn shutdown_signal() {
@@ -107,7 +113,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         None
     };
 
-    let mut settings = Settings { concurrency: args.concurrency, ..Settings::default() };
+    let mut settings = Settings {
+        concurrency: args.concurrency,
+        write_concurrency: usize::from(args.write_concurrency),
+        write_budget: Duration::from_millis(args.write_budget_ms),
+        ..Settings::default()
+    };
     settings.workloads.sidecar_image = args.sidecar_image;
     settings.workloads.native_sidecars = native_sidecars;
     settings.workloads.operator_namespace = args.namespace.clone();

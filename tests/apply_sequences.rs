@@ -225,3 +225,123 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
     )
     .await;
 }
+
+// ---- the workload layer's paced writes ----
+
+use crosstrace::api::WorkloadKind;
+use crosstrace::controller::apply::{Pace, Written};
+use crosstrace::layers::workloads::Action as WorkloadAction;
+
+fn inject(name: &str) -> WorkloadAction {
+    WorkloadAction::Inject {
+        kind: WorkloadKind::Deployment,
+        workload: ObjectKey::new("shop", name),
+        patch: json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}}),
+    }
+}
+
+fn collector_config(namespace: &str) -> WorkloadAction {
+    WorkloadAction::ApplyCollectorConfig {
+        namespace: namespace.into(),
+        name: "crosstrace-otel-storefront".into(),
+        data: BTreeMap::from([("collector.yaml".to_string(), "receivers: {}".to_string())]),
+        policy: "storefront".into(),
+        policy_uid: "uid-1".into(),
+    }
+}
+
+/// The next request, or `None` when none arrives within 200 ms.
+async fn next_within(handle: &mut Handle) -> Option<(Request<Body>, tower_test::mock::SendResponse<Response<Body>>)> {
+    tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await.ok().flatten()
+}
+
+fn ok(send: tower_test::mock::SendResponse<Response<Body>>, reply: &Value) {
+    send.send_response(Response::builder().body(Body::from(serde_json::to_vec(reply).unwrap())).unwrap());
+}
+
+#[tokio::test]
+async fn injections_are_written_with_at_most_the_write_concurrency_in_flight() {
+    let (writer, mut handle, metrics) = mocked();
+    let actions: Vec<_> = ["a", "b", "c", "d", "e"].into_iter().map(inject).collect();
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60))).await.expect("written")
+    });
+    let reply = deployment_reply();
+    let first = next_within(&mut handle).await.expect("a first write");
+    let second = next_within(&mut handle).await.expect("a second write at the same time");
+    assert_eq!(first.0.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
+    assert_eq!(second.0.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/b");
+    assert!(second.0.uri().query().unwrap_or_default().contains("fieldManager=crosstrace"));
+    assert!(next_within(&mut handle).await.is_none(), "a third write while two are in flight");
+    ok(first.1, &reply);
+    let mut paths = vec![];
+    let third = next_within(&mut handle).await.expect("the third write once one is answered");
+    paths.push(third.0.uri().path().to_string());
+    ok(second.1, &reply);
+    ok(third.1, &reply);
+    while let Some((request, send)) = next_within(&mut handle).await {
+        paths.push(request.uri().path().to_string());
+        ok(send, &reply);
+    }
+    assert_eq!(
+        paths,
+        ["c", "d", "e"].map(|n| format!("/apis/apps/v1/namespaces/shop/deployments/{n}")),
+        "the rest in plan order"
+    );
+    let written = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert_eq!(written, Written { done: 5, of: 5 });
+    assert!(written.complete());
+    let text = metrics.encode();
+    assert!(text.contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 5"), "{text}");
+}
+
+#[tokio::test]
+async fn every_collector_config_is_written_before_the_first_injection() {
+    let (writer, mut handle, _) = mocked();
+    let actions = vec![collector_config("shop"), collector_config("web"), inject("a")];
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60))).await.expect("written")
+    });
+    let one = next_within(&mut handle).await.expect("a ConfigMap");
+    let two = next_within(&mut handle).await.expect("the other ConfigMap at the same time");
+    for (request, _) in [&one, &two] {
+        assert!(request.uri().path().starts_with("/api/v1/namespaces/"), "{}", request.uri());
+        assert!(request.uri().path().ends_with("/configmaps/crosstrace-otel-storefront"), "{}", request.uri());
+    }
+    assert!(next_within(&mut handle).await.is_none(), "an injection before its ConfigMap is written");
+    ok(one.1, &config_map_reply(json!({})));
+    assert!(next_within(&mut handle).await.is_none(), "an injection before every ConfigMap is written");
+    ok(two.1, &config_map_reply(json!({})));
+    let (request, send) = next_within(&mut handle).await.expect("the injection");
+    assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
+    ok(send, &deployment_reply());
+    let written = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert_eq!(written, Written { done: 3, of: 3 });
+}
+
+#[tokio::test]
+async fn a_used_up_write_budget_starts_nothing_and_says_so() {
+    let (writer, mut handle, metrics) = mocked();
+    let actions: Vec<_> = ["a", "b"].into_iter().map(inject).collect();
+    let written = apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO)).await.expect("nothing failed");
+    assert_eq!(written, Written { done: 0, of: 2 });
+    assert!(!written.complete());
+    assert!(next_within(&mut handle).await.is_none(), "no request once the budget is used up");
+    assert!(!metrics.encode().contains("crosstrace_api_writes_total{"), "no write counted");
+}
+
+#[tokio::test]
+async fn the_first_failed_write_stops_the_rest() {
+    let (writer, mut handle, _) = mocked();
+    let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
+    let task =
+        tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(1, Duration::from_secs(60))).await });
+    let (_, send) = next_within(&mut handle).await.expect("the first write");
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
+    send.send_response(
+        Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap())).unwrap(),
+    );
+    let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert!(matches!(result, Err(kube::Error::Api(ref e)) if e.code == 403), "{result:?}");
+    assert!(next_within(&mut handle).await.is_none(), "no write after the failure");
+}

@@ -200,6 +200,12 @@ impl Proc {
                 &format!("127.0.0.1:{admin_port}"),
                 "--namespace",
                 "crosstrace-system",
+                "--write-concurrency",
+                &crate::util::knob(
+                    "CROSSTRACE_BENCH_WRITE_CONCURRENCY",
+                    crosstrace::controller::DEFAULT_WRITE_CONCURRENCY,
+                )
+                .to_string(),
             ])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info")
@@ -246,18 +252,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        for _ in 0..50 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::stop(&mut self.child);
     }
 }
 

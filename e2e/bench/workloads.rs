@@ -57,7 +57,11 @@ impl Config {
             pods: knob("CROSSTRACE_BENCH_PODS", 20_000usize),
             idle: knob("CROSSTRACE_BENCH_IDLE_SECONDS", 300u64),
             kubectl_sample: knob("CROSSTRACE_BENCH_KUBECTL_SAMPLE", 100usize).clamp(1, targets),
-            write_concurrency: knob("CROSSTRACE_BENCH_WRITE_CONCURRENCY", 1usize).max(1),
+            write_concurrency: knob(
+                "CROSSTRACE_BENCH_WRITE_CONCURRENCY",
+                crosstrace::controller::DEFAULT_WRITE_CONCURRENCY,
+            )
+            .max(1),
             max_concurrent: knob("CROSSTRACE_BENCH_MAX_CONCURRENT", targets.min(1000)).clamp(1, 1000),
         }
     }
@@ -375,10 +379,11 @@ fn ssa() -> PatchParams {
 
 /// Sends the limit's writes (config maps first, then the injections, `concurrency` in flight).
 async fn send_limit(client: &Client, limit: &Limit, concurrency: usize) {
-    for (ns, cm) in &limit.config_maps {
+    bounded(&limit.config_maps, concurrency, |(ns, cm)| async move {
         let name = cm["metadata"]["name"].as_str().unwrap();
-        Api::<ConfigMap>::namespaced(client.clone(), ns).patch(name, &ssa(), &Patch::Apply(cm)).await.expect("cm");
-    }
+        Api::<ConfigMap>::namespaced(client.clone(), ns).patch(name, &ssa(), &Patch::Apply(cm)).await.map(|_| ())
+    })
+    .await;
     bounded(&limit.injections, concurrency, |(key, patch)| async move {
         Api::<Deployment>::namespaced(client.clone(), &key.namespace)
             .patch(&key.name, &ssa(), &Patch::Apply(patch))

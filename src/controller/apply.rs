@@ -2,7 +2,12 @@
 //! manager and counts the write in the metrics (so "a converged policy makes zero writes" is checkable).
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -190,10 +195,82 @@ async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, pa
     }
 }
 
-/// Runs the workload layer's actions in order; the first failure stops the rest.
-pub async fn workloads(writer: &Writer, actions: &[workloads::Action]) -> kube::Result<()> {
+/// How the writes of one reconcile are paced: how many are in flight at once, and until when new ones
+/// may start (a reconcile that would run longer stops there and the next one continues, so that status
+/// and spec changes are looked at again within about that long, however many targets a batch has).
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub concurrency: usize,
+    pub until: Instant,
+}
+
+impl Pace {
+    /// `concurrency` writes in flight, new ones started for `budget` from now.
+    pub fn new(concurrency: usize, budget: Duration) -> Self {
+        Self { concurrency: concurrency.max(1), until: Instant::now() + budget }
+    }
+}
+
+/// How many of the actions were written, in plan order: when a reconcile's budget ran out, the plan's
+/// prefix `..done` was written and the rest is left to the next reconcile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub done: usize,
+    pub of: usize,
+}
+
+impl Written {
+    pub fn complete(&self) -> bool {
+        self.done == self.of
+    }
+}
+
+/// Runs `actions` in plan order, one phase after the other (`phase` of consecutive actions), the
+/// actions of a phase with up to `pace.concurrency` in flight. No action starts after `pace.until`
+/// (a phase begun is not left half-done for a later one to run) and the first failure stops the rest.
+async fn paced<'a, A, F, Fut>(actions: &'a [A], pace: Pace, phase: impl Fn(&A) -> u8, write: F) -> kube::Result<Written>
+where
+    F: Fn(&'a A) -> Fut,
+    Fut: Future<Output = kube::Result<()>>,
+{
+    let of = actions.len();
+    let mut done = 0;
+    while done < of {
+        if Instant::now() >= pace.until {
+            break;
+        }
+        let current = phase(&actions[done]);
+        let end = actions[done..].iter().position(|a| phase(a) != current).map_or(of, |n| done + n);
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = done;
+        loop {
+            while in_flight.len() < pace.concurrency && next < end && Instant::now() < pace.until {
+                in_flight.push(write(&actions[next]));
+                next += 1;
+            }
+            match in_flight.next().await {
+                Some(result) => result?,
+                None => break,
+            }
+        }
+        done = next;
+        if done < end {
+            break;
+        }
+    }
+    Ok(Written { done, of })
+}
+
+/// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
+/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest.
+pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pace) -> kube::Result<Written> {
     use workloads::Action::*;
-    for action in actions {
+    let phase = |action: &workloads::Action| match action {
+        ApplyCollectorConfig { .. } => 0,
+        Inject { .. } | Remove { .. } => 1,
+        DeleteCollectorConfig { .. } => 2,
+    };
+    paced(actions, pace, phase, |action| async move {
         match action {
             ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
                 let api = Api::<ConfigMap>::namespaced(writer.client.clone(), namespace);
@@ -213,54 +290,62 @@ pub async fn workloads(writer: &Writer, actions: &[workloads::Action]) -> kube::
                     },
                     "data": data,
                 });
-                writer.apply(&api, name, patch).await?;
+                writer.apply(&api, name, patch).await.map(drop)
             }
-            Inject { kind, workload, patch } => apply_workload(writer, *kind, workload, patch.clone()).await?,
+            Inject { kind, workload, patch } => apply_workload(writer, *kind, workload, patch.clone()).await,
             Remove { kind, workload, rolled_back } => {
                 let patch = workloads::removal_patch(*kind, workload, rolled_back.as_deref());
-                apply_workload(writer, *kind, workload, patch).await?;
+                apply_workload(writer, *kind, workload, patch).await
             }
             DeleteCollectorConfig { namespace, name } => {
-                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await?;
+                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await
             }
         }
-    }
-    Ok(())
+    })
+    .await
 }
 
-/// Runs the network layer's actions. Every write carries the resourceVersion it was planned from:
-/// a conflict means another policy changed the node meanwhile, and the reconcile is retried.
-pub async fn network(writer: &Writer, actions: &[network::Action]) -> kube::Result<()> {
-    let api = Api::<NodeTracing>::all(writer.client.clone());
-    for action in actions {
-        match action {
-            network::Action::Put { node, bridges, rolled_back, resource_version } => {
-                let mut metadata = json!({"name": node});
-                if let Some(rv) = resource_version {
-                    metadata["resourceVersion"] = json!(rv);
+/// Runs the network layer's actions (one per node, independent of each other), paced by `pace`. Every
+/// write carries the resourceVersion it was planned from: a conflict means another policy changed the
+/// node meanwhile, and the reconcile is retried.
+pub async fn network(writer: &Writer, actions: &[network::Action], pace: Pace) -> kube::Result<Written> {
+    let api = &Api::<NodeTracing>::all(writer.client.clone());
+    paced(
+        actions,
+        pace,
+        |_| 0,
+        |action| async move {
+            match action {
+                network::Action::Put { node, bridges, rolled_back, resource_version } => {
+                    let mut metadata = json!({"name": node});
+                    if let Some(rv) = resource_version {
+                        metadata["resourceVersion"] = json!(rv);
+                    }
+                    if let Some(marker) = rolled_back {
+                        metadata["annotations"] = json!({network::ROLLED_BACK_ANNOTATION: marker});
+                    }
+                    let patch = json!({
+                        "apiVersion": "crosstrace.dev/v1alpha1",
+                        "kind": "NodeTracing",
+                        "metadata": metadata,
+                        "spec": {"nodeName": node, "bridges": bridges},
+                    });
+                    writer.apply(api, node, patch).await.map(drop)
                 }
-                if let Some(marker) = rolled_back {
-                    metadata["annotations"] = json!({network::ROLLED_BACK_ANNOTATION: marker});
+                network::Action::Delete { node, resource_version } => {
+                    writer.count::<NodeTracing>("delete");
+                    let preconditions = Preconditions { resource_version: resource_version.clone(), uid: None };
+                    match api
+                        .delete(node, &DeleteParams { preconditions: Some(preconditions), ..Default::default() })
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                        Err(e) => Err(e),
+                    }
                 }
-                let patch = json!({
-                    "apiVersion": "crosstrace.dev/v1alpha1",
-                    "kind": "NodeTracing",
-                    "metadata": metadata,
-                    "spec": {"nodeName": node, "bridges": bridges},
-                });
-                writer.apply(&api, node, patch).await?;
             }
-            network::Action::Delete { node, resource_version } => {
-                writer.count::<NodeTracing>("delete");
-                let preconditions = Preconditions { resource_version: resource_version.clone(), uid: None };
-                match api.delete(node, &DeleteParams { preconditions: Some(preconditions), ..Default::default() }).await
-                {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-    Ok(())
+        },
+    )
+    .await
 }

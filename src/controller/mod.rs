@@ -42,7 +42,17 @@ pub struct Settings {
     pub poll: Duration,
     /// What the workload layer injects when a policy leaves it open.
     pub workloads: workloads::Defaults,
+    /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
+    pub write_concurrency: usize,
+    /// How long one reconcile starts new writes; a bigger batch goes on in the next reconcile at once.
+    pub write_budget: Duration,
 }
+
+/// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
+pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
+
+/// How long one reconcile starts new writes, unless `--write-budget-ms` says otherwise.
+pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -58,6 +68,8 @@ impl Default for Settings {
                 operator_namespace: namespace.clone(),
             },
             namespace,
+            write_concurrency: DEFAULT_WRITE_CONCURRENCY,
+            write_budget: DEFAULT_WRITE_BUDGET,
         }
     }
 }

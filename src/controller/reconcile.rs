@@ -15,6 +15,7 @@ use serde_json::json;
 use tracing::{Span, field, info, instrument, warn};
 
 use super::Context;
+use super::apply::{Pace, Written};
 use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED, PROGRESSING};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
@@ -65,7 +66,10 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         if !has_finalizer {
             return Ok(Action::await_change());
         }
-        cleanup(policy, name, ctx).await?;
+        if !cleanup(policy, name, ctx).await? {
+            // More to revert than one reconcile's write budget: the next reconcile goes on at once.
+            return Ok(Action::requeue(Duration::ZERO));
+        }
         let rest: Vec<&String> = policy.finalizers().iter().filter(|f| *f != FINALIZER).collect();
         let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
         ctx.writer.merge(&api, name, patch).await?;
@@ -113,9 +117,16 @@ async fn namespace_labels(
     Ok(namespaces.into_iter().map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default())).collect())
 }
 
-/// Observes, plans and applies every layer in the safe order (edge, then workloads), and returns
-/// what each enabled layer reports. With `deleting`, the plans only revert.
-async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting: bool) -> Result<Reports, Error> {
+/// Observes, plans and applies every layer in the safe order (edge, then workloads, then network), and
+/// returns what each enabled layer reports, and whether every planned write was made (a reconcile's
+/// write budget can leave the rest of a big batch to the next one). With `deleting`, the plans only revert.
+async fn run_layers(
+    policy: &TracingPolicy,
+    name: &str,
+    ctx: &Context,
+    deleting: bool,
+) -> Result<(Reports, bool), Error> {
+    let pace = Pace::new(ctx.settings.write_concurrency, ctx.settings.write_budget);
     let now = Timestamp::now().as_second();
     let uid = policy.uid().unwrap_or_default();
     let older: BTreeSet<String> = ctx
@@ -152,12 +163,22 @@ async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting:
         })
     })
     .await?;
+    drop(labels);
     let workload_plan = workloads::plan(view, defaults, &observed, &config_maps, now);
+    drop((observed, config_maps));
+    let mut written = Written { done: 0, of: 0 };
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
-        super::apply::workloads(&ctx.writer, &workload_plan.actions).await?;
+        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace).await?;
     }
-    for key in &workload_plan.drifted {
+    let reapplied: BTreeSet<&crate::layers::ObjectKey> = workload_plan.actions[..written.done]
+        .iter()
+        .filter_map(|a| match a {
+            workloads::Action::Inject { workload, .. } => Some(workload),
+            _ => None,
+        })
+        .collect();
+    for key in workload_plan.drifted.iter().filter(|k| reapplied.contains(k)) {
         ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: "workloads".into() }).inc();
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
         publish(ctx, policy, EventType::Warning, "DriftCorrected", note).await;
@@ -165,22 +186,29 @@ async fn run_layers(policy: &TracingPolicy, name: &str, ctx: &Context, deleting:
 
     let observed = network::observe(&ctx.client, view).await?;
     let network_plan = network::plan(view, &observed, Timestamp::now());
-    if !network_plan.actions.is_empty() {
+    if !written.complete() {
+        // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).
+        info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
+    } else if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
-        super::apply::network(&ctx.writer, &network_plan.actions).await?;
+        written = super::apply::network(&ctx.writer, &network_plan.actions, pace).await?;
     }
-    Ok(Reports {
+    let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
         workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
-    })
+    };
+    Ok((reports, written.complete()))
 }
 
-/// Reverts every layer, edge first. Errors keep the finalizer in place.
-async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<(), Error> {
-    run_layers(policy, name, ctx, true).await?;
+/// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished
+/// reverts keep the finalizer in place.
+async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<bool, Error> {
+    if !run_layers(policy, name, ctx, true).await?.1 {
+        return Ok(false);
+    }
     publish(ctx, policy, EventType::Normal, "Reverted", "every change of this policy is reverted".into()).await;
-    Ok(())
+    Ok(true)
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
@@ -191,7 +219,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         report(ctx, policy, name, next).await?;
         return Ok(Action::await_change());
     }
-    let reports = run_layers(policy, name, ctx, false).await?;
+    let (reports, finished) = run_layers(policy, name, ctx, false).await?;
     for (layer, report) in
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
     {
@@ -208,7 +236,11 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         .into_iter()
         .flatten()
         .any(|r| r.in_flight > 0 || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped));
-    Ok(Action::requeue(if busy { ctx.settings.poll } else { ctx.settings.resync }))
+    Ok(Action::requeue(match () {
+        _ if !finished => Duration::ZERO,
+        _ if busy => ctx.settings.poll,
+        _ => ctx.settings.resync,
+    }))
 }
 
 /// Writes the status only when something other than a timestamp changed, and publishes an Event for

@@ -74,12 +74,19 @@ impl Workload {
         ObjectKey::of(&self.metadata)
     }
 
+    /// The metadata the layer keeps: everything but `managedFields` (often the biggest part of an
+    /// object, never read here).
+    fn kept(mut metadata: ObjectMeta) -> ObjectMeta {
+        metadata.managed_fields = None;
+        metadata
+    }
+
     pub fn from_deployment(d: Deployment) -> Self {
         let rolled_out = health::deployment_rolled_out(&d);
         Self {
             kind: WorkloadKind::Deployment,
             template: d.spec.map(|s| s.template).unwrap_or_default(),
-            metadata: d.metadata,
+            metadata: Self::kept(d.metadata),
             rolled_out,
         }
     }
@@ -89,7 +96,7 @@ impl Workload {
         Self {
             kind: WorkloadKind::StatefulSet,
             template: s.spec.map(|s| s.template).unwrap_or_default(),
-            metadata: s.metadata,
+            metadata: Self::kept(s.metadata),
             rolled_out,
         }
     }
@@ -99,7 +106,7 @@ impl Workload {
         Self {
             kind: WorkloadKind::DaemonSet,
             template: d.spec.map(|s| s.template).unwrap_or_default(),
-            metadata: d.metadata,
+            metadata: Self::kept(d.metadata),
             rolled_out,
         }
     }
@@ -542,39 +549,99 @@ pub async fn selected_namespaces(
         .collect())
 }
 
-/// Lists the workloads of `kind` in `namespace` (or every namespace) matching `params`.
+/// Objects per list request: bounds what one response holds in memory, however big a namespace is.
+const PAGE: u32 = 500;
+
+/// Lists everything `params` matches, a page at a time, handing each object to `each` (which keeps
+/// only what it needs) before the next page is read.
+async fn list_paged<K>(api: &Api<K>, params: &ListParams, mut each: impl FnMut(K)) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params.clone().limit(PAGE);
+    loop {
+        let page = api.list(&params).await?;
+        let next = page.metadata.continue_.filter(|c| !c.is_empty());
+        page.items.into_iter().for_each(&mut each);
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(()),
+        }
+    }
+}
+
+fn api<K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>>(
+    client: &Client,
+    ns: Option<&str>,
+) -> Api<K> {
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Lists the workloads of `kind` in `namespace` (or every namespace) matching `params`, a page at a
+/// time, each reduced to a [`Workload`] at once.
 async fn list(
     client: &Client,
     kind: WorkloadKind,
     namespace: Option<&str>,
     params: &ListParams,
-) -> Result<Vec<Workload>, kube::Error> {
-    fn api<K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>>(
-        client: &Client,
-        ns: Option<&str>,
-    ) -> Api<K> {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
+    mut each: impl FnMut(Workload),
+) -> Result<(), kube::Error> {
+    match kind {
+        WorkloadKind::Deployment => {
+            list_paged(&api::<Deployment>(client, namespace), params, |d| each(Workload::from_deployment(d))).await
+        }
+        WorkloadKind::StatefulSet => {
+            list_paged(&api::<StatefulSet>(client, namespace), params, |s| each(Workload::from_statefulset(s))).await
+        }
+        WorkloadKind::DaemonSet => {
+            list_paged(&api::<DaemonSet>(client, namespace), params, |d| each(Workload::from_daemonset(d))).await
         }
     }
+}
+
+/// Reads one workload; `None` when it is gone.
+async fn get(client: &Client, kind: WorkloadKind, key: &ObjectKey) -> Result<Option<Workload>, kube::Error> {
+    let ns = Some(key.namespace.as_str());
     Ok(match kind {
-        WorkloadKind::Deployment => api::<Deployment>(client, namespace)
-            .list(params)
-            .await?
-            .into_iter()
-            .map(Workload::from_deployment)
-            .collect(),
-        WorkloadKind::StatefulSet => api::<StatefulSet>(client, namespace)
-            .list(params)
-            .await?
-            .into_iter()
-            .map(Workload::from_statefulset)
-            .collect(),
-        WorkloadKind::DaemonSet => {
-            api::<DaemonSet>(client, namespace).list(params).await?.into_iter().map(Workload::from_daemonset).collect()
+        WorkloadKind::Deployment => {
+            api::<Deployment>(client, ns).get_opt(&key.name).await?.map(Workload::from_deployment)
         }
+        WorkloadKind::StatefulSet => {
+            api::<StatefulSet>(client, ns).get_opt(&key.name).await?.map(Workload::from_statefulset)
+        }
+        WorkloadKind::DaemonSet => api::<DaemonSet>(client, ns).get_opt(&key.name).await?.map(Workload::from_daemonset),
     })
+}
+
+/// The keys of the workloads of `kind` carrying this policy's label (metadata only, a page at a time).
+async fn labelled_keys(
+    client: &Client,
+    kind: WorkloadKind,
+    params: &ListParams,
+) -> Result<Vec<ObjectKey>, kube::Error> {
+    async fn keys<K>(api: Api<K>, params: &ListParams) -> Result<Vec<ObjectKey>, kube::Error>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut keys = Vec::new();
+        let mut params = params.clone().limit(PAGE);
+        loop {
+            let page = api.list_metadata(&params).await?;
+            keys.extend(page.items.iter().map(|m| ObjectKey::of(&m.metadata)));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(keys),
+            }
+        }
+    }
+    match kind {
+        WorkloadKind::Deployment => keys(api::<Deployment>(client, None), params).await,
+        WorkloadKind::StatefulSet => keys(api::<StatefulSet>(client, None), params).await,
+        WorkloadKind::DaemonSet => keys(api::<DaemonSet>(client, None), params).await,
+    }
 }
 
 /// Does a workload belong to the edge layer? Those are left to it: one field manager cannot own
@@ -600,20 +667,27 @@ pub async fn observe(
         };
         for namespace in selected_namespaces(client, spec, defaults).await? {
             for kind in &spec.kinds {
-                for w in list(client, *kind, Some(&namespace), &params).await? {
-                    if is_edge_controller(&w) {
-                        continue;
+                list(client, *kind, Some(&namespace), &params, |w| {
+                    if !is_edge_controller(&w) {
+                        let claimed_by = claimant(&w);
+                        found.insert((w.key(), *kind), Observed { workload: w, selected: true, claimed_by });
                     }
-                    let claimed_by = claimant(&w);
-                    found.insert((w.key(), *kind), Observed { workload: w, selected: true, claimed_by });
-                }
+                })
+                .await?;
             }
         }
     }
+    // Workloads this policy changed that are no longer selected: their keys first (metadata only),
+    // then the few whole objects not already read above.
     let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
     for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
-        for w in list(client, kind, None, &labelled).await? {
-            found.entry((w.key(), kind)).or_insert(Observed { workload: w, ..Default::default() });
+        for key in labelled_keys(client, kind, &labelled).await? {
+            if found.contains_key(&(key.clone(), kind)) {
+                continue;
+            }
+            if let Some(w) = get(client, kind, &key).await? {
+                found.insert((key, kind), Observed { workload: w, ..Default::default() });
+            }
         }
     }
     let config_maps = Api::<ConfigMap>::all(client.clone()).list(&labelled).await?.items;
