@@ -13,5 +13,6 @@ pub mod controller;
 pub mod http;
 pub mod layers;
 pub mod leader;
+pub mod lean;
 pub mod metrics;
 pub mod telemetry;

@@ -16,7 +16,6 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -26,8 +25,12 @@ use kube::{Api, Client, ResourceExt};
 use crate::api::TracingPolicy;
 use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
 use crate::layers::{ingress, matches, network, selector, workloads};
+use crate::lean::Meta;
 use crate::metrics::Metrics;
 use apply::Writer;
+
+/// Objects per page of the metadata watches' lists: bounds what one response holds in memory.
+const METADATA_PAGE: u32 = 100;
 
 /// Settings of the controller role.
 #[derive(Clone, Debug)]
@@ -198,18 +201,22 @@ pub async fn run(
         settings,
         written: Mutex::default(),
     });
+    // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
+    // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing cached. Their lists are
+    // paged and read at the latest version: a list at "any" version comes from the API server's cache
+    // in one piece, however big the cluster.
+    let meta = watcher::Config::default().page_size(METADATA_PAGE);
     controller
-        // Workloads: metadata-only watches (labels are all the mapping needs), nothing cached.
-        .watches(Api::<PartialObjectMeta<Deployment>>::all(client.clone()), any.clone(), move |d| {
+        .watches(Api::<Meta<Deployment>>::all(client.clone()), meta.clone(), move |d| {
             policies_for_deployment(&deployment_store, &d.metadata)
         })
-        .watches(Api::<PartialObjectMeta<StatefulSet>>::all(client.clone()), any.clone(), move |s| {
+        .watches(Api::<Meta<StatefulSet>>::all(client.clone()), meta.clone(), move |s| {
             policies_for_workload(&statefulset_store, WorkloadKind::StatefulSet, &s.metadata)
         })
-        .watches(Api::<PartialObjectMeta<DaemonSet>>::all(client.clone()), any.clone(), move |d| {
+        .watches(Api::<Meta<DaemonSet>>::all(client.clone()), meta.clone(), move |d| {
             policies_for_workload(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata)
         })
-        .watches(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), any.clone(), move |_| {
+        .watches(Api::<Meta<Namespace>>::all(client.clone()), meta.clone(), move |_| {
             policies_with_workloads(&namespace_store)
         })
         .watches(Api::<ConfigMap>::all(client.clone()), any.clone().labels(ingress::POLICY_LABEL), |cm| {
@@ -220,7 +227,7 @@ pub async fn run(
         })
         // Nodes: only label changes matter (heartbeats would wake every network policy all the time).
         .watches_stream(
-            watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), watcher::Config::default())
+            watcher(Api::<Meta<Node>>::all(client.clone()), meta)
                 .touched_objects()
                 .predicate_filter(predicates::labels, Default::default()),
             move |_| policies_with_network(&node_store),

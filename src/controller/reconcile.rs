@@ -22,6 +22,7 @@ use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::PolicyView;
 use crate::layers::ingress;
 use crate::layers::{network, workloads};
+use crate::lean::Meta;
 use crate::metrics::LayerLabels;
 use crate::telemetry;
 
@@ -113,7 +114,7 @@ async fn namespace_labels(
     if !others || policy.spec.workloads.is_none() {
         return Ok(BTreeMap::new());
     }
-    let namespaces = Api::<Namespace>::all(ctx.client.clone()).list_metadata(&ListParams::default()).await?;
+    let namespaces = Api::<Meta<Namespace>>::all(ctx.client.clone()).list(&ListParams::default()).await?;
     Ok(namespaces.into_iter().map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default())).collect())
 }
 

@@ -13,6 +13,7 @@ use kube::{Api, Client, ResourceExt};
 use super::{LayerReport, PolicyView, Progress, TargetPlan, schedule, selector};
 use crate::api::node_tracing::{BridgeExport, BridgeStatus};
 use crate::api::{NetworkSpec, NodeTracing};
+use crate::lean::Meta;
 
 /// Annotation on a NodeTracing: `{policy: generation}` of exports rolled back there (not retried).
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/network-rolled-back";
@@ -198,7 +199,7 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
             ),
             None => ListParams::default(),
         };
-        for node in Api::<Node>::all(client.clone()).list_metadata(&params).await? {
+        for node in Api::<Meta<Node>>::all(client.clone()).list(&params).await? {
             let name = node.name_any();
             found.insert(name.clone(), Observed { node: name, selected: true, tracing: None });
         }

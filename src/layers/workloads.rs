@@ -21,6 +21,7 @@ use super::{
     selector,
 };
 use crate::api::{OtlpProtocol, TracingPolicySpec, WorkloadKind, WorkloadsSpec};
+use crate::lean::{Lean, Meta};
 
 /// Annotation on an instrumented workload: the [`Record`] of what was injected.
 pub const RECORD_ANNOTATION: &str = "crosstrace.dev/workloads";
@@ -74,19 +75,12 @@ impl Workload {
         ObjectKey::of(&self.metadata)
     }
 
-    /// The metadata the layer keeps: everything but `managedFields` (often the biggest part of an
-    /// object, never read here).
-    fn kept(mut metadata: ObjectMeta) -> ObjectMeta {
-        metadata.managed_fields = None;
-        metadata
-    }
-
     pub fn from_deployment(d: Deployment) -> Self {
         let rolled_out = health::deployment_rolled_out(&d);
         Self {
             kind: WorkloadKind::Deployment,
             template: d.spec.map(|s| s.template).unwrap_or_default(),
-            metadata: Self::kept(d.metadata),
+            metadata: d.metadata,
             rolled_out,
         }
     }
@@ -96,7 +90,7 @@ impl Workload {
         Self {
             kind: WorkloadKind::StatefulSet,
             template: s.spec.map(|s| s.template).unwrap_or_default(),
-            metadata: Self::kept(s.metadata),
+            metadata: s.metadata,
             rolled_out,
         }
     }
@@ -106,7 +100,7 @@ impl Workload {
         Self {
             kind: WorkloadKind::DaemonSet,
             template: d.spec.map(|s| s.template).unwrap_or_default(),
-            metadata: Self::kept(d.metadata),
+            metadata: d.metadata,
             rolled_out,
         }
     }
@@ -541,7 +535,7 @@ pub async fn selected_namespaces(
     let selector = selector(&spec.namespace_selector)
         .map_err(|e| kube::Error::Service(format!("spec.workloads.namespaceSelector: {e}").into()))?;
     let namespaces =
-        Api::<Namespace>::all(client.clone()).list_metadata(&ListParams::default().labels_from(&selector)).await?;
+        Api::<Meta<Namespace>>::all(client.clone()).list(&ListParams::default().labels_from(&selector)).await?;
     Ok(namespaces
         .into_iter()
         .filter_map(|n| n.metadata.name)
@@ -556,7 +550,7 @@ const PAGE: u32 = 500;
 /// only what it needs) before the next page is read.
 async fn list_paged<K>(api: &Api<K>, params: &ListParams, mut each: impl FnMut(K)) -> Result<(), kube::Error>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let mut params = params.clone().limit(PAGE);
     loop {
@@ -591,13 +585,16 @@ async fn list(
 ) -> Result<(), kube::Error> {
     match kind {
         WorkloadKind::Deployment => {
-            list_paged(&api::<Deployment>(client, namespace), params, |d| each(Workload::from_deployment(d))).await
+            let api = api::<Lean<Deployment>>(client, namespace);
+            list_paged(&api, params, |d| each(Workload::from_deployment(d.into_inner()))).await
         }
         WorkloadKind::StatefulSet => {
-            list_paged(&api::<StatefulSet>(client, namespace), params, |s| each(Workload::from_statefulset(s))).await
+            let api = api::<Lean<StatefulSet>>(client, namespace);
+            list_paged(&api, params, |s| each(Workload::from_statefulset(s.into_inner()))).await
         }
         WorkloadKind::DaemonSet => {
-            list_paged(&api::<DaemonSet>(client, namespace), params, |d| each(Workload::from_daemonset(d))).await
+            let api = api::<Lean<DaemonSet>>(client, namespace);
+            list_paged(&api, params, |d| each(Workload::from_daemonset(d.into_inner()))).await
         }
     }
 }
@@ -606,13 +603,18 @@ async fn list(
 async fn get(client: &Client, kind: WorkloadKind, key: &ObjectKey) -> Result<Option<Workload>, kube::Error> {
     let ns = Some(key.namespace.as_str());
     Ok(match kind {
-        WorkloadKind::Deployment => {
-            api::<Deployment>(client, ns).get_opt(&key.name).await?.map(Workload::from_deployment)
-        }
-        WorkloadKind::StatefulSet => {
-            api::<StatefulSet>(client, ns).get_opt(&key.name).await?.map(Workload::from_statefulset)
-        }
-        WorkloadKind::DaemonSet => api::<DaemonSet>(client, ns).get_opt(&key.name).await?.map(Workload::from_daemonset),
+        WorkloadKind::Deployment => api::<Lean<Deployment>>(client, ns)
+            .get_opt(&key.name)
+            .await?
+            .map(|d| Workload::from_deployment(d.into_inner())),
+        WorkloadKind::StatefulSet => api::<Lean<StatefulSet>>(client, ns)
+            .get_opt(&key.name)
+            .await?
+            .map(|s| Workload::from_statefulset(s.into_inner())),
+        WorkloadKind::DaemonSet => api::<Lean<DaemonSet>>(client, ns)
+            .get_opt(&key.name)
+            .await?
+            .map(|d| Workload::from_daemonset(d.into_inner())),
     })
 }
 
@@ -622,25 +624,18 @@ async fn labelled_keys(
     kind: WorkloadKind,
     params: &ListParams,
 ) -> Result<Vec<ObjectKey>, kube::Error> {
-    async fn keys<K>(api: Api<K>, params: &ListParams) -> Result<Vec<ObjectKey>, kube::Error>
+    async fn keys<K>(client: &Client, params: &ListParams) -> Result<Vec<ObjectKey>, kube::Error>
     where
-        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
     {
         let mut keys = Vec::new();
-        let mut params = params.clone().limit(PAGE);
-        loop {
-            let page = api.list_metadata(&params).await?;
-            keys.extend(page.items.iter().map(|m| ObjectKey::of(&m.metadata)));
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
-                None => return Ok(keys),
-            }
-        }
+        list_paged(&api::<Meta<K>>(client, None), params, |m| keys.push(ObjectKey::of(&m.metadata))).await?;
+        Ok(keys)
     }
     match kind {
-        WorkloadKind::Deployment => keys(api::<Deployment>(client, None), params).await,
-        WorkloadKind::StatefulSet => keys(api::<StatefulSet>(client, None), params).await,
-        WorkloadKind::DaemonSet => keys(api::<DaemonSet>(client, None), params).await,
+        WorkloadKind::Deployment => keys::<Deployment>(client, params).await,
+        WorkloadKind::StatefulSet => keys::<StatefulSet>(client, params).await,
+        WorkloadKind::DaemonSet => keys::<DaemonSet>(client, params).await,
     }
 }
 
