@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -546,6 +547,9 @@ pub async fn selected_namespaces(
 /// Objects per list request: bounds what one response holds in memory, however big a namespace is.
 const PAGE: u32 = 500;
 
+/// List requests of one observation in flight at once.
+const LIST_CONCURRENCY: usize = 4;
+
 /// Lists everything `params` matches, a page at a time, handing each object to `each` (which keeps
 /// only what it needs) before the next page is read.
 async fn list_paged<K>(api: &Api<K>, params: &ListParams, mut each: impl FnMut(K)) -> Result<(), kube::Error>
@@ -652,31 +656,53 @@ pub async fn observe(
     defaults: &Defaults,
     claimant: impl Fn(&Workload) -> Option<String>,
 ) -> Result<(Vec<Observed>, Vec<ConfigMap>), kube::Error> {
-    let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
-    if let Some(spec) = policy.spec.workloads.as_ref().filter(|_| !policy.deleting) {
+    // What the policy selects, namespace by namespace (a few lists in flight at once) ...
+    let selected = async {
+        let Some(spec) = policy.spec.workloads.as_ref().filter(|_| !policy.deleting) else {
+            return Ok(Vec::new());
+        };
         let params = match &spec.selector {
             Some(s) => ListParams::default().labels_from(
                 &selector(s).map_err(|e| kube::Error::Service(format!("spec.workloads.selector: {e}").into()))?,
             ),
             None => ListParams::default(),
         };
-        for namespace in selected_namespaces(client, spec, defaults).await? {
-            for kind in &spec.kinds {
-                list(client, *kind, Some(&namespace), &params, |w| {
-                    if !is_edge_controller(&w) {
-                        let claimed_by = claimant(&w);
-                        found.insert((w.key(), *kind), Observed { workload: w, selected: true, claimed_by });
-                    }
-                })
-                .await?;
-            }
-        }
-    }
-    // Workloads this policy changed that are no longer selected: their keys first (metadata only),
-    // then the few whole objects not already read above.
+        let lists: Vec<(String, WorkloadKind)> = selected_namespaces(client, spec, defaults)
+            .await?
+            .into_iter()
+            .flat_map(|namespace| spec.kinds.iter().map(move |kind| (namespace.clone(), *kind)))
+            .collect();
+        let params = &params;
+        futures::stream::iter(lists)
+            .map(|(namespace, kind)| async move {
+                let mut workloads = Vec::new();
+                list(client, kind, Some(&namespace), params, |w| workloads.push(w)).await.map(|()| workloads)
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .try_concat()
+            .await
+    };
+    // ... and, at the same time, what carries its label (it changed them) and its ConfigMaps.
     let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
-    for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
-        for key in labelled_keys(client, kind, &labelled).await? {
+    let config_maps = Api::<ConfigMap>::all(client.clone());
+    let (selected, deployments, statefulsets, daemonsets, config_maps) = futures::try_join!(
+        selected,
+        labelled_keys(client, WorkloadKind::Deployment, &labelled),
+        labelled_keys(client, WorkloadKind::StatefulSet, &labelled),
+        labelled_keys(client, WorkloadKind::DaemonSet, &labelled),
+        config_maps.list(&labelled),
+    )?;
+    let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
+    for w in selected.into_iter().filter(|w| !is_edge_controller(w)) {
+        let claimed_by = claimant(&w);
+        found.insert((w.key(), w.kind), Observed { workload: w, selected: true, claimed_by });
+    }
+    // Workloads this policy changed that are no longer selected: the few whole objects not read above.
+    let labelled = [(WorkloadKind::Deployment, deployments), (WorkloadKind::StatefulSet, statefulsets)]
+        .into_iter()
+        .chain([(WorkloadKind::DaemonSet, daemonsets)]);
+    for (kind, keys) in labelled {
+        for key in keys {
             if found.contains_key(&(key.clone(), kind)) {
                 continue;
             }
@@ -685,8 +711,7 @@ pub async fn observe(
             }
         }
     }
-    let config_maps = Api::<ConfigMap>::all(client.clone()).list(&labelled).await?.items;
-    Ok((found.into_values().collect(), config_maps))
+    Ok((found.into_values().collect(), config_maps.items))
 }
 
 /// Does `spec.workloads` select this workload, given the labels of its namespace?
