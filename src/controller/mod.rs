@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod reconcile;
 pub mod status;
+pub mod triggers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -179,9 +180,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let policies = Api::<TracingPolicy>::all(client.clone());
-    let controller = Controller::new(policies, watcher::Config::default().any_semantic()).with_config(
-        ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::from_millis(200)),
-    );
+    // No debounce: kube's resets with every new event, so a steady stream of events (a big rollout's
+    // own writes) would hold a policy back for as long as it lasts. Events arriving while a policy is
+    // reconciled are merged into one run right after it anyway.
+    let controller = Controller::new(policies, watcher::Config::default().any_semantic())
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::ZERO));
     let store = controller.store();
     let any = watcher::Config::default().any_semantic();
     let deployment_store = store.clone();
@@ -202,23 +205,28 @@ pub async fn run(
         written: Mutex::default(),
     });
     // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
-    // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing cached. Their lists are
+    // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing
+    // cached, status churn filtered out (`triggers`). Their lists are
     // paged and read at the latest version: a list at "any" version comes from the API server's cache
     // in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
     controller
-        .watches(Api::<Meta<Deployment>>::all(client.clone()), meta.clone(), move |d| {
-            policies_for_deployment(&deployment_store, &d.metadata)
-        })
-        .watches(Api::<Meta<StatefulSet>>::all(client.clone()), meta.clone(), move |s| {
-            policies_for_workload(&statefulset_store, WorkloadKind::StatefulSet, &s.metadata)
-        })
-        .watches(Api::<Meta<DaemonSet>>::all(client.clone()), meta.clone(), move |d| {
-            policies_for_workload(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata)
-        })
-        .watches(Api::<Meta<Namespace>>::all(client.clone()), meta.clone(), move |_| {
-            policies_with_workloads(&namespace_store)
-        })
+        .watches_stream(
+            triggers::relevant(watcher(Api::<Meta<Deployment>>::all(client.clone()), meta.clone())),
+            move |d| policies_for_deployment(&deployment_store, &d.metadata),
+        )
+        .watches_stream(
+            triggers::relevant(watcher(Api::<Meta<StatefulSet>>::all(client.clone()), meta.clone())),
+            move |s| policies_for_workload(&statefulset_store, WorkloadKind::StatefulSet, &s.metadata),
+        )
+        .watches_stream(
+            triggers::relevant(watcher(Api::<Meta<DaemonSet>>::all(client.clone()), meta.clone())),
+            move |d| policies_for_workload(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata),
+        )
+        .watches_stream(
+            triggers::relevant(watcher(Api::<Meta<Namespace>>::all(client.clone()), meta.clone())),
+            move |_| policies_with_workloads(&namespace_store),
+        )
         .watches(Api::<ConfigMap>::all(client.clone()), any.clone().labels(ingress::POLICY_LABEL), |cm| {
             policy_of_config_map(cm, ingress::POLICY_LABEL)
         })
