@@ -68,6 +68,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn write(&self, verb: &str, resource: &str) {
+        tracing::debug!(verb, resource, "API write");
         self.api_writes.get_or_create(&WriteLabels { verb: verb.into(), resource: resource.into() }).inc();
     }
 

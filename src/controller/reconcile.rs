@@ -216,8 +216,9 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     let generation = policy.metadata.generation.unwrap_or(0);
     if let Err(message) = crate::layers::validate(&policy.spec) {
         // Bad input waits for a change of the spec: no retry loop, the condition says what to fix.
-        let next = status::invalid(policy.status.as_ref(), generation, &message, Timestamp::now());
-        report(ctx, policy, name, next).await?;
+        let previous = last_status(ctx, policy);
+        let next = status::invalid(Some(&previous), generation, &message, Timestamp::now());
+        report(ctx, policy, name, previous, next).await?;
         return Ok(Action::await_change());
     }
     let (reports, finished) = run_layers(policy, name, ctx, false).await?;
@@ -230,8 +231,9 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
         }
     }
-    let next = status::status(policy.status.as_ref(), generation, &policy.spec, &reports, Timestamp::now());
-    report(ctx, policy, name, next).await?;
+    let previous = last_status(ctx, policy);
+    let next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
+    report(ctx, policy, name, previous, next).await?;
 
     let busy = [&reports.ingress, &reports.workloads, &reports.network]
         .into_iter()
@@ -244,20 +246,31 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     }))
 }
 
-/// Writes the status only when something other than a timestamp changed, and publishes an Event for
-/// every condition that transitioned.
-async fn report(ctx: &Context, policy: &TracingPolicy, name: &str, next: TracingPolicyStatus) -> Result<(), Error> {
-    // The cached object can lag behind the last status written (reconciles run back to back): compare
-    // with what was written last, so that neither the write nor an Event is repeated.
-    let uid = policy.uid().unwrap_or_default();
-    let previous = ctx
-        .written
+/// The status this policy has now: the one last written, unless the cached object already shows a
+/// newer one. The cached object can lag behind the last write (reconciles run back to back), and a
+/// status built on a stale one would differ from what is there in its timestamps alone, and be
+/// written again.
+fn last_status(ctx: &Context, policy: &TracingPolicy) -> TracingPolicyStatus {
+    let cached = policy.status.as_ref();
+    ctx.written
         .lock()
         .expect("status memo lock")
-        .get(&uid)
-        .filter(|w| w.observed_generation >= policy.status.as_ref().and_then(|s| s.observed_generation))
+        .get(&policy.uid().unwrap_or_default())
+        .filter(|w| w.observed_generation >= cached.and_then(|s| s.observed_generation))
         .cloned()
-        .unwrap_or_else(|| policy.status.clone().unwrap_or_default());
+        .unwrap_or_else(|| cached.cloned().unwrap_or_default())
+}
+
+/// Writes the status when it differs from `previous` (built from [`last_status`], so a difference is
+/// never a timestamp alone), and publishes an Event for every condition that transitioned.
+async fn report(
+    ctx: &Context,
+    policy: &TracingPolicy,
+    name: &str,
+    previous: TracingPolicyStatus,
+    next: TracingPolicyStatus,
+) -> Result<(), Error> {
+    let uid = policy.uid().unwrap_or_default();
     if previous == next {
         return Ok(());
     }
