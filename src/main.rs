@@ -68,7 +68,8 @@ struct ControllerArgs {
     /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     write_concurrency: u16,
-    /// Milliseconds one reconcile starts new writes; a bigger batch goes on in the next reconcile.
+    /// Milliseconds after its first write a layer starts new ones in one reconcile; a bigger batch goes
+    /// on in the next reconcile.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     write_budget_ms: u64,
 }

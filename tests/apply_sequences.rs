@@ -320,14 +320,19 @@ async fn every_collector_config_is_written_before_the_first_injection() {
 }
 
 #[tokio::test]
-async fn a_used_up_write_budget_starts_nothing_and_says_so() {
+async fn a_used_up_write_budget_still_makes_one_write_and_says_what_is_left() {
     let (writer, mut handle, metrics) = mocked();
-    let actions: Vec<_> = ["a", "b"].into_iter().map(inject).collect();
-    let written = apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO)).await.expect("nothing failed");
-    assert_eq!(written, Written { done: 0, of: 2 });
+    let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
+    let task = tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO)).await });
+    let (request, send) = next_within(&mut handle).await.expect("the first write: every reconcile makes progress");
+    assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
+    assert!(next_within(&mut handle).await.is_none(), "no second write once the budget is used up");
+    ok(send, &deployment_reply());
+    let written = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    let written = written.expect("nothing failed");
+    assert_eq!(written, Written { done: 1, of: 3 });
     assert!(!written.complete());
-    assert!(next_within(&mut handle).await.is_none(), "no request once the budget is used up");
-    assert!(!metrics.encode().contains("crosstrace_api_writes_total{"), "no write counted");
+    assert!(metrics.encode().contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 1"));
 }
 
 #[tokio::test]

@@ -195,19 +195,19 @@ async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, pa
     }
 }
 
-/// How the writes of one reconcile are paced: how many are in flight at once, and until when new ones
-/// may start (a reconcile that would run longer stops there and the next one continues, so that status
-/// and spec changes are looked at again within about that long, however many targets a batch has).
+/// How the writes of one layer in one reconcile are paced: how many are in flight at once, and for how
+/// long after the first one new ones may start (a bigger batch stops there and the next reconcile goes
+/// on, so that status and spec changes are looked at again within about that long, however many
+/// targets a batch has). The first write always starts: every reconcile makes progress.
 #[derive(Clone, Copy, Debug)]
 pub struct Pace {
     pub concurrency: usize,
-    pub until: Instant,
+    pub budget: Duration,
 }
 
 impl Pace {
-    /// `concurrency` writes in flight, new ones started for `budget` from now.
     pub fn new(concurrency: usize, budget: Duration) -> Self {
-        Self { concurrency: concurrency.max(1), until: Instant::now() + budget }
+        Self { concurrency: concurrency.max(1), budget }
     }
 }
 
@@ -226,25 +226,25 @@ impl Written {
 }
 
 /// Runs `actions` in plan order, one phase after the other (`phase` of consecutive actions), the
-/// actions of a phase with up to `pace.concurrency` in flight. No action starts after `pace.until`
-/// (a phase begun is not left half-done for a later one to run) and the first failure stops the rest.
+/// actions of a phase with up to `pace.concurrency` in flight. No action but the first starts once
+/// `pace.budget` has passed (a later phase never starts while an earlier one is unfinished), and the
+/// first failure stops the rest.
 async fn paced<'a, A, F, Fut>(actions: &'a [A], pace: Pace, phase: impl Fn(&A) -> u8, write: F) -> kube::Result<Written>
 where
     F: Fn(&'a A) -> Fut,
     Fut: Future<Output = kube::Result<()>>,
 {
     let of = actions.len();
+    let until = Instant::now() + pace.budget;
+    let open = |next: usize| next == 0 || Instant::now() < until;
     let mut done = 0;
-    while done < of {
-        if Instant::now() >= pace.until {
-            break;
-        }
+    while done < of && open(done) {
         let current = phase(&actions[done]);
         let end = actions[done..].iter().position(|a| phase(a) != current).map_or(of, |n| done + n);
         let mut in_flight = FuturesUnordered::new();
         let mut next = done;
         loop {
-            while in_flight.len() < pace.concurrency && next < end && Instant::now() < pace.until {
+            while in_flight.len() < pace.concurrency && next < end && open(next) {
                 in_flight.push(write(&actions[next]));
                 next += 1;
             }

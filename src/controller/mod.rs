@@ -48,14 +48,16 @@ pub struct Settings {
     pub workloads: workloads::Defaults,
     /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
     pub write_concurrency: usize,
-    /// How long one reconcile starts new writes; a bigger batch goes on in the next reconcile at once.
+    /// How long after a layer's first write in a reconcile new ones start; a bigger batch goes on in the
+    /// next reconcile at once.
     pub write_budget: Duration,
 }
 
 /// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
 
-/// How long one reconcile starts new writes, unless `--write-budget-ms` says otherwise.
+/// How long after its first write a layer starts new ones in one reconcile, unless `--write-budget-ms`
+/// says otherwise.
 pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
 
 impl Default for Settings {

@@ -127,7 +127,6 @@ async fn run_layers(
     ctx: &Context,
     deleting: bool,
 ) -> Result<(Reports, bool), Error> {
-    let pace = Pace::new(ctx.settings.write_concurrency, ctx.settings.write_budget);
     let now = Timestamp::now().as_second();
     let uid = policy.uid().unwrap_or_default();
     let older: BTreeSet<String> = ctx
@@ -170,7 +169,7 @@ async fn run_layers(
     let mut written = Written { done: 0, of: 0 };
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
-        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace).await?;
+        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx)).await?;
     }
     let reapplied: BTreeSet<&crate::layers::ObjectKey> = workload_plan.actions[..written.done]
         .iter()
@@ -192,7 +191,7 @@ async fn run_layers(
         info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
     } else if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
-        written = super::apply::network(&ctx.writer, &network_plan.actions, pace).await?;
+        written = super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx)).await?;
     }
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
@@ -200,6 +199,10 @@ async fn run_layers(
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
     Ok((reports, written.complete()))
+}
+
+fn pace(ctx: &Context) -> Pace {
+    Pace::new(ctx.settings.write_concurrency, ctx.settings.write_budget)
 }
 
 /// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished

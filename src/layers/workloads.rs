@@ -547,6 +547,10 @@ pub async fn selected_namespaces(
 /// Objects per list request: bounds what one response holds in memory, however big a namespace is.
 const PAGE: u32 = 500;
 
+/// Up to this many workloads that carry a policy's label but are no longer selected are read one by
+/// one; more are listed.
+const READ_ONE_BY_ONE: usize = 8;
+
 /// List requests of one observation in flight at once.
 const LIST_CONCURRENCY: usize = 4;
 
@@ -698,14 +702,23 @@ pub async fn observe(
         found.insert((w.key(), w.kind), Observed { workload: w, selected: true, claimed_by });
     }
     // Workloads this policy changed that are no longer selected: the few whole objects not read above.
-    let labelled = [(WorkloadKind::Deployment, deployments), (WorkloadKind::StatefulSet, statefulsets)]
+    let changed = [(WorkloadKind::Deployment, deployments), (WorkloadKind::StatefulSet, statefulsets)]
         .into_iter()
         .chain([(WorkloadKind::DaemonSet, daemonsets)]);
-    for (kind, keys) in labelled {
-        for key in keys {
-            if found.contains_key(&(key.clone(), kind)) {
-                continue;
-            }
+    for (kind, keys) in changed {
+        let missing: BTreeSet<ObjectKey> =
+            keys.into_iter().filter(|k| !found.contains_key(&(k.clone(), kind))).collect();
+        if missing.len() > READ_ONE_BY_ONE {
+            // Many (the policy is being deleted, or its selection shrank): one paged list beats a read each.
+            list(client, kind, None, &labelled, |w| {
+                if missing.contains(&w.key()) {
+                    found.insert((w.key(), kind), Observed { workload: w, ..Default::default() });
+                }
+            })
+            .await?;
+            continue;
+        }
+        for key in missing {
             if let Some(w) = get(client, kind, &key).await? {
                 found.insert((key, kind), Observed { workload: w, ..Default::default() });
             }
