@@ -19,8 +19,8 @@ use super::apply::{Pace, Written};
 use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED, PROGRESSING};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
-use crate::layers::PolicyView;
 use crate::layers::ingress;
+use crate::layers::{ObjectKey, PolicyView};
 use crate::layers::{network, workloads};
 use crate::lean::Meta;
 use crate::metrics::LayerLabels;
@@ -165,13 +165,14 @@ async fn run_layers(
     .await?;
     drop(labels);
     let workload_plan = workloads::plan(view, defaults, &observed, &config_maps, now);
+    // What was observed is not needed while a batch is written: free it before (a big batch's peak).
     drop((observed, config_maps));
     let mut written = Written { done: 0, of: 0 };
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
         written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx)).await?;
     }
-    let reapplied: BTreeSet<&crate::layers::ObjectKey> = workload_plan.actions[..written.done]
+    let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
         .iter()
         .filter_map(|a| match a {
             workloads::Action::Inject { workload, .. } => Some(workload),
