@@ -306,6 +306,17 @@ async fn wait_quiet(controller: &Proc, quiet: Duration) {
     }
 }
 
+/// A fresh controller process, once its policy is Ready, `settle` has passed and it has made no write
+/// for 10 s (what the memory figures are read from).
+async fn converged_fresh(client: &Client, tag: &str, settle: Duration) -> Proc {
+    let controller = Proc::controller(tag);
+    controller.wait_up().await;
+    wait_policy_ready(client).await;
+    tokio::time::sleep(settle).await;
+    wait_quiet(&controller, Duration::from_secs(10)).await;
+    controller
+}
+
 /// The writes the minimal client sends: exactly the operator's apply configurations, built by the
 /// operator's own pure plan (`crosstrace::layers::workloads::plan`) from the same policy.
 struct Limit {
@@ -731,11 +742,7 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
         let settle = Duration::from_secs(30);
         let long = controller.stats();
         drop(controller);
-        controller = Proc::controller("targets");
-        controller.wait_up().await;
-        wait_policy_ready(client).await;
-        tokio::time::sleep(settle).await;
-        wait_quiet(&controller, Duration::from_secs(10)).await;
+        controller = converged_fresh(client, "targets", settle).await;
         let fresh_n = controller.stats();
         println!(
             "  controller with {n} targets: RSS {} peak {}",
@@ -784,11 +791,7 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
         tokio::time::sleep(settle).await;
         let same_process = controller.stats();
         drop(controller);
-        controller = Proc::controller("cluster");
-        controller.wait_up().await;
-        wait_policy_ready(client).await;
-        tokio::time::sleep(settle).await;
-        wait_quiet(&controller, Duration::from_secs(10)).await;
+        controller = converged_fresh(client, "cluster", settle).await;
         let fresh_big = controller.stats();
         let per_target = (fresh_n.rss_kib as f64 - empty.rss_kib as f64) / n as f64;
         let per_object = (fresh_big.rss_kib as f64 - fresh_n.rss_kib as f64) / (m + p).max(1) as f64;
