@@ -404,9 +404,9 @@ async fn send_limit(client: &Client, limit: &Limit, concurrency: usize) {
     .await;
 }
 
-/// The removal patches (the operator's `removal_patch`), then the config maps deleted.
-async fn revert_limit(client: &Client, limit: &Limit, concurrency: usize) {
-    bounded(&limit.injections, concurrency, |(key, _)| async move {
+/// Takes the injection out of `keys` with the operator's own `removal_patch`.
+async fn remove_injections<'a>(client: &Client, keys: impl IntoIterator<Item = &'a ObjectKey>, concurrency: usize) {
+    bounded(keys, concurrency, |key| async move {
         let patch = workloads::removal_patch(WorkloadKind::Deployment, key, None);
         Api::<Deployment>::namespaced(client.clone(), &key.namespace)
             .patch(&key.name, &ssa(), &Patch::Apply(&patch))
@@ -414,6 +414,11 @@ async fn revert_limit(client: &Client, limit: &Limit, concurrency: usize) {
             .map(|_| ())
     })
     .await;
+}
+
+/// The removal patches, then the config maps deleted.
+async fn revert_limit(client: &Client, limit: &Limit, concurrency: usize) {
+    remove_injections(client, limit.injections.iter().map(|(key, _)| key), concurrency).await;
     for (ns, cm) in &limit.config_maps {
         let name = cm["metadata"]["name"].as_str().unwrap();
         let _ = Api::<ConfigMap>::namespaced(client.clone(), ns).delete(name, &DeleteParams::default()).await;
@@ -456,14 +461,7 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
             .filter_map(|(k, _)| k.split_once('/').map(|(ns, name)| ObjectKey::new(ns, name)))
             .collect()
     };
-    bounded(&leftovers, 8, |key| async move {
-        let patch = workloads::removal_patch(WorkloadKind::Deployment, key, None);
-        Api::<Deployment>::namespaced(client.clone(), &key.namespace)
-            .patch(&key.name, &ssa(), &Patch::Apply(&patch))
-            .await
-            .map(|_| ())
-    })
-    .await;
+    remove_injections(client, &leftovers, 8).await;
     tracker.wait_clean(n).await;
     println!("  setup: {n} targets rolled out after {}", secs(since(t_setup)));
 
