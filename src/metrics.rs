@@ -89,7 +89,7 @@ impl Metrics {
     /// Forgets a deleted policy's target gauges so that they do not linger.
     pub fn forget_policy(&self, policy: &str) {
         for layer in ["ingress", "workloads", "network"] {
-            for state in ["selected", "ready", "rolledBack"] {
+            for state in ["selected", "ready", "rolledBack", "unhealthy", "waiting"] {
                 self.targets.remove(&TargetLabels { policy: policy.into(), layer: layer.into(), state: state.into() });
             }
         }

@@ -75,6 +75,9 @@ fn record() -> Record {
         ]),
         original_image: Some(ContainerImage { container: "controller".into(), image: "controller:v1.12.1".into() }),
         rollout_started: Some(1),
+        applied_image: Some("controller:v1.12.1-otel".into()),
+        image_converged: false,
+        yielded_image: None,
     }
 }
 

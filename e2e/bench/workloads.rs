@@ -347,6 +347,7 @@ fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
                     },
                     template: serde_json::from_value::<PodTemplateSpec>(template(&k.name)).unwrap(),
                     rolled_out: true,
+                    ..Default::default()
                 },
                 selected: true,
                 claimed_by: None,

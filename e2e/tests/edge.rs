@@ -266,7 +266,9 @@ async fn the_controller_identity_is_least_privilege() {
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(controller.clone(), &ns.name);
     assert!(refused(secrets.list(&Default::default()).await.map(drop)), "it may not read Secrets");
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(controller, &ns.name);
-    assert!(refused(pods.list(&Default::default()).await.map(drop)), "it may not read Pods");
+    assert!(pods.list(&Default::default()).await.is_ok(), "it lists Pods (the health gate of a rollout in flight)");
+    assert!(refused(pods.get("anything").await.map(drop)), "it may not read a Pod by name");
+    assert!(refused(pods.delete("anything", &Default::default()).await.map(drop)), "it may not delete Pods");
 }
 
 #[tokio::test]

@@ -62,6 +62,10 @@ pub struct BridgeExport {
     /// When the controller asked for this export (the start of the node's progress deadline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<Time>,
+    /// The controller saw the agent apply and verify this export once: from then on a failure on the
+    /// node (a bridge removed, vswitchd restarting) is reported, never rolled back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub converged: bool,
 }
 
 /// What the agent did on its node.

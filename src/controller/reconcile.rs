@@ -20,7 +20,7 @@ use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED, PROGRESSING};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress;
-use crate::layers::{ObjectKey, PolicyView};
+use crate::layers::{ObjectKey, PolicyView, reasons};
 use crate::layers::{network, workloads};
 use crate::lean::Meta;
 use crate::metrics::LayerLabels;
@@ -182,7 +182,7 @@ async fn run_layers(
     for key in workload_plan.drifted.iter().filter(|k| reapplied.contains(k)) {
         ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: "workloads".into() }).inc();
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
-        publish(ctx, policy, EventType::Warning, "DriftCorrected", note).await;
+        publish(ctx, policy, EventType::Warning, reasons::DRIFT_CORRECTED, note).await;
     }
 
     let observed = network::observe(&ctx.client, view).await?;
@@ -212,7 +212,7 @@ async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<bo
     if !run_layers(policy, name, ctx, true).await?.1 {
         return Ok(false);
     }
-    publish(ctx, policy, EventType::Normal, "Reverted", "every change of this policy is reverted".into()).await;
+    publish(ctx, policy, EventType::Normal, reasons::REVERTED, "every change of this policy is reverted".into()).await;
     Ok(true)
 }
 
@@ -233,16 +233,21 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             ctx.metrics.set_targets(name, layer, "selected", r.selected);
             ctx.metrics.set_targets(name, layer, "ready", r.ready);
             ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
+            ctx.metrics.set_targets(name, layer, "unhealthy", r.unhealthy);
+            ctx.metrics.set_targets(name, layer, "waiting", r.waiting);
         }
     }
     let previous = last_status(ctx, policy);
     let next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
     report(ctx, policy, name, previous, next).await?;
 
-    let busy = [&reports.ingress, &reports.workloads, &reports.network]
-        .into_iter()
-        .flatten()
-        .any(|r| r.in_flight > 0 || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped));
+    let busy = [&reports.ingress, &reports.workloads, &reports.network].into_iter().flatten().any(|r| {
+        // Targets whose owner holds or moves them are watched too: their status alone wakes nothing.
+        r.in_flight > 0
+            || r.waiting > 0
+            || r.unhealthy > 0
+            || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
+    });
     Ok(Action::requeue(match () {
         _ if !finished => Duration::ZERO,
         _ if busy => ctx.settings.poll,

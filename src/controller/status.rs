@@ -7,7 +7,7 @@ use crate::api::conditions::{
     self, DEGRADED, Desired, INGRESS_READY, NETWORK_READY, PROGRESSING, READY, Status, WORKLOADS_READY,
 };
 use crate::api::{LayerStatus, TracingPolicySpec, TracingPolicyStatus};
-use crate::layers::LayerReport;
+use crate::layers::{LayerReport, reasons};
 
 /// The reports of the enabled layers (`None` = layer off).
 #[derive(Clone, Debug, Default)]
@@ -47,17 +47,17 @@ fn layer_condition(type_: &'static str, field: &str, r: &LayerReport) -> Desired
         return Desired::new(
             type_,
             Status::Unknown,
-            "RolloutInProgress",
+            reasons::ROLLOUT_IN_PROGRESS,
             with_warnings(format!("{counts}, {} changing, {} waiting", r.in_flight, r.pending)),
         );
     }
     if r.selected == 0 {
-        return Desired::new(type_, Status::False, "NoTargets", format!("nothing matches {field}"));
+        return Desired::new(type_, Status::False, reasons::NO_TARGETS, format!("nothing matches {field}"));
     }
     if r.ready == r.selected {
-        Desired::new(type_, Status::True, "AllTargetsReady", with_warnings(counts))
+        Desired::new(type_, Status::True, reasons::ALL_TARGETS_READY, with_warnings(counts))
     } else {
-        Desired::new(type_, Status::False, "TargetsNotReady", with_warnings(counts))
+        Desired::new(type_, Status::False, reasons::TARGETS_NOT_READY, with_warnings(counts))
     }
 }
 
@@ -71,18 +71,18 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
     let stopped = all.iter().any(|r| r.stopped);
 
     let progressing = if moving || (waiting && !paused && !stopped) {
-        Desired::new(PROGRESSING, Status::True, "RolloutInProgress", "targets are being changed")
+        Desired::new(PROGRESSING, Status::True, reasons::ROLLOUT_IN_PROGRESS, "targets are being changed")
     } else if stopped {
         Desired::new(
             PROGRESSING,
             Status::False,
-            "RolloutStopped",
+            reasons::ROLLOUT_STOPPED,
             "a failed batch stopped the rollout; change the policy to retry",
         )
     } else if paused && waiting {
-        Desired::new(PROGRESSING, Status::False, "RolloutPaused", "spec.rollout.paused is true")
+        Desired::new(PROGRESSING, Status::False, reasons::ROLLOUT_PAUSED, "spec.rollout.paused is true")
     } else {
-        Desired::new(PROGRESSING, Status::False, "RolloutComplete", "no change pending")
+        Desired::new(PROGRESSING, Status::False, reasons::ROLLOUT_COMPLETE, "no change pending")
     };
 
     let degraded: Vec<_> = all.iter().flat_map(|r| r.problems.iter().filter(|p| p.degraded)).collect();
@@ -91,20 +91,20 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
             let messages: Vec<&str> = degraded.iter().map(|p| p.message.as_str()).collect();
             Desired::new(DEGRADED, Status::True, first.reason, messages.join("; "))
         }
-        None => Desired::new(DEGRADED, Status::False, "AsExpected", "no target is failing"),
+        None => Desired::new(DEGRADED, Status::False, reasons::AS_EXPECTED, "no target is failing"),
     };
 
     let ready = if layers.iter().all(|c| c.status == Status::True) {
         Desired::new(
             READY,
             Status::True,
-            "AllLayersReady",
+            reasons::ALL_LAYERS_READY,
             "every selected target of every enabled layer is traced and healthy",
         )
     } else if let Some(first) = degraded.first() {
         Desired::new(READY, Status::False, first.reason, degraded_condition.message.clone())
     } else if moving || (waiting && !paused) {
-        Desired::new(READY, Status::Unknown, "RolloutInProgress", "the rollout is in flight")
+        Desired::new(READY, Status::Unknown, reasons::ROLLOUT_IN_PROGRESS, "the rollout is in flight")
     } else {
         let first = layers.iter().find(|c| c.status != Status::True).expect("not all layers are ready");
         Desired::new(READY, Status::False, first.reason, format!("{}: {}", first.type_, first.message))
@@ -148,9 +148,14 @@ pub fn invalid(
     now: Timestamp,
 ) -> TracingPolicyStatus {
     let desired = [
-        Desired::new(READY, Status::False, "InvalidSpec", message),
-        Desired::new(PROGRESSING, Status::False, "InvalidSpec", "nothing is rolled out until the spec is fixed"),
-        Desired::new(DEGRADED, Status::True, "InvalidSpec", message),
+        Desired::new(READY, Status::False, reasons::INVALID_SPEC, message),
+        Desired::new(
+            PROGRESSING,
+            Status::False,
+            reasons::INVALID_SPEC,
+            "nothing is rolled out until the spec is fixed",
+        ),
+        Desired::new(DEGRADED, Status::True, reasons::INVALID_SPEC, message),
     ];
     let mut status = previous.cloned().unwrap_or_default();
     status.conditions = conditions::merge(&status.conditions, &desired, generation, now);

@@ -1,6 +1,8 @@
-//! Health of workload rollouts, judged the way `kubectl rollout status` does.
+//! Health of workload rollouts, judged the way `kubectl rollout status` does, and the pod states that
+//! fail a rollout before its deadline.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
 
 /// Has the Deployment finished rolling out its current template, with every replica available?
 pub fn deployment_rolled_out(d: &Deployment) -> bool {
@@ -22,10 +24,14 @@ pub fn statefulset_rolled_out(s: &StatefulSet) -> bool {
     let Some(status) = s.status.as_ref() else {
         return false;
     };
-    let revision_done = match (&status.current_revision, &status.update_revision) {
-        (Some(current), Some(update)) => current == update,
-        _ => true,
-    };
+    // With OnDelete the controller never moves currentRevision: every replica updated and ready is done.
+    let on_delete =
+        s.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()) == Some("OnDelete");
+    let revision_done = on_delete
+        || match (&status.current_revision, &status.update_revision) {
+            (Some(current), Some(update)) => current == update,
+            _ => true,
+        };
     status.observed_generation.unwrap_or(0) >= generation
         && status.updated_replicas.unwrap_or(0) >= desired
         && status.ready_replicas.unwrap_or(0) >= desired
@@ -44,6 +50,37 @@ pub fn daemonset_rolled_out(d: &DaemonSet) -> bool {
         && status.updated_number_scheduled.unwrap_or(0) >= desired
         && status.number_available.unwrap_or(0) >= desired
         && status.number_unavailable.unwrap_or(0) == 0
+}
+
+/// When the owner resumed a paused Deployment (unix seconds): the controller's Progressing condition
+/// says `DeploymentResumed` until the rollout moves on.
+pub fn deployment_resumed_at(d: &Deployment) -> Option<i64> {
+    let conditions = d.status.as_ref()?.conditions.as_ref()?;
+    let progressing =
+        conditions.iter().find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("DeploymentResumed"))?;
+    progressing.last_update_time.as_ref().or(progressing.last_transition_time.as_ref()).map(|t| t.0.as_second())
+}
+
+/// Container states that do not heal by waiting: a pod in one of them fails its rollout at once.
+pub const FAILING_STATES: [&str; 6] = [
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "InvalidImageName",
+];
+
+/// Why this pod cannot start, if one of its containers waits in a [`FAILING_STATES`] state.
+pub fn pod_failing(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let statuses = status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+    statuses.into_iter().find_map(|c| {
+        let reason = c.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
+        FAILING_STATES.contains(&reason).then(|| {
+            format!("pod {} container {} is {reason}", pod.metadata.name.as_deref().unwrap_or_default(), c.name)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -83,5 +120,27 @@ mod tests {
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 4, 3)), "an old pod is still there");
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 3, 2)), "a replica is unavailable");
         assert!(!deployment_rolled_out(&Deployment::default()), "no status yet");
+    }
+
+    #[test]
+    fn pods_that_cannot_start_are_named_with_their_state() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cart-1"},
+            "status": {
+                "initContainerStatuses": [{"name": "sidecar", "image": "x", "imageID": "", "ready": false, "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}}}],
+                "containerStatuses": [{"name": "app", "image": "y", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": "PodInitializing"}}}],
+            },
+        }))
+        .unwrap();
+        assert_eq!(pod_failing(&pod).as_deref(), Some("pod cart-1 container sidecar is CrashLoopBackOff"));
+        let starting: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cart-2"},
+            "status": {"containerStatuses": [{"name": "app", "image": "y", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}}]},
+        }))
+        .unwrap();
+        assert_eq!(pod_failing(&starting), None);
     }
 }

@@ -14,7 +14,8 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::{LayerReport, ObjectKey, PolicyView, Progress, health, normalize_ratio};
+use super::rollout::{self, Health, Written};
+use super::{LayerReport, ObjectKey, PolicyView, Progress, health, normalize_ratio, reasons};
 use crate::api::{CollectorSpec, IngressSpec, SamplingSpec};
 
 /// Annotation on the controller Deployment holding the [`Record`] (what to restore).
@@ -43,6 +44,17 @@ pub struct Record {
     /// Unix seconds when the image rollout started, for the progress deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_started: Option<i64>,
+    /// The image crosstrace wrote: a different one running means its owner changed it since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_image: Option<String>,
+    /// The image crosstrace wrote was seen rolled out and healthy (from then on the controller's health
+    /// is its owner's business).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub image_converged: bool,
+    /// The owner replaced crosstrace's image with this policy image in force: crosstrace leaves the
+    /// owner's image alone until `spec.ingress.image` changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yielded_image: Option<String>,
 }
 
 /// A container and its image.
@@ -241,25 +253,15 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let Some((container, cm_key)) = config_map_ref(&t.deployment) else {
         return TargetPlan::problem(
             Progress::Held,
-            "ConfigMapArgumentMissing",
+            reasons::CONFIG_MAP_ARGUMENT_MISSING,
             format!("ingress controller {key} has no container with a --configmap argument"),
             true,
         );
     };
     let marker = format!("{}/{}", policy.name, policy.generation);
+    let what = format!("ingress controller {key}");
     if record.is_none() && t.deployment.annotations().get(ROLLED_BACK_ANNOTATION) == Some(&marker) {
-        return TargetPlan {
-            rolled_back: true,
-            ..TargetPlan::problem(
-                Progress::Held,
-                "RolledBack",
-                format!(
-                    "ingress controller {key} was rolled back: it did not become healthy within {}s; change the policy to retry",
-                    spec.rollout.progress_deadline_seconds
-                ),
-                true,
-            )
-        };
+        return super::held_rolled_back(&what);
     }
 
     let collector = spec.collector.clone().unwrap_or_default();
@@ -283,6 +285,9 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
                 original_data: desired.keys().map(|k| (k.clone(), current_data.get(k).cloned())).collect(),
                 original_image: None,
                 rollout_started: None,
+                applied_image: None,
+                image_converged: false,
+                yielded_image: None,
             };
             actions.push(Action::Record { deployment: key.clone(), record: record.clone() });
             record
@@ -292,52 +297,28 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
         actions.push(Action::ApplyConfig { config_map: cm_key, data: desired, policy: policy.name.to_string() });
     }
     match want_image {
-        Some(image) if image != current_image => {
-            record
-                .original_image
-                .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
-            record.rollout_started = Some(now);
-            actions.push(Action::ApplyImage {
-                deployment: key.clone(),
-                image: ContainerImage { container: container.name.clone(), image: image.to_string() },
-                record,
-            });
-        }
-        Some(_) => {
-            let healthy = health::deployment_rolled_out(&t.deployment);
-            let deadline = record.rollout_started.unwrap_or(now) + i64::from(spec.rollout.progress_deadline_seconds);
-            if !healthy && now >= deadline {
-                let message = format!(
-                    "ingress controller {key} did not roll out image {} within {}s",
-                    ingress.image, spec.rollout.progress_deadline_seconds
-                );
-                if spec.rollout.auto_rollback {
-                    return TargetPlan {
-                        actions: revert(&key, Some(&record), Some(marker)),
-                        rolled_back: true,
-                        ..TargetPlan::problem(
-                            Progress::Held,
-                            "RolledBack",
-                            format!("{message}; rolled back to {}", original_image_text(&record)),
-                            true,
-                        )
-                    };
+        Some(image) => {
+            let image_plan = image_rollout(policy, &t.deployment, &what, container, &record, image, marker, now);
+            if let Some(mut plan) = image_plan {
+                // The ConfigMap goes first whatever the image does (a rollback reverts it too).
+                if !plan.rolled_back {
+                    plan.actions.splice(0..0, actions);
                 }
-                return TargetPlan::problem(Progress::Held, "RolloutFailed", message, true);
-            }
-            if !healthy {
-                return TargetPlan { actions, ..TargetPlan::state(Progress::InFlight) };
+                return plan;
             }
         }
         None => {
             if let Some(original) = record.original_image.take() {
-                record.rollout_started = None;
+                record = Record { rollout_started: None, applied_image: None, image_converged: false, ..record };
                 actions.push(Action::RestoreDeployment {
                     deployment: key.clone(),
                     image: (original.image != current_image).then_some(original),
                     keep: Some(record),
                     rolled_back: None,
                 });
+            } else if record.yielded_image.is_some() {
+                record.yielded_image = None;
+                actions.push(Action::Record { deployment: key.clone(), record });
             }
         }
     }
@@ -347,7 +328,7 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
         } else {
             TargetPlan::problem(
                 Progress::Held,
-                "TargetNotAvailable",
+                reasons::TARGET_NOT_AVAILABLE,
                 format!("ingress controller {key} has no available replica"),
                 false,
             )
@@ -357,8 +338,104 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     }
 }
 
-fn original_image_text(record: &Record) -> String {
-    record.original_image.as_ref().map_or_else(|| "its previous state".to_string(), |i| i.image.clone())
+/// The image part of one controller's plan, through the rollout engine; `None` when the image needs
+/// nothing and the controller's plan is decided by the rest. The owner has the last word on the image:
+/// once they replaced crosstrace's image, theirs stays, and it is what a revert leaves.
+#[allow(clippy::too_many_arguments)]
+fn image_rollout(
+    policy: PolicyView<'_>,
+    deployment: &Deployment,
+    what: &str,
+    container: &Container,
+    record: &Record,
+    image: &str,
+    marker: String,
+    now: i64,
+) -> Option<TargetPlan> {
+    let key = ObjectKey::of(&deployment.metadata);
+    let current_image = container.image.clone().unwrap_or_default();
+    // Records written before `appliedImage` existed: the image crosstrace wrote is the policy's.
+    let applied = record.applied_image.clone().or_else(|| record.original_image.as_ref().map(|_| image.to_string()));
+    let changed_by_owner = applied.as_deref().is_some_and(|a| a != current_image);
+    if changed_by_owner || record.yielded_image.as_deref() == Some(image) {
+        let message = format!(
+            "{what}: its owner changed the image to {current_image} after crosstrace set {image}; the owner's image stays (change spec.ingress.image to roll out another)"
+        );
+        let held = TargetPlan::problem(Progress::Held, reasons::CHANGED_BY_OWNER, message, false);
+        if !changed_by_owner {
+            return Some(held);
+        }
+        // Forget the stale original (a revert must not bring back the image from before the owner's change).
+        let yielded = Record {
+            original_image: None,
+            rollout_started: None,
+            applied_image: None,
+            image_converged: false,
+            yielded_image: Some(image.to_string()),
+            ..record.clone()
+        };
+        return Some(held.with_actions(vec![Action::Record { deployment: key, record: yielded }]));
+    }
+    let written = applied.as_ref().map(|a| Written {
+        current: a == image,
+        intact: true,
+        converged: record.image_converged,
+        since: record.rollout_started.unwrap_or(now),
+    });
+    let step = rollout::judge(
+        written,
+        &controller_health(deployment),
+        now,
+        i64::from(policy.spec.rollout.progress_deadline_seconds),
+    );
+    if step == rollout::Step::Converged {
+        return None;
+    }
+    let original_image = record.original_image.clone();
+    let plan = super::follow(
+        step,
+        what,
+        &policy.spec.rollout,
+        |converged, _| {
+            let mut next = record.clone();
+            if converged {
+                next.image_converged = true;
+                return vec![Action::Record { deployment: key.clone(), record: next }];
+            }
+            next.original_image
+                .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
+            next.applied_image = Some(image.to_string());
+            next.rollout_started = Some(now);
+            next.image_converged = false;
+            next.yielded_image = None;
+            let image = ContainerImage { container: container.name.clone(), image: image.to_string() };
+            vec![Action::ApplyImage { deployment: key.clone(), image, record: next }]
+        },
+        || revert(&key, Some(record), Some(marker)),
+    );
+    let plan = match &plan.problem {
+        Some(p) if plan.rolled_back => {
+            let back_to = original_image.map_or_else(|| "its previous state".to_string(), |i| i.image);
+            let message = format!("{}; its image is {back_to} again", p.message);
+            TargetPlan { problem: Some(super::Problem { message, ..p.clone() }), ..plan }
+        }
+        _ => plan,
+    };
+    Some(plan)
+}
+
+/// How the controller's Deployment rolls out, for the engine.
+fn controller_health(d: &Deployment) -> Health {
+    if health::deployment_rolled_out(d) {
+        Health::Healthy
+    } else if d.spec.as_ref().and_then(|s| s.paused).unwrap_or(false) {
+        Health::Waiting {
+            reason: reasons::DEPLOYMENT_PAUSED,
+            message: "its owner paused it; the image rolls out when it is resumed".into(),
+        }
+    } else {
+        Health::Progressing { resumed_at: health::deployment_resumed_at(d) }
+    }
 }
 
 /// Everything that puts one controller back as recorded: ConfigMap first, then the Deployment, whose
@@ -748,5 +825,49 @@ mod tests {
             revert.actions[..],
             [Action::RestoreConfig { .. }, Action::RestoreDeployment { keep: None, .. }]
         ));
+    }
+
+    /// A controller whose instrumented image rolled out and whose convergence is recorded.
+    fn instrumented(s: &TracingPolicySpec) -> Observed {
+        let t = observed(controller("c", "controller:v1.12.1", true), Some(config_map(&[])));
+        let rolled = applied(t.clone(), &plan(view(s), &[t], NOW).actions);
+        let healthy = plan(view(s), std::slice::from_ref(&rolled), NOW + 5);
+        assert!(matches!(healthy.actions[..], [Action::Record { .. }]), "{:?}", healthy.actions);
+        let done = applied(rolled, &healthy.actions);
+        assert!(plan(view(s), std::slice::from_ref(&done), NOW + 6).actions.is_empty());
+        done
+    }
+
+    #[test]
+    fn a_converged_controller_scaled_by_its_owner_is_reported_not_rolled_back() {
+        let s = spec("controller:v1.12.1-otel");
+        let mut scaled = instrumented(&s);
+        scaled.deployment.status.as_mut().unwrap().available_replicas = Some(0);
+        let p = plan(view(&s), &[scaled], NOW + 3600);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!((p.report.unhealthy, p.report.rolled_back), (1, 0));
+        assert_eq!(p.report.problems[0].reason, reasons::TARGET_UNHEALTHY);
+    }
+
+    #[test]
+    fn the_owners_new_image_stays_and_is_what_a_revert_leaves() {
+        let s = spec("controller:v1.12.1-otel");
+        let mut upgraded = instrumented(&s);
+        set_image(&mut upgraded.deployment, "controller:v1.13.0");
+        let p = plan(view(&s), std::slice::from_ref(&upgraded), NOW + 100);
+        assert_eq!(p.report.problems[0].reason, reasons::CHANGED_BY_OWNER);
+        let [Action::Record { record, .. }] = &p.actions[..] else { panic!("{:?}", p.actions) };
+        assert_eq!(record.original_image, None, "the pre-upgrade image is forgotten");
+        let yielded = applied(upgraded, &p.actions);
+        let again = plan(view(&s), std::slice::from_ref(&yielded), NOW + 101);
+        assert!(again.actions.is_empty(), "the owner's image is not overwritten: {:?}", again.actions);
+
+        let deleting = PolicyView { deleting: true, ..view(&s) };
+        let revert = plan(deleting, &[yielded], NOW + 102);
+        assert!(
+            revert.actions.iter().all(|a| !matches!(a, Action::RestoreDeployment { image: Some(_), .. })),
+            "{:?}",
+            revert.actions
+        );
     }
 }

@@ -4,6 +4,8 @@
 pub mod health;
 pub mod ingress;
 pub mod network;
+pub mod reasons;
+pub mod rollout;
 pub mod workloads;
 
 use std::fmt;
@@ -16,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{RolloutSpec, TracingPolicySpec};
+use rollout::Step;
 
 /// Namespace and name of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -88,12 +91,12 @@ pub fn claim<R: Owned, A>(
     policy: &str,
     claimed_by: Option<&str>,
 ) -> Result<Option<R>, TargetPlan<A>> {
-    let record =
-        record.map_err(|m| TargetPlan::problem(Progress::Held, "TargetBroken", format!("{what}: {m}"), true))?;
+    let record = record
+        .map_err(|m| TargetPlan::problem(Progress::Held, reasons::TARGET_BROKEN, format!("{what}: {m}"), true))?;
     if let Some(other) = record.as_ref().map(|r| r.policy()).filter(|p| *p != policy).or(claimed_by) {
         return Err(TargetPlan::problem(
             Progress::Held,
-            "Conflict",
+            reasons::CONFLICT,
             format!("{what} is already traced by TracingPolicy {other}"),
             true,
         ));
@@ -121,6 +124,10 @@ pub struct LayerReport {
     pub in_flight: usize,
     /// Targets that still need a change the rollout has not started (batch full, paused or stopped).
     pub pending: usize,
+    /// Converged targets that are unhealthy now because of their owner (reported, never rolled back).
+    pub unhealthy: usize,
+    /// Targets whose owner holds crosstrace's change (OnDelete, a paused Deployment).
+    pub waiting: usize,
     /// A failed batch stopped the rollout for this generation.
     pub stopped: bool,
     pub problems: Vec<Problem>,
@@ -139,6 +146,10 @@ pub enum Progress {
     Pending,
     /// Rolled back, conflicting or broken: nothing to do until something changes.
     Held,
+    /// Converged, and unhealthy now because of its owner: watched, takes no rollout slot.
+    Unhealthy,
+    /// crosstrace's change waits for the target's owner: watched, takes no rollout slot.
+    Waiting,
 }
 
 /// The rollout gate shared by every layer: how many new targets may start changing now.
@@ -212,6 +223,8 @@ pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &
                 continue;
             }
             Progress::Held => {}
+            Progress::Unhealthy => report.unhealthy += 1,
+            Progress::Waiting => report.waiting += 1,
         }
         report.rolled_back += usize::from(target.rolled_back);
         report.problems.extend(target.problem);
@@ -219,6 +232,62 @@ pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &
     }
     report.stopped = stopped;
     actions
+}
+
+/// Turns the engine's [`Step`] for one target into that target's plan. `what` names the target in
+/// messages; `write(converged, restart_clock)` builds the writes that put crosstrace's revision on it
+/// (`converged`: record that it is healthy; `restart_clock`: its deadline starts now); `roll_back`
+/// builds the writes that take it off again and leave the no-retry marker.
+pub fn follow<A>(
+    step: Step,
+    what: &str,
+    rollout: &RolloutSpec,
+    write: impl FnOnce(bool, bool) -> Vec<A>,
+    roll_back: impl FnOnce() -> Vec<A>,
+) -> TargetPlan<A> {
+    match step {
+        Step::Write => TargetPlan::state(Progress::Pending).with_actions(write(false, true)),
+        Step::Reapply => TargetPlan::state(Progress::InFlight).with_actions(write(false, true)),
+        Step::Changing => TargetPlan::state(Progress::InFlight),
+        Step::MarkConverged => TargetPlan::state(Progress::Ready).with_actions(write(true, false)),
+        Step::Converged => TargetPlan::state(Progress::Ready),
+        Step::OwnerUnhealthy(why) => TargetPlan::problem(
+            Progress::Unhealthy,
+            reasons::TARGET_UNHEALTHY,
+            format!(
+                "{what} is unhealthy ({why}); its owner changed it after crosstrace's change had converged, which stays in place"
+            ),
+            false,
+        ),
+        Step::Waiting { reason, message } => {
+            TargetPlan::problem(Progress::Waiting, reason, format!("{what}: {message}"), false)
+        }
+        Step::Failed(why) if rollout.auto_rollback => TargetPlan::problem(
+            Progress::Held,
+            reasons::ROLLED_BACK,
+            format!("{what} {why} with crosstrace's change; it was rolled back (change the policy to retry)"),
+            true,
+        )
+        .with_actions(roll_back())
+        .rolled_back(),
+        Step::Failed(why) => TargetPlan::problem(
+            Progress::Held,
+            reasons::ROLLOUT_FAILED,
+            format!("{what} {why} with crosstrace's change (spec.rollout.autoRollback is off)"),
+            true,
+        ),
+    }
+}
+
+/// The plan of a target crosstrace rolled back for this generation: held until the policy changes.
+pub fn held_rolled_back<A>(what: &str) -> TargetPlan<A> {
+    TargetPlan::problem(
+        Progress::Held,
+        reasons::ROLLED_BACK,
+        format!("{what} was rolled back: crosstrace's change did not become healthy; change the policy to retry"),
+        true,
+    )
+    .rolled_back()
 }
 
 /// "0.250" → "0.25", ".5" → "0.5", "1.0" → "1", "0.0" → "0".

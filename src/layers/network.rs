@@ -10,7 +10,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use super::{LayerReport, PolicyView, Progress, TargetPlan, schedule, selector};
+use super::rollout::{self, Health, Step, Written};
+use super::{LayerReport, PolicyView, Progress, TargetPlan, reasons, schedule, selector};
 use crate::api::node_tracing::{BridgeExport, BridgeStatus};
 use crate::api::{NetworkSpec, NodeTracing};
 use crate::lean::Meta;
@@ -69,11 +70,13 @@ fn desired(policy: PolicyView<'_>, network: &NetworkSpec) -> BridgeExport {
         ipfix: network.ipfix.clone(),
         conflict_policy: network.conflict_policy,
         requested_at: None,
+        converged: false,
     }
 }
 
 fn same_export(a: &BridgeExport, b: &BridgeExport) -> bool {
-    BridgeExport { requested_at: None, ..a.clone() } == BridgeExport { requested_at: None, ..b.clone() }
+    let bare = |e: &BridgeExport| BridgeExport { requested_at: None, converged: false, ..e.clone() };
+    bare(a) == bare(b)
 }
 
 /// Plans the network layer: pure, from the policy, the observed nodes and the time.
@@ -112,7 +115,7 @@ fn forward(
     t: &Observed,
     mine: Vec<BridgeExport>,
     others: Vec<BridgeExport>,
-    mut rolled_back: BTreeMap<String, i64>,
+    rolled_back: BTreeMap<String, i64>,
     now: Timestamp,
 ) -> TargetPlan<Action> {
     let node = &t.node;
@@ -122,71 +125,73 @@ fn forward(
     if let Some(holder) = others.iter().find(|b| b.bridge == want.bridge && policy.older.contains(&b.policy)) {
         return TargetPlan::problem(
             Progress::Held,
-            "Conflict",
+            reasons::CONFLICT,
             format!("bridge {} on node {node} already exports for TracingPolicy {}", want.bridge, holder.policy),
             true,
         );
     }
+    let what = format!("node {node}");
     if rolled_back.get(policy.name) == Some(&policy.generation) {
-        return TargetPlan::problem(
-            Progress::Held,
-            "RolledBack",
-            format!(
-                "node {node} did not apply the export within {}s and was rolled back; change the policy to retry",
-                deadline.as_secs()
-            ),
-            true,
-        )
-        .rolled_back();
+        return super::held_rolled_back(&what);
     }
     let current = mine.iter().find(|b| same_export(b, &want));
-    let Some(current) = current else {
-        // Write (or rewrite) this policy's entry; a newer policy's entry on the same bridge gives way.
-        let mut bridges: Vec<BridgeExport> = others.into_iter().filter(|b| b.bridge != want.bridge).collect();
-        bridges.push(BridgeExport { requested_at: Some(Time(now)), ..want });
-        rolled_back.remove(policy.name);
-        return TargetPlan::state(Progress::Pending).with_actions(vec![put(tracing, node, bridges, &rolled_back)]);
-    };
     let status: Option<&BridgeStatus> = tracing
         .and_then(|t| t.status.as_ref())
         .and_then(|s| s.bridges.iter().find(|b| b.bridge == want.bridge && b.policy == policy.name));
-    match status {
-        Some(s) if s.conflict => {
-            return TargetPlan::problem(
-                Progress::Held,
-                "Conflict",
-                format!(
-                    "bridge {} on node {node} already exports somewhere crosstrace does not own (conflictPolicy Skip): {}",
-                    want.bridge, s.message
-                ),
-                true,
-            );
+    if let Some(s) = status.filter(|s| s.conflict && current.is_some()) {
+        return TargetPlan::problem(
+            Progress::Held,
+            reasons::CONFLICT,
+            format!(
+                "bridge {} on node {node} already exports somewhere crosstrace does not own (conflictPolicy Skip): {}",
+                want.bridge, s.message
+            ),
+            true,
+        );
+    }
+    let written = current.map(|c| Written {
+        current: true,
+        intact: true,
+        converged: c.converged,
+        since: c.requested_at.as_ref().map_or(now.as_second(), |t| t.0.as_second()),
+    });
+    let health = match status {
+        Some(s) if s.applied && s.verified && s.applied_generation == policy.generation => Health::Healthy,
+        _ => Health::Progressing { resumed_at: None },
+    };
+    let step = match rollout::judge(written, &health, now.as_second(), deadline.as_secs()) {
+        Step::Failed(why) => {
+            let agent =
+                status.filter(|s| !s.message.is_empty()).map_or("no report from its agent", |s| s.message.as_str());
+            Step::Failed(format!("{why} applying and verifying the export on {} ({agent})", want.bridge))
         }
-        Some(s) if s.applied && s.verified && s.applied_generation == policy.generation => {
-            return TargetPlan::state(Progress::Ready);
+        Step::OwnerUnhealthy(_) => {
+            let agent = status.filter(|s| !s.message.is_empty()).map_or("not verified", |s| s.message.as_str());
+            Step::OwnerUnhealthy(format!("bridge {}: {agent}", want.bridge))
         }
-        _ => {}
-    }
-    let requested = current.requested_at.as_ref().map(|t| t.0).unwrap_or(now);
-    if now < requested + deadline {
-        return TargetPlan::state(Progress::InFlight);
-    }
-    let why = status
-        .filter(|s| !s.message.is_empty())
-        .map(|s| format!(": {}", s.message))
-        .unwrap_or_else(|| ": no report from its agent".into());
-    let message = format!(
-        "node {node} did not apply and verify the export on {} within {}s{why}",
-        want.bridge,
-        deadline.as_secs()
-    );
-    if !policy.spec.rollout.auto_rollback {
-        return TargetPlan::problem(Progress::Held, "RolloutFailed", message, true);
-    }
-    rolled_back.insert(policy.name.to_string(), policy.generation);
-    TargetPlan::problem(Progress::Held, "RolledBack", format!("{message}; its export was removed"), true)
-        .with_actions(vec![put(tracing, node, others, &rolled_back)])
-        .rolled_back()
+        step => step,
+    };
+    let requested_at = current.and_then(|c| c.requested_at.clone());
+    let roll_back_to = others.clone();
+    super::follow(
+        step,
+        &what,
+        &policy.spec.rollout,
+        |converged, restart_clock| {
+            // Write (or rewrite) this policy's entry; a newer policy's entry on the same bridge gives way.
+            let mut bridges: Vec<BridgeExport> = others.into_iter().filter(|b| b.bridge != want.bridge).collect();
+            let requested_at = if restart_clock { Some(Time(now)) } else { requested_at };
+            bridges.push(BridgeExport { requested_at, converged, ..want });
+            let mut rolled_back = rolled_back.clone();
+            rolled_back.remove(policy.name);
+            vec![put(tracing, node, bridges, &rolled_back)]
+        },
+        || {
+            let mut rolled_back = rolled_back.clone();
+            rolled_back.insert(policy.name.to_string(), policy.generation);
+            vec![put(tracing, node, roll_back_to, &rolled_back)]
+        },
+    )
 }
 
 /// Nodes the policy selects and nodes whose NodeTracing carries something of it.
@@ -284,7 +289,7 @@ mod tests {
         let older = BTreeSet::new();
         let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
         let entry = BridgeExport { requested_at: Some(Time(at(0))), ..desired(view, s.network.as_ref().unwrap()) };
-        let ok = BridgeStatus {
+        let ok_status = || BridgeStatus {
             bridge: "br-int".into(),
             policy: "fabric".into(),
             applied_generation: 1,
@@ -292,9 +297,22 @@ mod tests {
             verified: true,
             ..Default::default()
         };
-        let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![ok])))], at(5));
-        assert!(plan.actions.is_empty());
+        let ok = ok_status();
+        let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![ok.clone()])))], at(5));
         assert_eq!(plan.report.ready, 1);
+        let [Action::Put { bridges, .. }] = &plan.actions[..] else { panic!("{:?}", plan.actions) };
+        assert!(bridges[0].converged, "the first healthy report is recorded as converged");
+        let converged = BridgeExport { converged: true, ..entry.clone() };
+        let idle = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![converged.clone()], vec![ok])))], at(6));
+        assert!(idle.actions.is_empty(), "{:?}", idle.actions);
+
+        // Converged, then the bridge goes away long after the deadline: reported, never rolled back.
+        let lost = BridgeStatus { applied: false, message: "bridge br-int does not exist".into(), ..ok_status() };
+        let gone = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![converged], vec![lost])))], at(500));
+        assert!(gone.actions.is_empty(), "{:?}", gone.actions);
+        assert_eq!((gone.report.unhealthy, gone.report.rolled_back), (1, 0));
+        assert!(gone.report.problems[0].message.contains("does not exist"), "{:?}", gone.report.problems);
+        assert!(!gone.report.problems[0].degraded);
 
         let waiting = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![])))], at(5));
         assert_eq!(waiting.report.in_flight, 1);

@@ -10,15 +10,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodTemplateSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodTemplateSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::rollout::{self, Health, Written};
 use super::{
-    LayerReport, ObjectKey, PolicyView, Progress, TargetPlan, health, label_equals, matches, normalize_ratio, schedule,
+    LayerReport, ObjectKey, PolicyView, TargetPlan, health, label_equals, matches, normalize_ratio, reasons, schedule,
     selector,
 };
 use crate::api::{OtlpProtocol, TracingPolicySpec, WorkloadKind, WorkloadsSpec};
@@ -26,6 +27,9 @@ use crate::lean::{Lean, Meta};
 
 /// Annotation on an instrumented workload: the [`Record`] of what was injected.
 pub const RECORD_ANNOTATION: &str = "crosstrace.dev/workloads";
+/// Annotation on the injected pod template (and so on every pod of crosstrace's revision): the
+/// injection's hash. It tells crosstrace's pods from the owner's, for the health gate.
+pub const INJECTION_ANNOTATION: &str = "crosstrace.dev/injection";
 /// Annotation left after a rollback, `<policy>/<generation>`: that generation is not retried.
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/workloads-rolled-back";
 /// Label on every workload and collector ConfigMap of the layer, valued with the policy name.
@@ -60,15 +64,29 @@ pub struct Record {
     pub env: BTreeMap<String, Vec<String>>,
     /// Unix seconds when this injection started rolling out, for the progress deadline.
     pub rollout_started: i64,
+    /// This injection was seen rolled out and healthy: from then on the workload's health is its
+    /// owner's business (reported, never rolled back).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub converged: bool,
 }
 
-/// One workload, reduced to what the layer needs (the pod template and whether it rolled out).
+/// One workload, reduced to what the layer needs (the pod template and how its rollout stands).
 #[derive(Clone, Debug, Default)]
 pub struct Workload {
     pub kind: WorkloadKind,
     pub metadata: ObjectMeta,
     pub template: PodTemplateSpec,
     pub rolled_out: bool,
+    /// The pods' selector (to find the pods of crosstrace's revision).
+    pub selector: Option<LabelSelector>,
+    /// The owner paused the Deployment.
+    pub paused: bool,
+    /// Unix seconds when the owner resumed the paused Deployment (its Progressing condition says so).
+    pub resumed_at: Option<i64>,
+    /// `updateStrategy: OnDelete`: a new template reaches the pods only when they are recreated.
+    pub on_delete: bool,
+    /// Why a pod of crosstrace's revision cannot start (filled in by [`observe`] for rollouts in flight).
+    pub failing: Option<String>,
 }
 
 impl Workload {
@@ -78,31 +96,69 @@ impl Workload {
 
     pub fn from_deployment(d: Deployment) -> Self {
         let rolled_out = health::deployment_rolled_out(&d);
+        let resumed_at = health::deployment_resumed_at(&d);
+        let spec = d.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::Deployment,
-            template: d.spec.map(|s| s.template).unwrap_or_default(),
+            template: spec.template,
             metadata: d.metadata,
             rolled_out,
+            selector: Some(spec.selector),
+            paused: spec.paused.unwrap_or(false),
+            resumed_at,
+            ..Default::default()
         }
     }
 
     pub fn from_statefulset(s: StatefulSet) -> Self {
         let rolled_out = health::statefulset_rolled_out(&s);
+        let spec = s.spec.unwrap_or_default();
+        let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
             kind: WorkloadKind::StatefulSet,
-            template: s.spec.map(|s| s.template).unwrap_or_default(),
+            template: spec.template,
             metadata: s.metadata,
             rolled_out,
+            selector: Some(spec.selector),
+            on_delete,
+            ..Default::default()
         }
     }
 
     pub fn from_daemonset(d: DaemonSet) -> Self {
         let rolled_out = health::daemonset_rolled_out(&d);
+        let spec = d.spec.unwrap_or_default();
+        let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
             kind: WorkloadKind::DaemonSet,
-            template: d.spec.map(|s| s.template).unwrap_or_default(),
+            template: spec.template,
             metadata: d.metadata,
             rolled_out,
+            selector: Some(spec.selector),
+            on_delete,
+            ..Default::default()
+        }
+    }
+
+    /// How the workload's rollout looks to the engine.
+    pub fn health(&self) -> Health {
+        if self.rolled_out {
+            Health::Healthy
+        } else if let Some(why) = &self.failing {
+            Health::Failing(why.clone())
+        } else if self.paused {
+            Health::Waiting {
+                reason: reasons::DEPLOYMENT_PAUSED,
+                message: "its owner paused it; the collector sidecar rolls out when it is resumed".into(),
+            }
+        } else if self.on_delete {
+            Health::Waiting {
+                reason: reasons::WAITING_FOR_RESTART,
+                message: "updateStrategy OnDelete: the collector sidecar reaches its pods when they are recreated"
+                    .into(),
+            }
+        } else {
+            Health::Progressing { resumed_at: self.resumed_at }
         }
     }
 }
@@ -305,6 +361,10 @@ fn hash_of(value: &Value) -> String {
     format!("{hash:016x}")
 }
 
+fn record_json(record: &Record) -> String {
+    serde_json::to_string(record).expect("a record always serializes")
+}
+
 fn record_of(meta: &ObjectMeta) -> Result<Option<Record>, String> {
     super::read_record(meta.annotations.as_ref(), RECORD_ANNOTATION)
 }
@@ -322,7 +382,8 @@ fn injection(
     defaults: &Defaults,
     w: &Workload,
     previous: Option<&Record>,
-    now: i64,
+    since: i64,
+    converged: bool,
 ) -> (Value, Record) {
     let spec = policy.spec;
     let workloads = spec.workloads.as_ref().expect("injection is only planned with spec.workloads");
@@ -363,12 +424,14 @@ fn injection(
         pod_spec["containers"].as_array_mut().expect("containers is a list").push(sidecar);
     }
     let hash = hash_of(&pod_spec);
-    let rollout_started = match previous {
-        Some(r) if r.hash == hash => r.rollout_started,
-        _ => now,
+    let record = Record {
+        policy: policy.name.to_string(),
+        generation: policy.generation,
+        hash,
+        env: injected,
+        rollout_started: since,
+        converged,
     };
-    let record =
-        Record { policy: policy.name.to_string(), generation: policy.generation, hash, env: injected, rollout_started };
     let (api_version, kind_name) = api_version_kind(kind);
     let patch = json!({
         "apiVersion": api_version,
@@ -377,9 +440,12 @@ fn injection(
             "name": key.name,
             "namespace": key.namespace,
             "labels": {POLICY_LABEL: policy.name},
-            "annotations": {RECORD_ANNOTATION: serde_json::to_string(&record).expect("record serializes")},
+            "annotations": {RECORD_ANNOTATION: record_json(&record)},
         },
-        "spec": {"template": {"spec": pod_spec}},
+        "spec": {"template": {
+            "metadata": {"annotations": {INJECTION_ANNOTATION: record.hash}},
+            "spec": pod_spec,
+        }},
     });
     (patch, record)
 }
@@ -398,7 +464,10 @@ fn injection_present(w: &Workload, record: &Record, native: bool) -> bool {
             .find(|c| &c.name == container)
             .is_none_or(|c| names.iter().all(|n| c.env.iter().flatten().any(|e| &e.name == n)))
     });
-    has_sidecar && has_volume && has_env
+    let has_annotation =
+        w.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).and_then(|a| a.get(INJECTION_ANNOTATION))
+            == Some(&record.hash);
+    has_sidecar && has_volume && has_env && has_annotation
 }
 
 /// Plans the workload layer: pure, from the policy, the observed workloads and the time.
@@ -483,48 +552,35 @@ fn forward(
         Ok(record) => record,
         Err(held) => return held,
     };
-    let deadline = i64::from(policy.spec.rollout.progress_deadline_seconds);
-    if record.is_none() && marker == Some(format!("{}/{}", policy.name, policy.generation).as_str()) {
-        return TargetPlan::problem(
-            Progress::Held,
-            "RolledBack",
-            format!("{what} was rolled back: it did not become healthy within {deadline}s with the collector sidecar; change the policy to retry"),
-            true,
-        )
-        .rolled_back();
+    let this_generation = format!("{}/{}", policy.name, policy.generation);
+    if record.is_none() && marker == Some(this_generation.as_str()) {
+        return super::held_rolled_back(&what);
     }
-    let (patch, desired) = injection(policy, defaults, w, record.as_ref(), now);
-    let inject = || vec![Action::Inject { kind, workload: key.clone(), patch: patch.clone() }];
-    match record {
-        Some(r) if r.hash == desired.hash => {
-            if !injection_present(w, &r, defaults.native_sidecars) {
-                drifted.push(key.clone());
-                return TargetPlan::state(Progress::InFlight).with_actions(inject());
-            }
-            if w.rolled_out {
-                return TargetPlan::state(Progress::Ready);
-            }
-            if now >= r.rollout_started + deadline {
-                let message = format!(
-                    "{what} did not become healthy within {deadline}s after the collector sidecar was injected"
-                );
-                if policy.spec.rollout.auto_rollback {
-                    let marker = format!("{}/{}", policy.name, policy.generation);
-                    return TargetPlan::problem(
-                        Progress::Held,
-                        "RolledBack",
-                        format!("{message}; its pod template was rolled back"),
-                        true,
-                    )
-                    .with_actions(vec![Action::Remove { kind, workload: key, rolled_back: Some(marker) }])
-                    .rolled_back();
-                }
-                return TargetPlan::problem(Progress::Held, "RolloutFailed", message, true);
-            }
-            TargetPlan::state(Progress::InFlight)
-        }
-        _ => TargetPlan::state(Progress::Pending).with_actions(inject()),
+    // The injection as it would be written now: its hash says whether the one on the workload is current.
+    let since = record.as_ref().map_or(now, |r| r.rollout_started);
+    let (patch, desired) = injection(policy, defaults, w, record.as_ref(), since, false);
+    let written = record.as_ref().map(|r| Written {
+        current: r.hash == desired.hash,
+        intact: injection_present(w, r, defaults.native_sidecars),
+        converged: r.converged,
+        since: r.rollout_started,
+    });
+    let step = rollout::judge(written, &w.health(), now, i64::from(policy.spec.rollout.progress_deadline_seconds));
+    if step == rollout::Step::Reapply {
+        drifted.push(key.clone());
     }
+    super::follow(
+        step,
+        &what,
+        &policy.spec.rollout,
+        |converged, restart_clock| {
+            let record = Record { converged, rollout_started: if restart_clock { now } else { since }, ..desired };
+            let mut patch = patch;
+            patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
+            vec![Action::Inject { kind, workload: key.clone(), patch }]
+        },
+        || vec![Action::Remove { kind, workload: key.clone(), rolled_back: Some(this_generation.clone()) }],
+    )
 }
 
 /// Namespaces `spec.workloads.namespaceSelector` selects, never the protected ones nor the operator's.
@@ -724,7 +780,38 @@ pub async fn observe(
             }
         }
     }
+    // Rollouts of this policy in flight: do pods of its revision fail to start? (Few: a batch at most.)
+    let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
+        let record = record_of(&o.workload.metadata).ok().flatten()?;
+        (record.policy == policy.name && !record.converged).then_some((&mut o.workload, record.hash))
+    });
+    for (workload, hash) in in_flight {
+        workload.failing = failing_pod(client, workload, &hash).await?;
+    }
     Ok((found.into_values().collect(), config_maps.items))
+}
+
+/// Why a pod of crosstrace's revision (its template carries the injection's hash) of `w` cannot start.
+async fn failing_pod(client: &Client, w: &Workload, hash: &str) -> Result<Option<String>, kube::Error> {
+    let Some(pod_selector) = w.selector.as_ref().and_then(|s| selector(s).ok()) else {
+        return Ok(None);
+    };
+    let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
+    let mut failing = None;
+    list_paged(
+        &Api::<Lean<Pod>>::namespaced(client.clone(), namespace),
+        &ListParams::default().labels_from(&pod_selector),
+        |p| {
+            let pod = p.into_inner();
+            let ours =
+                pod.metadata.annotations.as_ref().and_then(|a| a.get(INJECTION_ANNOTATION)).is_some_and(|h| h == hash);
+            if ours && failing.is_none() {
+                failing = health::pod_failing(&pod);
+            }
+        },
+    )
+    .await?;
+    Ok(failing)
 }
 
 /// Does `spec.workloads` select this workload, given the labels of its namespace?
@@ -794,7 +881,7 @@ mod tests {
         }))
         .unwrap();
         let metadata = ObjectMeta { name: Some(name.into()), namespace: Some("shop".into()), ..Default::default() };
-        Workload { kind: WorkloadKind::Deployment, metadata, template, rolled_out: true }
+        Workload { kind: WorkloadKind::Deployment, metadata, template, rolled_out: true, ..Default::default() }
     }
 
     fn selected(w: Workload) -> Observed {
@@ -810,6 +897,9 @@ mod tests {
                 let annotations = t.workload.metadata.annotations.get_or_insert_default();
                 let record = patch["metadata"]["annotations"][RECORD_ANNOTATION].as_str().unwrap();
                 annotations.insert(RECORD_ANNOTATION.into(), record.into());
+                let template_annotations = &patch["spec"]["template"]["metadata"]["annotations"];
+                t.workload.template.metadata.get_or_insert_default().annotations =
+                    serde_json::from_value(template_annotations.clone()).unwrap();
                 let pod = t.workload.template.spec.as_mut().unwrap();
                 let injected_pod: k8s_openapi::api::core::v1::PodSpec =
                     serde_json::from_value(patch["spec"]["template"]["spec"].clone()).unwrap();
@@ -890,7 +980,12 @@ mod tests {
             cm.data = Some(collector_config(&s));
             cm
         };
-        let again = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 5);
+        let healthy = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 5);
+        assert_eq!(healthy.report.ready, 1);
+        assert!(matches!(healthy.actions[..], [Action::Inject { .. }]), "the first healthy look records convergence");
+        let done = injected(done, &healthy.actions);
+        assert!(record_of(&done.workload.metadata).unwrap().unwrap().converged);
+        let again = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 6);
         assert!(again.actions.is_empty(), "{:?}", again.actions);
         assert_eq!(again.report.ready, 1);
 
@@ -1006,5 +1101,84 @@ mod tests {
         assert!(pod.get("initContainers").is_none());
         assert_eq!(pod["containers"][1]["name"], SIDECAR_NAME);
         assert!(pod["containers"][1].get("restartPolicy").is_none());
+    }
+
+    /// A workload as the API server holds it once the injection rolled out and convergence is recorded.
+    fn converged(s: &TracingPolicySpec) -> Observed {
+        let t = selected(workload("cart", &[]));
+        let done = injected(t, &plan(view(s), &defaults(), &[selected(workload("cart", &[]))], &[], NOW).actions);
+        injected(done.clone(), &plan(view(s), &defaults(), &[done], &[], NOW + 5).actions)
+    }
+
+    #[test]
+    fn an_owner_scaling_or_restarting_a_converged_workload_is_reported_never_rolled_back() {
+        let s = spec();
+        let mut scaled = converged(&s);
+        scaled.workload.rolled_out = false;
+        let long_after = NOW + 10 * 60;
+        let p = plan(view(&s), &defaults(), std::slice::from_ref(&scaled), &[], long_after);
+        assert!(p.actions.iter().all(|a| !matches!(a, Action::Remove { .. })), "{:?}", p.actions);
+        assert_eq!((p.report.unhealthy, p.report.rolled_back, p.report.stopped), (1, 0, false));
+        let problem = &p.report.problems[0];
+        assert_eq!(problem.reason, reasons::TARGET_UNHEALTHY);
+        assert!(!problem.degraded && problem.message.contains("shop/cart"), "{problem:?}");
+
+        // Its owner's new image crash-loops: still the owner's business.
+        scaled.workload.failing = Some("pod cart-2 container app is CrashLoopBackOff".into());
+        let p = plan(view(&s), &defaults(), &[scaled], &[], long_after);
+        assert!(p.actions.iter().all(|a| !matches!(a, Action::Remove { .. })));
+        assert!(p.report.problems[0].message.contains("CrashLoopBackOff"));
+    }
+
+    #[test]
+    fn pods_of_crosstraces_revision_that_cannot_start_fail_the_batch_before_the_deadline() {
+        let s = spec();
+        let t = selected(workload("cart", &[]));
+        let mut stuck = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
+        stuck.workload.rolled_out = false;
+        stuck.workload.failing = Some("pod cart-1 container crosstrace-otel-collector is CrashLoopBackOff".into());
+        let p = plan(view(&s), &defaults(), &[stuck], &[], NOW + 3);
+        assert!(p.report.stopped);
+        assert_eq!(p.report.problems[0].reason, reasons::ROLLED_BACK);
+        assert!(p.report.problems[0].message.contains("CrashLoopBackOff"), "{:?}", p.report.problems);
+        assert!(p.actions.iter().any(|a| matches!(a, Action::Remove { rolled_back: Some(_), .. })));
+    }
+
+    #[test]
+    fn on_delete_and_paused_workloads_wait_for_their_owner_without_a_deadline() {
+        let s = spec();
+        for (what, on_delete, paused, reason) in [
+            ("OnDelete", true, false, reasons::WAITING_FOR_RESTART),
+            ("paused", false, true, reasons::DEPLOYMENT_PAUSED),
+        ] {
+            let t = selected(workload("cart", &[]));
+            let mut held = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
+            held.workload.rolled_out = false;
+            held.workload.on_delete = on_delete;
+            held.workload.paused = paused;
+            let p = plan(view(&s), &defaults(), std::slice::from_ref(&held), &[], NOW + 3600);
+            let writes: Vec<_> =
+                p.actions.iter().filter(|a| !matches!(a, Action::ApplyCollectorConfig { .. })).collect();
+            assert!(writes.is_empty(), "{what}: {writes:?}");
+            assert_eq!((p.report.waiting, p.report.rolled_back), (1, 0), "{what}");
+            assert_eq!(p.report.problems[0].reason, reason, "{what}");
+
+            // The owner recreates the pods (or resumes): healthy, and convergence is recorded.
+            held.workload.rolled_out = true;
+            let p = plan(view(&s), &defaults(), &[held], &[], NOW + 3601);
+            assert_eq!(p.report.ready, 1, "{what}");
+            assert!(matches!(p.actions[..], [Action::ApplyCollectorConfig { .. }, Action::Inject { .. }]), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_resumed_deployment_gets_the_whole_deadline_from_its_resumption() {
+        let s = spec();
+        let t = selected(workload("cart", &[]));
+        let mut resumed = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
+        resumed.workload.rolled_out = false;
+        resumed.workload.resumed_at = Some(NOW + 3000);
+        let p = plan(view(&s), &defaults(), &[resumed], &[], NOW + 3010);
+        assert_eq!((p.report.in_flight, p.report.rolled_back), (1, 0));
     }
 }

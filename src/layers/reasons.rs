@@ -1,0 +1,40 @@
+//! Every condition reason the layers and the status report use, in one place: users, alerts and tests
+//! match on these strings, so each is spelled exactly once.
+
+/// Another (older) policy holds the target.
+pub const CONFLICT: &str = "Conflict";
+/// A record crosstrace keeps on the target cannot be read.
+pub const TARGET_BROKEN: &str = "TargetBroken";
+/// crosstrace's change did not become healthy and was reverted (autoRollback).
+pub const ROLLED_BACK: &str = "RolledBack";
+/// crosstrace's change did not become healthy; autoRollback is off, so it stays.
+pub const ROLLOUT_FAILED: &str = "RolloutFailed";
+/// A target crosstrace had converged became unhealthy because of its owner (scale, restart, new image,
+/// drain): reported, never rolled back.
+pub const TARGET_UNHEALTHY: &str = "TargetUnhealthy";
+/// An `OnDelete` StatefulSet or DaemonSet holds crosstrace's change until its owner recreates the pods.
+pub const WAITING_FOR_RESTART: &str = "WaitingForRestart";
+/// The owner paused the Deployment: crosstrace's change rolls out when it is resumed.
+pub const DEPLOYMENT_PAUSED: &str = "DeploymentPaused";
+/// The owner changed a value crosstrace also sets (the ingress controller image): the owner's value stays.
+pub const CHANGED_BY_OWNER: &str = "ChangedByOwner";
+/// The ingress controller names no ConfigMap (`--configmap`).
+pub const CONFIG_MAP_ARGUMENT_MISSING: &str = "ConfigMapArgumentMissing";
+/// The ingress controller has no available replica.
+pub const TARGET_NOT_AVAILABLE: &str = "TargetNotAvailable";
+
+/// Layer and policy conditions.
+pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+pub const ROLLOUT_STOPPED: &str = "RolloutStopped";
+pub const ROLLOUT_PAUSED: &str = "RolloutPaused";
+pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+pub const NO_TARGETS: &str = "NoTargets";
+pub const ALL_TARGETS_READY: &str = "AllTargetsReady";
+pub const TARGETS_NOT_READY: &str = "TargetsNotReady";
+pub const ALL_LAYERS_READY: &str = "AllLayersReady";
+pub const AS_EXPECTED: &str = "AsExpected";
+pub const INVALID_SPEC: &str = "InvalidSpec";
+
+/// Events.
+pub const DRIFT_CORRECTED: &str = "DriftCorrected";
+pub const REVERTED: &str = "Reverted";
