@@ -207,6 +207,38 @@ async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
 }
 
 #[tokio::test]
+async fn the_owners_upgrade_of_an_instrumented_controller_stays_and_survives_the_revert() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-upgrade", json!({})).await;
+    ingress_nginx(&client, &ns.name).await;
+    let _controller = ControllerProcess::start(18088);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let name = format!("{}-policy", ns.name);
+    let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
+    apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 10)).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+
+    // The owner upgrades the controller (as `helm upgrade` or `kubectl set image` would), long after the
+    // deadline: their image stays, crosstrace reports it and does not fight back.
+    let upgraded = "registry.k8s.io/ingress-nginx/controller:v1.15.1";
+    let target = "deployment/ingress-nginx-controller";
+    let (ok, _, err) = kubectl(&["-n", &ns.name, "set", "image", target, &format!("controller={upgraded}")]);
+    assert!(ok, "kubectl set image: {err}");
+    let p = wait_condition(&client, &name, "IngressReady", "False").await;
+    assert_eq!(condition(&p, "IngressReady").unwrap().reason, "ChangedByOwner");
+    assert_eq!(condition(&p, "Degraded").unwrap().status, "False", "an owner's action is not crosstrace's failure");
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert_eq!(image_of(&deployments.get("ingress-nginx-controller").await.unwrap()), upgraded, "not overwritten");
+
+    delete_policy_and_wait(&client, &name).await;
+    let d = deployments.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image_of(&d), upgraded, "the revert leaves the owner's new image, not the pre-upgrade one");
+    assert!(d.annotations().keys().all(|k| !k.starts_with("crosstrace.dev/")), "{:?}", d.annotations());
+}
+
+#[tokio::test]
 async fn a_controller_killed_mid_rollout_converges_after_restart() {
     let client = client().await;
     install_crds();

@@ -8,6 +8,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use crosstrace::api::TracingPolicy;
 use crosstrace::layers::workloads::{POLICY_LABEL, RECORD_ANNOTATION, SIDECAR_NAME, config_map_name};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -274,11 +275,16 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
 
     let _controller = ControllerProcess::start(18092);
     let name = format!("{tag}-policy");
-    apply_policy(&client, &workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"])).await;
+    // A deadline far beyond this test's patience: the rollback must come from the pods of crosstrace's
+    // revision that cannot start (ImagePullBackOff), not from the deadline.
+    let mut policy = workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"]);
+    policy["spec"]["rollout"]["progressDeadlineSeconds"] = json!(3600);
+    apply_policy(&client, &policy).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;
     let degraded = p.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(degraded.reason, "RolledBack");
     assert!(degraded.message.contains(&format!("{}/cart", ns.name)), "names the workload: {}", degraded.message);
+    assert!(degraded.message.contains("ImagePullBackOff"), "says why, early: {}", degraded.message);
     assert_eq!(p.status.as_ref().unwrap().workloads.as_ref().unwrap().rolled_back, 1);
     eventually("the rolled-back template", || async { (templates(&client, &ns.name).await == before).then_some(()) })
         .await;
@@ -360,4 +366,156 @@ async fn drift_is_reapplied_and_a_second_policy_on_the_same_workload_is_a_confli
     delete_policy_and_wait(&client, &second).await;
     delete_policy_and_wait(&client, &first).await;
     assert_eq!(templates(&client, &ns.name).await, before);
+}
+
+/// Waits until a policy's condition has this reason (for its current generation).
+async fn wait_reason(client: &Client, name: &str, type_: &str, reason: &str) -> TracingPolicy {
+    let api = Api::<TracingPolicy>::all(client.clone());
+    eventually(&format!("{name}: {type_} reason {reason}"), || async {
+        let p = api.get(name).await.ok()?;
+        let c = condition(&p, type_)?;
+        (c.reason == reason && c.observed_generation == p.metadata.generation).then_some(p.clone())
+    })
+    .await
+}
+
+async fn template_of(client: &Client, ns: &str, kind_name: &str) -> Value {
+    templates(client, ns).await.remove(kind_name).unwrap_or_else(|| panic!("{kind_name} exists"))
+}
+
+/// The policy is not rolled back, not degraded, and every workload still carries the sidecar.
+async fn assert_kept(client: &Client, ns: &str, policy: &str, what: &str) {
+    let p = Api::<TracingPolicy>::all(client.clone()).get(policy).await.unwrap();
+    let status = p.status.as_ref().unwrap();
+    assert_eq!(status.workloads.as_ref().unwrap().rolled_back, 0, "{what}: nothing rolled back");
+    let degraded = condition(&p, "Degraded").unwrap();
+    assert_eq!(degraded.status, "False", "{what}: not degraded: {}", degraded.message);
+    for (kind_name, template) in templates(client, ns).await {
+        assert!(has_sidecar(&template), "{what}: {kind_name} keeps the sidecar");
+    }
+}
+
+#[tokio::test]
+async fn owners_scale_restart_upgrade_pause_and_recreate_without_crosstrace_rolling_back() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("e2e-owner-{}", std::process::id() % 100_000);
+    let ns = TestNamespace::create(&client, "e2e-owner", json!({"tracing": tag})).await;
+    create_deployment(&client, &ns.name, "web", json!([])).await;
+    create_deployment(&client, &ns.name, "api", json!([])).await;
+    create_statefulset(&client, &ns.name, "db").await;
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
+    let on_delete = json!({"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": null}}});
+    statefulsets.patch("db", &PatchParams::default(), &Patch::Merge(&on_delete)).await.unwrap();
+    wait_rolled_out(&client, &ns.name).await;
+
+    let controller = ControllerProcess::start(18094);
+    let name = format!("{tag}-policy");
+    let deadline = 15;
+    apply_policy(&client, &workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet"])).await;
+
+    // The OnDelete StatefulSet waits for its owner, well past the deadline, and is never rolled back.
+    wait_reason(&client, &name, "WorkloadsReady", "WaitingForRestart").await;
+    tokio::time::sleep(std::time::Duration::from_secs(deadline + 3)).await;
+    let p = wait_reason(&client, &name, "WorkloadsReady", "WaitingForRestart").await;
+    assert!(condition(&p, "WorkloadsReady").unwrap().message.contains("db"), "names the StatefulSet");
+    assert_kept(&client, &ns.name, &name, "OnDelete waiting").await;
+    // Its owner recreates the pod: the sidecar is in it, and the policy is Ready.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    pods.delete("db-0", &Default::default()).await.unwrap();
+    wait_condition(&client, &name, "Ready", "True").await;
+
+    // Owners act on converged Deployments, long after crosstrace's change and its deadline.
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let scale = json!({"spec": {"replicas": 3}});
+    deployments.patch_scale("web", &PatchParams::default(), &Patch::Merge(&scale)).await.expect("scale as an HPA does");
+    let (ok, _, err) = kubectl(&["-n", &ns.name, "scale", "deployment/api", "--replicas=2"]);
+    assert!(ok, "kubectl scale: {err}");
+    let (ok, _, err) = kubectl(&["-n", &ns.name, "rollout", "restart", "deployment/web"]);
+    assert!(ok, "kubectl rollout restart: {err}");
+    let (ok, _, err) = kubectl(&["-n", &ns.name, "set", "image", "deployment/api", "app=shop/app:2"]);
+    assert!(ok, "kubectl set image: {err}");
+    wait_rolled_out(&client, &ns.name).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+    assert_kept(&client, &ns.name, &name, "scale, restart, new image").await;
+    let api_template = template_of(&client, &ns.name, "Deployment/api").await;
+    assert_eq!(api_template["spec"]["containers"][0]["image"], "shop/app:2", "the owner's image stays");
+
+    // The owner's own broken image: reported, named, never rolled back.
+    let (ok, _, err) = kubectl(&["-n", &ns.name, "set", "image", "deployment/web", "app=shop/app:broken"]);
+    assert!(ok, "kubectl set image: {err}");
+    let p = wait_reason(&client, &name, "WorkloadsReady", "TargetUnhealthy").await;
+    assert!(condition(&p, "WorkloadsReady").unwrap().message.contains("/web"), "names web");
+    tokio::time::sleep(std::time::Duration::from_secs(deadline + 3)).await;
+    assert_kept(&client, &ns.name, &name, "the owner's broken image").await;
+    let (ok, _, err) = kubectl(&["-n", &ns.name, "set", "image", "deployment/web", "app=shop/app:3"]);
+    assert!(ok, "kubectl set image: {err}");
+    wait_condition(&client, &name, "Ready", "True").await;
+
+    // A paused Deployment holds a changed policy's new revision: it waits, past the deadline, no rollback.
+    let pause = json!({"spec": {"paused": true}});
+    deployments.patch("api", &PatchParams::default(), &Patch::Merge(&pause)).await.unwrap();
+    let mut changed = workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet"]);
+    changed["spec"]["sampling"]["ratio"] = json!("0.75");
+    apply_policy(&client, &changed).await;
+    wait_reason(&client, &name, "WorkloadsReady", "DeploymentPaused").await;
+    tokio::time::sleep(std::time::Duration::from_secs(deadline + 3)).await;
+    wait_reason(&client, &name, "WorkloadsReady", "DeploymentPaused").await;
+    assert_kept(&client, &ns.name, &name, "paused").await;
+    let resume = json!({"spec": {"paused": false}});
+    deployments.patch("api", &PatchParams::default(), &Patch::Merge(&resume)).await.unwrap();
+    pods.delete("db-0", &Default::default()).await.unwrap();
+    wait_condition(&client, &name, "Ready", "True").await;
+    let api_template = template_of(&client, &ns.name, "Deployment/api").await;
+    let env = api_template["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e["value"] == "0.75"), "the new revision reached the resumed Deployment");
+
+    delete_policy_and_wait(&client, &name).await;
+    for (kind_name, template) in templates(&client, &ns.name).await {
+        assert!(!has_sidecar(&template), "{kind_name} is reverted");
+    }
+    drop(controller);
+}
+
+#[tokio::test]
+async fn two_policies_created_in_the_same_second_have_exactly_one_owner_stable_for_a_minute() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("e2e-twins-{}", std::process::id() % 100_000);
+    let ns = TestNamespace::create(&client, "e2e-twins", json!({"tracing": tag})).await;
+    create_deployment(&client, &ns.name, "cart", json!([])).await;
+    wait_rolled_out(&client, &ns.name).await;
+    let _controller = ControllerProcess::start(18095);
+    // Same second, and the younger name is created first: seniority must not depend on who is seen first.
+    let (older, younger) = (format!("{tag}-a"), format!("{tag}-b"));
+    apply_policy(&client, &workloads_policy(&younger, &tag, 5, "", &["Deployment"])).await;
+    apply_policy(&client, &workloads_policy(&older, &tag, 5, "", &["Deployment"])).await;
+    let policies = Api::<TracingPolicy>::all(client.clone());
+    let created = |p: &TracingPolicy| p.metadata.creation_timestamp.clone().map(|t| t.0.as_second());
+    let (a, b) = (policies.get(&older).await.unwrap(), policies.get(&younger).await.unwrap());
+    if created(&a) != created(&b) {
+        eprintln!("note: the two policies were created in different seconds on this run; seniority is still checked");
+    }
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let owner = || async {
+        let d = deployments.get("cart").await.ok()?;
+        let record: Value = serde_json::from_str(d.annotations().get(RECORD_ANNOTATION)?).ok()?;
+        record["policy"].as_str().map(str::to_string)
+    };
+    eventually("the older policy to own cart", || async { (owner().await? == older).then_some(()) }).await;
+    let conflict = wait_reason(&client, &younger, "Degraded", "Conflict").await;
+    assert!(condition(&conflict, "Degraded").unwrap().message.contains(&older), "names the older policy");
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        assert_eq!(owner().await.as_deref(), Some(older.as_str()), "the owner never changes");
+        let a = policies.get(&older).await.unwrap();
+        assert_eq!(condition(&a, "Degraded").map(|c| c.status.as_str()), Some("False"), "the older is not in conflict");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    delete_policy_and_wait(&client, &younger).await;
+    delete_policy_and_wait(&client, &older).await;
+    let template = template_of(&client, &ns.name, "Deployment/cart").await;
+    assert!(!has_sidecar(&template), "reverted");
 }

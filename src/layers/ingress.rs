@@ -245,11 +245,14 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let key = ObjectKey::of(&t.deployment.metadata);
     let spec = policy.spec;
     let ingress = spec.ingress.as_ref().expect("forward is only planned with spec.ingress");
-    let record = match super::claim(record, &format!("ingress controller {key}"), policy.name, t.claimed_by.as_deref())
-    {
-        Ok(record) => record,
-        Err(held) => return held,
-    };
+    let (record, inherited) =
+        match super::claim(record, &format!("ingress controller {key}"), policy, t.claimed_by.as_deref()) {
+            Ok(super::Claim::Free) => (None, false),
+            Ok(super::Claim::Ours(record)) => (Some(record), false),
+            // The originals the other policy recorded stay the ones to restore; the record becomes ours.
+            Ok(super::Claim::Inherited(record)) => (Some(Record { policy: policy.name.to_string(), ..record }), true),
+            Err(held) => return held,
+        };
     let Some((container, cm_key)) = config_map_ref(&t.deployment) else {
         return TargetPlan::problem(
             Progress::Held,
@@ -276,7 +279,12 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
 
     let mut actions = Vec::new();
     let mut record = match record {
-        Some(r) => r,
+        Some(r) => {
+            if inherited {
+                actions.push(Action::Record { deployment: key.clone(), record: r.clone() });
+            }
+            r
+        }
         None => {
             let record = Record {
                 policy: policy.name.to_string(),

@@ -83,17 +83,32 @@ pub fn read_record<R: DeserializeOwned>(
     }
 }
 
-/// The target's record if this policy may act on it; otherwise the plan that reports why not (an
-/// unreadable record, or another policy owning or having the first claim on the target).
+/// Whose a target is, as far as this policy is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim<R> {
+    /// Nobody changed it yet.
+    Free,
+    /// This policy changed it; its record.
+    Ours(R),
+    /// A policy that is not older than this one (a newer one that got there first, e.g. created in the
+    /// same second and reconciled before this one was seen, or one that no longer exists) changed it:
+    /// this policy takes it over, keeping the record's facts about the target's original state.
+    Inherited(R),
+}
+
+/// The target's claim if this policy may act on it; otherwise the plan that reports why not (an
+/// unreadable record, or an older policy owning or having the first claim on the target). Seniority is
+/// the same in every layer: oldest `creationTimestamp`, then name ([`PolicyView::older`]).
 pub fn claim<R: Owned, A>(
     record: Result<Option<R>, String>,
     what: &str,
-    policy: &str,
+    policy: PolicyView<'_>,
     claimed_by: Option<&str>,
-) -> Result<Option<R>, TargetPlan<A>> {
+) -> Result<Claim<R>, TargetPlan<A>> {
     let record = record
         .map_err(|m| TargetPlan::problem(Progress::Held, reasons::TARGET_BROKEN, format!("{what}: {m}"), true))?;
-    if let Some(other) = record.as_ref().map(|r| r.policy()).filter(|p| *p != policy).or(claimed_by) {
+    let holder = record.as_ref().map(|r| r.policy().to_string()).filter(|p| p != policy.name);
+    if let Some(other) = holder.as_deref().filter(|p| policy.older.contains(*p)).or(claimed_by) {
         return Err(TargetPlan::problem(
             Progress::Held,
             reasons::CONFLICT,
@@ -101,7 +116,11 @@ pub fn claim<R: Owned, A>(
             true,
         ));
     }
-    Ok(record)
+    Ok(match (record, holder) {
+        (None, _) => Claim::Free,
+        (Some(r), None) => Claim::Ours(r),
+        (Some(r), Some(_)) => Claim::Inherited(r),
+    })
 }
 
 /// A problem a layer reports on one target; it becomes part of a condition.

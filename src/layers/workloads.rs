@@ -548,8 +548,11 @@ fn forward(
     let key = w.key();
     let kind = w.kind;
     let what = format!("{kind:?} {key}");
-    let record = match super::claim(record, &what, policy.name, t.claimed_by.as_deref()) {
-        Ok(record) => record,
+    // An inherited injection is written again under this policy's record (same field manager: the
+    // apply takes the fields over as they are).
+    let record = match super::claim(record, &what, policy, t.claimed_by.as_deref()) {
+        Ok(super::Claim::Ours(record)) => Some(record),
+        Ok(super::Claim::Free | super::Claim::Inherited(_)) => None,
         Err(held) => return held,
     };
     let this_generation = format!("{}/{}", policy.name, policy.generation);
@@ -1180,5 +1183,36 @@ mod tests {
         resumed.workload.resumed_at = Some(NOW + 3000);
         let p = plan(view(&s), &defaults(), &[resumed], &[], NOW + 3010);
         assert_eq!((p.report.in_flight, p.report.rolled_back), (1, 0));
+    }
+
+    #[test]
+    fn the_older_policy_takes_over_what_a_newer_one_injected_first_and_the_newer_gives_way() {
+        let s = spec();
+        // "b" was reconciled first (created in the same second as "a", before "a" was seen) and injected.
+        let b = PolicyView { uid: "uid-b", generation: 1, ..PolicyView::new("b", &s) };
+        let t = selected(workload("cart", &[]));
+        let by_b = injected(t.clone(), &plan(b, &defaults(), &[t], &[], NOW).actions);
+
+        let older_than_a = BTreeSet::new();
+        let a = PolicyView { uid: "uid-a", generation: 1, older: &older_than_a, ..PolicyView::new("a", &s) };
+        let takeover = plan(a, &defaults(), std::slice::from_ref(&by_b), &[], NOW + 1);
+        let Some(Action::Inject { patch, .. }) = takeover.actions.iter().find(|x| matches!(x, Action::Inject { .. }))
+        else {
+            panic!("{:?}", takeover.actions)
+        };
+        let record: Record =
+            serde_json::from_str(patch["metadata"]["annotations"][RECORD_ANNOTATION].as_str().unwrap()).unwrap();
+        assert_eq!(record.policy, "a");
+        assert!(takeover.report.problems.is_empty(), "{:?}", takeover.report.problems);
+
+        // "b", now seeing "a" as older and holding the target: Conflict, no write, whoever wrote last.
+        let by_a = injected(by_b, &takeover.actions);
+        let older_than_b = BTreeSet::from(["a".to_string()]);
+        let b = PolicyView { older: &older_than_b, ..b };
+        for t in [by_a.clone(), Observed { claimed_by: Some("a".into()), ..by_a }] {
+            let p = plan(b, &defaults(), &[t], &[], NOW + 2);
+            assert!(p.actions.iter().all(|x| !matches!(x, Action::Inject { .. } | Action::Remove { .. })));
+            assert_eq!(p.report.problems[0].reason, reasons::CONFLICT);
+        }
     }
 }
