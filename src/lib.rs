@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod api;
 pub mod controller;
+pub mod crashpoint;
 pub mod http;
 pub mod layers;
 pub mod leader;

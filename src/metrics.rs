@@ -67,7 +67,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts an API write (called right before it is sent).
     pub fn write(&self, verb: &str, resource: &str) {
+        crate::crashpoint::before_write();
         tracing::debug!(verb, resource, "API write");
         self.api_writes.get_or_create(&WriteLabels { verb: verb.into(), resource: resource.into() }).inc();
     }

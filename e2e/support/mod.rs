@@ -116,6 +116,11 @@ impl ControllerProcess {
 
     /// Starts the controller with the given kubeconfig and extra environment.
     pub fn start_with_env(admin_port: u16, kubeconfig: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with_args(admin_port, kubeconfig, env, &[])
+    }
+
+    /// Starts the controller with the given kubeconfig, extra environment and extra arguments.
+    pub fn start_with_args(admin_port: u16, kubeconfig: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
         let log = std::fs::File::create(format!("{}/controller-{admin_port}.log", std::env::temp_dir().display()))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crosstrace"));
@@ -127,6 +132,7 @@ impl ControllerProcess {
             "crosstrace-system",
         ])
         .args(["--lease-duration", "6"])
+        .args(args)
         .env("RUST_LOG", "info,crosstrace=debug")
         .stdout(Stdio::null())
         .stderr(log);
@@ -138,6 +144,11 @@ impl ControllerProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(format!("{}/controller-{}.log", std::env::temp_dir().display(), self.admin_port))
             .unwrap_or_default()
+    }
+
+    /// Whether the process has ended (by itself).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.

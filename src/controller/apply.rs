@@ -152,6 +152,12 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
                 return Ok(());
             };
             let others = current.data.iter().flatten().any(|(k, _)| !data.contains_key(k));
+            let restored = data.iter().all(|(k, v)| current.data.as_ref().and_then(|d| d.get(k)) == v.as_ref())
+                && !current.metadata.labels.as_ref().is_some_and(|l| l.contains_key(POLICY_LABEL));
+            if restored && !*delete {
+                // Already as recorded (a revert that stopped halfway is going on): no write.
+                return Ok(());
+            }
             if *delete && !others {
                 writer.delete(&api, &config_map.name).await?;
             } else {

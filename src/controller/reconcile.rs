@@ -74,6 +74,10 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         let rest: Vec<&String> = policy.finalizers().iter().filter(|f| *f != FINALIZER).collect();
         let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
         ctx.writer.merge(&api, name, patch).await?;
+        // The Event comes after the finalizer: published before, a crash right after it would publish it
+        // again on every retry, and the revert would never end.
+        publish(ctx, policy, EventType::Normal, reasons::REVERTED, "every change of this policy is reverted".into())
+            .await;
         ctx.metrics.forget_policy(name);
         ctx.written.lock().expect("status memo lock").remove(&policy.uid().unwrap_or_default());
         return Ok(Action::await_change());
@@ -209,11 +213,7 @@ fn pace(ctx: &Context) -> Pace {
 /// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished
 /// reverts keep the finalizer in place.
 async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<bool, Error> {
-    if !run_layers(policy, name, ctx, true).await?.1 {
-        return Ok(false);
-    }
-    publish(ctx, policy, EventType::Normal, reasons::REVERTED, "every change of this policy is reverted".into()).await;
-    Ok(true)
+    Ok(run_layers(policy, name, ctx, true).await?.1)
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {

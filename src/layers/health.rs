@@ -52,13 +52,29 @@ pub fn daemonset_rolled_out(d: &DaemonSet) -> bool {
         && status.number_unavailable.unwrap_or(0) == 0
 }
 
-/// When the owner resumed a paused Deployment (unix seconds): the controller's Progressing condition
-/// says `DeploymentResumed` until the rollout moves on.
+/// The Deployment controller's `Progressing` condition.
+fn progressing(d: &Deployment) -> Option<&k8s_openapi::api::apps::v1::DeploymentCondition> {
+    d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Progressing")
+}
+
+/// Is the Deployment paused by its owner? Also while the Deployment controller has not yet taken in a
+/// resume (its `Progressing` condition still says `DeploymentPaused`).
+pub fn deployment_paused(d: &Deployment) -> bool {
+    d.spec.as_ref().and_then(|s| s.paused).unwrap_or(false)
+        || progressing(d).is_some_and(|c| c.reason.as_deref() == Some("DeploymentPaused"))
+}
+
+/// Since when (unix seconds) the Deployment controller has been rolling out without a pause: a pause
+/// turns `Progressing` Unknown, a resume turns it `DeploymentResumed` and then True again, so the time
+/// it last became True (or was resumed) restarts the deadline of a rollout its owner held.
 pub fn deployment_resumed_at(d: &Deployment) -> Option<i64> {
-    let conditions = d.status.as_ref()?.conditions.as_ref()?;
-    let progressing =
-        conditions.iter().find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("DeploymentResumed"))?;
-    progressing.last_update_time.as_ref().or(progressing.last_transition_time.as_ref()).map(|t| t.0.as_second())
+    let c = progressing(d)?;
+    let at = match (c.status.as_str(), c.reason.as_deref()) {
+        (_, Some("DeploymentResumed")) => c.last_update_time.as_ref().or(c.last_transition_time.as_ref()),
+        ("True", _) => c.last_transition_time.as_ref(),
+        _ => None,
+    };
+    at.map(|t| t.0.as_second())
 }
 
 /// Container states that do not heal by waiting: a pod in one of them fails its rollout at once.

@@ -436,7 +436,7 @@ fn image_rollout(
 fn controller_health(d: &Deployment) -> Health {
     if health::deployment_rolled_out(d) {
         Health::Healthy
-    } else if d.spec.as_ref().and_then(|s| s.paused).unwrap_or(false) {
+    } else if health::deployment_paused(d) {
         Health::Waiting {
             reason: reasons::DEPLOYMENT_PAUSED,
             message: "its owner paused it; the image rolls out when it is resumed".into(),

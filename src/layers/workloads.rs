@@ -97,6 +97,7 @@ impl Workload {
     pub fn from_deployment(d: Deployment) -> Self {
         let rolled_out = health::deployment_rolled_out(&d);
         let resumed_at = health::deployment_resumed_at(&d);
+        let paused = health::deployment_paused(&d);
         let spec = d.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::Deployment,
@@ -104,7 +105,7 @@ impl Workload {
             metadata: d.metadata,
             rolled_out,
             selector: Some(spec.selector),
-            paused: spec.paused.unwrap_or(false),
+            paused,
             resumed_at,
             ..Default::default()
         }
@@ -985,7 +986,15 @@ mod tests {
         };
         let healthy = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 5);
         assert_eq!(healthy.report.ready, 1);
-        assert!(matches!(healthy.actions[..], [Action::Inject { .. }]), "the first healthy look records convergence");
+        let [Action::Inject { patch: mark, .. }] = &healthy.actions[..] else {
+            panic!("the first healthy look records convergence: {:?}", healthy.actions)
+        };
+        let Some(Action::Inject { patch: first_patch, .. }) =
+            first.actions.iter().find(|a| matches!(a, Action::Inject { .. }))
+        else {
+            panic!()
+        };
+        assert_eq!(mark["spec"], first_patch["spec"], "recording convergence does not change the pod template");
         let done = injected(done, &healthy.actions);
         assert!(record_of(&done.workload.metadata).unwrap().unwrap().converged);
         let again = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 6);
