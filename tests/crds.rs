@@ -68,9 +68,9 @@ fn wire_range(format: Option<&str>) -> Option<(f64, f64)> {
     match format {
         Some("int32") => Some((i32::MIN.into(), i32::MAX.into())),
         Some("uint32") => Some((0.0, u32::MAX.into())),
-        // As the API server reads the bounds: float64, in which i64::MAX rounds up to 2^63.
-        Some("int64") => Some((i64::MIN as f64, i64::MAX as f64)),
-        Some("uint64") => Some((0.0, u64::MAX as f64)),
+        // The API server holds bounds as float64 and converts them back to int64, so the bound must be a
+        // float64 below 2^63 (i64::MAX rounds up to 2^63 and overflows): at most 2^63 - 1024.
+        Some("int64") => Some((i64::MIN as f64, 2f64.powi(63) - 1024.0)),
         _ => None,
     }
 }

@@ -346,7 +346,7 @@ fn default_deadline() -> i32 {
 pub struct TracingPolicyStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = i64::MAX))]
+    #[schemars(range(min = 0, max = super::MAX_GENERATION))]
     pub observed_generation: Option<i64>,
     /// Ready, IngressReady, WorkloadsReady, NetworkReady, Progressing, Degraded.
     #[serde(default)]
