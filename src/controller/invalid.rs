@@ -26,23 +26,38 @@ use super::status;
 /// Longest Event note kept (the API server refuses more than 1 kB).
 const MAX_NOTE: usize = 1024;
 
-/// Reports unreadable objects sent to it, one at a time.
+/// Reports the unreadable objects its [`Inbox`] receives, one at a time.
 pub struct Reporter {
     client: Client,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    received: mpsc::UnboundedReceiver<Box<Unreadable>>,
     /// The generation last reported, per uid.
     reported: HashMap<String, i64>,
 }
 
+/// Where lenient watches hand their unreadable objects to the [`Reporter`].
+#[derive(Clone)]
+pub struct Inbox(mpsc::UnboundedSender<Box<Unreadable>>);
+
+impl Inbox {
+    /// The `unreadable` callback of [`crate::lenient::typed`].
+    pub fn sink(&self) -> impl FnMut(Box<Unreadable>) + Send + 'static {
+        let sender = self.0.clone();
+        // Sending fails only once the reporter has stopped, with the controller.
+        move |u| drop(sender.send(u))
+    }
+}
+
 impl Reporter {
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
-        Self { client, recorder, metrics, reported: HashMap::new() }
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> (Self, Inbox) {
+        let (sender, received) = mpsc::unbounded_channel();
+        (Self { client, recorder, metrics, received, reported: HashMap::new() }, Inbox(sender))
     }
 
-    /// Reports every object received until every sender is gone.
-    pub async fn run(mut self, mut unreadable: mpsc::UnboundedReceiver<Box<Unreadable>>) {
-        while let Some(u) = unreadable.recv().await {
+    /// Reports every object received until every [`Inbox`] is gone.
+    pub async fn run(mut self) {
+        while let Some(u) = self.received.recv().await {
             self.report(&u).await;
         }
     }

@@ -189,26 +189,21 @@ pub async fn run(
         client.clone(),
         Reporter { controller: "crosstrace".into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let (unreadable, unreadable_objects) = tokio::sync::mpsc::unbounded_channel();
-    let report_to = |tx: tokio::sync::mpsc::UnboundedSender<_>| move |u| drop(tx.send(u));
+    let (reporter, unreadable) = invalid::Reporter::new(client.clone(), recorder.clone(), metrics.clone());
     let (policy_store, policy_writer) = reflector::store();
     let any = watcher::Config::default().any_semantic();
-    let policies =
-        lenient::typed(lenient::watch::<TracingPolicy>(client.clone(), any.clone()), report_to(unreadable.clone()))
-            .reflect(policy_writer)
-            .applied_objects();
+    let policies = lenient::typed(lenient::watch::<TracingPolicy>(client.clone(), any.clone()), unreadable.sink())
+        .reflect(policy_writer)
+        .applied_objects();
     // No debounce: kube's resets with every new event, so a steady stream of events (a big rollout's
     // own writes) would hold a policy back for as long as it lasts. Events arriving while a policy is
     // reconciled are merged into one run right after it anyway.
     let controller = Controller::for_stream(policies, policy_store)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::ZERO));
     let store = controller.store();
-    let node_tracings = lenient::typed(
-        lenient::watch::<NodeTracing>(client.clone(), watcher::Config::default()),
-        report_to(unreadable),
-    )
-    .touched_objects();
-    let reporter = invalid::Reporter::new(client.clone(), recorder.clone(), metrics.clone());
+    let node_tracings =
+        lenient::typed(lenient::watch::<NodeTracing>(client.clone(), watcher::Config::default()), unreadable.sink())
+            .touched_objects();
     let deployment_store = store.clone();
     let statefulset_store = store.clone();
     let daemonset_store = store.clone();
@@ -267,9 +262,9 @@ pub async fn run(
                 tracing::debug!(%error, "reconcile did not complete");
             }
         });
-    // The reporter ends when the controller does (and drops the watches, the senders) or with it.
+    // The reporter stops with the controller.
     tokio::select! {
         () = reconciling => {}
-        () = reporter.run(unreadable_objects) => {}
+        () = reporter.run() => {}
     }
 }
