@@ -124,3 +124,91 @@ fn reference(u: &Unreadable) -> ObjectReference {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+    use kube::runtime::events::Reporter as EventReporter;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::lenient::read;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn unreadable_policy(generation: i64) -> Box<Unreadable> {
+        let raw: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "crosstrace.dev/v1alpha1",
+            "kind": "TracingPolicy",
+            "metadata": {"name": "wide", "uid": "u1", "generation": generation, "resourceVersion": "7"},
+            "spec": {"network": {"ipfix": {"targets": ["10.0.0.5:4739"], "obsDomainId": 4_294_967_296u64}}},
+        }))
+        .unwrap();
+        read::<TracingPolicy>(raw).unwrap_err()
+    }
+
+    /// Reports `objects` against an API server that echoes every request; returns the requests.
+    async fn report_all(objects: Vec<Box<Unreadable>>) -> Vec<(String, String, Value)> {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let recorder = Recorder::new(client.clone(), EventReporter { controller: "crosstrace".into(), instance: None });
+        let (reporter, inbox) = Reporter::new(client, recorder, Arc::new(Metrics::default()));
+        let server = tokio::spawn(echo(handle));
+        let mut sink = inbox.sink();
+        objects.into_iter().for_each(&mut sink);
+        drop((sink, inbox));
+        tokio::time::timeout(Duration::from_secs(1), reporter.run()).await.expect("the reporter ends with its inbox");
+        tokio::time::timeout(Duration::from_secs(1), server).await.expect("in time").unwrap()
+    }
+
+    /// Answers every request by echoing its body; returns (method, path, body) of each.
+    async fn echo(mut handle: Handle) -> Vec<(String, String, Value)> {
+        let mut seen = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let (method, path) = (request.method().to_string(), request.uri().path().to_string());
+            let bytes = request.into_body().collect().await.unwrap().to_bytes();
+            send.send_response(Response::builder().body(Body::from(bytes.clone())).unwrap());
+            seen.push((method, path, serde_json::from_slice(&bytes).unwrap()));
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_policy_gets_a_warning_and_ready_false_once_per_generation() {
+        let requests = report_all(vec![unreadable_policy(2), unreadable_policy(2), unreadable_policy(3)]).await;
+
+        // The second Event, same reason and note, counts on in the first one's series.
+        let paths: Vec<String> = requests.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+        let events = "/apis/events.k8s.io/v1/namespaces/default/events";
+        let status = "PATCH /apis/crosstrace.dev/v1alpha1/tracingpolicies/wide/status";
+        assert_eq!(paths.len(), 4, "generation 2 once, then generation 3: {paths:#?}");
+        assert_eq!(paths[0], format!("POST {events}"));
+        assert!(paths[2].starts_with(&format!("PATCH {events}/wide.")), "{}", paths[2]);
+        assert_eq!([paths[1].as_str(), paths[3].as_str()], [status, status]);
+        let (_, _, first_event) = &requests[0];
+        assert_eq!(first_event["type"], "Warning");
+        assert_eq!(first_event["reason"], INVALID_OBJECT);
+        assert_eq!(first_event["regarding"]["name"], "wide");
+        assert!(first_event["note"].as_str().unwrap().starts_with("spec.network.ipfix.obsDomainId: invalid value"));
+        let (_, _, first_status) = &requests[1];
+        let ready = first_status["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready");
+        let ready = ready.expect("a Ready condition");
+        assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some(INVALID_OBJECT)));
+        assert_eq!(ready["observedGeneration"], 2);
+        assert_eq!(first_status["status"]["observedGeneration"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_status_that_already_says_so_is_not_written_again() {
+        let mut u = unreadable_policy(2);
+        let status = status::unusable(None, 2, INVALID_OBJECT, &u.message(), Timestamp::now());
+        u.object.data["status"] = serde_json::to_value(status).unwrap();
+        let requests = report_all(vec![u]).await;
+        let methods: Vec<&str> = requests.iter().map(|(m, _, _)| m.as_str()).collect();
+        assert_eq!(methods, ["POST"], "only the Event: {requests:#?}");
+    }
+}
