@@ -152,7 +152,7 @@ mod tests {
     }
 
     /// Reports `objects` against an API server that echoes every request; returns the requests.
-    async fn report_all(objects: Vec<Box<Unreadable>>) -> Vec<(String, String, Value)> {
+    async fn report_all(objects: impl IntoIterator<Item = Box<Unreadable>>) -> Vec<(String, String, Value)> {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let recorder = Recorder::new(client.clone(), EventReporter { controller: "crosstrace".into(), instance: None });
@@ -179,7 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_policy_gets_a_warning_and_ready_false_once_per_generation() {
-        let requests = report_all(vec![unreadable_policy(2), unreadable_policy(2), unreadable_policy(3)]).await;
+        let requests = report_all([unreadable_policy(2), unreadable_policy(2), unreadable_policy(3)]).await;
 
         // The second Event, same reason and note, counts on in the first one's series.
         let paths: Vec<String> = requests.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
@@ -207,7 +207,7 @@ mod tests {
         let mut u = unreadable_policy(2);
         let status = status::unusable(None, 2, INVALID_OBJECT, &u.message(), Timestamp::now());
         u.object.data["status"] = serde_json::to_value(status).unwrap();
-        let requests = report_all(vec![u]).await;
+        let requests = report_all([u]).await;
         let methods: Vec<&str> = requests.iter().map(|(m, _, _)| m.as_str()).collect();
         assert_eq!(methods, ["POST"], "only the Event: {requests:#?}");
     }
