@@ -9,8 +9,8 @@ mod support;
 use std::collections::BTreeMap;
 
 use crosstrace::api::TracingPolicy;
-use crosstrace::api::conditions::INVALID_OBJECT;
 use crosstrace::layers::ingress::{POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
+use crosstrace::layers::reasons::INVALID_OBJECT;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
