@@ -15,5 +15,6 @@ pub mod http;
 pub mod layers;
 pub mod leader;
 pub mod lean;
+pub mod lenient;
 pub mod metrics;
 pub mod telemetry;

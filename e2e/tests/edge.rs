@@ -1,6 +1,7 @@
-//! End to end, on the local real cluster: the API refuses bad policies, and the edge layer instruments
-//! an ingress-nginx-shaped controller, gates an image rollout on health, rolls a broken one back,
-//! survives a controller crash, makes no write once converged, and reverts byte for byte.
+//! End to end, on the local real cluster: the API refuses bad policies, a policy stored while the CRD
+//! was looser stops no other, and the edge layer instruments an ingress-nginx-shaped controller, gates
+//! an image rollout on health, rolls a broken one back, survives a controller crash, makes no write
+//! once converged, and reverts byte for byte.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -9,9 +10,10 @@ use std::collections::BTreeMap;
 
 use crosstrace::api::TracingPolicy;
 use crosstrace::layers::ingress::{POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
+use crosstrace::layers::reasons::INVALID_OBJECT;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::*;
@@ -389,4 +391,112 @@ async fn reconcile_spans_are_exported_over_otlp_and_transitions_are_events() {
     .await;
     assert!(mine.iter().all(|e| e.reporting_controller.as_deref() == Some("crosstrace")), "{mine:?}");
     delete_policy_and_wait(&client, &name).await;
+}
+
+/// JSON pointer, in the TracingPolicy CRD, of the bound that makes `obsDomainId` fit 32 bits.
+const OBS_DOMAIN_ID_MAXIMUM: &str = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/network/properties/ipfix/properties/obsDomainId/maximum";
+
+/// While alive, the TracingPolicy CRD lacks the `obsDomainId` bound (as CRDs of earlier releases did);
+/// dropped, the CRD of `crds/` is back.
+struct LooserCrd;
+
+impl LooserCrd {
+    fn apply() -> Self {
+        let remove = format!(r#"[{{"op": "remove", "path": "{OBS_DOMAIN_ID_MAXIMUM}"}}]"#);
+        let (ok, _, err) = kubectl(&["patch", "crd", "tracingpolicies.crosstrace.dev", "--type=json", "-p", &remove]);
+        assert!(ok, "loosening the CRD: {err}");
+        LooserCrd
+    }
+}
+
+impl Drop for LooserCrd {
+    fn drop(&mut self) {
+        // Not `install_crds`: a panic while unwinding would abort the whole suite.
+        let _ = kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &repo("crds")]);
+    }
+}
+
+/// A policy object deleted when dropped (it never gets a finalizer: no controller can read it).
+struct UnreadablePolicy {
+    api: Api<DynamicObject>,
+    name: String,
+}
+
+impl Drop for UnreadablePolicy {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "tracingpolicy", &self.name, "--ignore-not-found", "--wait=false"]);
+    }
+}
+
+#[tokio::test]
+async fn a_policy_that_cannot_be_read_is_reported_and_stops_no_other() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-lenient", json!({})).await;
+    let (_, before_cm) = ingress_nginx(&client, &ns.name).await;
+
+    // Stored while the CRD was looser: an observation domain id one past 32 bits.
+    let policies = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<TracingPolicy>(&()));
+    let bad = UnreadablePolicy { api: policies.clone(), name: format!("{}-unreadable", ns.name) };
+    let bad_policy = json!({
+        "apiVersion": "crosstrace.dev/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": bad.name},
+        "spec": {"network": {"ipfix": {"targets": ["10.0.0.5:4739"], "obsDomainId": 4_294_967_296u64}}},
+    });
+    {
+        let _looser = LooserCrd::apply();
+        eventually("the looser CRD to take the out-of-range policy", || async {
+            let apply = PatchParams::apply("e2e-user").force();
+            bad.api.patch(&bad.name, &apply, &Patch::Apply(&bad_policy)).await.ok()
+        })
+        .await;
+    }
+    install_crds();
+    let (accepted, _, err) =
+        kubectl(&["apply", "--dry-run=server", "-f", &repo("config/samples/bad/obs-domain-id-too-big.yaml")]);
+    assert!(!accepted, "the real CRD refuses the value again: {err}");
+
+    let controller = ControllerProcess::start(18088);
+    let name = format!("{}-policy", ns.name);
+    apply_policy(&client, &edge_policy(&name, &ns.name, "", 60)).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    let warning = eventually_with(
+        "a Warning Event on the policy that cannot be read",
+        || controller.log(),
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(bad.name.as_str())
+                    && e.reason.as_deref() == Some(INVALID_OBJECT)
+            })
+        },
+    )
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    let note = warning.note.unwrap_or_default();
+    assert!(note.contains("spec.network.ipfix.obsDomainId"), "the Event names the field: {note}");
+
+    let ready = eventually("Ready=False on the policy that cannot be read", || async {
+        let status = policies.get(&bad.name).await.ok()?.data.get("status").cloned()?;
+        let conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
+            serde_json::from_value(status.get("conditions")?.clone()).ok()?;
+        conditions.into_iter().find(|c| c.type_ == "Ready")
+    })
+    .await;
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", INVALID_OBJECT));
+    assert!(ready.message.contains("spec.network.ipfix.obsDomainId"), "{}", ready.message);
+    let stored = policies.get(&bad.name).await.unwrap();
+    assert!(stored.metadata.finalizers.unwrap_or_default().is_empty(), "nothing acted on the unreadable policy");
+
+    delete_policy_and_wait(&client, &name).await;
+    assert_restored(&client, &ns.name, &before_cm).await;
+    delete_if_exists(&bad.api, &bad.name).await;
+    eventually("the unreadable policy to be gone", || async {
+        bad.api.get_opt(&bad.name).await.ok()?.is_none().then_some(())
+    })
+    .await;
 }

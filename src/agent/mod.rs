@@ -35,6 +35,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::api::{FIELD_MANAGER, GROUP, NodeTracing};
+use crate::lenient::{self, Seen};
 use crate::metrics::{LayerLabels, Metrics, WriteLabels};
 use node::{Report, Want};
 
@@ -81,14 +82,18 @@ pub async fn run_with_client(
     let mut ovs = tokio::spawn(node::run(settings, want_rx, report_tx, ready, stop_rx));
 
     let node = args.node_name.clone();
-    let api: Api<NodeTracing> = Api::all(client);
+    let api: Api<NodeTracing> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let mut events = watcher::watcher(api.clone(), config).default_backoff().boxed();
+    // Lenient: an object that cannot be read is set aside (and the node's export left as it is) instead
+    // of failing the watch.
+    let mut events = lenient::watch::<NodeTracing>(client, config).default_backoff().boxed();
     tracing::info!(%node, ovsdb = %args.ovsdb, "agent started");
 
     let mut object: Option<NodeTracing> = None;
     let mut listing: Option<Option<NodeTracing>> = None;
     let mut synced = false;
+    // This node's object cannot be read: what it wants is unknown, so nothing is asked of the node.
+    let mut unreadable = false;
     let mut drift_seen = 0u64;
     let mut write_retry: Option<tokio::time::Instant> = None;
     let mut write_backoff = Duration::from_secs(1);
@@ -103,26 +108,38 @@ pub async fn run_with_client(
             event = events.next() => {
                 let Some(event) = event else { break Err(anyhow::anyhow!("the NodeTracing watch ended")) };
                 match event {
-                    Ok(Event::Init) => listing = Some(None),
-                    Ok(Event::InitApply(o)) => if mine(&o, &node) {
+                    Ok(Seen::Event(Event::Init)) => {
+                        listing = Some(None);
+                        unreadable = false;
+                    }
+                    Ok(Seen::Event(Event::InitApply(o))) => if mine(&o, &node) {
                         listing = Some(Some(slim(o)));
                     },
-                    Ok(Event::InitDone) => {
+                    Ok(Seen::Event(Event::InitDone)) => {
                         object = listing.take().flatten();
                         synced = true;
                     }
-                    Ok(Event::Apply(o)) => if mine(&o, &node) {
+                    Ok(Seen::Event(Event::Apply(o))) => if mine(&o, &node) {
                         object = Some(slim(o));
+                        unreadable = false;
                     },
-                    Ok(Event::Delete(o)) => if object.as_ref().is_some_and(|c| c.name_any() == o.name_any()) {
+                    Ok(Seen::Event(Event::Delete(o))) => if o.name_any() == node {
                         object = None;
+                        unreadable = false;
                     },
+                    Ok(Seen::Unreadable(u)) => {
+                        if u.name == node {
+                            tracing::warn!(error = %u.message(), "this node's NodeTracing cannot be read; its export is left as it is");
+                            unreadable = true;
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "watching NodeTracing");
                         continue;
                     }
                 }
-                if synced {
+                if synced && !unreadable {
                     let want = want_of(object.as_ref());
                     want_tx.send_if_modified(|w| {
                         let changed = w.as_ref() != Some(&want);
@@ -146,7 +163,8 @@ pub async fn run_with_client(
                 needs_write = true;
             }
         }
-        if !needs_write {
+        // No status for an object that cannot be read (the answer to the write could not be read either).
+        if !needs_write || unreadable {
             continue;
         }
         let report = report_rx.borrow_and_update().clone();

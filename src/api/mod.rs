@@ -17,6 +17,11 @@ pub const FIELD_MANAGER: &str = "crosstrace";
 /// Finalizer that holds a policy until everything it changed is reverted.
 pub const FINALIZER: &str = "crosstrace.dev/cleanup";
 
+/// The largest generation the schemas accept (2^53 - 1). A CRD holds its bounds as float64 and the API
+/// server turns them back into int64: `i64::MAX` rounds up to 2^63 and overflows. 2^53 - 1 is the
+/// largest integer every JSON reader keeps exactly, and no object ever gets that many changes.
+pub const MAX_GENERATION: i64 = (1 << 53) - 1;
+
 /// Every CRD of the API, as one multi-document YAML stream (what `crosstrace crds` prints).
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let docs = [serde_yaml::to_string(&TracingPolicy::crd())?, serde_yaml::to_string(&NodeTracing::crd())?];

@@ -49,6 +49,7 @@ pub struct BridgeExport {
     #[schemars(length(min = 1, max = 63))]
     pub policy: String,
     /// That policy's generation.
+    #[schemars(range(min = 0, max = super::MAX_GENERATION))]
     pub policy_generation: i64,
     /// sFlow export, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +75,7 @@ pub struct BridgeExport {
 pub struct NodeTracingStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = super::MAX_GENERATION))]
     pub observed_generation: Option<i64>,
     /// Ready (every bridge applied and verified), Degraded (conflict or error).
     #[serde(default)]
@@ -101,6 +103,7 @@ pub struct BridgeStatus {
     pub policy: String,
     /// The policy generation last applied.
     #[serde(default)]
+    #[schemars(range(min = 0, max = super::MAX_GENERATION))]
     pub applied_generation: i64,
     /// The rows are in OVSDB and vswitchd took them.
     pub applied: bool,

@@ -242,7 +242,7 @@ pub struct SflowSpec {
     pub sampling: u32,
     /// Counter polling interval in seconds (0 = off).
     #[serde(default = "default_polling")]
-    #[schemars(range(max = 3600))]
+    #[schemars(range(min = 0, max = 3600))]
     pub polling: u32,
     /// Bytes of each sampled packet's header exported.
     #[serde(default = "default_header")]
@@ -266,12 +266,13 @@ pub struct IpfixSpec {
     #[serde(default = "default_sampling")]
     #[schemars(range(min = 64, max = 1_000_000))]
     pub sampling: u32,
-    /// IPFIX observation domain id.
+    /// IPFIX observation domain id (32 bits on the wire).
     #[serde(default = "default_obs_domain")]
+    #[schemars(range(min = 0, max = u32::MAX))]
     pub obs_domain_id: u32,
     /// Seconds a flow may stay in the cache before it is exported.
     #[serde(default = "default_cache_timeout")]
-    #[schemars(range(max = 4200))]
+    #[schemars(range(min = 0, max = 4200))]
     pub cache_active_timeout: u32,
 }
 
@@ -345,6 +346,7 @@ fn default_deadline() -> i32 {
 pub struct TracingPolicyStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = super::MAX_GENERATION))]
     pub observed_generation: Option<i64>,
     /// Ready, IngressReady, WorkloadsReady, NetworkReady, Progressing, Degraded.
     #[serde(default)]
@@ -366,11 +368,14 @@ pub struct TracingPolicyStatus {
 #[serde(rename_all = "camelCase")]
 pub struct LayerStatus {
     /// Targets the layer selects.
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub selected: i32,
     /// Targets instrumented and healthy.
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub ready: i32,
     /// Targets whose change was rolled back.
     #[serde(default)]
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub rolled_back: i32,
     /// `ready/selected`, for `kubectl get`.
     #[serde(default)]

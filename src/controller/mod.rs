@@ -1,6 +1,7 @@
 //! The operator: wiring of watches, the shared [`Context`], and the run loop.
 
 pub mod apply;
+pub mod invalid;
 pub mod reconcile;
 pub mod status;
 pub mod triggers;
@@ -19,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 
@@ -27,6 +28,7 @@ use crate::api::TracingPolicy;
 use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
 use crate::layers::{ingress, matches, network, selector, workloads};
 use crate::lean::Meta;
+use crate::lenient;
 use crate::metrics::Metrics;
 use apply::Writer;
 
@@ -181,14 +183,27 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let policies = Api::<TracingPolicy>::all(client.clone());
+    // TracingPolicies and NodeTracings are watched leniently: one that cannot be read (stored while the
+    // CRD was looser) is reported on itself and skipped instead of failing every list.
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: "crosstrace".into(), instance: std::env::var("POD_NAME").ok() },
+    );
+    let (reporter, unreadable) = invalid::Reporter::new(client.clone(), recorder.clone(), metrics.clone());
+    let (policy_store, policy_writer) = reflector::store();
+    let any = watcher::Config::default().any_semantic();
+    let policies = lenient::typed(lenient::watch::<TracingPolicy>(client.clone(), any.clone()), unreadable.sink())
+        .reflect(policy_writer)
+        .applied_objects();
     // No debounce: kube's resets with every new event, so a steady stream of events (a big rollout's
     // own writes) would hold a policy back for as long as it lasts. Events arriving while a policy is
     // reconciled are merged into one run right after it anyway.
-    let controller = Controller::new(policies, watcher::Config::default().any_semantic())
+    let controller = Controller::for_stream(policies, policy_store)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::ZERO));
     let store = controller.store();
-    let any = watcher::Config::default().any_semantic();
+    let node_tracings =
+        lenient::typed(lenient::watch::<NodeTracing>(client.clone(), watcher::Config::default()), unreadable.sink())
+            .touched_objects();
     let deployment_store = store.clone();
     let statefulset_store = store.clone();
     let daemonset_store = store.clone();
@@ -196,10 +211,7 @@ pub async fn run(
     let node_store = store.clone();
     let context = Arc::new(Context {
         writer: Writer { client: client.clone(), metrics: metrics.clone() },
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: "crosstrace".into(), instance: std::env::var("POD_NAME").ok() },
-        ),
+        recorder,
         client: client.clone(),
         metrics,
         policies: store,
@@ -212,7 +224,7 @@ pub async fn run(
     // paged and read at the latest version: a list at "any" version comes from the API server's cache
     // in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
-    controller
+    let reconciling = controller
         .watches_stream(
             triggers::relevant(watcher(Api::<Meta<Deployment>>::all(client.clone()), meta.clone())),
             move |d| policies_for_deployment(&deployment_store, &d.metadata),
@@ -242,13 +254,17 @@ pub async fn run(
                 .predicate_filter(predicates::labels, Default::default()),
             move |_| policies_with_network(&node_store),
         )
-        .watches(Api::<NodeTracing>::all(client.clone()), watcher::Config::default(), policies_of_node_tracing)
+        .watches_stream(node_tracings, policies_of_node_tracing)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile did not complete");
             }
-        })
-        .await;
+        });
+    // The reporter stops with the controller.
+    tokio::select! {
+        () = reconciling => {}
+        () = reporter.run() => {}
+    }
 }

@@ -147,15 +147,22 @@ pub fn invalid(
     message: &str,
     now: Timestamp,
 ) -> TracingPolicyStatus {
+    unusable(previous, generation, reasons::INVALID_SPEC, message, now)
+}
+
+/// The status of a policy the operator does not act on, for `reason`: nothing is rolled out, the
+/// conditions say why (counts of the last status stay as they were).
+pub fn unusable(
+    previous: Option<&TracingPolicyStatus>,
+    generation: i64,
+    reason: &'static str,
+    message: &str,
+    now: Timestamp,
+) -> TracingPolicyStatus {
     let desired = [
-        Desired::new(READY, Status::False, reasons::INVALID_SPEC, message),
-        Desired::new(
-            PROGRESSING,
-            Status::False,
-            reasons::INVALID_SPEC,
-            "nothing is rolled out until the spec is fixed",
-        ),
-        Desired::new(DEGRADED, Status::True, reasons::INVALID_SPEC, message),
+        Desired::new(READY, Status::False, reason, message),
+        Desired::new(PROGRESSING, Status::False, reason, "nothing is rolled out until the spec is fixed"),
+        Desired::new(DEGRADED, Status::True, reason, message),
     ];
     let mut status = previous.cloned().unwrap_or_default();
     status.conditions = conditions::merge(&status.conditions, &desired, generation, now);

@@ -34,6 +34,9 @@ pub const TARGETS_NOT_READY: &str = "TargetsNotReady";
 pub const ALL_LAYERS_READY: &str = "AllLayersReady";
 pub const AS_EXPECTED: &str = "AsExpected";
 pub const INVALID_SPEC: &str = "InvalidSpec";
+/// The object cannot be read as its type (a value the schema of its time let through, such as an
+/// integer wider than its field): reported on it (Event, condition) and skipped until it is fixed.
+pub const INVALID_OBJECT: &str = "InvalidObject";
 
 /// Events.
 pub const DRIFT_CORRECTED: &str = "DriftCorrected";
