@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::ListParams;
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, Client, ResourceExt};
 
 use super::rollout::{self, Health, Step, Written};
@@ -209,7 +209,13 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
             found.insert(name.clone(), Observed { node: name, selected: true, tracing: None });
         }
     }
-    for tracing in Api::<NodeTracing>::all(client.clone()).list(&ListParams::default()).await? {
+    // Read one by one: a NodeTracing that cannot be read (written while the CRD was looser) is reported on
+    // itself by the controller's watch, and must not stop this policy. Its node is left as it is.
+    let raw = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<NodeTracing>(&()));
+    for object in raw.list(&ListParams::default()).await? {
+        let Ok(tracing) = crate::lenient::read::<NodeTracing>(object) else {
+            continue;
+        };
         let name = tracing.name_any();
         let concerns = tracing.spec.bridges.iter().any(|b| b.policy == policy.name)
             || rolled_back_map(Some(&tracing)).contains_key(policy.name);
