@@ -505,6 +505,7 @@ async fn two_policies_created_in_the_same_second_have_exactly_one_owner_stable_f
         record["policy"].as_str().map(str::to_string)
     };
     eventually("the older policy to own cart", || async { (owner().await? == older).then_some(()) }).await;
+    wait_condition(&client, &older, "Ready", "True").await;
     let conflict = wait_reason(&client, &younger, "Degraded", "Conflict").await;
     assert!(condition(&conflict, "Degraded").unwrap().message.contains(&older), "names the older policy");
     let start = tokio::time::Instant::now();

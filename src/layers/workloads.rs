@@ -32,6 +32,11 @@ pub const RECORD_ANNOTATION: &str = "crosstrace.dev/workloads";
 pub const INJECTION_ANNOTATION: &str = "crosstrace.dev/injection";
 /// Annotation left after a rollback, `<policy>/<generation>`: that generation is not retried.
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/workloads-rolled-back";
+/// Label on an instrumented workload once its injection was seen rolled out and healthy, valued with the
+/// injection's hash: from then on the workload's health is its owner's business (reported, never rolled
+/// back). A label, not part of the record: a Deployment's annotations bump its generation (they are
+/// copied to its ReplicaSets), which would look like a new rollout; its labels do not.
+pub const CONVERGED_LABEL: &str = "crosstrace.dev/workloads-converged";
 /// Label on every workload and collector ConfigMap of the layer, valued with the policy name.
 pub const POLICY_LABEL: &str = "crosstrace.dev/workloads-policy";
 /// Name of the injected collector container.
@@ -64,10 +69,6 @@ pub struct Record {
     pub env: BTreeMap<String, Vec<String>>,
     /// Unix seconds when this injection started rolling out, for the progress deadline.
     pub rollout_started: i64,
-    /// This injection was seen rolled out and healthy: from then on the workload's health is its
-    /// owner's business (reported, never rolled back).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub converged: bool,
 }
 
 /// One workload, reduced to what the layer needs (the pod template and how its rollout stands).
@@ -384,7 +385,6 @@ fn injection(
     w: &Workload,
     previous: Option<&Record>,
     since: i64,
-    converged: bool,
 ) -> (Value, Record) {
     let spec = policy.spec;
     let workloads = spec.workloads.as_ref().expect("injection is only planned with spec.workloads");
@@ -431,7 +431,6 @@ fn injection(
         hash,
         env: injected,
         rollout_started: since,
-        converged,
     };
     let (api_version, kind_name) = api_version_kind(kind);
     let patch = json!({
@@ -562,11 +561,11 @@ fn forward(
     }
     // The injection as it would be written now: its hash says whether the one on the workload is current.
     let since = record.as_ref().map_or(now, |r| r.rollout_started);
-    let (patch, desired) = injection(policy, defaults, w, record.as_ref(), since, false);
+    let (patch, desired) = injection(policy, defaults, w, record.as_ref(), since);
     let written = record.as_ref().map(|r| Written {
         current: r.hash == desired.hash,
         intact: injection_present(w, r, defaults.native_sidecars),
-        converged: r.converged,
+        converged: w.metadata.labels.as_ref().and_then(|l| l.get(CONVERGED_LABEL)) == Some(&r.hash),
         since: r.rollout_started,
     });
     let step = rollout::judge(written, &w.health(), now, i64::from(policy.spec.rollout.progress_deadline_seconds));
@@ -578,9 +577,14 @@ fn forward(
         &what,
         &policy.spec.rollout,
         |converged, restart_clock| {
-            let record = Record { converged, rollout_started: if restart_clock { now } else { since }, ..desired };
             let mut patch = patch;
-            patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
+            if restart_clock {
+                let record = Record { rollout_started: now, ..desired.clone() };
+                patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
+            }
+            if converged {
+                patch["metadata"]["labels"][CONVERGED_LABEL] = json!(desired.hash);
+            }
             vec![Action::Inject { kind, workload: key.clone(), patch }]
         },
         || vec![Action::Remove { kind, workload: key.clone(), rolled_back: Some(this_generation.clone()) }],
@@ -787,7 +791,8 @@ pub async fn observe(
     // Rollouts of this policy in flight: do pods of its revision fail to start? (Few: a batch at most.)
     let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
-        (record.policy == policy.name && !record.converged).then_some((&mut o.workload, record.hash))
+        let converged = o.workload.metadata.labels.as_ref().and_then(|l| l.get(CONVERGED_LABEL)) == Some(&record.hash);
+        (record.policy == policy.name && !converged).then_some((&mut o.workload, record.hash))
     });
     for (workload, hash) in in_flight {
         workload.failing = failing_pod(client, workload, &hash).await?;
@@ -901,6 +906,7 @@ mod tests {
                 let annotations = t.workload.metadata.annotations.get_or_insert_default();
                 let record = patch["metadata"]["annotations"][RECORD_ANNOTATION].as_str().unwrap();
                 annotations.insert(RECORD_ANNOTATION.into(), record.into());
+                t.workload.metadata.labels = serde_json::from_value(patch["metadata"]["labels"].clone()).unwrap();
                 let template_annotations = &patch["spec"]["template"]["metadata"]["annotations"];
                 t.workload.template.metadata.get_or_insert_default().annotations =
                     serde_json::from_value(template_annotations.clone()).unwrap();
@@ -996,7 +1002,9 @@ mod tests {
         };
         assert_eq!(mark["spec"], first_patch["spec"], "recording convergence does not change the pod template");
         let done = injected(done, &healthy.actions);
-        assert!(record_of(&done.workload.metadata).unwrap().unwrap().converged);
+        let hash = record_of(&done.workload.metadata).unwrap().unwrap().hash;
+        assert_eq!(done.workload.metadata.labels.as_ref().unwrap()[CONVERGED_LABEL], hash);
+        assert_eq!(mark["metadata"]["annotations"], first_patch["metadata"]["annotations"], "no annotation changes");
         let again = plan(view(&s), &defaults(), std::slice::from_ref(&done), std::slice::from_ref(&cm), NOW + 6);
         assert!(again.actions.is_empty(), "{:?}", again.actions);
         assert_eq!(again.report.ready, 1);
