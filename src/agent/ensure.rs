@@ -775,6 +775,152 @@ mod tests {
         assert_eq!(p.refused, vec!["sFlow sampling 1 in 8 refused: the floor is 1 in 64"]);
     }
 
+    /// A node as the tables show it: `(bridge, sflow, ipfix)` references and the rows by uuid.
+    fn node(
+        bridges: &[(&str, Option<&str>, Option<&str>)],
+        sflow: &[(&str, Value)],
+        ipfix: &[(&str, Value)],
+    ) -> Observed {
+        let rows = |rows: &[(&str, Value)]| -> BTreeMap<String, Row> {
+            rows.iter().map(|(id, row)| (id.to_string(), row.as_object().unwrap().clone())).collect()
+        };
+        Observed {
+            bridges: bridges
+                .iter()
+                .map(|(name, s, i)| {
+                    let row = BridgeRow {
+                        uuid: format!("uuid-{name}"),
+                        name: (*name).into(),
+                        sflow: s.map(Into::into),
+                        ipfix: i.map(Into::into),
+                    };
+                    ((*name).to_string(), row)
+                })
+                .collect(),
+            sflow: rows(sflow),
+            ipfix: rows(ipfix),
+            cur_cfg: 5,
+            next_cfg: 5,
+            ovs_version: None,
+        }
+    }
+
+    fn our_ipfix(policy: &str) -> Value {
+        json!({"targets": "127.0.0.1:4739", "sampling": 64, "obs_domain_id": 1, "cache_active_timeout": 0,
+               "external_ids": ["map", [[OWNER_KEY, OWNER], [POLICY_KEY, policy], [GENERATION_KEY, "1"]]]})
+    }
+
+    /// What the plans do, bridge by bridge: `(bridge, changes)` of the plans with operations.
+    fn removals(plans: &[Plan]) -> Vec<(String, Vec<String>)> {
+        plans.iter().filter(|p| !p.is_noop()).map(|p| (p.bridge.clone(), p.changes.clone())).collect()
+    }
+
+    /// The rows a set of plans deletes, by table.
+    fn deleted(plans: &[Plan]) -> Vec<(String, String)> {
+        plans
+            .iter()
+            .flat_map(|p| &p.ops)
+            .filter_map(|op| match op {
+                Op::Delete { table, conditions } => Some((table.clone(), conditions[0].value[1].as_str()?.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn with_nothing_desired_every_row_of_ours_goes_and_only_those() {
+        // The agent starts and its NodeTracing is gone: ours on two bridges and both tables, one that
+        // replaced a foreign exporter (Override), and a foreign IPFIX row on br-int that must stay.
+        let foreign_sflow =
+            json!({"targets": "10.9.9.9:6343", "sampling": 1000, "external_ids": ["map", [["team", "net"]]]});
+        let mut replaced = our_row(3);
+        let record = json!({"uuid": "gone-1", "row": foreign_sflow}).to_string();
+        replaced["external_ids"][1].as_array_mut().unwrap().push(json!([REPLACED_KEY, record]));
+        let foreign_ipfix = json!({"targets": "10.9.9.9:4739", "external_ids": ["map", []]});
+        let o = node(
+            &[("br-int", Some("s-1"), Some("f-i")), ("br-ex", Some("s-2"), Some("i-1")), ("br-idle", None, None)],
+            &[("s-1", our_row(3)), ("s-2", replaced)],
+            &[("i-1", our_ipfix("old-policy")), ("f-i", foreign_ipfix)],
+        );
+        let plans = plan(&[], &o);
+        assert_eq!(
+            removals(&plans),
+            vec![
+                (
+                    "br-ex".to_string(),
+                    vec!["sFlow: removed, replaced exporter restored".to_string(), "IPFIX: removed".into()]
+                ),
+                ("br-int".to_string(), vec!["sFlow: removed".to_string()]),
+            ]
+        );
+        let mut gone = deleted(&plans);
+        gone.sort();
+        assert_eq!(
+            gone,
+            [("IPFIX", "i-1"), ("sFlow", "s-1"), ("sFlow", "s-2")].map(|(t, id)| (t.to_string(), id.to_string()))
+        );
+        // The foreign row's bridge column is not in any update; the replaced one is re-inserted as it was.
+        for p in &plans {
+            for op in &p.ops {
+                let op = op.to_json();
+                if op["op"] == "update" && op["table"] == "Bridge" {
+                    assert!(op["row"].get("ipfix").is_none() || p.bridge == "br-ex", "{op}");
+                }
+                if op["op"] == "insert" {
+                    assert_eq!(op["row"], foreign_sflow, "the replaced exporter as recorded: {op}");
+                }
+            }
+        }
+        // Once removed, the same state plans nothing: removal is idempotent.
+        let clean = node(&[("br-int", None, Some("f-i"))], &[], &[("f-i", json!({"external_ids": ["map", []]}))]);
+        assert!(removals(&plan(&[], &clean)).is_empty());
+    }
+
+    #[test]
+    fn a_bridge_that_left_the_spec_loses_our_rows_the_others_keep_theirs() {
+        // The NodeTracing still exists but no longer lists br-int (its policy was deleted while the
+        // agent was down); br-ex is still wanted, as it is.
+        let mut wanted = export(ConflictPolicy::Skip);
+        wanted.bridge = "br-ex".into();
+        let o = node(
+            &[("br-int", Some("s-1"), Some("i-1")), ("br-ex", Some("s-2"), None)],
+            &[("s-1", our_row(3)), ("s-2", our_row(3))],
+            &[("i-1", our_ipfix("storefront"))],
+        );
+        let plans = plan(&[wanted.clone()], &o);
+        assert_eq!(
+            removals(&plans),
+            vec![("br-int".to_string(), vec!["sFlow: removed".to_string(), "IPFIX: removed".into()])]
+        );
+        assert_eq!(
+            deleted(&plans),
+            [("sFlow", "s-1"), ("IPFIX", "i-1")].map(|(t, id)| (t.to_string(), id.to_string()))
+        );
+
+        // A bridge still in the spec that no longer wants IPFIX loses only its IPFIX row.
+        let o =
+            node(&[("br-ex", Some("s-2"), Some("i-1"))], &[("s-2", our_row(3))], &[("i-1", our_ipfix("storefront"))]);
+        let plans = plan(&[wanted], &o);
+        assert_eq!(removals(&plans), vec![("br-ex".to_string(), vec!["IPFIX: removed".to_string()])]);
+        assert_eq!(deleted(&plans), [("IPFIX".to_string(), "i-1".to_string())]);
+    }
+
+    #[test]
+    fn a_row_of_ours_still_wanted_elsewhere_loses_only_the_stale_reference() {
+        // Someone pointed br-copy at our br-int row: br-copy is not in the spec, br-int is.
+        let mut wanted = export(ConflictPolicy::Skip);
+        wanted.bridge = "br-int".into();
+        let o = node(&[("br-int", Some("s-1"), None), ("br-copy", Some("s-1"), None)], &[("s-1", our_row(3))], &[]);
+        let plans = plan(&[wanted], &o);
+        assert_eq!(removals(&plans), vec![("br-copy".to_string(), vec!["sFlow: removed".to_string()])]);
+        assert!(deleted(&plans).is_empty(), "br-int still uses it: {plans:?}");
+        // With nothing desired, both references go; OVSDB collects the row with the last one (sFlow
+        // rows live only while referenced), so neither transaction deletes a row the other still uses.
+        let plans = plan(&[], &o);
+        assert_eq!(removals(&plans).len(), 2);
+        assert!(deleted(&plans).is_empty(), "{plans:?}");
+    }
+
     #[test]
     fn a_missing_bridge_is_reported() {
         let o = observed(bridge(None, None), &[]);

@@ -3,6 +3,7 @@
 //!
 //! - [`ovsdb`]: an OVSDB client of its own (RFC 7047 JSON-RPC over the unix socket).
 //! - [`unixctl`]: the ovs-vswitchd control socket (`ofproto/trace`, `version`).
+//! - [`desired`]: what this node's `NodeTracing` asks, from the watch events (pure).
 //! - [`ensure`]: pure planning of the sFlow / IPFIX rows, and applying it.
 //! - [`node`]: the Open vSwitch side, free of Kubernetes: passes on every change, drift, restart.
 //! - [`status`]: `NodeTracing.status` from what a pass found.
@@ -11,6 +12,7 @@
 //! keeps that one object and nothing else, and writes only its status, by server-side apply, only when
 //! it changed. It needs `get`/`list`/`watch` on `nodetracings` and `patch` on `nodetracings/status`.
 
+pub mod desired;
 pub mod ensure;
 pub mod node;
 pub mod ovsdb;
@@ -29,7 +31,7 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -37,6 +39,7 @@ use tokio::sync::watch;
 use crate::api::{FIELD_MANAGER, GROUP, NodeTracing};
 use crate::lenient::{self, Seen};
 use crate::metrics::{LayerLabels, Metrics, WriteLabels};
+use desired::Desired;
 use node::{Report, Want};
 
 /// `crosstrace agent` flags.
@@ -89,11 +92,7 @@ pub async fn run_with_client(
     let mut events = lenient::watch::<NodeTracing>(client, config).default_backoff().boxed();
     tracing::info!(%node, ovsdb = %args.ovsdb, "agent started");
 
-    let mut object: Option<NodeTracing> = None;
-    let mut listing: Option<Option<NodeTracing>> = None;
-    let mut synced = false;
-    // This node's object cannot be read: what it wants is unknown, so nothing is asked of the node.
-    let mut unreadable = false;
+    let mut desired = Desired::new(node.clone());
     let mut drift_seen = 0u64;
     let mut write_retry: Option<tokio::time::Instant> = None;
     let mut write_backoff = Duration::from_secs(1);
@@ -107,44 +106,24 @@ pub async fn run_with_client(
             r = &mut ovs => break Err(anyhow::anyhow!("the Open vSwitch loop stopped: {r:?}")),
             event = events.next() => {
                 let Some(event) = event else { break Err(anyhow::anyhow!("the NodeTracing watch ended")) };
-                match event {
-                    Ok(Seen::Event(Event::Init)) => {
-                        listing = Some(None);
-                        unreadable = false;
-                    }
-                    Ok(Seen::Event(Event::InitApply(o))) => if mine(&o, &node) {
-                        listing = Some(Some(slim(o)));
-                    },
-                    Ok(Seen::Event(Event::InitDone)) => {
-                        object = listing.take().flatten();
-                        synced = true;
-                    }
-                    Ok(Seen::Event(Event::Apply(o))) => if mine(&o, &node) {
-                        object = Some(slim(o));
-                        unreadable = false;
-                    },
-                    Ok(Seen::Event(Event::Delete(o))) => if o.name_any() == node {
-                        object = None;
-                        unreadable = false;
-                    },
-                    Ok(Seen::Unreadable(u)) => {
-                        if u.name == node {
-                            tracing::warn!(error = %u.message(), "this node's NodeTracing cannot be read; its export is left as it is");
-                            unreadable = true;
-                        }
-                        continue;
-                    }
+                let seen = match event {
+                    Ok(seen) => seen,
                     Err(e) => {
                         tracing::warn!(error = %e, "watching NodeTracing");
                         continue;
                     }
+                };
+                if let Seen::Unreadable(u) = &seen
+                    && u.name == node
+                {
+                    tracing::warn!(error = %u.message(), "this node's NodeTracing cannot be read; its export is left as it is");
                 }
-                if synced && !unreadable {
-                    let want = want_of(object.as_ref());
+                if let Some(want) = desired.observe(seen) {
                     want_tx.send_if_modified(|w| {
                         let changed = w.as_ref() != Some(&want);
                         if changed {
-                            tracing::info!(generation = ?want.generation, bridges = want.bridges.len(), "desired export changed");
+                            let object = desired.object().is_some();
+                            tracing::info!(object, generation = ?want.generation, bridges = want.bridges.len(), "desired export changed");
                             *w = Some(want);
                         }
                         changed
@@ -163,12 +142,11 @@ pub async fn run_with_client(
                 needs_write = true;
             }
         }
-        // No status for an object that cannot be read (the answer to the write could not be read either).
-        if !needs_write || unreadable {
+        if !needs_write {
             continue;
         }
         let report = report_rx.borrow_and_update().clone();
-        let (Some(report), Some(current)) = (report, object.as_ref()) else {
+        let (Some(report), Some(current)) = (report, desired.object()) else {
             continue;
         };
         if report.drift_corrections > drift_seen {
@@ -180,7 +158,7 @@ pub async fn run_with_client(
         }
         match write_status(&api, current, &report, &metrics).await {
             Ok(Some(updated)) => {
-                object = Some(slim(updated));
+                desired.written(updated);
                 write_backoff = Duration::from_secs(1);
             }
             Ok(None) => {}
@@ -200,28 +178,6 @@ pub async fn run_with_client(
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at).await;
-    }
-}
-
-/// Whether an object is this node's (the field selector already says so; the name is the contract).
-fn mine(o: &NodeTracing, node: &str) -> bool {
-    o.name_any() == node && o.spec.node_name == node
-}
-
-/// The object without what the agent never reads (managed fields can be most of it).
-fn slim(mut o: NodeTracing) -> NodeTracing {
-    o.metadata.managed_fields = None;
-    o.metadata.annotations = None;
-    o
-}
-
-/// What an object (or its absence) asks of the node. An object being deleted asks for nothing.
-pub fn want_of(object: Option<&NodeTracing>) -> Want {
-    match object {
-        Some(o) if o.metadata.deletion_timestamp.is_none() => {
-            Want { generation: o.metadata.generation, bridges: o.spec.bridges.clone() }
-        }
-        _ => Want::default(),
     }
 }
 
@@ -256,7 +212,6 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTracingSpec;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -272,18 +227,5 @@ mod tests {
         assert_eq!(cli.agent.ovsdb, "unix:/var/run/openvswitch/db.sock");
         assert_eq!(cli.agent.unixctl, None);
         assert_eq!(cli.agent.admin_addr.port(), 8081);
-    }
-
-    #[test]
-    fn a_deleted_object_wants_nothing() {
-        let mut o =
-            NodeTracing::new("n1", NodeTracingSpec { node_name: "n1".into(), bridges: vec![Default::default()] });
-        o.metadata.generation = Some(3);
-        assert_eq!(want_of(Some(&o)).generation, Some(3));
-        assert_eq!(want_of(Some(&o)).bridges.len(), 1);
-        o.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(1).unwrap()));
-        assert_eq!(want_of(Some(&o)), Want::default());
-        assert_eq!(want_of(None), Want::default());
     }
 }
