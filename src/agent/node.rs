@@ -132,13 +132,25 @@ fn bounded(mut message: String) -> String {
     message
 }
 
+/// A bridge of the spec found verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Verified {
+    /// The policy generation it was verified at: a later change at the same generation is drift.
+    generation: i64,
+    /// The bridge's row: another uuid under the same name is the bridge deleted and created again.
+    bridge_uuid: String,
+}
+
 /// The state the agent keeps between passes: a few words per bridge, nothing cached from the cluster.
+/// Which rows are crosstrace's is always read from OVSDB (their tags), never remembered here.
 pub struct Node {
     settings: Settings,
     locator: Locator,
-    /// Bridges found verified, with the generation they were verified at: a later change to them at
-    /// the same generation is drift.
-    converged: BTreeMap<String, i64>,
+    /// Bridges of the spec found verified.
+    converged: BTreeMap<String, Verified>,
+    /// Bridges of the spec that were verified and then disappeared from OVSDB, with when that was
+    /// seen: the export comes back with the bridge, meanwhile the bridge is pending, not failed.
+    vanished: BTreeMap<String, Timestamp>,
     /// The last event worth telling per bridge (drift, restart), with its generation.
     notes: BTreeMap<String, (i64, String)>,
     vswitchd_pid: Option<u32>,
@@ -152,6 +164,7 @@ impl Node {
             locator: settings.locator(),
             settings,
             converged: BTreeMap::new(),
+            vanished: BTreeMap::new(),
             notes: BTreeMap::new(),
             vswitchd_pid: None,
             ovs_version: String::new(),
@@ -165,6 +178,27 @@ impl Node {
             (Ok((_, Some(now))), Some(before)) => now != before,
             _ => false,
         }
+    }
+
+    /// Whether a bridge was found verified at this generation.
+    fn verified_at(&self, bridge: &str, generation: i64) -> bool {
+        self.converged.get(bridge).is_some_and(|v| v.generation == generation)
+    }
+
+    fn verified(&mut self, export: &BridgeExport, observed: &Observed) {
+        let bridge_uuid = observed.bridges.get(&export.bridge).map(|b| b.uuid.clone()).unwrap_or_default();
+        self.converged.insert(export.bridge.clone(), Verified { generation: export.policy_generation, bridge_uuid });
+    }
+
+    /// When a verified bridge is found again under a new row (deleted and created again): ` at <when
+    /// it was seen gone>`, or an empty text when it came back before a pass saw it gone.
+    fn recreated(&mut self, bridge: &str, observed: &Observed) -> Option<String> {
+        let now = observed.bridges.get(bridge)?;
+        let before = self.converged.get(bridge)?;
+        if now.uuid == before.bridge_uuid {
+            return None;
+        }
+        Some(self.vanished.remove(bridge).map(|since| format!(" at {since}")).unwrap_or_default())
     }
 
     fn note(&mut self, bridge: &str, generation: i64, text: String) {
@@ -187,7 +221,7 @@ impl Node {
             && before != after
         {
             for b in &want.bridges {
-                if self.converged.get(&b.bridge) == Some(&b.policy_generation) {
+                if self.verified_at(&b.bridge, b.policy_generation) {
                     self.note(
                         &b.bridge,
                         b.policy_generation,
@@ -207,11 +241,18 @@ impl Node {
         for plan in plans.iter().filter(|p| !p.is_noop()) {
             let generation = generation_of(&plan.bridge);
             if let Some(g) = generation
-                && self.converged.get(&plan.bridge) == Some(&g)
+                && self.verified_at(&plan.bridge, g)
             {
                 self.drift_corrections += 1;
                 let what = plan.changes.join("; ");
-                self.note(&plan.bridge, g, format!("re-applied after drift at {now}: {what}"));
+                let text = match self.recreated(&plan.bridge, &observed) {
+                    Some(since) => format!(
+                        "bridge {} was deleted{since} and created again; export re-applied at {now}: {what}",
+                        plan.bridge
+                    ),
+                    None => format!("re-applied after drift at {now}: {what}"),
+                };
+                self.note(&plan.bridge, g, text);
             }
             tracing::info!(bridge = %plan.bridge, changes = ?plan.changes, "applying");
             match ensure::apply(client, plan).await {
@@ -255,13 +296,13 @@ impl Node {
         let mut bridges = Vec::new();
         for export in &want.bridges {
             let plan = replans.iter().find(|p| p.bridge == export.bridge);
-            let report = self
-                .bridge_report(export, plan, &observed, errors.remove(&export.bridge), caught_up, daemon.as_ref())
-                .await;
+            let error = errors.remove(&export.bridge);
+            let report = self.bridge_report(export, plan, &observed, error, caught_up, daemon.as_ref()).await;
             bridges.push(report);
         }
-        // Forget what is not in the spec any more.
+        // Forget what is not in the spec any more, and bridges that are back.
         self.converged.retain(|b, _| want.bridges.iter().any(|e| &e.bridge == b));
+        self.vanished.retain(|b, _| self.converged.contains_key(b) && !observed.bridges.contains_key(b));
         self.notes.retain(|b, (g, _)| generation_of(b) == Some(*g));
 
         Ok(Report {
@@ -300,6 +341,19 @@ impl Node {
             state,
         };
         let Some(plan) = plan.filter(|p| !p.missing) else {
+            if self.verified_at(&export.bridge, export.policy_generation) {
+                // Deleted after it exported (a re-created bridge, an OVS reconfiguration): the export
+                // is re-applied as soon as the monitor sees it again, so this is not a failure.
+                let since = *self.vanished.entry(export.bridge.clone()).or_insert_with(Timestamp::now);
+                return report(
+                    status,
+                    State::Pending,
+                    format!(
+                        "bridge {} does not exist in Open vSwitch any more (gone since {since}); the export is re-applied when it is back",
+                        export.bridge
+                    ),
+                );
+            }
             return report(status, State::Failed, format!("bridge {} does not exist in Open vSwitch", export.bridge));
         };
         if !plan.conflicts.is_empty() {
@@ -343,7 +397,7 @@ impl Node {
         if wanted.is_empty() {
             status.applied = true;
             status.verified = true;
-            self.converged.insert(export.bridge.clone(), export.policy_generation);
+            self.verified(export, observed);
             return report(status, State::Verified, note);
         }
         status.applied = true;
@@ -378,7 +432,7 @@ impl Node {
             );
         }
         status.verified = true;
-        self.converged.insert(export.bridge.clone(), export.policy_generation);
+        self.verified(export, observed);
         report(status, State::Verified, note)
     }
 }
@@ -558,6 +612,28 @@ mod tests {
         assert_eq!(m["Bridge"][0]["columns"], json!(["name", "sflow", "ipfix"]));
         assert!(m["sFlow"][0]["columns"].as_array().unwrap().contains(&json!("external_ids")));
         assert_eq!(m["IPFIX"][0]["select"]["initial"], false);
+    }
+
+    #[test]
+    fn a_verified_bridge_found_under_a_new_row_was_created_again() {
+        let mut node = Node::new(Settings::new("unix:/nonexistent/db.sock", None));
+        let export = BridgeExport { bridge: "br-int".into(), policy_generation: 2, ..BridgeExport::default() };
+        let observed = |uuid: &str| Observed {
+            bridges: [(
+                "br-int".to_string(),
+                ensure::BridgeRow { uuid: uuid.into(), name: "br-int".into(), sflow: None, ipfix: None },
+            )]
+            .into(),
+            ..Observed::default()
+        };
+        node.verified(&export, &observed("b-1"));
+        assert!(node.verified_at("br-int", 2) && !node.verified_at("br-int", 3) && !node.verified_at("br-ex", 2));
+        assert_eq!(node.recreated("br-int", &observed("b-1")), None, "same row: drift, not a new bridge");
+        assert_eq!(node.recreated("br-int", &observed("b-2")), Some(String::new()), "gone and back between passes");
+        node.vanished.insert("br-int".into(), Timestamp::from_second(100).unwrap());
+        assert_eq!(node.recreated("br-int", &observed("b-2")).as_deref(), Some(" at 1970-01-01T00:01:40Z"));
+        assert!(node.vanished.is_empty());
+        assert_eq!(node.recreated("br-int", &Observed::default()), None, "still gone");
     }
 
     #[test]
