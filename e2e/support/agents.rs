@@ -171,6 +171,12 @@ impl AgentProcess {
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Stops this agent by its PID (SIGTERM, then SIGKILL after 5 s), as a node losing its agent
+    /// would: the export it made stays in OVS.
+    pub fn stop(&mut self) {
+        super::stop(&mut self.child);
+    }
 }
 
 impl Drop for AgentProcess {

@@ -14,12 +14,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use crosstrace::agent::desired::Desired;
 use crosstrace::agent::ensure::{self, OWNER, OWNER_KEY, REPLACED_KEY};
 use crosstrace::agent::node::{self, Node, Report, Settings, State, Want};
 use crosstrace::agent::ovsdb::{self, Client};
+use crosstrace::agent::status;
 use crosstrace::agent::unixctl::{self, Locator, PROBE_FLOW, Unixctl};
 use crosstrace::api::node_tracing::BridgeExport;
 use crosstrace::api::{ConflictPolicy, IpfixSpec, SflowSpec};
+use kube::runtime::watcher::Event;
 use tokio::sync::watch;
 
 const SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
@@ -518,6 +521,38 @@ async fn sampling_below_the_floor_and_a_disabled_exporter_are_reported() {
     assert_eq!(report.ovs_version.chars().next(), Some('3'));
 }
 
+/// The agent's Open vSwitch loop on `ovs`, as `crosstrace agent` runs it, with the channels that
+/// drive it: the desire in, the reports out, the stop switch.
+struct Loop {
+    want: watch::Sender<Option<Want>>,
+    reports: watch::Receiver<Option<Report>>,
+    stop: watch::Sender<bool>,
+    /// Whether OVSDB is reachable (the agent's /readyz).
+    ready: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Loop {
+    fn start(ovs: &Ovs) -> Self {
+        let (want, want_rx) = watch::channel(None);
+        let (report_tx, reports) = watch::channel(None);
+        let (stop, stop_rx) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(node::run(ovs.settings(), want_rx, report_tx, ready.clone(), stop_rx));
+        Self { want, reports, stop, ready, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.task).await.expect("the loop stops").unwrap();
+    }
+}
+
+/// `ovs-vsctl` arguments that create `bridge` on the dummy datapath.
+fn add_bridge(bridge: &str) -> Vec<&str> {
+    vec!["add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=dummy"]
+}
+
 async fn wait_report(
     reports: &mut watch::Receiver<Option<Report>>,
     what: &str,
@@ -534,19 +569,15 @@ async fn wait_report(
 #[tokio::test]
 async fn drift_restarts_and_reconnects_are_handled_by_the_loop() {
     let mut ovs = Ovs::start("drift");
-    let (want_tx, want_rx) = watch::channel(None);
-    let (report_tx, mut reports) = watch::channel(None);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(node::run(ovs.settings(), want_rx, report_tx, ready.clone(), stop_rx));
-    want_tx.send(Some(want(vec![export(Some(sflow("127.0.0.1:6343")), Some(ipfix("127.0.0.1:4739")))]))).unwrap();
-    wait_report(&mut reports, "verified", |r| r.converged() && !r.bridges.is_empty()).await;
-    assert!(ready.load(std::sync::atomic::Ordering::Relaxed));
+    let mut agent = Loop::start(&ovs);
+    agent.want.send(Some(want(vec![export(Some(sflow("127.0.0.1:6343")), Some(ipfix("127.0.0.1:4739")))]))).unwrap();
+    wait_report(&mut agent.reports, "verified", |r| r.converged() && !r.bridges.is_empty()).await;
+    assert!(agent.ready.load(std::sync::atomic::Ordering::Relaxed));
 
     // Someone clears the bridge's sFlow: re-applied within seconds, and said so.
     let started = Instant::now();
     ovs.vsctl(&["clear", "bridge", "br-int", "sflow"]);
-    let r = wait_report(&mut reports, "drift corrected", |r| r.converged() && r.drift_corrections >= 1).await;
+    let r = wait_report(&mut agent.reports, "drift corrected", |r| r.converged() && r.drift_corrections >= 1).await;
     eprintln!("drift corrected in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(r.bridges[0].status.message.contains("re-applied after drift"), "{r:?}");
@@ -556,12 +587,12 @@ async fn drift_restarts_and_reconnects_are_handled_by_the_loop() {
     // Someone edits our row: put back too.
     let ours = ovs.vsctl(&["get", "bridge", "br-int", "sflow"]);
     ovs.vsctl(&["set", "sflow", &ours, "sampling=4"]);
-    wait_report(&mut reports, "edit corrected", |r| r.converged() && r.drift_corrections >= 2).await;
+    wait_report(&mut agent.reports, "edit corrected", |r| r.converged() && r.drift_corrections >= 2).await;
     assert_eq!(ovs.vsctl(&["get", "sflow", &ours, "sampling"]), "64");
 
     // ovs-vswitchd restarts: re-verified, and said so.
     ovs.restart_vswitchd();
-    let r = wait_report(&mut reports, "re-verified after restart", |r| {
+    let r = wait_report(&mut agent.reports, "re-verified after restart", |r| {
         r.converged() && r.bridges[0].status.message.contains("restarted")
     })
     .await;
@@ -570,19 +601,153 @@ async fn drift_restarts_and_reconnects_are_handled_by_the_loop() {
 
     // ovsdb-server restarts: the agent reconnects (the problem shows meanwhile) and converges again.
     ovs.restart_ovsdb_server();
-    wait_report(&mut reports, "converged after reconnect", |r| r.converged()).await;
+    wait_report(&mut agent.reports, "converged after reconnect", |r| r.converged()).await;
     ovs.vsctl(&["clear", "bridge", "br-int", "ipfix"]);
-    wait_report(&mut reports, "drift after reconnect", |r| r.converged() && r.drift_corrections >= 3).await;
+    wait_report(&mut agent.reports, "drift after reconnect", |r| r.converged() && r.drift_corrections >= 3).await;
     assert_eq!(ovs.ours("ipfix"), 1);
 
     // The NodeTracing goes away: nothing of ours left.
-    want_tx.send(Some(Want::default())).unwrap();
-    wait_report(&mut reports, "removal", |r| r.bridges.is_empty()).await;
+    agent.want.send(Some(Want::default())).unwrap();
+    wait_report(&mut agent.reports, "removal", |r| r.bridges.is_empty()).await;
     assert_eq!(ovs.ours("sflow") + ovs.ours("ipfix"), 0);
     assert!(ovs.rows("sflow").is_empty() && ovs.rows("ipfix").is_empty());
 
-    stop_tx.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task).await.expect("the loop stops").unwrap();
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn rows_of_ours_that_no_node_tracing_asks_for_are_removed_when_the_agent_starts() {
+    let ovs = Ovs::start("orphans");
+    ovs.vsctl(&add_bridge("br-ex"));
+    // A foreign sFlow exporter on br-ex, and a foreign IPFIX exporter on br-int.
+    let foreign_sflow = ovs.vsctl(&[
+        "--",
+        "--id=@s",
+        "create",
+        "sflow",
+        "agent=127.0.0.1",
+        "targets=\"10.9.9.9:6343\"",
+        "sampling=1000",
+        "external_ids:team=net",
+        "--",
+        "set",
+        "bridge",
+        "br-ex",
+        "sflow=@s",
+    ]);
+    let foreign_ipfix = ovs.vsctl(&[
+        "--",
+        "--id=@i",
+        "create",
+        "ipfix",
+        "targets=\"10.9.9.9:4739\"",
+        "external_ids:team=net",
+        "--",
+        "set",
+        "bridge",
+        "br-int",
+        "ipfix=@i",
+    ]);
+
+    // An earlier run of the agent exported sFlow on br-int and, overriding, on br-ex; then it stopped
+    // (the export stays) and its NodeTracing was deleted meanwhile.
+    {
+        let client = connect(&ovs).await;
+        let mut on_ex = export(Some(sflow("127.0.0.1:6343")), None);
+        on_ex.bridge = "br-ex".into();
+        on_ex.conflict_policy = ConflictPolicy::Override;
+        let before = want(vec![export(Some(sflow("127.0.0.1:6343")), None), on_ex]);
+        let report = Node::new(ovs.settings()).reconcile(&client, &before).await.unwrap();
+        assert!(report.converged(), "{report:?}");
+        assert_eq!(ovs.ours("sflow"), 2);
+    }
+
+    // The agent starts: its watch lists no NodeTracing for this node, and that is the desire.
+    let mut desired = Desired::new("n1");
+    assert_eq!(desired.observe(Event::Init), None);
+    let nothing = desired.observe(Event::InitDone).expect("known after the listing");
+    let mut agent = Loop::start(&ovs);
+    agent.want.send(Some(nothing)).unwrap();
+    let r = wait_report(&mut agent.reports, "removal", |r| r.bridges.is_empty() && r.problems.is_empty()).await;
+    assert_eq!(r.generation, None);
+    let leftovers = || ovs.ours("sflow") + ovs.ours("ipfix");
+    wait_for(|| leftovers() == 0, "no row of crosstrace");
+    assert_eq!(ovs.vsctl(&["get", "bridge", "br-int", "sflow"]), "[]");
+    assert_eq!(ovs.vsctl(&["get", "bridge", "br-int", "ipfix"]), foreign_ipfix, "the foreign IPFIX row is untouched");
+    let restored = ovs.vsctl(&["get", "bridge", "br-ex", "sflow"]);
+    assert_ne!(restored, "[]", "the exporter crosstrace replaced is back");
+    for (column, value) in [("targets", "[\"10.9.9.9:6343\"]"), ("sampling", "1000"), ("external_ids", "{team=net}")] {
+        assert_eq!(
+            ovs.vsctl(&["get", "sflow", &restored, column]),
+            value,
+            "{column} of {restored} (was {foreign_sflow})"
+        );
+    }
+
+    // A row of ours appearing later (an older agent, a restored backup) goes as well: every pass
+    // reads which rows are crosstrace's from OVSDB, and the monitor wakes the loop.
+    let owner = format!("external_ids:\"{OWNER_KEY}\"={OWNER}");
+    ovs.vsctl(&[
+        "--",
+        "--id=@s",
+        "create",
+        "sflow",
+        "targets=\"127.0.0.1:6343\"",
+        &owner,
+        "--",
+        "set",
+        "bridge",
+        "br-int",
+        "sflow=@s",
+    ]);
+    let started = Instant::now();
+    wait_for(|| leftovers() == 0, "the stray row of crosstrace to be removed");
+    assert!(started.elapsed() < Duration::from_secs(5), "removed within seconds, took {:?}", started.elapsed());
+    assert_eq!(ovs.vsctl(&["get", "bridge", "br-ex", "sflow"]), restored, "foreign rows stay as they are");
+    assert_eq!(ovs.vsctl(&["get", "bridge", "br-int", "ipfix"]), foreign_ipfix);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_bridge_deleted_and_created_again_is_re_applied_and_pending_meanwhile() {
+    let ovs = Ovs::start("rebridge");
+    let mut agent = Loop::start(&ovs);
+    let spec = want(vec![export(Some(sflow("127.0.0.1:6343")), Some(ipfix("127.0.0.1:4739")))]);
+    agent.want.send(Some(spec)).unwrap();
+    wait_report(&mut agent.reports, "verified", |r| r.converged() && !r.bridges.is_empty()).await;
+
+    // Deleted: its rows go with it (OVSDB collects them); the bridge is pending, not failed.
+    ovs.vsctl(&["del-br", "br-int"]);
+    let gone = |r: &Report| r.bridges.first().is_some_and(|b| b.status.message.contains("any more"));
+    let r = wait_report(&mut agent.reports, "the bridge gone", gone).await;
+    let b = &r.bridges[0];
+    assert_eq!(b.state, State::Pending, "{r:?}");
+    assert!(!b.status.applied && !b.status.verified);
+    assert!(b.status.message.contains("re-applied when it is back"), "{}", b.status.message);
+    let status = status::node_status(&r, None, k8s_openapi::jiff::Timestamp::now());
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.status, "False", "a bridge gone after it exported is not a failure: {degraded:?}");
+    assert_eq!(ovs.ours("sflow") + ovs.ours("ipfix"), 0);
+
+    // Created again: re-applied within seconds, reported applied and verified, and why.
+    let started = Instant::now();
+    ovs.vsctl(&add_bridge("br-int"));
+    let r = wait_report(&mut agent.reports, "re-applied", |r| r.converged() && r.drift_corrections >= 1).await;
+    eprintln!("bridge re-applied {:?} after it came back", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let b = &r.bridges[0].status;
+    assert!(b.applied && b.verified && b.applied_generation == 1, "{b:?}");
+    assert!(b.message.contains("was deleted at") && b.message.contains("created again"), "{}", b.message);
+    assert_eq!((ovs.ours("sflow"), ovs.ours("ipfix")), (1, 1));
+    let seen = trace(&ovs).await;
+    assert!(seen.sflow && seen.ipfix, "{seen:?}");
+
+    // Deleted and created again in one transaction, faster than a pass: re-applied the same way.
+    ovs.vsctl(&["del-br", "br-int", "--", "add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=dummy"]);
+    let r = wait_report(&mut agent.reports, "re-applied again", |r| r.converged() && r.drift_corrections >= 2).await;
+    assert!(r.bridges[0].status.message.contains("created again"), "{r:?}");
+    assert_eq!((ovs.ours("sflow"), ovs.ours("ipfix")), (1, 1));
+    agent.stop().await;
 }
 
 #[tokio::test]

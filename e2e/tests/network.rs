@@ -2,8 +2,8 @@
 //! `NodeTracing` per selected node, a real `crosstrace agent` per node (the chart's agent identity, one
 //! token per node) configures that node's OVS through OVSDB and proves it, and sFlow / IPFIX from
 //! injected packets reach a collector on loopback. Node selection follows relabelling, drift is
-//! re-applied, a foreign exporter is a conflict until `Override` (then restored on delete), and a
-//! deleted policy leaves no row of ours in any OVS.
+//! re-applied, a foreign exporter is a conflict until `Override` (then restored on delete), a
+//! deleted policy leaves no row of ours in any OVS, even on a node whose agent was down meanwhile.
 //!
 //! Every test runs its own controller and agents, uses names unique to this process, and restores the
 //! node labels and OVS rows it touched, even when it fails.
@@ -630,6 +630,39 @@ async fn delete_empties_only_its_part_of_every_node_tracing_and_leaves_no_row() 
     assert_eq!(bridge_exporter(0, "br-int", "ipfix"), Some(foreign), "the foreign IPFIX row is still intact");
     remove_foreign(0, "ipfix");
     assert_eq!(bridge_exporter(0, "br-int", "ipfix"), None);
+}
+
+#[tokio::test]
+async fn an_agent_down_during_a_policy_delete_removes_the_rows_within_30s_of_its_return() {
+    let mut s = Suite::start(18137).await;
+    let collector = Collector::bind().await;
+    let name = unique("agent-down");
+    s.apply(&policy(&name, json!({"bridge": "br-int", "sflow": sflow(&collector.target())}))).await;
+    s.wait_ready(&name, "3/3").await;
+    let d = 1;
+    assert_eq!(ours(d, "sflow", &name).len(), 1, "{} exports", node_name(d));
+
+    // The node's agent goes away; the policy is deleted and the controller finishes without it.
+    s.agents.agents[d].stop();
+    s.delete_policy(&name).await;
+    assert!(s.node_tracing(d).await.is_none(), "the controller deleted the emptied NodeTracing of {}", node_name(d));
+    assert_eq!(
+        ours(d, "sflow", &name).len(),
+        1,
+        "nobody removed the rows of {} while its agent was down",
+        node_name(d)
+    );
+
+    // Back: no Delete event will ever reach it, only a listing without its NodeTracing.
+    s.agents.agents[d] = AgentProcess::start(d);
+    let back = Instant::now();
+    s.until(&format!("no crosstrace row on {}", node_name(d)), || async { (crosstrace_rows(d) == 0).then_some(()) })
+        .await;
+    let took = back.elapsed();
+    eprintln!("rows removed {took:?} after the agent came back");
+    assert!(took < Duration::from_secs(30), "removed within 30 s of the agent's return, took {took:?}");
+    assert_eq!(bridge_exporter(d, "br-int", "sflow"), None, "the bridge column is cleared too");
+    s.wait_clean(&name).await;
 }
 
 #[test]
