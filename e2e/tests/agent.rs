@@ -615,7 +615,8 @@ async fn drift_restarts_and_reconnects_are_handled_by_the_loop() {
     agent.stop().await;
 }
 
-#[tokio::test]
+// Two threads: the agent's loop goes on while the test waits on ovs-vsctl (blocking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_of_ours_that_no_node_tracing_asks_for_are_removed_when_the_agent_starts() {
     let ovs = Ovs::start("orphans");
     ovs.vsctl(&add_bridge("br-ex"));
