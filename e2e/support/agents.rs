@@ -87,6 +87,18 @@ pub fn rows_with(i: usize, table: &str, external_ids: &[(&str, &str)]) -> Vec<St
     ovs_vsctl(i, &args).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
 }
 
+/// Creates node `i`'s br-int with its dummy ports p1..p3 again (as `e2e/cluster.sh` made it), unless
+/// it exists.
+pub fn ensure_br_int(i: usize) {
+    let mut args = vec!["--", "--may-exist", "add-br", "br-int"];
+    let ports: Vec<(String, String)> = (1..=3).map(|p| (format!("p{p}"), format!("ofport_request={p}"))).collect();
+    for (port, ofport) in &ports {
+        args.extend(["--", "--may-exist", "add-port", "br-int", port, "--", "set", "Interface", port, "type=dummy"]);
+        args.push(ofport);
+    }
+    ovs_vsctl(i, &args);
+}
+
 /// The uuid a bridge column (`sflow`, `ipfix`) points at, `None` when empty.
 pub fn bridge_exporter(i: usize, bridge: &str, column: &str) -> Option<String> {
     let v = ovs_vsctl(i, &["get", "bridge", bridge, column]);

@@ -3,7 +3,8 @@
 //! token per node) configures that node's OVS through OVSDB and proves it, and sFlow / IPFIX from
 //! injected packets reach a collector on loopback. Node selection follows relabelling, drift is
 //! re-applied, a foreign exporter is a conflict until `Override` (then restored on delete), a
-//! deleted policy leaves no row of ours in any OVS, even on a node whose agent was down meanwhile.
+//! deleted policy leaves no row of ours in any OVS, even on a node whose agent was down meanwhile, and
+//! a bridge deleted and created again on a converged node is re-applied, not rolled back.
 //!
 //! Every test runs its own controller and agents, uses names unique to this process, and restores the
 //! node labels and OVS rows it touched, even when it fails.
@@ -21,7 +22,7 @@ use crosstrace::agent::ensure::{OWNER, OWNER_KEY, POLICY_KEY, REPLACED_KEY};
 use crosstrace::api::{NodeTracing, TracingPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::agents::*;
 use support::*;
@@ -662,6 +663,54 @@ async fn an_agent_down_during_a_policy_delete_removes_the_rows_within_30s_of_its
     eprintln!("rows removed {took:?} after the agent came back");
     assert!(took < Duration::from_secs(30), "removed within 30 s of the agent's return, took {took:?}");
     assert_eq!(bridge_exporter(d, "br-int", "sflow"), None, "the bridge column is cleared too");
+    s.wait_clean(&name).await;
+}
+
+/// Puts node `i`'s br-int back when dropped, whatever the test did to it.
+struct BrIntBack(usize);
+
+impl Drop for BrIntBack {
+    fn drop(&mut self) {
+        ensure_br_int(self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_bridge_deleted_and_created_again_on_a_converged_node_is_re_applied_not_rolled_back() {
+    let s = Suite::start(18138).await;
+    let collector = Collector::bind().await;
+    let name = unique("rebridge");
+    let deadline = 10;
+    let mut p = policy(&name, json!({"bridge": "br-int", "sflow": sflow(&collector.target())}));
+    p["spec"]["rollout"]["progressDeadlineSeconds"] = json!(deadline);
+    let applied = Instant::now();
+    s.apply(&p).await;
+    s.wait_ready(&name, "3/3").await;
+
+    // The node's bridge goes away: its agent reports it pending, the policy names the node, and
+    // nothing is rolled back, even once the deadline since crosstrace's write has passed.
+    let d = 2;
+    let _back = BrIntBack(d);
+    ovs_vsctl(d, &["del-br", "br-int"]);
+    let b = s.wait_bridge_status(d, &name, "the bridge gone", |b| b.message.contains("any more")).await;
+    assert!(!b.applied && !b.verified, "{b:?}");
+    let p = s.wait_policy(&name, "NetworkReady", "False", |_, c| c.reason == "TargetUnhealthy").await;
+    assert!(condition(&p, "NetworkReady").unwrap().message.contains(&node_name(d)), "{:?}", p.status);
+    tokio::time::sleep(Duration::from_secs(deadline + 1).saturating_sub(applied.elapsed())).await;
+    let t = s.node_tracing(d).await.expect("the NodeTracing stays");
+    assert!(t.spec.bridges.iter().any(|b| b.policy == name), "the entry stays: {:?}", t.spec);
+    assert!(!t.annotations().contains_key("crosstrace.dev/network-rolled-back"), "not rolled back");
+
+    // Back: re-applied, reported as such, Ready again.
+    ensure_br_int(d);
+    let b = s.wait_bridge_status(d, &name, "re-applied", |b| b.verified && b.message.contains("created again")).await;
+    assert!(b.applied, "{b:?}");
+    assert_eq!(ours(d, "sflow", &name).len(), 1);
+    let p = s.wait_ready(&name, "3/3").await;
+    for c in ["Degraded", "NetworkReady"] {
+        assert_ne!(condition(&p, c).unwrap().reason, "RolledBack", "{c}");
+    }
+    s.delete_policy(&name).await;
     s.wait_clean(&name).await;
 }
 
