@@ -22,6 +22,7 @@ use crosstrace::agent::status;
 use crosstrace::agent::unixctl::{self, Locator, PROBE_FLOW, Unixctl};
 use crosstrace::api::node_tracing::BridgeExport;
 use crosstrace::api::{ConflictPolicy, IpfixSpec, SflowSpec};
+use crosstrace::lenient::Seen;
 use kube::runtime::watcher::Event;
 use tokio::sync::watch;
 
@@ -665,8 +666,8 @@ async fn rows_of_ours_that_no_node_tracing_asks_for_are_removed_when_the_agent_s
 
     // The agent starts: its watch lists no NodeTracing for this node, and that is the desire.
     let mut desired = Desired::new("n1");
-    assert_eq!(desired.observe(Event::Init), None);
-    let nothing = desired.observe(Event::InitDone).expect("known after the listing");
+    assert_eq!(desired.observe(Seen::Event(Event::Init)), None);
+    let nothing = desired.observe(Seen::Event(Event::InitDone)).expect("known after the listing");
     let mut agent = Loop::start(&ovs);
     agent.want.send(Some(nothing)).unwrap();
     let r = wait_report(&mut agent.reports, "removal", |r| r.bridges.is_empty() && r.problems.is_empty()).await;
