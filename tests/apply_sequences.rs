@@ -56,7 +56,7 @@ async fn serve(mut handle: Handle, expected: Vec<Expect>) -> Vec<Value> {
 async fn run(actions: &[Action], expected: Vec<Expect>) -> (Vec<Value>, Arc<Metrics>) {
     let (writer, handle, metrics) = mocked();
     let server = tokio::spawn(serve(handle, expected));
-    tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, actions))
+    tokio::time::timeout(Duration::from_secs(1), apply::ingress(&writer, actions, "crosstrace-system"))
         .await
         .expect("in time")
         .expect("written");
@@ -67,6 +67,7 @@ async fn run(actions: &[Action], expected: Vec<Expect>) -> (Vec<Value>, Arc<Metr
 fn record() -> Record {
     Record {
         policy: "storefront".into(),
+        deployment: ObjectKey::new("ingress-nginx", "c"),
         config_map: ObjectKey::new("ingress-nginx", "ingress-nginx-controller"),
         config_map_existed: true,
         original_data: BTreeMap::from([
@@ -90,6 +91,23 @@ fn config_map_reply(data: Value) -> Value {
 }
 
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/ingress-nginx/deployments/c";
+const LEDGER: &str = "/api/v1/namespaces/crosstrace-system/configmaps/crosstrace-ingress-records";
+const UID: &str = "uid-of-c";
+
+fn ledger_reply() -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "crosstrace-ingress-records", "namespace": "crosstrace-system"}})
+}
+
+/// A merge patch of the ledger entry of Deployment `c`.
+fn ledger_merge() -> Expect {
+    Expect {
+        method: Method::PATCH,
+        path: LEDGER,
+        query: "fieldManager=crosstrace",
+        content_type: "application/merge-patch+json",
+        reply: ledger_reply(),
+    }
+}
 const CONFIG_MAP: &str = "/api/v1/namespaces/ingress-nginx/configmaps/ingress-nginx-controller";
 
 #[tokio::test]
@@ -97,10 +115,11 @@ async fn apply_records_first_then_applies_config_then_image() {
     let deployment = ObjectKey::new("ingress-nginx", "c");
     let data = BTreeMap::from([("enable-opentelemetry".to_string(), "true".to_string())]);
     let actions = vec![
-        Action::Record { deployment: deployment.clone(), record: record() },
+        Action::Record { deployment: deployment.clone(), uid: UID.into(), record: record() },
         Action::ApplyConfig { config_map: record().config_map, data, policy: "storefront".into() },
         Action::ApplyImage {
             deployment,
+            uid: UID.into(),
             image: ContainerImage { container: "controller".into(), image: "controller:otel".into() },
             record: record(),
         },
@@ -108,6 +127,7 @@ async fn apply_records_first_then_applies_config_then_image() {
     let (bodies, metrics) = run(
         &actions,
         vec![
+            ledger_merge(),
             Expect {
                 method: Method::PATCH,
                 path: DEPLOYMENT,
@@ -122,6 +142,7 @@ async fn apply_records_first_then_applies_config_then_image() {
                 content_type: "application/apply-patch+yaml",
                 reply: config_map_reply(json!({})),
             },
+            ledger_merge(),
             Expect {
                 method: Method::PATCH,
                 path: DEPLOYMENT,
@@ -133,23 +154,29 @@ async fn apply_records_first_then_applies_config_then_image() {
     )
     .await;
 
-    let recorded: Record =
-        serde_json::from_str(bodies[0]["metadata"]["annotations"]["crosstrace.dev/ingress"].as_str().unwrap()).unwrap();
-    assert_eq!(recorded, record(), "the originals are written before anything changes");
-    assert_eq!(bodies[0]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
-    assert_eq!(bodies[1]["data"]["enable-opentelemetry"], "true");
+    let recorded: Record = serde_json::from_str(bodies[0]["data"][UID].as_str().unwrap()).unwrap();
+    assert_eq!(recorded, record(), "the originals go to the ledger, keyed by UID, before anything changes");
     assert_eq!(bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
     assert_eq!(
-        bodies[2]["spec"]["template"]["spec"]["containers"],
+        bodies[1]["metadata"]["annotations"],
+        json!({"crosstrace.dev/ingress-rolled-back": null}),
+        "no record on the Deployment"
+    );
+    assert_eq!(bodies[2]["data"]["enable-opentelemetry"], "true");
+    assert_eq!(bodies[2]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
+    assert!(bodies[3]["data"][UID].is_string(), "the updated record before the image");
+    assert_eq!(
+        bodies[4]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:otel"}])
     );
+    assert!(bodies[4]["metadata"].get("annotations").is_none(), "no record on the Deployment");
     let writes: f64 = metrics
         .encode()
         .lines()
         .filter(|l| l.starts_with("crosstrace_api_writes_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
-    assert_eq!(writes, 3.0, "every write is counted");
+    assert_eq!(writes, 5.0, "every write is counted");
 }
 
 #[tokio::test]
@@ -159,6 +186,7 @@ async fn revert_restores_config_map_then_deployment() {
         Action::RestoreConfig { config_map: r.config_map.clone(), data: r.original_data.clone(), delete: false },
         Action::RestoreDeployment {
             deployment: ObjectKey::new("ingress-nginx", "c"),
+            uid: UID.into(),
             image: r.original_image.clone(),
             keep: None,
             rolled_back: None,
@@ -190,6 +218,7 @@ async fn revert_restores_config_map_then_deployment() {
                 content_type: "application/strategic-merge-patch+json",
                 reply: deployment_reply(),
             },
+            ledger_merge(),
         ],
     )
     .await;
@@ -203,7 +232,7 @@ async fn revert_restores_config_map_then_deployment() {
         bodies[2]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:v1.12.1"}])
     );
-    assert_eq!(bodies[2]["metadata"]["annotations"]["crosstrace.dev/ingress"], Value::Null, "the record goes last");
+    assert_eq!(bodies[3]["data"][UID], Value::Null, "the record goes last, from the ledger");
 }
 
 #[tokio::test]

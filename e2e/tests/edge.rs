@@ -241,6 +241,89 @@ async fn the_owners_upgrade_of_an_instrumented_controller_stays_and_survives_the
 }
 
 #[tokio::test]
+async fn a_tenants_forged_record_makes_crosstrace_write_and_delete_nothing_and_is_reported() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let edge = TestNamespace::create(&client, "e2e-forge-edge", json!({})).await;
+    let (_, before_cm) = ingress_nginx(&client, &edge.name).await;
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &edge.name);
+    let victim: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "victim", "namespace": edge.name},
+        "data": {"http-snippet": "# the admin's"},
+    }))
+    .unwrap();
+    configmaps.create(&PostParams::default(), &victim).await.unwrap();
+    let _controller = ControllerProcess::start(18089);
+    let name = format!("{}-policy", edge.name);
+    apply_policy(&client, &edge_policy(&name, &edge.name, "", 60)).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+    let instrumented = configmaps.get("ingress-nginx-controller").await.unwrap().data;
+
+    // A tenant with `edit` in its own namespace only.
+    let tenant_ns = TestNamespace::create(&client, "e2e-forge-tenant", json!({})).await;
+    let (ok, _, err) = kubectl(&["-n", &tenant_ns.name, "create", "serviceaccount", "tenant"]);
+    assert!(ok, "{err}");
+    let subject = format!("{}:tenant", tenant_ns.name);
+    let (ok, _, err) = kubectl(&[
+        "-n",
+        &tenant_ns.name,
+        "create",
+        "rolebinding",
+        "tenant-edit",
+        "--clusterrole=edit",
+        "--serviceaccount",
+        &subject,
+    ]);
+    assert!(ok, "{err}");
+    let kubeconfig = format!("{}/tenant-{}.kubeconfig", std::env::temp_dir().display(), tenant_ns.name);
+    let status = std::process::Command::new(repo("e2e/sa-kubeconfig.sh"))
+        .args([&tenant_ns.name, "tenant", &kubeconfig])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "tenant kubeconfig");
+    let tenant = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let forged = json!({
+        "policy": name, "deployment": {"namespace": tenant_ns.name, "name": "ingress-nginx-controller"},
+        "configMap": {"namespace": edge.name, "name": "victim"}, "configMapExisted": false,
+        "originalData": {"http-snippet": "evil", "otel-sampler-ratio": null},
+    });
+    let labels = json!({"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller", POLICY_LABEL: name});
+    let fake: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "ingress-nginx-controller", "labels": labels, "annotations": {RECORD_ANNOTATION: forged.to_string()}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "fake"}}, "template": {"metadata": {"labels": {"app": "fake"}},
+            "spec": {"containers": [{"name": "controller", "image": ORIGINAL_IMAGE, "args": [format!("--configmap={}/victim", edge.name)]}]}}},
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(tenant, &tenant_ns.name)
+        .create(&PostParams::default(), &fake)
+        .await
+        .expect("the tenant may create it");
+
+    let p = wait_condition(&client, &name, "Degraded", "True").await;
+    let degraded = condition(&p, "Degraded").unwrap();
+    assert_eq!(degraded.reason, "ForgedRecord");
+    assert!(degraded.message.contains(&tenant_ns.name), "names the Deployment: {}", degraded.message);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let victim = configmaps.get_opt("victim").await.unwrap().expect("the victim ConfigMap was not deleted");
+    assert_eq!(victim.data.unwrap()["http-snippet"], "# the admin's", "nor written");
+    assert_eq!(configmaps.get("ingress-nginx-controller").await.unwrap().data, instrumented, "the real one untouched");
+
+    kubectl(&["-n", &tenant_ns.name, "delete", "deployment", "ingress-nginx-controller"]);
+    delete_policy_and_wait(&client, &name).await;
+    assert_restored(&client, &edge.name, &before_cm).await;
+    assert!(configmaps.get_opt("victim").await.unwrap().is_some(), "still there after the revert");
+    let _ = std::fs::remove_file(&kubeconfig);
+}
+
+#[tokio::test]
 async fn a_controller_killed_mid_rollout_converges_after_restart() {
     let client = client().await;
     install_crds();

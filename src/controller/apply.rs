@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
-use crate::layers::ingress::{self, POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
+use crate::layers::ingress::{self, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, network, workloads};
 use crate::metrics::Metrics;
 
@@ -102,22 +102,48 @@ fn record_json(record: &ingress::Record) -> String {
 }
 
 /// Runs the edge layer's actions in order; the first failure stops the rest (the next reconcile
-/// picks up from what is observed then).
-pub async fn ingress(writer: &Writer, actions: &[ingress::Action]) -> kube::Result<()> {
+/// picks up from what is observed then). Records go to the ledger in `operator_namespace`.
+pub async fn ingress(writer: &Writer, actions: &[ingress::Action], operator_namespace: &str) -> kube::Result<()> {
+    let ledger = Api::<ConfigMap>::namespaced(writer.client.clone(), operator_namespace);
     for action in actions {
-        ingress_action(writer, action).await?;
+        ingress_action(writer, &ledger, action).await?;
     }
     Ok(())
 }
 
-async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Result<()> {
+/// Writes (`Some`) or removes (`None`) the ledger entry of the Deployment with this UID. Entries of other
+/// Deployments are left alone (a merge patch per key); the ledger is created when it is missing.
+async fn ledger_entry(
+    writer: &Writer,
+    ledger: &Api<ConfigMap>,
+    uid: &str,
+    record: Option<&ingress::Record>,
+) -> kube::Result<()> {
+    let value = record.map(record_json);
+    match writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await {
+        Err(kube::Error::Api(e)) if e.code == 404 && value.is_some() => {
+            let create = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": LEDGER, "labels": {LEDGER_LABEL: "true"}},
+            });
+            writer.apply(ledger, LEDGER, create).await?;
+            writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await.map(drop)
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingress::Action) -> kube::Result<()> {
     use ingress::Action::*;
     let client = &writer.client;
     match action {
-        Record { deployment, record } => {
+        Record { deployment, uid, record } => {
+            ledger_entry(writer, ledger, uid, Some(record)).await?;
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let patch = json!({"metadata": {
-                "annotations": {RECORD_ANNOTATION: record_json(record), ROLLED_BACK_ANNOTATION: null},
+                "annotations": {ROLLED_BACK_ANNOTATION: null},
                 "labels": {POLICY_LABEL: record.policy},
             }});
             writer.merge(&api, &deployment.name, patch).await?;
@@ -132,16 +158,13 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
             });
             writer.apply(&api, &config_map.name, patch).await?;
         }
-        ApplyImage { deployment, image, record } => {
+        ApplyImage { deployment, uid, image, record } => {
+            ledger_entry(writer, ledger, uid, Some(record)).await?;
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let patch = json!({
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {
-                    "name": deployment.name,
-                    "namespace": deployment.namespace,
-                    "annotations": {RECORD_ANNOTATION: record_json(record)},
-                },
+                "metadata": {"name": deployment.name, "namespace": deployment.namespace},
                 "spec": {"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}},
             });
             writer.apply(&api, &deployment.name, patch).await?;
@@ -165,10 +188,9 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
                 writer.merge(&api, &config_map.name, patch).await?;
             }
         }
-        RestoreDeployment { deployment, image, keep, rolled_back } => {
+        RestoreDeployment { deployment, uid, image, keep, rolled_back } => {
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let mut annotations = Map::new();
-            annotations.insert(RECORD_ANNOTATION.into(), keep.as_ref().map(record_json).into());
             annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
             let mut patch = json!({"metadata": {
                 "annotations": annotations,
@@ -180,6 +202,8 @@ async fn ingress_action(writer: &Writer, action: &ingress::Action) -> kube::Resu
                     json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
             }
             writer.strategic(&api, &deployment.name, patch).await?;
+            // The record goes last: a revert that stops halfway still knows what to restore.
+            ledger_entry(writer, ledger, uid, keep.as_ref()).await?;
         }
     }
     Ok(())

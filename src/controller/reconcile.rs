@@ -148,14 +148,14 @@ async fn run_layers(
         deleting,
         older: &older,
     };
-    let observed = ingress::observe(&ctx.client, view, |d| {
+    let observed = ingress::observe(&ctx.client, view, &ctx.settings.namespace, |d| {
         older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d.metadata)))
     })
     .await?;
     let edge_plan = ingress::plan(view, &observed, now);
     if !edge_plan.actions.is_empty() {
         info!(actions = edge_plan.actions.len(), deleting, "changing the edge layer");
-        super::apply::ingress(&ctx.writer, &edge_plan.actions).await?;
+        super::apply::ingress(&ctx.writer, &edge_plan.actions, &ctx.settings.namespace).await?;
     }
 
     let defaults = &ctx.settings.workloads;

@@ -18,7 +18,15 @@ use super::rollout::{self, Health, Written};
 use super::{LayerReport, ObjectKey, PolicyView, Progress, health, normalize_ratio, reasons};
 use crate::api::{CollectorSpec, IngressSpec, SamplingSpec};
 
-/// Annotation on the controller Deployment holding the [`Record`] (what to restore).
+/// Where the edge layer keeps its [`Record`]s (what to restore, what it created): a ConfigMap in the
+/// operator's own namespace, one entry per controller Deployment, keyed by its UID. Only crosstrace
+/// (and cluster admins) write there: data on an object its owner can edit never chooses which object
+/// crosstrace writes or deletes.
+pub const LEDGER: &str = "crosstrace-ingress-records";
+/// Label of the ledger ConfigMap.
+pub const LEDGER_LABEL: &str = "crosstrace.dev/ingress-ledger";
+/// Annotation earlier versions kept the record in, on the controller Deployment itself. crosstrace
+/// never writes it any more: one found there was put by someone else and is reported and ignored.
 pub const RECORD_ANNOTATION: &str = "crosstrace.dev/ingress";
 /// Annotation left after a rollback, `<policy>/<generation>`: that generation is not retried.
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/ingress-rolled-back";
@@ -33,6 +41,8 @@ pub const DEFAULT_SELECTOR: [(&str, &str); 2] =
 #[serde(rename_all = "camelCase")]
 pub struct Record {
     pub policy: String,
+    /// The controller Deployment this record is about (its UID is the ledger key).
+    pub deployment: ObjectKey,
     pub config_map: ObjectKey,
     /// Whether the ConfigMap existed; if not, revert deletes it.
     pub config_map_existed: bool,
@@ -67,12 +77,12 @@ pub struct ContainerImage {
 /// One change the edge layer makes, in the order given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Write the record and the policy label on the Deployment (merge patch), before any change.
-    Record { deployment: ObjectKey, record: Record },
+    /// Write the record into the ledger, then the policy label on the Deployment, before any change.
+    Record { deployment: ObjectKey, uid: String, record: Record },
     /// Server-side apply every OTel key (and the policy label) to the ConfigMap.
     ApplyConfig { config_map: ObjectKey, data: BTreeMap<String, String>, policy: String },
-    /// Server-side apply the controller image together with the updated record.
-    ApplyImage { deployment: ObjectKey, image: ContainerImage, record: Record },
+    /// Write the updated record into the ledger, then server-side apply the controller image.
+    ApplyImage { deployment: ObjectKey, uid: String, image: ContainerImage, record: Record },
     /// Put the recorded values back (absent keys removed, label removed), or delete a ConfigMap the
     /// operator created.
     RestoreConfig { config_map: ObjectKey, data: BTreeMap<String, Option<String>>, delete: bool },
@@ -80,6 +90,7 @@ pub enum Action {
     /// `None` removes the record and the label; `rolled_back` leaves the no-retry marker.
     RestoreDeployment {
         deployment: ObjectKey,
+        uid: String,
         image: Option<ContainerImage>,
         keep: Option<Record>,
         rolled_back: Option<String>,
@@ -87,7 +98,7 @@ pub enum Action {
 }
 
 /// One ingress-nginx controller as observed.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Observed {
     pub deployment: Deployment,
     /// Its ConfigMap, when the `--configmap` argument names one that exists.
@@ -96,6 +107,20 @@ pub struct Observed {
     pub selected: bool,
     /// An older policy that also selects this controller and therefore keeps it.
     pub claimed_by: Option<String>,
+    /// Its record from the ledger (by UID, for this very Deployment), or why it cannot be read.
+    pub record: Result<Option<Record>, String>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        Self {
+            deployment: Deployment::default(),
+            config_map: None,
+            selected: false,
+            claimed_by: None,
+            record: Ok(None),
+        }
+    }
 }
 
 /// The plan for the edge layer.
@@ -184,8 +209,15 @@ pub fn version_warning(image: &str) -> Option<String> {
     })
 }
 
-fn record_of(deployment: &Deployment) -> Result<Option<Record>, String> {
-    super::read_record(deployment.metadata.annotations.as_ref(), RECORD_ANNOTATION)
+/// The ledger's entries by Deployment UID (an entry that cannot be read is kept as its error).
+pub fn ledger_entries(ledger: Option<&ConfigMap>) -> BTreeMap<String, Result<Record, String>> {
+    let data = ledger.and_then(|cm| cm.data.as_ref());
+    data.into_iter()
+        .flatten()
+        .map(|(uid, raw)| {
+            (uid.clone(), serde_json::from_str(raw).map_err(|e| format!("its ledger entry is unreadable: {e}")))
+        })
+        .collect()
 }
 
 impl super::Owned for Record {
@@ -207,7 +239,17 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
     let mut per_target = Vec::with_capacity(targets.len());
     for t in &targets {
         let key = ObjectKey::of(&t.deployment.metadata);
-        let record = record_of(&t.deployment);
+        let record = t.record.clone();
+        if t.deployment.annotations().contains_key(RECORD_ANNOTATION) {
+            // Someone else's data must never choose what crosstrace writes or deletes: report, ignore.
+            plan.report.problems.push(super::Problem {
+                reason: reasons::FORGED_RECORD,
+                message: format!(
+                    "Deployment {key} carries a {RECORD_ANNOTATION} record crosstrace did not write; it is ignored (crosstrace keeps its records in its own namespace, ConfigMap {LEDGER})"
+                ),
+                degraded: true,
+            });
+        }
         let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
         let marked = t
             .deployment
@@ -216,7 +258,8 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
             .is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
         if !(active && t.selected) {
             if ours || marked {
-                plan.actions.extend(revert(&key, record.ok().flatten().as_ref(), None));
+                let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
+                plan.actions.extend(revert(&key, &uid, record.ok().flatten().as_ref(), None));
             }
             continue;
         }
@@ -243,6 +286,7 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
 /// The forward plan for one selected controller.
 fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, String>, now: i64) -> TargetPlan {
     let key = ObjectKey::of(&t.deployment.metadata);
+    let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
     let spec = policy.spec;
     let ingress = spec.ingress.as_ref().expect("forward is only planned with spec.ingress");
     let (record, inherited) =
@@ -261,6 +305,18 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
             true,
         );
     };
+    if cm_key.namespace != key.namespace {
+        // Only a ConfigMap of the controller's own namespace: whoever may edit this Deployment must not
+        // be able to point crosstrace at a ConfigMap elsewhere.
+        return TargetPlan::problem(
+            Progress::Held,
+            reasons::CONFIG_MAP_OUTSIDE_NAMESPACE,
+            format!(
+                "ingress controller {key} names ConfigMap {cm_key} outside its namespace; crosstrace writes none there"
+            ),
+            true,
+        );
+    }
     let marker = format!("{}/{}", policy.name, policy.generation);
     let what = format!("ingress controller {key}");
     if record.is_none() && t.deployment.annotations().get(ROLLED_BACK_ANNOTATION) == Some(&marker) {
@@ -281,13 +337,14 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let mut record = match record {
         Some(r) => {
             if inherited {
-                actions.push(Action::Record { deployment: key.clone(), record: r.clone() });
+                actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: r.clone() });
             }
             r
         }
         None => {
             let record = Record {
                 policy: policy.name.to_string(),
+                deployment: key.clone(),
                 config_map: cm_key.clone(),
                 config_map_existed: t.config_map.is_some(),
                 original_data: desired.keys().map(|k| (k.clone(), current_data.get(k).cloned())).collect(),
@@ -297,7 +354,7 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
                 image_converged: false,
                 yielded_image: None,
             };
-            actions.push(Action::Record { deployment: key.clone(), record: record.clone() });
+            actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: record.clone() });
             record
         }
     };
@@ -320,13 +377,14 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
                 record = Record { rollout_started: None, applied_image: None, image_converged: false, ..record };
                 actions.push(Action::RestoreDeployment {
                     deployment: key.clone(),
+                    uid: uid.clone(),
                     image: (original.image != current_image).then_some(original),
                     keep: Some(record),
                     rolled_back: None,
                 });
             } else if record.yielded_image.is_some() {
                 record.yielded_image = None;
-                actions.push(Action::Record { deployment: key.clone(), record });
+                actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record });
             }
         }
     }
@@ -361,6 +419,7 @@ fn image_rollout(
     now: i64,
 ) -> Option<TargetPlan> {
     let key = ObjectKey::of(&deployment.metadata);
+    let uid = deployment.metadata.uid.clone().unwrap_or_default();
     let current_image = container.image.clone().unwrap_or_default();
     // Records written before `appliedImage` existed: the image crosstrace wrote is the policy's.
     let applied = record.applied_image.clone().or_else(|| record.original_image.as_ref().map(|_| image.to_string()));
@@ -382,7 +441,7 @@ fn image_rollout(
             yielded_image: Some(image.to_string()),
             ..record.clone()
         };
-        return Some(held.with_actions(vec![Action::Record { deployment: key, record: yielded }]));
+        return Some(held.with_actions(vec![Action::Record { deployment: key, uid, record: yielded }]));
     }
     let written = applied.as_ref().map(|a| Written {
         current: a == image,
@@ -408,7 +467,7 @@ fn image_rollout(
             let mut next = record.clone();
             if converged {
                 next.image_converged = true;
-                return vec![Action::Record { deployment: key.clone(), record: next }];
+                return vec![Action::Record { deployment: key.clone(), uid: uid.clone(), record: next }];
             }
             next.original_image
                 .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
@@ -417,9 +476,9 @@ fn image_rollout(
             next.image_converged = false;
             next.yielded_image = None;
             let image = ContainerImage { container: container.name.clone(), image: image.to_string() };
-            vec![Action::ApplyImage { deployment: key.clone(), image, record: next }]
+            vec![Action::ApplyImage { deployment: key.clone(), uid: uid.clone(), image, record: next }]
         },
-        || revert(&key, Some(record), Some(marker)),
+        || revert(&key, &uid, Some(record), Some(marker)),
     );
     let plan = match &plan.problem {
         Some(p) if plan.rolled_back => {
@@ -448,7 +507,7 @@ fn controller_health(d: &Deployment) -> Health {
 
 /// Everything that puts one controller back as recorded: ConfigMap first, then the Deployment, whose
 /// record goes last so that a crash halfway leaves enough to finish the job.
-fn revert(deployment: &ObjectKey, record: Option<&Record>, rolled_back: Option<String>) -> Vec<Action> {
+fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_back: Option<String>) -> Vec<Action> {
     let mut actions = Vec::new();
     if let Some(record) = record {
         actions.push(Action::RestoreConfig {
@@ -459,6 +518,7 @@ fn revert(deployment: &ObjectKey, record: Option<&Record>, rolled_back: Option<S
     }
     actions.push(Action::RestoreDeployment {
         deployment: deployment.clone(),
+        uid: uid.to_string(),
         image: record.and_then(|r| r.original_image.clone()),
         keep: None,
         rolled_back,
@@ -466,11 +526,13 @@ fn revert(deployment: &ObjectKey, record: Option<&Record>, rolled_back: Option<S
     actions
 }
 
-/// The Deployments the edge layer must look at for a policy: those its `spec.ingress` selects, and
-/// those it changed before (labelled with its name), which may have left the selection.
+/// The Deployments the edge layer must look at for a policy: those its `spec.ingress` selects, those
+/// it changed before (labelled with its name), which may have left the selection, and those its ledger
+/// entries name; each with its record from the ledger in `operator_namespace`.
 pub async fn observe(
     client: &Client,
     policy: PolicyView<'_>,
+    operator_namespace: &str,
     claimant: impl Fn(&Deployment) -> Option<String>,
 ) -> Result<Vec<Observed>, kube::Error> {
     let mut found: BTreeMap<ObjectKey, Observed> = BTreeMap::new();
@@ -485,7 +547,7 @@ pub async fn observe(
             let claimed_by = claimant(&d);
             found.insert(
                 ObjectKey::of(&d.metadata),
-                Observed { deployment: d, config_map: None, selected: true, claimed_by },
+                Observed { deployment: d, selected: true, claimed_by, ..Default::default() },
             );
         }
     }
@@ -493,9 +555,27 @@ pub async fn observe(
     for d in Api::<Deployment>::all(client.clone()).list(&labelled).await? {
         found.entry(ObjectKey::of(&d.metadata)).or_insert(Observed { deployment: d, ..Default::default() });
     }
-    for target in found.values_mut() {
-        if let Some((_, key)) = config_map_ref(&target.deployment) {
-            target.config_map = Api::<ConfigMap>::namespaced(client.clone(), &key.namespace).get_opt(&key.name).await?;
+    let ledger = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace).get_opt(LEDGER).await?;
+    let mut entries = ledger_entries(ledger.as_ref());
+    // Controllers this policy recorded that carry its label no more (a revert that stopped halfway).
+    for record in entries.values().flatten().filter(|r| r.policy == policy.name) {
+        if !found.contains_key(&record.deployment) {
+            let api = Api::<Deployment>::namespaced(client.clone(), &record.deployment.namespace);
+            if let Some(d) = api.get_opt(&record.deployment.name).await? {
+                found.insert(record.deployment.clone(), Observed { deployment: d, ..Default::default() });
+            }
+        }
+    }
+    for (key, target) in found.iter_mut() {
+        // The entry of this very Deployment: same UID, and recorded for the same namespace and name.
+        let uid = target.deployment.metadata.uid.clone().unwrap_or_default();
+        target.record = match entries.remove(&uid) {
+            Some(Ok(record)) if record.deployment == *key => Ok(Some(record)),
+            Some(Ok(_)) | None => Ok(None),
+            Some(Err(e)) => Err(e),
+        };
+        if let Some((_, cm)) = config_map_ref(&target.deployment).filter(|(_, cm)| cm.namespace == key.namespace) {
+            target.config_map = Api::<ConfigMap>::namespaced(client.clone(), &cm.namespace).get_opt(&cm.name).await?;
         }
     }
     Ok(found.into_values().collect())
@@ -574,7 +654,7 @@ mod tests {
     }
 
     fn observed(d: Deployment, cm: Option<ConfigMap>) -> Observed {
-        Observed { deployment: d, config_map: cm, selected: true, claimed_by: None }
+        Observed { deployment: d, config_map: cm, selected: true, ..Default::default() }
     }
 
     /// The state after the plan's actions took effect, as the API server would hold it.
@@ -582,9 +662,7 @@ mod tests {
         for action in actions {
             match action {
                 Action::Record { record, .. } => {
-                    t.deployment
-                        .annotations_mut()
-                        .insert(RECORD_ANNOTATION.into(), serde_json::to_string(record).unwrap());
+                    t.record = Ok(Some(record.clone()));
                     t.deployment.labels_mut().insert(POLICY_LABEL.into(), record.policy.clone());
                 }
                 Action::ApplyConfig { data, policy, .. } => {
@@ -593,9 +671,7 @@ mod tests {
                     cm.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
                 }
                 Action::ApplyImage { image, record, .. } => {
-                    t.deployment
-                        .annotations_mut()
-                        .insert(RECORD_ANNOTATION.into(), serde_json::to_string(record).unwrap());
+                    t.record = Ok(Some(record.clone()));
                     set_image(&mut t.deployment, &image.image);
                 }
                 other => panic!("unexpected {other:?}"),
@@ -877,5 +953,38 @@ mod tests {
             "{:?}",
             revert.actions
         );
+    }
+
+    #[test]
+    fn a_forged_record_on_a_tenants_deployment_is_reported_and_chooses_nothing() {
+        let s = spec("");
+        let mut fake = controller("fake", "controller:v1.12.1", true);
+        fake.metadata.namespace = Some("tenant".into());
+        let forged = json!({"policy": "storefront", "deployment": {"namespace": "tenant", "name": "fake"},
+            "configMap": {"namespace": "ingress-nginx", "name": "victim"}, "configMapExisted": false,
+            "originalData": {"x": "evil"}});
+        fake.annotations_mut().insert(RECORD_ANNOTATION.into(), forged.to_string());
+        fake.labels_mut().insert(POLICY_LABEL.into(), "storefront".into());
+        // Labelled with the policy's name but not selected, and no ledger entry of its own.
+        let t = Observed { deployment: fake, ..Default::default() };
+        let p = plan(view(&s), &[t], NOW);
+        assert!(
+            p.actions.iter().all(|a| !matches!(a, Action::RestoreConfig { .. } | Action::ApplyConfig { .. })),
+            "{:?}",
+            p.actions
+        );
+        assert_eq!(p.report.problems[0].reason, reasons::FORGED_RECORD);
+        assert!(p.report.problems[0].message.contains("tenant/fake"));
+    }
+
+    #[test]
+    fn a_config_map_outside_the_controllers_namespace_is_never_written() {
+        let s = spec("");
+        let mut d = controller("c", "controller:v1.12.1", true);
+        let args = vec!["/nginx-ingress-controller".to_string(), "--configmap=kube-system/coredns".to_string()];
+        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args = Some(args);
+        let p = plan(view(&s), &[observed(d, None)], NOW);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.report.problems[0].reason, reasons::CONFIG_MAP_OUTSIDE_NAMESPACE);
     }
 }

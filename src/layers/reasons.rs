@@ -20,6 +20,11 @@ pub const DEPLOYMENT_PAUSED: &str = "DeploymentPaused";
 pub const CHANGED_BY_OWNER: &str = "ChangedByOwner";
 /// The ingress controller names no ConfigMap (`--configmap`).
 pub const CONFIG_MAP_ARGUMENT_MISSING: &str = "ConfigMapArgumentMissing";
+/// The ingress controller's `--configmap` names a ConfigMap outside its own namespace.
+pub const CONFIG_MAP_OUTSIDE_NAMESPACE: &str = "ConfigMapOutsideNamespace";
+/// A target carries a crosstrace record crosstrace did not write (a forgery, or a leftover of an older
+/// version): reported and ignored.
+pub const FORGED_RECORD: &str = "ForgedRecord";
 /// The ingress controller has no available replica.
 pub const TARGET_NOT_AVAILABLE: &str = "TargetNotAvailable";
 
