@@ -46,6 +46,11 @@ pub fn request_timeouts(config: Config) -> Config {
     config
 }
 
+/// The agent's one client, configured from the environment: it also watches, so no read timeout.
+pub async fn agent() -> anyhow::Result<Client> {
+    Ok(Client::try_from(watch_timeouts(Config::infer().await?))?)
+}
+
 impl Clients {
     /// The controller's clients, configured from the environment (in-cluster, or `KUBECONFIG`).
     pub async fn infer() -> anyhow::Result<Self> {

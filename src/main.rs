@@ -182,9 +182,7 @@ async fn main() -> anyhow::Result<()> {
         Role::Crds { out_dir } => write_crds(out_dir),
         Role::Agent(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-agent")?;
-            // One client, which also watches: connect and write timeouts (see `clients`).
-            let config = kube::Config::infer().await.context("connecting to the Kubernetes API")?;
-            let client = kube::Client::try_from(clients::watch_timeouts(config))?;
+            let client = clients::agent().await.context("connecting to the Kubernetes API")?;
             crosstrace::agent::run_with_client(client, args, shutdown_signal()).await
         }
         Role::Controller(args) => {
