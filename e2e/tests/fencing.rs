@@ -67,13 +67,15 @@ async fn injected(client: &Client, ns: &str) -> usize {
     list.iter().filter(|d| d.annotations().contains_key(RECORD_ANNOTATION)).count()
 }
 
-/// The lease's holder, and when the others may take it over (its `renewTime` + its duration).
-async fn lease(client: &Client) -> (String, Timestamp) {
-    let lease = Api::<Lease>::namespaced(client.clone(), "crosstrace-system").get("crosstrace-controller").await;
-    let spec = lease.expect("the leader lease").spec.expect("a lease spec");
-    let renewed = spec.renew_time.expect("a renewTime").0;
+/// The lease's holder, and when the others may take it over (its `renewTime` + its duration); `None`
+/// while nobody holds it.
+async fn lease(client: &Client) -> Option<(String, Timestamp)> {
+    let leases = Api::<Lease>::namespaced(client.clone(), "crosstrace-system");
+    let spec = leases.get_opt("crosstrace-controller").await.expect("reading the leader lease")?.spec?;
+    let renewed = spec.renew_time?.0;
     let seconds = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS as i32));
-    (spec.holder_identity.unwrap_or_default(), renewed + SignedDuration::from_secs(seconds))
+    let holder = spec.holder_identity.filter(|h| !h.is_empty())?;
+    Some((holder, renewed + SignedDuration::from_secs(seconds)))
 }
 
 /// A replica's Lease identity is `<hostname>-<pid>`.
@@ -81,26 +83,36 @@ fn holds(holder: &str, process: &ControllerProcess) -> bool {
     holder.ends_with(&format!("-{}", process.pid()))
 }
 
-/// What a controller's JSON log says about its writes: those logged at or after `moved_at`, and how
-/// many writes its fence refused.
-fn writes_since(log: &str, moved_at: Timestamp) -> (Vec<String>, usize) {
-    let mut late = Vec::new();
-    let mut refused = 0;
+/// What a controller's JSON log says about its writes, by `moved_at`.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Writes logged before.
+    before: usize,
+    /// Writes logged at or after, whole log lines.
+    late: Vec<String>,
+    /// Writes its fence refused.
+    refused: usize,
+}
+
+fn writes_by(log: &str, moved_at: Timestamp) -> Writes {
+    let mut writes = Writes::default();
     for line in log.lines() {
         let Ok(entry) = serde_json::from_str::<Value>(line) else { continue };
         let message = entry["fields"]["message"].as_str().unwrap_or_default();
         let error = entry["fields"]["error"].as_str().unwrap_or_default();
         if error.contains("may no longer hold the leader lease") {
-            refused += 1;
+            writes.refused += 1;
         }
         if message == "API write" {
             let at: Timestamp = entry["timestamp"].as_str().expect("a timestamp").parse().expect("RFC 3339");
             if at >= moved_at {
-                late.push(line.to_string());
+                writes.late.push(line.to_string());
+            } else {
+                writes.before += 1;
             }
         }
     }
-    (late, refused)
+    writes
 }
 
 /// Waits for the resumed leader to exit: its renewal finds the fence closed and gives the lease up.
@@ -135,7 +147,7 @@ async fn a_frozen_leader_makes_no_write_after_its_lease_could_have_moved() {
     let mut refused_in_all = 0;
     for round in 0..ROUNDS {
         let (holder, _) = eventually("a leader", || async {
-            let (holder, until) = lease(&client).await;
+            let (holder, until) = lease(&client).await?;
             (replicas.iter().any(|r| holds(&holder, r)) && until > Timestamp::now()).then_some((holder, until))
         })
         .await;
@@ -157,14 +169,14 @@ async fn a_frozen_leader_makes_no_write_after_its_lease_could_have_moved() {
         leader.signal("STOP");
         // A renewal already on its way lands before the lease is read.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (still, moved_at) = lease(&client).await;
+        let (still, moved_at) = lease(&client).await.expect("the frozen replica's lease");
         assert_eq!(still, holder, "round {round}: the frozen replica still holds the lease");
         // The user deletes the policy while the leader is frozen: the standby must revert, and the old
         // leader must not write injections for it once it resumes.
         delete_if_exists(&Api::<crosstrace::api::TracingPolicy>::all(client.clone()), &name).await;
         eventually(&format!("round {round}: the standby took the lease over"), || async {
-            let (now_holder, _) = lease(&client).await;
-            (now_holder != holder && !now_holder.is_empty() && Timestamp::now() > moved_at).then_some(())
+            let (now_holder, _) = lease(&client).await?;
+            (now_holder != holder && Timestamp::now() > moved_at).then_some(())
         })
         .await;
 
@@ -172,13 +184,15 @@ async fn a_frozen_leader_makes_no_write_after_its_lease_could_have_moved() {
         let status = exit_of(&mut leader, round).await;
         let log = leader.log();
         assert!(!status.success(), "round {round}: a leader that lost its lease exits with an error\n{log}");
-        let (late, refused) = writes_since(&log, moved_at);
+        let writes = writes_by(&log, moved_at);
+        eprintln!("round {round}: lease could move at {moved_at}; {writes:?}");
+        assert!(writes.before > 0, "round {round}: the leader was writing before it was frozen\n{log}");
         assert!(
-            late.is_empty(),
+            writes.late.is_empty(),
             "round {round}: the frozen leader wrote after its lease could have moved ({moved_at}):\n{}",
-            late.join("\n")
+            writes.late.join("\n")
         );
-        refused_in_all += refused;
+        refused_in_all += writes.refused;
 
         delete_policy_and_wait(&client, &name).await;
         assert_eq!(injected(&client, &ns.name).await, 0, "round {round}: every injection is reverted");
