@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod clients;
 pub mod controller;
 pub mod crashpoint;
 pub mod http;

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use crosstrace::clients::{self, Clients};
 use crosstrace::controller::{self, Settings};
 use crosstrace::http::{self, Admin};
-use crosstrace::leader::{self, LeaseSettings};
+use crosstrace::leader::{self, Fence, LeaseSettings};
 use crosstrace::metrics::Metrics;
 use crosstrace::telemetry::{self, LogFormat};
 use futures::FutureExt;
@@ -62,8 +63,9 @@ struct ControllerArgs {
     /// Collector image of the workload sidecar when a policy names none.
     #[arg(long, default_value = controller::DEFAULT_SIDECAR_IMAGE, env = "CROSSTRACE_SIDECAR_IMAGE")]
     sidecar_image: String,
-    /// Seconds a lease stays valid without renewal.
-    #[arg(long, default_value_t = 15)]
+    /// Seconds a lease stays valid without renewal. The leader stops writing a third of it (at least
+    /// 2 s) before another replica could take the lease over.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(leader::MIN_LEASE_DURATION.as_secs()..=3600))]
     lease_duration: u64,
     /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -85,7 +87,8 @@ async fn shutdown_signal() {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let clients = Clients::infer().await.context("connecting to the Kubernetes API")?;
+    let client = clients.requests.clone();
     let version = client.apiserver_version().await.context("reaching the Kubernetes API server")?;
     // Native sidecars (init containers with restartPolicy Always) are on by default since 1.29.
     let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
@@ -113,6 +116,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let fence = leadership.as_ref().map_or_else(Fence::open, |l| l.fence.clone());
 
     let mut settings = Settings {
         concurrency: args.concurrency,
@@ -138,7 +142,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        _ = controller::run(client, settings, metrics, stop) => {}
+        _ = controller::run(clients, settings, metrics, fence, stop) => {}
         result = server => { result??; }
     }
     match leadership {
@@ -178,7 +182,8 @@ async fn main() -> anyhow::Result<()> {
         Role::Crds { out_dir } => write_crds(out_dir),
         Role::Agent(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-agent")?;
-            crosstrace::agent::run(args, shutdown_signal()).await
+            let client = clients::agent().await.context("connecting to the Kubernetes API")?;
+            crosstrace::agent::run_with_client(client, args, shutdown_signal()).await
         }
         Role::Controller(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-controller")?;

@@ -1,5 +1,6 @@
-//! Request sequences of the edge layer against a mocked API server: what is written, in which order,
-//! with which patch type and field manager. (Behaviour on a real API server is the e2e suite's job.)
+//! Request sequences against a mocked API server: what the edge and workload layers write, in which
+//! order, with which patch type and field manager; and that nothing at all goes out behind a closed
+//! leader fence, even a retry after a 429. (Behaviour on a real API server is the e2e suite's job.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use crosstrace::controller::apply::{self, Writer};
 use crosstrace::layers::ObjectKey;
 use crosstrace::layers::ingress::{Action, ContainerImage, Record};
+use crosstrace::leader::Fence;
 use crosstrace::metrics::Metrics;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
@@ -18,9 +20,13 @@ use serde_json::{Value, json};
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 fn mocked() -> (Writer, Handle, Arc<Metrics>) {
+    mocked_behind(Fence::open())
+}
+
+fn mocked_behind(fence: Fence) -> (Writer, Handle, Arc<Metrics>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let metrics = Arc::new(Metrics::default());
-    let writer = Writer { client: Client::new(service, "default"), metrics: metrics.clone() };
+    let writer = Writer::new(Client::new(service, "default"), metrics.clone(), fence);
     (writer, handle, metrics)
 }
 
@@ -379,6 +385,115 @@ async fn the_first_failed_write_stops_the_rest() {
         Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap())).unwrap(),
     );
     let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
-    assert!(matches!(result, Err(kube::Error::Api(ref e)) if e.code == 403), "{result:?}");
+    assert!(matches!(result, Err(apply::Error::Kube(kube::Error::Api(ref e))) if e.code == 403), "{result:?}");
     assert!(next_within(&mut handle).await.is_none(), "no write after the failure");
+}
+
+// ---- the leader fence ----
+
+use std::time::Instant;
+
+fn writes_counted(metrics: &Metrics) -> f64 {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("crosstrace_api_writes_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// A fence that was renewed long ago and has closed since (a replica resumed after being stopped).
+fn lapsed() -> Fence {
+    let fence = Fence::closed();
+    fence.renewed(Instant::now(), Duration::from_millis(30), Duration::from_millis(10));
+    std::thread::sleep(Duration::from_millis(30));
+    fence
+}
+
+#[tokio::test]
+async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
+    let (writer, mut handle, metrics) = mocked_behind(lapsed());
+    let actions = vec![collector_config("shop"), inject("a"), inject("b")];
+    let result = apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60))).await;
+    assert!(matches!(result, Err(apply::Error::Fenced { verb: "apply", .. })), "{result:?}");
+    assert!(next_within(&mut handle).await.is_none(), "no request reached the API server");
+    assert_eq!(writes_counted(&metrics), 0.0, "nothing counted as written");
+}
+
+#[tokio::test]
+async fn a_replica_whose_fence_closed_neither_patches_nor_deletes() {
+    let (writer, mut handle, _) = mocked_behind(lapsed());
+    let r = record();
+    let edge = vec![
+        Action::Record { deployment: ObjectKey::new("ingress-nginx", "c"), uid: UID.into(), record: r.clone() },
+        Action::RestoreDeployment {
+            deployment: ObjectKey::new("ingress-nginx", "c"),
+            uid: UID.into(),
+            image: r.original_image.clone(),
+            keep: None,
+            rolled_back: None,
+        },
+    ];
+    assert!(matches!(
+        apply::ingress(&writer, &edge, "crosstrace-system").await,
+        Err(apply::Error::Fenced { verb: "patch", .. })
+    ));
+    let config_maps = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(writer.client.clone(), "shop");
+    assert!(matches!(writer.delete(&config_maps, "x").await, Err(apply::Error::Fenced { verb: "delete", .. })));
+    assert!(next_within(&mut handle).await.is_none(), "no request reached the API server");
+}
+
+/// A writer whose client retries as kube's default client does (429, 503, 504; `Retry-After`).
+fn mocked_with_kube_retry(fence: Fence) -> (Writer, Handle) {
+    use tower::Layer;
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let retrying = tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()).layer(service);
+    (Writer::new(Client::new(retrying, "default"), Arc::new(Metrics::default()), fence), handle)
+}
+
+fn too_many_requests(retry_after_seconds: u32) -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "Too many requests, please try again later.", "reason": "TooManyRequests", "code": 429});
+    Response::builder()
+        .status(429)
+        .header("Retry-After", retry_after_seconds.to_string())
+        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_the_api_server_s_retry_after() {
+    let (writer, mut handle) = mocked_with_kube_retry(Fence::open());
+    let write = tokio::spawn(async move {
+        let api = kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(writer.client.clone(), "shop");
+        writer.apply(&api, "a", json!({"apiVersion": "apps/v1", "kind": "Deployment"})).await.map(drop)
+    });
+    let (_, send) = next_within(&mut handle).await.expect("the write");
+    let throttled = Instant::now();
+    send.send_response(too_many_requests(1));
+    let (request, send) =
+        tokio::time::timeout(Duration::from_secs(3), handle.next_request()).await.expect("retried").expect("a request");
+    assert!(throttled.elapsed() >= Duration::from_millis(950), "retried after {:?}", throttled.elapsed());
+    assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
+    ok(send, &deployment_reply());
+    write.await.unwrap().expect("written on the retry");
+}
+
+#[tokio::test]
+async fn no_retry_goes_out_once_the_fence_has_closed_during_a_retry_after() {
+    let fence = Fence::closed();
+    // Open for 500 ms: the API server's Retry-After of 1 s ends after the fence.
+    fence.renewed(Instant::now(), Duration::from_millis(600), Duration::from_millis(100));
+    let (writer, mut handle) = mocked_with_kube_retry(fence);
+    let write = tokio::spawn(async move {
+        let api = kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(writer.client.clone(), "shop");
+        writer.apply(&api, "a", json!({"apiVersion": "apps/v1", "kind": "Deployment"})).await.map(drop)
+    });
+    let (_, send) = next_within(&mut handle).await.expect("the write, while the fence is open");
+    send.send_response(too_many_requests(1));
+    let result = tokio::time::timeout(Duration::from_secs(2), write).await.expect("in time").unwrap();
+    assert!(matches!(result, Err(apply::Error::Fenced { .. })), "{result:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), handle.next_request()).await.ok().flatten().is_none(),
+        "the retry was never sent"
+    );
 }

@@ -146,6 +146,22 @@ impl ControllerProcess {
             .unwrap_or_default()
     }
 
+    /// The process id (in the Lease, a replica's identity ends with it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. `STOP`, `CONT`) to this process, and to no other.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {}", self.child.id());
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Whether the process has ended (by itself).
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))

@@ -1,5 +1,7 @@
 //! Apply: every write the controller makes goes through [`Writer`], which uses the `crosstrace` field
-//! manager and counts the write in the metrics (so "a converged policy makes zero writes" is checkable).
+//! manager, counts the write in the metrics (so "a converged policy makes zero writes" is checkable),
+//! and sends it only while this replica's leader [`Fence`] is open (so a replica that may have lost
+//! the lease, e.g. one resumed after being stopped, writes nothing).
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -10,8 +12,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::events::{Event, Recorder};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -19,77 +22,136 @@ use serde_json::{Map, Value, json};
 use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
 use crate::layers::ingress::{self, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, network, workloads};
+use crate::leader::{Fence, Fenced};
 use crate::metrics::Metrics;
 
-/// Writes to the API server, counted.
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Not sent: this replica may no longer hold the leader lease.
+    #[error("{verb} of {resource} not sent: {source}")]
+    Fenced {
+        verb: &'static str,
+        resource: String,
+        #[source]
+        source: Fenced,
+    },
+}
+
+/// How long the API server asked to wait before trying again: the `retryAfterSeconds` of its
+/// `Status` (a 429 from the storage layer or an eviction carries it; APF's 429s carry only the header,
+/// which kube's own retry honours).
+pub fn retry_after(error: &kube::Error) -> Option<Duration> {
+    match error {
+        kube::Error::Api(status) => {
+            let seconds = status.details.as_ref().map_or(0, |d| d.retry_after_seconds);
+            (seconds > 0).then(|| Duration::from_secs(u64::from(seconds)))
+        }
+        _ => None,
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Writes to the API server, counted, behind the leader fence.
+///
+/// The client should not retry by itself beyond what the fence allows: [`Fence::guard`] abandons a
+/// write (and kube's retries of it after a 429 `Retry-After`, 503 or 504) the moment the fence closes.
 #[derive(Clone)]
 pub struct Writer {
     pub client: Client,
     pub metrics: Arc<Metrics>,
+    pub fence: Fence,
 }
 
 impl Writer {
-    pub fn count<K: Resource<DynamicType = ()>>(&self, verb: &str) {
-        self.metrics.write(verb, &K::plural(&()));
+    pub fn new(client: Client, metrics: Arc<Metrics>, fence: Fence) -> Self {
+        Self { client, metrics, fence }
+    }
+
+    /// Sends `request` (a `verb` on `resource`) if, and while, the fence is open; counts and logs it.
+    /// The typed methods below use it; a request they do not cover (e.g. on a `DynamicObject`) too.
+    pub async fn send<T>(
+        &self,
+        verb: &'static str,
+        resource: &str,
+        request: impl Future<Output = kube::Result<T>>,
+    ) -> Result<T> {
+        let fenced = |source| Error::Fenced { verb, resource: resource.to_string(), source };
+        self.fence.check().map_err(fenced)?;
+        self.metrics.write(verb, resource);
+        Ok(self.fence.guard(request).await.map_err(fenced)??)
     }
 
     /// Server-side apply, forcing ownership of exactly the fields in `patch`.
-    pub async fn apply<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    pub async fn apply<K>(&self, api: &Api<K>, name: &str, patch: Value) -> Result<K>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
-        self.count::<K>("apply");
-        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.send("apply", &K::plural(&()), api.patch(name, &params, &Patch::Apply(&patch))).await
     }
 
     /// Server-side apply to the status subresource.
-    pub async fn apply_status<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    pub async fn apply_status<K>(&self, api: &Api<K>, name: &str, patch: Value) -> Result<K>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
-        self.count::<K>("apply_status");
-        api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.send("apply_status", &K::plural(&()), api.patch_status(name, &params, &Patch::Apply(&patch))).await
     }
 
     /// JSON merge patch (RFC 7386): `null` removes a key.
-    pub async fn merge<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    pub async fn merge<K>(&self, api: &Api<K>, name: &str, patch: Value) -> Result<K>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
-        self.count::<K>("patch");
-        api.patch(
-            name,
-            &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
-            &Patch::Merge(&patch),
-        )
-        .await
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        self.send("patch", &K::plural(&()), api.patch(name, &params, &Patch::Merge(&patch))).await
     }
 
     /// Strategic merge patch (lists merged by their key, e.g. containers by name).
-    pub async fn strategic<K>(&self, api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+    pub async fn strategic<K>(&self, api: &Api<K>, name: &str, patch: Value) -> Result<K>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
-        self.count::<K>("patch");
-        api.patch(
-            name,
-            &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
-            &Patch::Strategic(&patch),
-        )
-        .await
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        self.send("patch", &K::plural(&()), api.patch(name, &params, &Patch::Strategic(&patch))).await
     }
 
     /// Deletes; an object already gone is fine.
-    pub async fn delete<K>(&self, api: &Api<K>, name: &str) -> kube::Result<()>
+    pub async fn delete<K>(&self, api: &Api<K>, name: &str) -> Result<()>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
-        self.count::<K>("delete");
-        match api.delete(name, &DeleteParams::default()).await {
+        self.delete_with(api, name, DeleteParams::default()).await
+    }
+
+    /// Deletes the object only while it still has `resource_version` (when given); gone is fine.
+    pub async fn delete_at_version<K>(&self, api: &Api<K>, name: &str, resource_version: Option<String>) -> Result<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        let preconditions = Preconditions { resource_version, uid: None };
+        self.delete_with(api, name, DeleteParams { preconditions: Some(preconditions), ..Default::default() }).await
+    }
+
+    async fn delete_with<K>(&self, api: &Api<K>, name: &str, params: DeleteParams) -> Result<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        match self.send("delete", &K::plural(&()), api.delete(name, &params)).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Publishes an Event about `regarding` through `recorder` (which should use this writer's client).
+    pub async fn event(&self, recorder: &Recorder, event: &Event, regarding: &ObjectReference) -> Result<()> {
+        self.send("create", "events", recorder.publish(event, regarding)).await
     }
 }
 
@@ -103,7 +165,7 @@ fn record_json(record: &ingress::Record) -> String {
 
 /// Runs the edge layer's actions in order; the first failure stops the rest (the next reconcile
 /// picks up from what is observed then). Records go to the ledger in `operator_namespace`.
-pub async fn ingress(writer: &Writer, actions: &[ingress::Action], operator_namespace: &str) -> kube::Result<()> {
+pub async fn ingress(writer: &Writer, actions: &[ingress::Action], operator_namespace: &str) -> Result<()> {
     let ledger = Api::<ConfigMap>::namespaced(writer.client.clone(), operator_namespace);
     for action in actions {
         ingress_action(writer, &ledger, action).await?;
@@ -118,10 +180,10 @@ async fn ledger_entry(
     ledger: &Api<ConfigMap>,
     uid: &str,
     record: Option<&ingress::Record>,
-) -> kube::Result<()> {
+) -> Result<()> {
     let value = record.map(record_json);
     match writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await {
-        Err(kube::Error::Api(e)) if e.code == 404 && value.is_some() => {
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 && value.is_some() => {
             let create = json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
@@ -130,12 +192,12 @@ async fn ledger_entry(
             writer.apply(ledger, LEDGER, create).await?;
             writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await.map(drop)
         }
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
         other => other.map(drop),
     }
 }
 
-async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingress::Action) -> kube::Result<()> {
+async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingress::Action) -> Result<()> {
     use ingress::Action::*;
     let client = &writer.client;
     match action {
@@ -210,7 +272,7 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
 }
 
 /// Server-side apply to a workload of any supported kind.
-async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, patch: Value) -> kube::Result<()> {
+async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, patch: Value) -> Result<()> {
     let client = writer.client.clone();
     match kind {
         WorkloadKind::Deployment => {
@@ -259,10 +321,10 @@ impl Written {
 /// actions of a phase with up to `pace.concurrency` in flight. No action but the first starts once
 /// `pace.budget` has passed (a later phase never starts while an earlier one is unfinished), and the
 /// first failure stops the rest.
-async fn paced<'a, A, F, Fut>(actions: &'a [A], pace: Pace, phase: impl Fn(&A) -> u8, write: F) -> kube::Result<Written>
+async fn paced<'a, A, F, Fut>(actions: &'a [A], pace: Pace, phase: impl Fn(&A) -> u8, write: F) -> Result<Written>
 where
     F: Fn(&'a A) -> Fut,
-    Fut: Future<Output = kube::Result<()>>,
+    Fut: Future<Output = Result<()>>,
 {
     let of = actions.len();
     let until = Instant::now() + pace.budget;
@@ -293,7 +355,7 @@ where
 
 /// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
 /// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest.
-pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pace) -> kube::Result<Written> {
+pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pace) -> Result<Written> {
     use workloads::Action::*;
     let phase = |action: &workloads::Action| match action {
         ApplyCollectorConfig { .. } => 0,
@@ -338,7 +400,7 @@ pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pac
 /// Runs the network layer's actions (one per node, independent of each other), paced by `pace`. Every
 /// write carries the resourceVersion it was planned from: a conflict means another policy changed the
 /// node meanwhile, and the reconcile is retried.
-pub async fn network(writer: &Writer, actions: &[network::Action], pace: Pace) -> kube::Result<Written> {
+pub async fn network(writer: &Writer, actions: &[network::Action], pace: Pace) -> Result<Written> {
     let api = &Api::<NodeTracing>::all(writer.client.clone());
     paced(
         actions,
@@ -363,16 +425,7 @@ pub async fn network(writer: &Writer, actions: &[network::Action], pace: Pace) -
                     writer.apply(api, node, patch).await.map(drop)
                 }
                 network::Action::Delete { node, resource_version } => {
-                    writer.count::<NodeTracing>("delete");
-                    let preconditions = Preconditions { resource_version: resource_version.clone(), uid: None };
-                    match api
-                        .delete(node, &DeleteParams { preconditions: Some(preconditions), ..Default::default() })
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                        Err(e) => Err(e),
-                    }
+                    writer.delete_at_version(api, node, resource_version.clone()).await
                 }
             }
         },

@@ -4,13 +4,12 @@
 //! relists and the status write itself (which changes the resourceVersion) do not report again.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, Resource};
+use kube::{Api, Resource};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -19,18 +18,18 @@ use crate::api::conditions::truncate;
 use crate::api::{FIELD_MANAGER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::reasons::INVALID_OBJECT;
 use crate::lenient::Unreadable;
-use crate::metrics::Metrics;
 
+use super::apply::{self, Writer};
 use super::status;
 
 /// Longest Event note kept (the API server refuses more than 1 kB).
 const MAX_NOTE: usize = 1024;
 
-/// Reports the unreadable objects its [`Inbox`] receives, one at a time.
+/// Reports the unreadable objects its [`Inbox`] receives, one at a time; writes through the [`Writer`]
+/// (behind the leader fence) like every other write of the controller.
 pub struct Reporter {
-    client: Client,
+    writer: Writer,
     recorder: Recorder,
-    metrics: Arc<Metrics>,
     received: mpsc::UnboundedReceiver<Box<Unreadable>>,
     /// The generation last reported, per uid.
     reported: HashMap<String, i64>,
@@ -50,9 +49,9 @@ impl Inbox {
 }
 
 impl Reporter {
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> (Self, Inbox) {
+    pub fn new(writer: Writer, recorder: Recorder) -> (Self, Inbox) {
         let (sender, received) = mpsc::unbounded_channel();
-        (Self { client, recorder, metrics, received, reported: HashMap::new() }, Inbox(sender))
+        (Self { writer, recorder, received, reported: HashMap::new() }, Inbox(sender))
     }
 
     /// Reports every object received until every [`Inbox`] is gone.
@@ -90,26 +89,26 @@ impl Reporter {
             action: "Read".into(),
             secondary: None,
         };
-        self.metrics.write("create", "events");
-        if let Err(error) = self.recorder.publish(&event, &reference(u)).await {
+        if let Err(error) = self.writer.event(&self.recorder, &event, &reference(u)).await {
             warn!(%error, "could not publish an event");
         }
     }
 
     /// Writes `Ready=False` with [`INVALID_OBJECT`] into the policy's status, on top of the status it
     /// has (when that can be read); nothing when it already says so.
-    async fn mark_not_ready(&self, u: &Unreadable, generation: i64) -> kube::Result<()> {
+    async fn mark_not_ready(&self, u: &Unreadable, generation: i64) -> apply::Result<()> {
         let previous =
             u.object.data.get("status").and_then(|s| serde_json::from_value::<TracingPolicyStatus>(s.clone()).ok());
         let next = status::unusable(previous.as_ref(), generation, INVALID_OBJECT, &u.message(), Timestamp::now());
         if previous.as_ref() == Some(&next) {
             return Ok(());
         }
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &ApiResource::erase::<TracingPolicy>(&()));
+        let api = Api::<DynamicObject>::all_with(self.writer.client.clone(), &ApiResource::erase::<TracingPolicy>(&()));
         let patch = json!({"apiVersion": u.api_version, "kind": u.kind, "status": next});
-        self.metrics.write("apply_status", &TracingPolicy::plural(&()));
-        api.patch_status(&u.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-        Ok(())
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let patch = Patch::Apply(&patch);
+        let request = api.patch_status(&u.name, &params, &patch);
+        self.writer.send("apply_status", &TracingPolicy::plural(&()), request).await.map(drop)
     }
 }
 
@@ -136,7 +135,11 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+    use crate::leader::Fence;
     use crate::lenient::read;
+    use crate::metrics::Metrics;
+    use kube::Client;
+    use std::sync::Arc;
 
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -156,7 +159,8 @@ mod tests {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let recorder = Recorder::new(client.clone(), EventReporter { controller: "crosstrace".into(), instance: None });
-        let (reporter, inbox) = Reporter::new(client, recorder, Arc::new(Metrics::default()));
+        let writer = Writer::new(client, Arc::new(Metrics::default()), Fence::open());
+        let (reporter, inbox) = Reporter::new(writer, recorder);
         let server = tokio::spawn(echo(handle));
         let mut sink = inbox.sink();
         objects.into_iter().for_each(&mut sink);

@@ -1,6 +1,7 @@
 //! The operator: wiring of watches, the shared [`Context`], and the run loop.
 
 pub mod apply;
+pub mod backoff;
 pub mod invalid;
 pub mod reconcile;
 pub mod status;
@@ -26,7 +27,9 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::api::TracingPolicy;
 use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
+use crate::clients::Clients;
 use crate::layers::{ingress, matches, network, selector, workloads};
+use crate::leader::Fence;
 use crate::lean::Meta;
 use crate::lenient;
 use crate::metrics::Metrics;
@@ -110,6 +113,8 @@ pub struct Context {
     pub settings: Settings,
     /// The status last written per policy uid: the reflector's copy may not show it yet.
     pub written: Mutex<HashMap<String, TracingPolicyStatus>>,
+    /// Failure streaks per policy uid: how long a failed reconcile waits.
+    pub retries: backoff::RetryBackoff,
 }
 
 /// The policies a changed Deployment concerns: the one whose edge label it carries, every policy
@@ -176,20 +181,25 @@ fn policy_of_config_map(cm: ConfigMap, label: &str) -> Option<ObjectRef<TracingP
     cm.labels().get(label).map(|p| ObjectRef::new(p))
 }
 
-/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. Watches use
+/// `clients.watches`, everything else `clients.requests`; every write goes out only while `fence` is
+/// open.
 pub async fn run(
-    client: Client,
+    clients: Clients,
     settings: Settings,
     metrics: Arc<Metrics>,
+    fence: Fence,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let Clients { watches: client, requests } = clients;
+    let writer = Writer::new(requests.clone(), metrics.clone(), fence);
     // TracingPolicies and NodeTracings are watched leniently: one that cannot be read (stored while the
     // CRD was looser) is reported on itself and skipped instead of failing every list.
     let recorder = Recorder::new(
-        client.clone(),
+        requests.clone(),
         Reporter { controller: "crosstrace".into(), instance: std::env::var("POD_NAME").ok() },
     );
-    let (reporter, unreadable) = invalid::Reporter::new(client.clone(), recorder.clone(), metrics.clone());
+    let (reporter, unreadable) = invalid::Reporter::new(writer.clone(), recorder.clone());
     let (policy_store, policy_writer) = reflector::store();
     let any = watcher::Config::default().any_semantic();
     let policies = lenient::typed(lenient::watch::<TracingPolicy>(client.clone(), any.clone()), unreadable.sink())
@@ -210,13 +220,14 @@ pub async fn run(
     let namespace_store = store.clone();
     let node_store = store.clone();
     let context = Arc::new(Context {
-        writer: Writer { client: client.clone(), metrics: metrics.clone() },
+        writer,
         recorder,
-        client: client.clone(),
+        client: requests,
         metrics,
         policies: store,
         settings,
         written: Mutex::default(),
+        retries: backoff::RetryBackoff::default(),
     });
     // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
     // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing

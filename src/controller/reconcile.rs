@@ -31,6 +31,8 @@ use crate::telemetry;
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Write(#[from] super::apply::Error),
     #[error("policy has no name")]
     Unnamed,
 }
@@ -38,10 +40,12 @@ pub enum Error {
 impl Error {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
+        use super::apply::Error::{Fenced, Kube};
         match self {
-            Error::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "transport",
+            Error::Kube(kube::Error::Api(e)) | Error::Write(Kube(kube::Error::Api(e))) if e.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(_)) | Error::Write(Kube(kube::Error::Api(_))) => "api",
+            Error::Kube(_) | Error::Write(Kube(_)) => "transport",
+            Error::Write(Fenced { .. }) => "fenced",
             Error::Unnamed => "invalid",
         }
     }
@@ -54,6 +58,9 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     }
     let started = Instant::now();
     let result = dispatch(&policy, &ctx).await;
+    if result.is_ok() {
+        ctx.retries.succeeded(&policy.uid().unwrap_or_default());
+    }
     ctx.metrics.reconciled(started.elapsed());
     result
 }
@@ -305,18 +312,22 @@ const MAX_NOTE: usize = 1024;
 async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, mut note: String) {
     conditions::truncate(&mut note, MAX_NOTE);
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    ctx.metrics.write("create", "events");
-    if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+    if let Err(error) = ctx.writer.event(&ctx.recorder, &event, &policy.object_ref(&())).await {
         warn!(%error, "could not publish an event");
     }
 }
 
-/// Failed reconciles are retried after a pause, never in a hot loop.
+/// Failed reconciles are retried after a pause that grows with every failure in a row of the policy
+/// (with jitter, see [`super::backoff`]) and is never shorter than an API server's `Retry-After`;
+/// never in a hot loop, and a write refused by the leader fence waits like any other failure.
 pub fn error_policy(policy: Arc<TracingPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.kind());
-    warn!(policy = %policy.name_any(), %error, "reconcile failed; retrying");
-    Action::requeue(match error.kind() {
-        "conflict" => Duration::from_secs(1),
-        _ => Duration::from_secs(10),
-    })
+    let pause = ctx.retries.failed(&policy.uid().unwrap_or_default());
+    let retry_after = match error {
+        Error::Kube(e) | Error::Write(super::apply::Error::Kube(e)) => super::apply::retry_after(e),
+        _ => None,
+    };
+    let pause = pause.max(retry_after.unwrap_or_default());
+    warn!(policy = %policy.name_any(), %error, ?pause, "reconcile failed; retrying");
+    Action::requeue(pause)
 }
