@@ -20,7 +20,7 @@ use super::status::{self, Reports};
 use crate::api::conditions::{self, DEGRADED, PROGRESSING};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress;
-use crate::layers::{ObjectKey, PolicyView, reasons};
+use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
 use crate::layers::{network, workloads};
 use crate::lean::Meta;
 use crate::metrics::LayerLabels;
@@ -29,9 +29,14 @@ use crate::telemetry;
 /// Why a reconcile did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("kubernetes API: {0}")]
+    /// A read outside the layers' observation.
+    #[error("kubernetes API")]
     Kube(#[from] kube::Error),
-    #[error("{0}")]
+    /// A layer could not observe what it needs.
+    #[error("observing the cluster")]
+    Observe(#[from] ObserveError),
+    /// A write failed or was refused (fenced).
+    #[error("writing")]
     Write(#[from] super::apply::Error),
     #[error("policy has no name")]
     Unnamed,
@@ -42,11 +47,13 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         use super::apply::Error::{Fenced, Kube};
         match self {
-            Error::Kube(kube::Error::Api(e)) | Error::Write(Kube(kube::Error::Api(e))) if e.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(_)) | Error::Write(Kube(kube::Error::Api(_))) => "api",
-            Error::Kube(_) | Error::Write(Kube(_)) => "transport",
+            Error::Observe(ObserveError::Selector { .. }) | Error::Unnamed => "invalid",
             Error::Write(Fenced { .. }) => "fenced",
-            Error::Unnamed => "invalid",
+            Error::Kube(e) | Error::Write(Kube(e)) | Error::Observe(ObserveError::Kube(e)) => match e {
+                kube::Error::Api(e) if e.code == 409 => "conflict",
+                kube::Error::Api(_) => "api",
+                _ => "transport",
+            },
         }
     }
 }
@@ -322,12 +329,32 @@ async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason
 /// never in a hot loop, and a write refused by the leader fence waits like any other failure.
 pub fn error_policy(policy: Arc<TracingPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.kind());
+    if error.kind() == "invalid" {
+        // Bad input: nothing to retry until the policy changes (its spec is validated before any
+        // observation, so this is a guard, not a path).
+        warn!(policy = %policy.name_any(), error = %error_chain(error), "policy cannot be used; waiting for a change");
+        return Action::await_change();
+    }
     let pause = ctx.retries.failed(&policy.uid().unwrap_or_default());
     let retry_after = match error {
-        Error::Kube(e) | Error::Write(super::apply::Error::Kube(e)) => super::apply::retry_after(e),
+        Error::Kube(e) | Error::Write(super::apply::Error::Kube(e)) | Error::Observe(ObserveError::Kube(e)) => {
+            super::apply::retry_after(e)
+        }
         _ => None,
     };
     let pause = pause.max(retry_after.unwrap_or_default());
-    warn!(policy = %policy.name_any(), %error, ?pause, "reconcile failed; retrying");
+    warn!(policy = %policy.name_any(), error = %error_chain(error), ?pause, "reconcile failed; retrying");
     Action::requeue(pause)
+}
+
+/// An error with its sources, `a: b: c`, for logs.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }

@@ -534,7 +534,7 @@ pub async fn observe(
     policy: PolicyView<'_>,
     operator_namespace: &str,
     claimant: impl Fn(&Deployment) -> Option<String>,
-) -> Result<Vec<Observed>, kube::Error> {
+) -> Result<Vec<Observed>, super::ObserveError> {
     let mut found: BTreeMap<ObjectKey, Observed> = BTreeMap::new();
     if let Some(ingress) = policy.spec.ingress.as_ref().filter(|_| !policy.deleting) {
         let api: Api<Deployment> = if ingress.namespace.is_empty() {
@@ -542,7 +542,7 @@ pub async fn observe(
         } else {
             Api::namespaced(client.clone(), &ingress.namespace)
         };
-        let selector = ingress_selector(ingress).map_err(|e| kube::Error::Service(e.into()))?;
+        let selector = ingress_selector(ingress).map_err(super::ObserveError::selector("spec.ingress.selector"))?;
         for d in api.list(&ListParams::default().labels_from(&selector)).await? {
             let claimed_by = claimant(&d);
             found.insert(
@@ -584,7 +584,7 @@ pub async fn observe(
 /// The selector of `spec.ingress`, defaulting to the ingress-nginx controller labels.
 pub fn ingress_selector(ingress: &IngressSpec) -> Result<kube::core::Selector, String> {
     match &ingress.selector {
-        Some(s) => super::selector(s).map_err(|e| format!("spec.ingress.selector: {e}")),
+        Some(s) => super::selector(s),
         None => Ok(kube::core::Selector::from_iter(
             DEFAULT_SELECTOR.map(|(k, v)| kube::core::Expression::Equal(k.into(), v.into())),
         )),

@@ -20,6 +20,23 @@ use serde::{Deserialize, Serialize};
 use crate::api::{RolloutSpec, TracingPolicySpec};
 use rollout::Step;
 
+/// Why a layer could not observe what it needs.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error("reading the cluster")]
+    Kube(#[from] kube::Error),
+    /// A selector of the spec the operator cannot use (the schema accepted it): bad input, waits for a
+    /// spec change.
+    #[error("{field}: {message}")]
+    Selector { field: &'static str, message: String },
+}
+
+impl ObserveError {
+    fn selector(field: &'static str) -> impl FnOnce(String) -> Self {
+        move |message| ObserveError::Selector { field, message }
+    }
+}
+
 /// Namespace and name of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectKey {
@@ -324,7 +341,7 @@ pub fn normalize_ratio(ratio: &str) -> String {
 pub fn validate(spec: &TracingPolicySpec) -> Result<(), String> {
     let check = |field: &str, s: &LabelSelector| selector(s).map(drop).map_err(|e| format!("{field}: {e}"));
     if let Some(ingress) = &spec.ingress {
-        ingress::ingress_selector(ingress)?;
+        ingress::ingress_selector(ingress).map_err(|e| format!("spec.ingress.selector: {e}"))?;
     }
     if let Some(w) = &spec.workloads {
         check("spec.workloads.namespaceSelector", &w.namespace_selector)?;

@@ -195,13 +195,12 @@ fn forward(
 }
 
 /// Nodes the policy selects and nodes whose NodeTracing carries something of it.
-pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Observed>, kube::Error> {
+pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Observed>, super::ObserveError> {
     let mut found: BTreeMap<String, Observed> = BTreeMap::new();
     if let Some(network) = policy.spec.network.as_ref().filter(|_| !policy.deleting) {
         let params = match &network.node_selector {
-            Some(s) => ListParams::default().labels_from(
-                &selector(s).map_err(|e| kube::Error::Service(format!("spec.network.nodeSelector: {e}").into()))?,
-            ),
+            Some(s) => ListParams::default()
+                .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.network.nodeSelector"))?),
             None => ListParams::default(),
         };
         for node in Api::<Meta<Node>>::all(client.clone()).list(&params).await? {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodTemplateSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -596,9 +596,9 @@ pub async fn selected_namespaces(
     client: &Client,
     spec: &WorkloadsSpec,
     defaults: &Defaults,
-) -> Result<BTreeSet<String>, kube::Error> {
+) -> Result<BTreeSet<String>, super::ObserveError> {
     let selector = selector(&spec.namespace_selector)
-        .map_err(|e| kube::Error::Service(format!("spec.workloads.namespaceSelector: {e}").into()))?;
+        .map_err(super::ObserveError::selector("spec.workloads.namespaceSelector"))?;
     let namespaces =
         Api::<Meta<Namespace>>::all(client.clone()).list(&ListParams::default().labels_from(&selector)).await?;
     Ok(namespaces
@@ -723,16 +723,15 @@ pub async fn observe(
     policy: PolicyView<'_>,
     defaults: &Defaults,
     claimant: impl Fn(&Workload) -> Option<String>,
-) -> Result<(Vec<Observed>, Vec<ConfigMap>), kube::Error> {
+) -> Result<(Vec<Observed>, Vec<ConfigMap>), super::ObserveError> {
     // What the policy selects, namespace by namespace (a few lists in flight at once) ...
     let selected = async {
         let Some(spec) = policy.spec.workloads.as_ref().filter(|_| !policy.deleting) else {
             return Ok(Vec::new());
         };
         let params = match &spec.selector {
-            Some(s) => ListParams::default().labels_from(
-                &selector(s).map_err(|e| kube::Error::Service(format!("spec.workloads.selector: {e}").into()))?,
-            ),
+            Some(s) => ListParams::default()
+                .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?),
             None => ListParams::default(),
         };
         let lists: Vec<(String, WorkloadKind)> = selected_namespaces(client, spec, defaults)
@@ -749,16 +748,17 @@ pub async fn observe(
             .buffer_unordered(LIST_CONCURRENCY)
             .try_concat()
             .await
+            .map_err(super::ObserveError::from)
     };
     // ... and, at the same time, what carries its label (it changed them) and its ConfigMaps.
     let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
     let config_maps = Api::<ConfigMap>::all(client.clone());
     let (selected, deployments, statefulsets, daemonsets, config_maps) = futures::try_join!(
         selected,
-        labelled_keys(client, WorkloadKind::Deployment, &labelled),
-        labelled_keys(client, WorkloadKind::StatefulSet, &labelled),
-        labelled_keys(client, WorkloadKind::DaemonSet, &labelled),
-        config_maps.list(&labelled),
+        labelled_keys(client, WorkloadKind::Deployment, &labelled).err_into(),
+        labelled_keys(client, WorkloadKind::StatefulSet, &labelled).err_into(),
+        labelled_keys(client, WorkloadKind::DaemonSet, &labelled).err_into(),
+        config_maps.list(&labelled).err_into(),
     )?;
     let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
     for w in selected.into_iter().filter(|w| !is_edge_controller(w)) {
