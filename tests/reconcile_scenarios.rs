@@ -1,0 +1,227 @@
+//! The reconcile driver against a mocked API server, as kube-rs/controller-rs tests its reconciler: a
+//! fake that answers reads (empty lists, or the objects a scenario puts in) and records every write, so
+//! that each scenario asserts which writes a reconcile makes, in which order, and what it asks for next.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crosstrace::api::TracingPolicy;
+use crosstrace::controller::apply::Writer;
+use crosstrace::controller::{Context, Settings, reconcile};
+use crosstrace::leader::Fence;
+use crosstrace::metrics::Metrics;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::watcher::Event;
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One write the reconcile made: method, path, body.
+#[derive(Debug, Clone)]
+struct Write {
+    method: Method,
+    path: String,
+    body: Value,
+}
+
+/// What the fake API server holds: list answers by path (empty when absent) and single objects by path
+/// (404 when absent).
+#[derive(Default, Clone)]
+struct World {
+    lists: BTreeMap<String, Value>,
+    objects: BTreeMap<String, Value>,
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// Answers every request until the client goes away; writes are recorded and answered with `echo`.
+async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<Vec<Write>>>) {
+    while let Some((request, send)) = handle.next_request().await {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let bytes = request.into_body().collect().await.unwrap().to_bytes();
+        let reply = if method == Method::GET {
+            let kind = path.rsplit('/').next().unwrap_or_default();
+            match (world.objects.get(&path), world.lists.get(&path)) {
+                (Some(object), _) => (200, object.clone()),
+                (None, Some(items)) => (200, items.clone()),
+                // A collection (plural path segment) is an empty list; anything else is not found.
+                (None, None) if kind.ends_with('s') && !path.contains("/configmaps/") => (200, list("List", vec![])),
+                _ => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+                ),
+            }
+        } else {
+            let body =
+                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+            writes.lock().unwrap().push(Write { method: method.clone(), path: path.clone(), body: body.clone() });
+            // Server-side applies and creates carry the whole object: echo it; a delete succeeds; anything
+            // else is a patch of the policy.
+            let reply = match () {
+                _ if body.get("kind").is_some() && body.get("metadata").is_some() => body,
+                _ if method == Method::DELETE => json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                _ => echo.clone(),
+            };
+            (200, reply)
+        };
+        let response =
+            Response::builder().status(reply.0).body(Body::from(serde_json::to_vec(&reply.1).unwrap())).unwrap();
+        send.send_response(response);
+    }
+}
+
+/// A context on a mocked API server holding `world`, with `policy` in the controller's store.
+fn context(policy: &TracingPolicy, world: World, settings: Settings) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn(serve(handle, world, serde_json::to_value(policy).unwrap(), writes.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&Event::Apply(policy.clone()));
+    let context = Context {
+        writer: Writer::new(client.clone(), metrics.clone(), Fence::open()),
+        recorder: Recorder::new(client.clone(), Reporter { controller: "crosstrace".into(), instance: None }),
+        client,
+        metrics,
+        policies: reader,
+        settings,
+        written: Mutex::default(),
+        retries: Default::default(),
+    };
+    (Arc::new(context), writes)
+}
+
+fn policy(spec: Value, finalizer: bool, status: Option<Value>) -> TracingPolicy {
+    let mut p = json!({
+        "apiVersion": "crosstrace.dev/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": "shop", "uid": "uid-shop", "generation": 1, "resourceVersion": "7",
+            "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": spec,
+    });
+    if finalizer {
+        p["metadata"]["finalizers"] = json!(["crosstrace.dev/cleanup"]);
+    }
+    if let Some(status) = status {
+        p["status"] = status;
+    }
+    serde_json::from_value(p).unwrap()
+}
+
+fn network_spec() -> Value {
+    json!({
+        "sampling": {"ratio": "0.5"},
+        "network": {"bridge": "br-int", "sflow": {"targets": ["127.0.0.1:6343"], "sampling": 64, "polling": 10, "header": 128}},
+    })
+}
+
+async fn run(policy: &TracingPolicy, ctx: &Arc<Context>) -> Action {
+    tokio::time::timeout(Duration::from_secs(5), reconcile::reconcile(Arc::new(policy.clone()), ctx.clone()))
+        .await
+        .expect("in time")
+        .expect("reconciled")
+}
+
+const POLICY: &str = "/apis/crosstrace.dev/v1alpha1/tracingpolicies/shop";
+
+fn writes_to(writes: &Arc<Mutex<Vec<Write>>>) -> Vec<(Method, String)> {
+    writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| !w.path.contains("/events"))
+        .map(|w| (w.method.clone(), w.path.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_missing_finalizer_is_added_before_anything_else() {
+    let p = policy(network_spec(), false, None);
+    let (ctx, writes) = context(&p, World::default(), Settings::default());
+    run(&p, &ctx).await;
+    let writes = writes.lock().unwrap().clone();
+    assert_eq!((writes[0].method.clone(), writes[0].path.as_str()), (Method::PATCH, POLICY));
+    assert_eq!(writes[0].body["metadata"]["finalizers"], json!(["crosstrace.dev/cleanup"]));
+    assert_eq!(writes[0].body["metadata"]["resourceVersion"], "7", "guarded by the version it was read at");
+}
+
+#[tokio::test]
+async fn a_converged_policy_makes_no_request_that_writes_and_an_unchanged_status_is_not_patched() {
+    // First pass: whatever status a policy with no target implies is written once.
+    let p = policy(network_spec(), true, None);
+    let (ctx, writes) = context(&p, World::default(), Settings::default());
+    run(&p, &ctx).await;
+    let status_writes: Vec<Write> =
+        writes.lock().unwrap().iter().filter(|w| w.path.ends_with("/status")).cloned().collect();
+    assert_eq!(status_writes.len(), 1, "{:?}", writes_to(&writes));
+    // The next reconcile of the same policy, with that status cached or not: no write at all.
+    let again = run(&p, &ctx).await;
+    assert_eq!(status_writes.len(), writes.lock().unwrap().iter().filter(|w| w.path.ends_with("/status")).count());
+    let status = status_writes[0].body["status"].clone();
+    let converged = policy(network_spec(), true, Some(status));
+    let (fresh, fresh_writes) = context(&converged, World::default(), Settings::default());
+    run(&converged, &fresh).await;
+    assert!(fresh_writes.lock().unwrap().is_empty(), "{:?}", writes_to(&fresh_writes));
+    assert_eq!(again, Action::requeue(Settings::default().resync), "looked at again only at the resync");
+}
+
+#[tokio::test]
+async fn delete_reverts_then_removes_the_finalizer() {
+    let mut p = policy(network_spec(), true, None);
+    p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+    ));
+    // The node still exports for this policy.
+    let tracing = json!({
+        "apiVersion": "crosstrace.dev/v1alpha1", "kind": "NodeTracing",
+        "metadata": {"name": "node-a", "resourceVersion": "3"},
+        "spec": {"nodeName": "node-a", "bridges": [{"bridge": "br-int", "policy": "shop", "policyGeneration": 1,
+            "sflow": {"targets": ["127.0.0.1:6343"], "sampling": 64, "polling": 10, "header": 128}}]},
+    });
+    let mut world = World::default();
+    world.lists.insert("/apis/crosstrace.dev/v1alpha1/nodetracings".into(), list("NodeTracingList", vec![tracing]));
+    let (ctx, writes) = context(&p, world, Settings::default());
+    let next = run(&p, &ctx).await;
+    let order = writes_to(&writes);
+    assert_eq!(
+        order,
+        vec![
+            (Method::DELETE, "/apis/crosstrace.dev/v1alpha1/nodetracings/node-a".to_string()),
+            (Method::PATCH, POLICY.to_string()),
+        ],
+        "the node's export goes first, the finalizer last"
+    );
+    let last = writes.lock().unwrap().iter().rfind(|w| w.path == POLICY).cloned().unwrap();
+    assert_eq!(last.body["metadata"]["finalizers"], json!([]));
+    assert_eq!(next, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_write_budget_cut_requeues_at_once() {
+    let p = policy(network_spec(), true, None);
+    let nodes: Vec<Value> = (0..4)
+        .map(|i| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": format!("node-{i}")}}))
+        .collect();
+    let mut world = World::default();
+    world.lists.insert(
+        "/api/v1/nodes".into(),
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": nodes}),
+    );
+    let settings = Settings { write_budget: Duration::ZERO, write_concurrency: 1, ..Settings::default() };
+    let (ctx, writes) = context(&p, world, settings);
+    let next = run(&p, &ctx).await;
+    let node_writes = writes_to(&writes).into_iter().filter(|(_, path)| path.contains("/nodetracings/")).count();
+    assert_eq!(node_writes, 1, "the first write always starts, then the budget is used up");
+    assert_eq!(next, Action::requeue(Duration::ZERO), "the rest goes on in the next reconcile, at once");
+}
