@@ -276,8 +276,8 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
     let _controller = ControllerProcess::start(18092);
     let name = format!("{tag}-policy");
     // A deadline far beyond this test's patience: the rollback must come from the pods of crosstrace's
-    // revision that cannot start (ImagePullBackOff), not from the deadline.
-    let mut policy = workloads_policy(&name, &tag, 1, "x:broken", &["Deployment"]);
+    // revision that crash-loop (a kwok Stage: CrashLoopBackOff), not from the deadline.
+    let mut policy = workloads_policy(&name, &tag, 1, "x:crashloop", &["Deployment"]);
     policy["spec"]["rollout"]["progressDeadlineSeconds"] = json!(3600);
     apply_policy(&client, &policy).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;
@@ -405,25 +405,36 @@ async fn owners_scale_restart_upgrade_pause_and_recreate_without_crosstrace_roll
     create_deployment(&client, &ns.name, "web", json!([])).await;
     create_deployment(&client, &ns.name, "api", json!([])).await;
     create_statefulset(&client, &ns.name, "db").await;
-    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
+    create_daemonset(&client, &ns.name, "node-agent").await;
     let on_delete = json!({"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": null}}});
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns.name);
     statefulsets.patch("db", &PatchParams::default(), &Patch::Merge(&on_delete)).await.unwrap();
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &ns.name);
+    daemonsets.patch("node-agent", &PatchParams::default(), &Patch::Merge(&on_delete)).await.unwrap();
     wait_rolled_out(&client, &ns.name).await;
 
     let controller = ControllerProcess::start(18094);
     let name = format!("{tag}-policy");
     let deadline = 15;
-    apply_policy(&client, &workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet"])).await;
+    let kinds = ["Deployment", "StatefulSet", "DaemonSet"];
+    apply_policy(&client, &workloads_policy(&name, &tag, 5, "", &kinds)).await;
 
-    // The OnDelete StatefulSet waits for its owner, well past the deadline, and is never rolled back.
+    // The OnDelete StatefulSet and DaemonSet wait for their owner, well past the deadline, and are never
+    // rolled back.
     wait_reason(&client, &name, "WorkloadsReady", "WaitingForRestart").await;
     tokio::time::sleep(std::time::Duration::from_secs(deadline + 3)).await;
     let p = wait_reason(&client, &name, "WorkloadsReady", "WaitingForRestart").await;
-    assert!(condition(&p, "WorkloadsReady").unwrap().message.contains("db"), "names the StatefulSet");
+    let message = &condition(&p, "WorkloadsReady").unwrap().message;
+    assert!(message.contains("/db") && message.contains("/node-agent"), "names both: {message}");
     assert_kept(&client, &ns.name, &name, "OnDelete waiting").await;
-    // Its owner recreates the pod: the sidecar is in it, and the policy is Ready.
+    // Their owner recreates the pods: the sidecar is in them, and the policy is Ready.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
-    pods.delete("db-0", &Default::default()).await.unwrap();
+    let recreate = || async {
+        pods.delete("db-0", &Default::default()).await.unwrap();
+        let agents = ListParams::default().labels("app=node-agent");
+        pods.delete_collection(&Default::default(), &agents).await.unwrap();
+    };
+    recreate().await;
     wait_condition(&client, &name, "Ready", "True").await;
 
     // Owners act on converged Deployments, long after crosstrace's change and its deadline.
@@ -456,7 +467,7 @@ async fn owners_scale_restart_upgrade_pause_and_recreate_without_crosstrace_roll
     // A paused Deployment holds a changed policy's new revision: it waits, past the deadline, no rollback.
     let pause = json!({"spec": {"paused": true}});
     deployments.patch("api", &PatchParams::default(), &Patch::Merge(&pause)).await.unwrap();
-    let mut changed = workloads_policy(&name, &tag, 5, "", &["Deployment", "StatefulSet"]);
+    let mut changed = workloads_policy(&name, &tag, 5, "", &kinds);
     changed["spec"]["sampling"]["ratio"] = json!("0.75");
     apply_policy(&client, &changed).await;
     wait_reason(&client, &name, "WorkloadsReady", "DeploymentPaused").await;
@@ -465,7 +476,7 @@ async fn owners_scale_restart_upgrade_pause_and_recreate_without_crosstrace_roll
     assert_kept(&client, &ns.name, &name, "paused").await;
     let resume = json!({"spec": {"paused": false}});
     deployments.patch("api", &PatchParams::default(), &Patch::Merge(&resume)).await.unwrap();
-    pods.delete("db-0", &Default::default()).await.unwrap();
+    recreate().await;
     wait_condition(&client, &name, "Ready", "True").await;
     let api_template = template_of(&client, &ns.name, "Deployment/api").await;
     let env = api_template["spec"]["containers"][0]["env"].as_array().unwrap();
