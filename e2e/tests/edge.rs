@@ -336,15 +336,9 @@ async fn a_controller_killed_mid_rollout_converges_after_restart() {
     let name = format!("{}-policy", ns.name);
     let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
     apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 60)).await;
-    // Kill it the moment it has started changing the controller (record written).
+    // Kill it the moment it has started changing the controller (record written to the ledger, label set).
     eventually("the controller to start changing the ingress controller", || async {
-        deployments
-            .get("ingress-nginx-controller")
-            .await
-            .ok()?
-            .annotations()
-            .contains_key(RECORD_ANNOTATION)
-            .then_some(())
+        deployments.get("ingress-nginx-controller").await.ok()?.labels().contains_key(POLICY_LABEL).then_some(())
     })
     .await;
     first.kill();
