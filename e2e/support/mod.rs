@@ -265,13 +265,42 @@ pub fn condition<'a>(p: &'a TracingPolicy, type_: &str) -> Option<&'a Condition>
 
 /// Waits until a policy has the condition with that status, for its current generation.
 pub async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> TracingPolicy {
+    wait_condition_where(client, name, type_, &format!("={status}"), |c| c.status == status).await
+}
+
+/// Waits until a policy's condition has this reason, for its current generation.
+pub async fn wait_reason(client: &Client, name: &str, type_: &str, reason: &str) -> TracingPolicy {
+    wait_condition_where(client, name, type_, &format!(" reason {reason}"), |c| c.reason == reason).await
+}
+
+async fn wait_condition_where(
+    client: &Client,
+    name: &str,
+    type_: &str,
+    what: &str,
+    holds: impl Fn(&Condition) -> bool,
+) -> TracingPolicy {
     let api = Api::<TracingPolicy>::all(client.clone());
-    eventually(&format!("{name}: {type_}={status}"), || async {
+    eventually(&format!("{name}: {type_}{what}"), || async {
         let p = api.get(name).await.ok()?;
         let c = condition(&p, type_)?;
-        (c.status == status && c.observed_generation == p.metadata.generation).then_some(p.clone())
+        (holds(c) && c.observed_generation == p.metadata.generation).then_some(p.clone())
     })
     .await
+}
+
+/// Creates a one-replica Deployment `name` (pods labelled `app: name`) that is part of `part_of`
+/// (`app.kubernetes.io/part-of`), with `env` in its one container.
+pub async fn create_app(client: &Client, ns: &str, name: &str, part_of: &str, env: serde_json::Value) {
+    let labels = json!({"app": name, "app.kubernetes.io/part-of": part_of});
+    let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/part-of": part_of}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": {"metadata": {"labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "shop/app:1", "env": env}]}}},
+    }))
+    .unwrap();
+    let api = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns);
+    api.create(&kube::api::PostParams::default(), &d).await.expect("create Deployment");
 }
 
 /// Deletes a policy and waits until it is gone (its finalizer removed after the revert).

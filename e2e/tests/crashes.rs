@@ -111,13 +111,7 @@ async fn a_crash_after_every_write_of_a_rollout_and_a_revert_converges_then_reve
     }))
     .await;
     for app in ["cart", "pay"] {
-        let labels = json!({"app": app, "app.kubernetes.io/part-of": "shop"});
-        create(&client, &ns.name, json!({
-            "metadata": {"name": app, "labels": labels},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}}, "template": {"metadata": {"labels": labels},
-                "spec": {"containers": [{"name": "app", "image": "shop/app:1"}]}}},
-        }))
-        .await;
+        create_app(&client, &ns.name, app, "shop", json!([])).await;
     }
     let agents = Agents::start_all();
     eventually("every Deployment to be available", || async {

@@ -16,7 +16,7 @@ use crosstrace::layers::workloads::RECORD_ANNOTATION;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::*;
@@ -26,22 +26,6 @@ const LEASE_SECONDS: i64 = 6;
 const ROUNDS: usize = 5;
 const DEPLOYMENTS: usize = 6;
 const FIRST_PORT: u16 = 18141;
-
-async fn create_deployment(client: &Client, ns: &str, name: &str) {
-    let d: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/part-of": "fenced"}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "app", "image": "shop/app:1"}]},
-            },
-        },
-    }))
-    .unwrap();
-    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &d).await.expect("Deployment");
-}
 
 /// One Deployment at a time, so that writes keep coming for a while.
 fn policy(name: &str, tag: &str) -> Value {
@@ -138,7 +122,7 @@ async fn a_frozen_leader_makes_no_write_after_its_lease_could_have_moved() {
     let tag = format!("e2e-fence-{}", std::process::id() % 100_000);
     let ns = TestNamespace::create(&client, "e2e-fence", json!({"tracing": tag})).await;
     for i in 0..DEPLOYMENTS {
-        create_deployment(&client, &ns.name, &format!("app-{i}")).await;
+        create_app(&client, &ns.name, &format!("app-{i}"), "fenced", json!([])).await;
     }
 
     let mut port = FIRST_PORT;

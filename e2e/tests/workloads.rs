@@ -29,15 +29,7 @@ fn pod_template(name: &str, image: &str, env: Value) -> Value {
 }
 
 async fn create_deployment(client: &Client, ns: &str, name: &str, env: Value) {
-    let d: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": ns, "labels": {PART_OF: "shop"}},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": pod_template(name, "shop/app:1", env)},
-    }))
-    .unwrap();
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &d)
-        .await
-        .expect("create Deployment");
+    create_app(client, ns, name, "shop", env).await;
 }
 
 async fn create_statefulset(client: &Client, ns: &str, name: &str) {
@@ -366,17 +358,6 @@ async fn drift_is_reapplied_and_a_second_policy_on_the_same_workload_is_a_confli
     delete_policy_and_wait(&client, &second).await;
     delete_policy_and_wait(&client, &first).await;
     assert_eq!(templates(&client, &ns.name).await, before);
-}
-
-/// Waits until a policy's condition has this reason (for its current generation).
-async fn wait_reason(client: &Client, name: &str, type_: &str, reason: &str) -> TracingPolicy {
-    let api = Api::<TracingPolicy>::all(client.clone());
-    eventually(&format!("{name}: {type_} reason {reason}"), || async {
-        let p = api.get(name).await.ok()?;
-        let c = condition(&p, type_)?;
-        (c.reason == reason && c.observed_generation == p.metadata.generation).then_some(p.clone())
-    })
-    .await
 }
 
 async fn template_of(client: &Client, ns: &str, kind_name: &str) -> Value {
