@@ -251,6 +251,11 @@ where
     }
 }
 
+/// A TracingPolicy named `name` with `spec`, as a user writes one.
+pub fn tracing_policy(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "metadata": {"name": name}, "spec": spec})
+}
+
 /// Applies a TracingPolicy (server-side, as a user would).
 pub async fn apply_policy(client: &Client, policy: &serde_json::Value) {
     let api = Api::<TracingPolicy>::all(client.clone());

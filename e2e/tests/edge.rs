@@ -59,17 +59,15 @@ async fn ingress_nginx(client: &Client, ns: &str) -> (Deployment, ConfigMap) {
 }
 
 fn edge_policy(name: &str, ns: &str, image: &str, deadline: i32) -> serde_json::Value {
-    json!({
-        "apiVersion": "crosstrace.dev/v1alpha1",
-        "kind": "TracingPolicy",
-        "metadata": {"name": name},
-        "spec": {
+    tracing_policy(
+        name,
+        json!({
             "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
             "sampling": {"ratio": "0.25", "parentBased": true},
             "ingress": {"namespace": ns, "serviceName": "edge", "image": image},
             "rollout": {"progressDeadlineSeconds": deadline},
-        },
-    })
+        }),
+    )
 }
 
 fn image_of(d: &Deployment) -> String {

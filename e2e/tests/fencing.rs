@@ -29,11 +29,9 @@ const FIRST_PORT: u16 = 18141;
 
 /// One Deployment at a time, so that writes keep coming for a while.
 fn policy(name: &str, tag: &str) -> Value {
-    json!({
-        "apiVersion": "crosstrace.dev/v1alpha1",
-        "kind": "TracingPolicy",
-        "metadata": {"name": name},
-        "spec": {
+    tracing_policy(
+        name,
+        json!({
             "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
             "workloads": {
                 "namespaceSelector": {"matchLabels": {"tracing": tag}},
@@ -41,8 +39,8 @@ fn policy(name: &str, tag: &str) -> Value {
                 "kinds": ["Deployment"],
             },
             "rollout": {"maxConcurrent": 1, "progressDeadlineSeconds": 60},
-        },
-    })
+        }),
+    )
 }
 
 /// How many Deployments of the namespace carry an injection.

@@ -94,11 +94,9 @@ fn workloads_policy(
     sidecar_image: &str,
     kinds: &[&str],
 ) -> Value {
-    json!({
-        "apiVersion": "crosstrace.dev/v1alpha1",
-        "kind": "TracingPolicy",
-        "metadata": {"name": name},
-        "spec": {
+    tracing_policy(
+        name,
+        json!({
             "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
             "sampling": {"ratio": "0.5"},
             "workloads": {
@@ -108,8 +106,8 @@ fn workloads_policy(
                 "sidecar": {"image": sidecar_image},
             },
             "rollout": {"maxConcurrent": max_concurrent, "progressDeadlineSeconds": 15},
-        },
-    })
+        }),
+    )
 }
 
 fn has_sidecar(template: &Value) -> bool {
