@@ -89,7 +89,7 @@ async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
 
 #[tokio::test]
 async fn bad_policies_are_refused_naming_the_field() {
-    let _client = client().await;
+    let client = client().await;
     install_crds();
     let dir = repo("config/samples/bad");
     let mut checked = 0;
@@ -105,11 +105,64 @@ async fn bad_policies_are_refused_naming_the_field() {
         assert!(err.contains(expected), "{}: the error should name {expected}, got: {err}", path.display());
         checked += 1;
     }
-    assert!(checked >= 8, "at least 8 bad inputs are covered, found {checked}");
+    assert!(
+        checked >= 30,
+        "one bad sample per class (selectors, addresses, quantities, OVS names, namespaces, images, bounds...), found {checked}"
+    );
     for good in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml"] {
         let (ok, _, err) = kubectl(&["apply", "--dry-run=server", "-f", &repo(&format!("config/samples/{good}"))]);
         assert!(ok, "{good} is refused: {err}");
     }
+    let policies = Api::<DynamicObject>::all_with(client, &ApiResource::erase::<TracingPolicy>(&()));
+    let unusual: DynamicObject = serde_json::from_value(unusual_but_valid_policy()).unwrap();
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    if let Err(e) = policies.create(&dry_run, &unusual).await {
+        panic!("strict input must still take every valid form: {e}");
+    }
+}
+
+/// Valid input in its less common forms, which strict rules must not refuse: IPv6 collectors and
+/// targets, an empty label value, prefixed keys, every selector operator, a registry with a port and a
+/// digest, quantities written as numbers, a request equal to its limit, an IPv6 sFlow agent.
+fn unusual_but_valid_policy() -> serde_json::Value {
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    json!({
+        "apiVersion": "crosstrace.dev/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": "unusual-but-valid"},
+        "spec": {
+            "collector": {"endpoint": "[fd00::5]:4317"},
+            "ingress": {
+                "namespace": "",
+                "serviceName": "Edge_gateway.eu-1",
+                "image": format!("registry.example.com:5000/team/ingress-nginx/controller:v1.12.1@{digest}"),
+                "selector": {
+                    "matchLabels": {"app.kubernetes.io/name": "ingress-nginx", "tier": ""},
+                    "matchExpressions": [
+                        {"key": "example.com/team", "operator": "NotIn", "values": ["a", "B_c.d-e"]},
+                        {"key": "canary", "operator": "DoesNotExist"},
+                    ],
+                },
+            },
+            "workloads": {
+                "namespaceSelector": {"matchExpressions": [{"key": "tracing", "operator": "Exists"}]},
+                "selector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["shop"]}]},
+                "sidecar": {
+                    "image": "localhost:5000/otel/opentelemetry-collector-contrib:0.120.0",
+                    "resources": {
+                        "requests": {"cpu": "100m", "memory": "64Mi", "ephemeral-storage": 1},
+                        "limits": {"cpu": 1, "memory": "64Mi"},
+                    },
+                },
+            },
+            "network": {
+                "bridge": "br-ex.100",
+                "nodeSelector": {"matchLabels": {"kubernetes.io/os": "linux"}},
+                "sflow": {"targets": ["[2001:db8::1]:6343", "10.0.0.5:6343"], "agent": "2001:db8::2"},
+                "ipfix": {"targets": ["192.168.1.1:4739"]},
+            },
+        },
+    })
 }
 
 #[tokio::test]

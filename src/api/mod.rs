@@ -4,6 +4,8 @@
 pub mod conditions;
 pub mod node_tracing;
 pub mod policy;
+pub mod rules;
+pub mod validate;
 
 pub use node_tracing::{NodeTracing, NodeTracingSpec, NodeTracingStatus};
 pub use policy::*;

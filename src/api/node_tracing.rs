@@ -43,7 +43,8 @@ pub struct NodeTracingSpec {
 #[serde(rename_all = "camelCase")]
 pub struct BridgeExport {
     /// OVS bridge name.
-    #[schemars(length(min = 1, max = 15))]
+    #[schemars(length(min = 1, max = super::rules::MAX_OVS_NAME))]
+    #[x_kube(validation = super::rules::ovs_bridge())]
     pub bridge: String,
     /// The TracingPolicy that owns this export.
     #[schemars(length(min = 1, max = 63))]

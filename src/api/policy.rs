@@ -5,21 +5,10 @@
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use kube::core::{Message, Rule};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// CEL: `host:port` where host is a DNS name, an IPv4 address or a bracketed IPv6 address, port 1..=65535.
-const HOST_PORT_CEL: &str = r"'^(\\[[0-9a-fA-F:.]+\\]|[a-zA-Z0-9]([a-zA-Z0-9.-]{0,251}[a-zA-Z0-9])?):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$'";
-
-fn host_port_rule(subject: &str, message: &str) -> Rule {
-    Rule::new(format!("{subject}.matches({HOST_PORT_CEL})")).message(message)
-}
-
-fn targets_rule(example: &str) -> Rule {
-    Rule::new(format!("self.all(t, t.matches({HOST_PORT_CEL}))"))
-        .message(Message::Message(format!("every target must be host:port with a port in 1-65535, e.g. {example}")))
-}
+use super::rules;
 
 /// The lowest sampling rate (1 packet in N) the network layer accepts: denser sampling can flood a
 /// flow collector and costs the datapath real CPU.
@@ -77,8 +66,8 @@ pub struct TracingPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct CollectorSpec {
     /// `host:port` of the collector, e.g. `otel-gateway.observability.svc:4317`.
-    #[schemars(length(max = 260))]
-    #[x_kube(validation = host_port_rule("self == '' || self", "must be host:port with a port in 1-65535, e.g. otel-gateway.observability.svc:4317"))]
+    #[schemars(length(max = rules::MAX_ENDPOINT))]
+    #[x_kube(validation = rules::collector_endpoint())]
     pub endpoint: String,
     /// OTLP transport.
     #[serde(default)]
@@ -130,18 +119,22 @@ pub struct IngressSpec {
     /// Namespace of the ingress-nginx controllers; empty = every namespace.
     #[serde(default)]
     #[schemars(length(max = 63))]
+    #[x_kube(validation = rules::namespace_or_empty())]
     pub namespace: String,
     /// Labels of the controller Deployments; default
     /// `app.kubernetes.io/name=ingress-nginx,app.kubernetes.io/component=controller`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rules::optional_label_selector")]
     pub selector: Option<LabelSelector>,
     /// An instrumented controller image to roll out; empty = keep the current image.
     #[serde(default)]
-    #[schemars(length(max = 512))]
+    #[schemars(length(max = rules::MAX_IMAGE))]
+    #[x_kube(validation = rules::image_reference_or_empty())]
     pub image: String,
     /// `otel-service-name` reported by the controller.
     #[serde(default = "default_ingress_service_name")]
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::service_name())]
     pub service_name: String,
 }
 
@@ -155,9 +148,11 @@ fn default_ingress_service_name() -> String {
 pub struct WorkloadsSpec {
     /// Namespaces whose workloads are instrumented (required). kube-system, kube-public,
     /// kube-node-lease and the operator's own namespace never match.
+    #[schemars(schema_with = "rules::required_label_selector")]
     pub namespace_selector: LabelSelector,
     /// Workloads instrumented inside those namespaces; absent = all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rules::optional_label_selector")]
     pub selector: Option<LabelSelector>,
     /// Kinds of workload instrumented.
     #[serde(default = "default_kinds")]
@@ -190,10 +185,12 @@ pub enum WorkloadKind {
 pub struct SidecarSpec {
     /// Collector image; empty = the operator's default.
     #[serde(default)]
-    #[schemars(length(max = 512))]
+    #[schemars(length(max = rules::MAX_IMAGE))]
+    #[x_kube(validation = rules::image_reference_or_empty())]
     pub image: String,
     /// Resources of the sidecar; absent = the operator's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rules::optional_resource_requirements")]
     pub resources: Option<ResourceRequirements>,
 }
 
@@ -204,11 +201,12 @@ pub struct SidecarSpec {
 pub struct NetworkSpec {
     /// Nodes whose OVS exports; empty = all nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rules::optional_label_selector")]
     pub node_selector: Option<LabelSelector>,
     /// The OVS bridge that exports.
     #[serde(default = "default_bridge")]
-    #[schemars(length(min = 1, max = 15))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9_.-]+$')").message("must be an OVS bridge name (letters, digits, '_', '.', '-')"))]
+    #[schemars(length(min = 1, max = rules::MAX_OVS_NAME))]
+    #[x_kube(validation = rules::ovs_bridge())]
     pub bridge: String,
     /// sFlow export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,16 +223,16 @@ fn default_bridge() -> String {
     "br-int".into()
 }
 
-/// Flow collectors as `host:port`, validated by the API server.
+/// Flow collectors as `IPv4:port` or `[IPv6]:port`, validated by the API server.
 pub type Targets = Vec<String>;
 
 /// sFlow export settings.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SflowSpec {
-    /// sFlow collectors, `host:port`.
-    #[schemars(length(min = 1, max = 8), inner(length(max = 260)))]
-    #[x_kube(validation = targets_rule("10.0.0.5:6343"))]
+    /// sFlow collectors, `IPv4:port` or `[IPv6]:port`.
+    #[schemars(length(min = 1, max = 8), inner(length(max = rules::MAX_FLOW_TARGET)))]
+    #[x_kube(validation = rules::flow_targets("10.0.0.5:6343"))]
     pub targets: Targets,
     /// Sample 1 packet in N (at least 64).
     #[serde(default = "default_sampling")]
@@ -250,7 +248,8 @@ pub struct SflowSpec {
     pub header: u32,
     /// The sFlow agent address: an interface name or an IP address; empty = OVS's choice.
     #[serde(default)]
-    #[schemars(length(max = 15))]
+    #[schemars(length(max = rules::MAX_AGENT))]
+    #[x_kube(validation = rules::sflow_agent())]
     pub agent: String,
 }
 
@@ -258,9 +257,9 @@ pub struct SflowSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct IpfixSpec {
-    /// IPFIX collectors, `host:port`.
-    #[schemars(length(min = 1, max = 8), inner(length(max = 260)))]
-    #[x_kube(validation = targets_rule("10.0.0.5:4739"))]
+    /// IPFIX collectors, `IPv4:port` or `[IPv6]:port`.
+    #[schemars(length(min = 1, max = 8), inner(length(max = rules::MAX_FLOW_TARGET)))]
+    #[x_kube(validation = rules::flow_targets("10.0.0.5:4739"))]
     pub targets: Targets,
     /// Sample 1 packet in N (at least 64).
     #[serde(default = "default_sampling")]
