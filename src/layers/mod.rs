@@ -336,9 +336,15 @@ pub fn normalize_ratio(ratio: &str) -> String {
     if frac.is_empty() { int.to_string() } else { format!("{int}.{frac}") }
 }
 
-/// Checks what the API server's schema cannot: every label selector of the spec is one the operator
-/// can use. The error names the field.
+/// Checks what the API server's schema cannot, or could not when the policy was stored: every value
+/// that reaches another program is safe, and every label selector is one the operator can use. The
+/// error names the field.
 pub fn validate(spec: &TracingPolicySpec) -> Result<(), String> {
+    // Values rendered into other programs' input, again: a policy stored while the CRD was looser keeps
+    // them through updates that leave those fields alone.
+    if let Some(bad) = crate::api::validate::unsafe_values(spec).into_iter().next() {
+        return Err(format!("{}: {}", bad.field, bad.reason));
+    }
     let check = |field: &str, s: &LabelSelector| selector(s).map(drop).map_err(|e| format!("{field}: {e}"));
     if let Some(ingress) = &spec.ingress {
         ingress::ingress_selector(ingress).map_err(|e| format!("spec.ingress.selector: {e}"))?;
@@ -396,7 +402,11 @@ mod tests {
         assert!(error.starts_with("spec.workloads.selector: "), "{error}");
 
         let spec = TracingPolicySpec {
-            ingress: Some(IngressSpec { selector: Some(bad_selector()), ..Default::default() }),
+            ingress: Some(IngressSpec {
+                selector: Some(bad_selector()),
+                service_name: "edge".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         assert!(validate(&spec).unwrap_err().starts_with("spec.ingress.selector: "));
@@ -409,5 +419,15 @@ mod tests {
         assert_eq!(normalize_ratio(".5"), "0.5");
         assert_eq!(normalize_ratio("0.250"), "0.25");
         assert_eq!(normalize_ratio("0"), "0");
+    }
+
+    #[test]
+    fn a_value_stored_while_the_schema_was_looser_is_refused_naming_its_field() {
+        let spec = TracingPolicySpec {
+            ingress: Some(IngressSpec { service_name: "x\"\n[exporters.otlp]".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let error = validate(&spec).unwrap_err();
+        assert!(error.starts_with("spec.ingress.serviceName: "), "{error}");
     }
 }
