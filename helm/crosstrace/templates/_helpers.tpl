@@ -38,7 +38,68 @@ app.kubernetes.io/part-of: crosstrace
 helm.sh/chart: {{ include "crosstrace.chart" .ctx }}
 {{- end -}}
 
+{{/*
+The node agent's namespace: its own, apart from the controller's, because the agent needs the Pod Security
+level "privileged" (a hostPath volume for the OVS sockets, uid 0) and the controller's namespace enforces
+"restricted".
+*/}}
+{{- define "crosstrace.agentNamespace" -}}
+{{ .Values.agent.namespace }}
+{{- end -}}
+
 {{/* The agent's user name, as the API server sees a request made with its ServiceAccount token. */}}
 {{- define "crosstrace.agentUser" -}}
-{{ printf "system:serviceaccount:%s:%s" .Release.Namespace (include "crosstrace.agentName" .) }}
+{{ printf "system:serviceaccount:%s:%s" (include "crosstrace.agentNamespace" .) (include "crosstrace.agentName" .) }}
+{{- end -}}
+
+{{/* The controller's user name, as the API server sees a request made with its ServiceAccount token. */}}
+{{- define "crosstrace.controllerUser" -}}
+{{ printf "system:serviceaccount:%s:%s" .Release.Namespace (include "crosstrace.controllerName" .) }}
+{{- end -}}
+
+{{/* The ConfigMap of admin limits (release namespace): read by the admission policy and the controller. */}}
+{{- define "crosstrace.adminLimitsName" -}}
+crosstrace-admin-limits
+{{- end -}}
+
+{{/*
+CEL variables for one image field of a TracingPolicy, for the admission policy crosstrace-admin-limits:
+<name>Image (the image, '' when unset), <name>Repository (without tag and digest) and <name>Digest ('' when
+none). Pass (dict "name" "sidecar" "path" "object.spec.workloads.sidecar"). The repository is what comes
+before a ':' that follows the last '/' (a ':' before it is a registry port).
+*/}}
+{{- define "crosstrace.celImageVariables" -}}
+- name: {{ .name }}Image
+  expression: >-
+    {{ .guard }} && has({{ .path }}.image) ? {{ .path }}.image : ''
+- name: {{ .name }}Named
+  expression: "variables.{{ .name }}Image.split('@')[0]"
+- name: {{ .name }}Repository
+  expression: >-
+    variables.{{ .name }}Named.lastIndexOf(':') > variables.{{ .name }}Named.lastIndexOf('/')
+    ? variables.{{ .name }}Named.substring(0, variables.{{ .name }}Named.lastIndexOf(':'))
+    : variables.{{ .name }}Named
+- name: {{ .name }}Allowed
+  expression: >-
+    variables.{{ .name }}Image == '' || variables.{{ .name }}Images.exists(allowed,
+    allowed == variables.{{ .name }}Repository
+    || (variables.{{ .name }}Image.contains('@')
+        && allowed == variables.{{ .name }}Repository + '@' + variables.{{ .name }}Image.split('@')[1]))
+{{- end -}}
+
+{{/*
+CEL variables for the targets of one flow exporter: <name>Targets and <name>Outside (those whose host is not
+an IP address inside one of the allowed collector networks; a host name is outside: it cannot be checked).
+Pass (dict "name" "sflow" "path" "object.spec.network.sflow").
+*/}}
+{{- define "crosstrace.celTargetVariables" -}}
+- name: {{ .name }}Targets
+  expression: >-
+    has(object.spec.network) && has({{ .path }}) ? {{ .path }}.targets : []
+- name: {{ .name }}Outside
+  expression: >-
+    variables.{{ .name }}Targets.filter(target,
+    !(isIP(target.substring(0, target.lastIndexOf(':')).replace('[', '').replace(']', ''))
+      && variables.collectorNetworks.exists(network,
+           cidr(network).containsIP(target.substring(0, target.lastIndexOf(':')).replace('[', '').replace(']', '')))))
 {{- end -}}
