@@ -7,6 +7,7 @@
 //! The controller runs observe → plan → apply → report. Planning is pure (no client) and lives with
 //! each layer in [`layers`]; [`controller`] wires observation, application and status around it.
 
+pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod clients;
