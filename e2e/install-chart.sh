@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs the chart into the local cluster (release crosstrace in crosstrace-system) and writes
-# kubeconfigs for its ServiceAccounts, so that host processes run with the chart's own RBAC:
+# Installs the chart into the local cluster (release crosstrace in crosstrace-system, which enforces Pod
+# Security "restricted" as the README's install steps say; the agent in the chart's own namespace
+# crosstrace-agent) and writes kubeconfigs for its ServiceAccounts, so that host processes run with the
+# chart's own RBAC:
 #   $CROSSTRACE_E2E_STATE/controller.kubeconfig         the controller
 #   $CROSSTRACE_E2E_STATE/agent-<node>.kubeconfig       each node's agent, its token bound to the
 #                                                       chart's agent pod on that node
@@ -9,7 +11,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${CROSSTRACE_E2E_STATE:?run eval \"\$(e2e/cluster.sh env)\" first}"
-release=crosstrace namespace=crosstrace-system
+release=crosstrace namespace=crosstrace-system agent_namespace=crosstrace-agent
 
 if [ "${1:-}" = "--remove" ]; then
   helm uninstall "$release" -n "$namespace" --wait --timeout=120s >/dev/null 2>&1 || true
@@ -17,22 +19,27 @@ if [ "${1:-}" = "--remove" ]; then
 fi
 
 # A namespace still terminating (an uninstall or the helm test just deleted it) cannot take the release.
-if [ "$(kubectl get namespace "$namespace" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
-  kubectl wait --for=delete "namespace/$namespace" --timeout=180s >/dev/null
-fi
+for ns in "$namespace" "$agent_namespace"; do
+  if [ "$(kubectl get namespace "$ns" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
+    kubectl wait --for=delete "namespace/$ns" --timeout=180s >/dev/null
+  fi
+done
 kubectl apply --server-side --force-conflicts -f "$here/../crds" >/dev/null
-helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --create-namespace --wait=false >/dev/null
+kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl label namespace "$namespace" --overwrite pod-security.kubernetes.io/enforce=restricted \
+  pod-security.kubernetes.io/enforce-version=latest >/dev/null
+helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --wait=false >/dev/null
 kubectl -n "$namespace" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null
-kubectl -n "$namespace" rollout status daemonset/crosstrace-agent --timeout=120s >/dev/null
+kubectl -n "$agent_namespace" rollout status daemonset/crosstrace-agent --timeout=120s >/dev/null
 
 "$here/sa-kubeconfig.sh" "$namespace" crosstrace-controller "$CROSSTRACE_E2E_STATE/controller.kubeconfig"
 # One agent token per node, bound to the chart's agent pod there: the API server puts the node name
 # in it, which the chart's ValidatingAdmissionPolicy checks on every status write.
-kubectl -n "$namespace" get pods -l app.kubernetes.io/component=agent \
+kubectl -n "$agent_namespace" get pods -l app.kubernetes.io/component=agent \
   -o jsonpath='{range .items[*]}{.spec.nodeName} {.metadata.name}{"\n"}{end}' |
   while read -r node pod; do
     [ -n "$node" ] || continue
-    "$here/sa-kubeconfig.sh" "$namespace" crosstrace-agent "$CROSSTRACE_E2E_STATE/agent-$node.kubeconfig" \
+    "$here/sa-kubeconfig.sh" "$agent_namespace" crosstrace-agent "$CROSSTRACE_E2E_STATE/agent-$node.kubeconfig" \
       --bound-object-kind Pod --bound-object-name "$pod"
   done
 echo "chart installed; kubeconfigs in $CROSSTRACE_E2E_STATE (controller.kubeconfig, agent-<node>.kubeconfig)"

@@ -240,8 +240,9 @@ async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
     assert_eq!(image_of(&d), instrumented);
     assert!(crosstrace::layers::health::deployment_rolled_out(&d), "Ready only after the rollout completed");
 
-    // A broken image: never Ready, so it is rolled back to the original image and the policy is Degraded.
-    apply_policy(&client, &edge_policy(&name, &ns.name, "x:broken", 10)).await;
+    // A broken image (an allowed repository, see the chart's adminLimits): never Ready, so it is rolled back to the
+    // original image and the policy is Degraded.
+    apply_policy(&client, &edge_policy(&name, &ns.name, "registry.k8s.io/ingress-nginx/controller:broken", 10)).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;
     let degraded = condition(&p, "Degraded").unwrap();
     assert_eq!(degraded.reason, "RolledBack");
