@@ -93,10 +93,12 @@ crds_installed() {
 check "CRDs applied (server-side) and Established" crds_installed
 
 # A namespace left terminating by an earlier run cannot take new objects: wait until it is gone.
-if [ "$(kubectl get namespace "$ns" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
-  kubectl wait --for=delete "namespace/$ns" --timeout=180s >/dev/null 2>&1 ||
-    { not_ok "namespace $ns from an earlier run still terminating after 180 s"; summary; exit 1; }
-fi
+for terminating in "$ns" "$agent_ns"; do
+  if [ "$(kubectl get namespace "$terminating" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
+    kubectl wait --for=delete "namespace/$terminating" --timeout=180s >/dev/null 2>&1 ||
+      { not_ok "namespace $terminating from an earlier run still terminating after 180 s"; summary; exit 1; }
+  fi
+done
 # Namespaced objects can only be validated by the server when their namespace exists. The release namespace
 # enforces Pod Security "restricted", as the README's install steps say (a chart cannot label the namespace
 # it is installed into).
