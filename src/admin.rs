@@ -1,11 +1,12 @@
 //! Admin limits: what whoever installs crosstrace allows TracingPolicy authors to ask for (sidecar and
 //! ingress images, protected namespaces, flow collector networks, sampling and header bounds).
 //!
-//! The chart writes them into one ConfigMap, `crosstrace-admin-limits`. The API server enforces them at
-//! admission (the chart's ValidatingAdmissionPolicy `crosstrace-admin-limits` reads the same ConfigMap);
-//! [`check`] enforces them again in the controller, for clusters without that policy and for policies
-//! admitted before a limit was tightened. Both read the same keys with the same meaning, so that a policy
-//! refused by one is refused by the other: lists are comma-separated, an image entry is a repository (any
+//! The chart renders its `adminLimits` values into one ConfigMap, `crosstrace-admin-limits`, and into the
+//! expressions of its ValidatingAdmissionPolicy `crosstrace-admin-limits` (not as ConfigMap parameters:
+//! kube-apiserver can lose a ConfigMap param informer for good, kubernetes/kubernetes#130887). The API server
+//! enforces them at admission; [`check`] enforces them again in the controller, for clusters without that
+//! policy and for policies admitted before a limit was tightened. Both give the values the same meaning, so
+//! that a policy refused by one is refused by the other: lists are comma-separated, an image entry is a repository (any
 //! tag or digest) or `repository@sha256:<digest>` matched as written, and a flow target must be an IP
 //! address inside one of the networks (a host name cannot be checked, so it is outside).
 //!

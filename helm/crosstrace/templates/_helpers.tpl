@@ -57,6 +57,11 @@ level "privileged" (a hostPath volume for the OVS sockets, uid 0) and the contro
 {{ printf "system:serviceaccount:%s:%s" .Release.Namespace (include "crosstrace.controllerName" .) }}
 {{- end -}}
 
+{{/* Namespaces no layer touches, as a JSON list: the built-in ones, the release namespace, adminLimits'. */}}
+{{- define "crosstrace.protectedNamespaces" -}}
+{{ concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.adminLimits.protectedNamespaces | uniq | toJson }}
+{{- end -}}
+
 {{/* The ConfigMap of admin limits (release namespace): read by the admission policy and the controller. */}}
 {{- define "crosstrace.adminLimitsName" -}}
 crosstrace-admin-limits
