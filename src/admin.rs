@@ -593,6 +593,13 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_configmap_policy_lets_it_write_its_ledger() {
+        let template = include_str!("../helm/crosstrace/templates/controller-configmap-policy.yaml");
+        let ledger = format!("request.name == '{}'", crate::layers::ingress::LEDGER);
+        assert!(template.contains(&ledger), "controller-configmap-policy.yaml does not name the ledger ({ledger})");
+    }
+
+    #[test]
     fn the_controller_configmap_policy_allows_exactly_the_keys_the_edge_layer_writes() {
         let template = include_str!("../helm/crosstrace/templates/controller-configmap-policy.yaml");
         let start = template.find("name: otelKeys").expect("the otelKeys variable");

@@ -343,6 +343,16 @@ if "$root/e2e/sa-kubeconfig.sh" "$ns" crosstrace-controller "$tmp/controller.kub
     controller_cm ingress-nginx-controller "$edge_label" "$otel"
   check "controller token: its collector ConfigMap is written" \
     controller_cm crosstrace-otel-helm-test '{"crosstrace.dev/workloads-policy": "helm-test"}' '{"deployment.yaml": "receivers: {}"}'
+  ledger_written() {
+    as_controller apply --server-side --force-conflicts --field-manager=crosstrace --dry-run=server -f - <<EOF
+{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "crosstrace-ingress-records", "namespace": "$ns",
+ "labels": {"crosstrace.dev/ingress-ledger": "true"}}, "data": {"helm-test-uid": "{}"}}
+EOF
+  }
+  check "controller token: its ledger of edge records in its own namespace is written" ledger_written
+  check "controller token: deleting its ledger is refused" \
+    refused_by "$cm_policy" "protected namespace $ns" \
+    as_controller -n "$ns" delete configmap crosstrace-ingress-records --dry-run=server
 else
   not_ok "set up the controller ConfigMap policy checks"
 fi

@@ -268,8 +268,7 @@ async fn a_broken_batch_is_rolled_back_to_the_exact_previous_template() {
     // A deadline far beyond this test's patience: the rollback must come from the pods of crosstrace's
     // revision that crash-loop (a kwok Stage: CrashLoopBackOff), not from the deadline. An allowed
     // repository (the chart's adminLimits) with an image kwok crash-loops.
-    let mut policy =
-        workloads_policy(&name, &tag, 1, "otel/opentelemetry-collector-k8s:crashloop", &["Deployment"]);
+    let mut policy = workloads_policy(&name, &tag, 1, "otel/opentelemetry-collector-k8s:crashloop", &["Deployment"]);
     policy["spec"]["rollout"]["progressDeadlineSeconds"] = json!(3600);
     apply_policy(&client, &policy).await;
     let p = wait_condition(&client, &name, "Degraded", "True").await;
