@@ -99,11 +99,6 @@ async fn policies_beyond_the_admin_limits_are_refused_naming_the_field() {
             sflow(&["127.0.0.1:6343", "8.8.8.8:6343"], 400, 128),
             "spec.network.sflow.targets: 8.8.8.8:6343",
         ),
-        (
-            "sflow-hostname",
-            sflow(&["flows.example.com:6343"], 400, 128),
-            "spec.network.sflow.targets: flows.example.com:6343",
-        ),
         ("ipfix-public", ipfix(&["[2001:db8::1]:4739"]), "spec.network.ipfix.targets: [2001:db8::1]:4739"),
         ("sflow-header", sflow(&["127.0.0.1:6343"], 400, 512), "spec.network.sflow.header: 512 bytes"),
     ];
