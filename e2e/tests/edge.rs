@@ -116,8 +116,13 @@ async fn bad_policies_are_refused_naming_the_field() {
     let policies = Api::<DynamicObject>::all_with(client, &ApiResource::erase::<TracingPolicy>(&()));
     let unusual: DynamicObject = serde_json::from_value(unusual_but_valid_policy()).unwrap();
     let dry_run = PostParams { dry_run: true, ..Default::default() };
-    if let Err(e) = policies.create(&dry_run, &unusual).await {
-        panic!("strict input must still take every valid form: {e}");
+    // The API server validates against the CRD before validating admission policies run: a refusal by the
+    // chart's admin limits (which allow neither these registries nor public flow targets) means the CRD
+    // took every form.
+    match policies.create(&dry_run, &unusual).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.message.contains("ValidatingAdmissionPolicy 'crosstrace-admin-limits'") => {}
+        Err(e) => panic!("strict input must still take every valid form: {e}"),
     }
 }
 
