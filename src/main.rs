@@ -74,6 +74,10 @@ struct ControllerArgs {
     /// on in the next reconcile.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     write_budget_ms: u64,
+    /// Directory of the admin limits (the chart mounts its ConfigMap `crosstrace-admin-limits` there):
+    /// policies beyond them are reported and nothing of them is written.
+    #[arg(long, env = "CROSSTRACE_ADMIN_LIMITS")]
+    admin_limits: Option<std::path::PathBuf>,
 }
 
 async fn shutdown_signal() {
@@ -122,6 +126,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         write_concurrency: usize::from(args.write_concurrency),
         write_budget: Duration::from_millis(args.write_budget_ms),
+        admin_limits: args.admin_limits,
         ..Settings::default()
     };
     settings.workloads.sidecar_image = args.sidecar_image;

@@ -169,7 +169,6 @@ async fn mounted_limits(client: &Client) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-#[ignore = "needs crosstrace::admin::check wired into the reconcile and a --admin-limits flag (the lead's part)"]
 async fn without_the_admission_policy_the_controller_writes_nothing_and_reports_the_field() {
     let client = client().await;
     install_crds();

@@ -56,6 +56,9 @@ pub struct Settings {
     /// How long after a layer's first write in a reconcile new ones start; a bigger batch goes on in the
     /// next reconcile at once.
     pub write_budget: Duration,
+    /// Where the chart mounts its admin limits (`--admin-limits`): read on every reconcile, so that a
+    /// changed limit applies without a restart. `None`: no limits beyond the built-in ones.
+    pub admin_limits: Option<std::path::PathBuf>,
 }
 
 /// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
@@ -77,10 +80,12 @@ impl Default for Settings {
                 sidecar_resources: default_sidecar_resources(),
                 native_sidecars: true,
                 operator_namespace: namespace.clone(),
+                protected_namespaces: Vec::new(),
             },
             namespace,
             write_concurrency: DEFAULT_WRITE_CONCURRENCY,
             write_budget: DEFAULT_WRITE_BUDGET,
+            admin_limits: None,
         }
     }
 }

@@ -144,6 +144,7 @@ async fn run_layers(
     name: &str,
     ctx: &Context,
     deleting: bool,
+    limits: Option<&crate::admin::AdminLimits>,
 ) -> Result<(Reports, bool), Error> {
     let now = Timestamp::now().as_second();
     let uid = policy.uid().unwrap_or_default();
@@ -162,7 +163,12 @@ async fn run_layers(
         deleting,
         older: &older,
     };
-    let observed = ingress::observe(&ctx.client, view, &ctx.settings.namespace, |d| {
+    let defaults = &workloads::Defaults {
+        protected_namespaces: limits.map(|l| l.protected_namespaces.clone()).unwrap_or_default(),
+        ..ctx.settings.workloads.clone()
+    };
+    let protected = |namespace: &str| defaults.protects(namespace);
+    let observed = ingress::observe(&ctx.client, view, &ctx.settings.namespace, protected, |d| {
         older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d.metadata)))
     })
     .await?;
@@ -172,7 +178,6 @@ async fn run_layers(
         super::apply::ingress(&ctx.writer, &edge_plan.actions, &ctx.settings.namespace).await?;
     }
 
-    let defaults = &ctx.settings.workloads;
     let labels = namespace_labels(ctx, policy).await?;
     let (observed, config_maps) = workloads::observe(&ctx.client, view, defaults, |w| {
         let ns_labels = w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
@@ -227,7 +232,23 @@ fn pace(ctx: &Context) -> Pace {
 /// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished
 /// reverts keep the finalizer in place.
 async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<bool, Error> {
-    Ok(run_layers(policy, name, ctx, true).await?.1)
+    Ok(run_layers(policy, name, ctx, true, None).await?.1)
+}
+
+/// Reports why nothing of this policy is changed now, and looks again at the resync (a limit the admin
+/// changes reaches the controller without an event).
+async fn refuse(
+    ctx: &Context,
+    policy: &TracingPolicy,
+    name: &str,
+    reason: &'static str,
+    message: &str,
+) -> Result<Action, Error> {
+    let generation = policy.metadata.generation.unwrap_or(0);
+    let previous = last_status(ctx, policy);
+    let next = status::unusable(Some(&previous), generation, reason, message, Timestamp::now());
+    report(ctx, policy, name, previous, next).await?;
+    Ok(Action::requeue(ctx.settings.resync))
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
@@ -239,7 +260,18 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         report(ctx, policy, name, previous, next).await?;
         return Ok(Action::await_change());
     }
-    let (reports, finished) = run_layers(policy, name, ctx, false).await?;
+    // Admin limits above policy authors (the admission policy enforces them too, where it is installed).
+    let limits = match ctx.settings.admin_limits.as_deref().map(crate::admin::AdminLimits::from_dir).transpose() {
+        Ok(limits) => limits,
+        Err(error) => {
+            let message = format!("the admin limits cannot be read, so nothing is changed: {}", error_chain(&error));
+            return refuse(ctx, policy, name, reasons::ADMIN_LIMITS_UNREADABLE, &message).await;
+        }
+    };
+    if let Some(violation) = limits.as_ref().and_then(|l| crate::admin::check(&policy.spec, l).err()) {
+        return refuse(ctx, policy, name, reasons::ADMIN_LIMIT, &violation.to_string()).await;
+    }
+    let (reports, finished) = run_layers(policy, name, ctx, false, limits.as_ref()).await?;
     for (layer, report) in
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
     {

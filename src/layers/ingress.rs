@@ -533,6 +533,7 @@ pub async fn observe(
     client: &Client,
     policy: PolicyView<'_>,
     operator_namespace: &str,
+    protected: impl Fn(&str) -> bool,
     claimant: impl Fn(&Deployment) -> Option<String>,
 ) -> Result<Vec<Observed>, super::ObserveError> {
     let mut found: BTreeMap<ObjectKey, Observed> = BTreeMap::new();
@@ -543,7 +544,9 @@ pub async fn observe(
             Api::namespaced(client.clone(), &ingress.namespace)
         };
         let selector = ingress_selector(ingress).map_err(super::ObserveError::selector("spec.ingress.selector"))?;
-        for d in api.list(&ListParams::default().labels_from(&selector)).await? {
+        // Never a controller in a protected namespace (`spec.ingress.namespace` empty selects everywhere).
+        let listed = api.list(&ListParams::default().labels_from(&selector)).await?;
+        for d in listed.into_iter().filter(|d| !protected(d.metadata.namespace.as_deref().unwrap_or_default())) {
             let claimed_by = claimant(&d);
             found.insert(
                 ObjectKey::of(&d.metadata),

@@ -28,6 +28,11 @@ pub const FORGED_RECORD: &str = "ForgedRecord";
 /// The ingress controller has no available replica.
 pub const TARGET_NOT_AVAILABLE: &str = "TargetNotAvailable";
 
+/// The policy asks for more than the admin limits allow (an image, a namespace, a flow target, a rate).
+pub const ADMIN_LIMIT: &str = "AdminLimit";
+/// The admin limits cannot be read: nothing is changed until they can.
+pub const ADMIN_LIMITS_UNREADABLE: &str = "AdminLimitsUnreadable";
+
 /// Layer and policy conditions.
 pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
 pub const ROLLOUT_STOPPED: &str = "RolloutStopped";

@@ -55,6 +55,17 @@ pub struct Defaults {
     pub native_sidecars: bool,
     /// The operator's own namespace (never instrumented).
     pub operator_namespace: String,
+    /// Namespaces the admin protects beyond the built-in ones (`adminLimits.protectedNamespaces`).
+    pub protected_namespaces: Vec<String>,
+}
+
+impl Defaults {
+    /// No layer touches this namespace: a built-in one, the operator's own, or one the admin protects.
+    pub fn protects(&self, namespace: &str) -> bool {
+        PROTECTED_NAMESPACES.contains(&namespace)
+            || namespace == self.operator_namespace
+            || self.protected_namespaces.iter().any(|p| p == namespace)
+    }
 }
 
 /// What was injected into one workload, recorded with the injection itself.
@@ -601,11 +612,7 @@ pub async fn selected_namespaces(
         .map_err(super::ObserveError::selector("spec.workloads.namespaceSelector"))?;
     let namespaces =
         Api::<Meta<Namespace>>::all(client.clone()).list(&ListParams::default().labels_from(&selector)).await?;
-    Ok(namespaces
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .filter(|n| !PROTECTED_NAMESPACES.contains(&n.as_str()) && *n != defaults.operator_namespace)
-        .collect())
+    Ok(namespaces.into_iter().filter_map(|n| n.metadata.name).filter(|n| !defaults.protects(n)).collect())
 }
 
 /// Objects per list request: bounds what one response holds in memory, however big a namespace is.
@@ -831,8 +838,7 @@ pub fn selects(
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> bool {
     let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
-    !PROTECTED_NAMESPACES.contains(&namespace)
-        && namespace != defaults.operator_namespace
+    !defaults.protects(namespace)
         && spec.kinds.contains(&w.kind)
         && selector(&spec.namespace_selector).is_ok_and(|s| matches(&s, namespace_labels))
         && spec.selector.as_ref().is_none_or(|s| selector(s).is_ok_and(|s| matches(&s, w.metadata.labels.as_ref())))
@@ -872,6 +878,7 @@ mod tests {
             sidecar_resources: crate::controller::default_sidecar_resources(),
             native_sidecars: true,
             operator_namespace: "crosstrace-system".into(),
+            protected_namespaces: vec!["vault".into()],
         }
     }
 
@@ -1099,7 +1106,7 @@ mod tests {
         let s = spec();
         let labels = BTreeMap::from([("tracing".to_string(), "enabled".to_string())]);
         let mut w = workload("dns", &[]);
-        for ns in ["kube-system", "crosstrace-system"] {
+        for ns in ["kube-system", "crosstrace-system", "vault"] {
             w.metadata.namespace = Some(ns.into());
             assert!(!selects(s.workloads.as_ref().unwrap(), &defaults(), &w, Some(&labels)), "{ns}");
         }
