@@ -350,9 +350,15 @@ if "$root/e2e/sa-kubeconfig.sh" "$ns" crosstrace-controller "$tmp/controller.kub
 EOF
   }
   check "controller token: its ledger of edge records in its own namespace is written" ledger_written
+  # The ledger must exist for its delete to reach admission (a fresh cluster has none yet).
+  ledger_created=0
+  if ! kubectl -n "$ns" get configmap crosstrace-ingress-records >/dev/null 2>&1; then
+    kubectl -n "$ns" create configmap crosstrace-ingress-records >/dev/null && ledger_created=1
+  fi
   check "controller token: deleting its ledger is refused" \
     refused_by "$cm_policy" "protected namespace $ns" \
     as_controller -n "$ns" delete configmap crosstrace-ingress-records --dry-run=server
+  if [ "$ledger_created" = 1 ]; then kubectl -n "$ns" delete configmap crosstrace-ingress-records >/dev/null; fi
 else
   not_ok "set up the controller ConfigMap policy checks"
 fi
