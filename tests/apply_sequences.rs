@@ -104,6 +104,11 @@ fn ledger_reply() -> Value {
     json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "crosstrace-ingress-records", "namespace": "crosstrace-system"}})
 }
 
+/// The read of the ledger that comes before each write of an entry.
+fn ledger_get() -> Expect {
+    Expect { method: Method::GET, path: LEDGER, query: "", content_type: "", reply: ledger_reply() }
+}
+
 /// A merge patch of the ledger entry of Deployment `c`.
 fn ledger_merge() -> Expect {
     Expect {
@@ -133,6 +138,7 @@ async fn apply_records_first_then_applies_config_then_image() {
     let (bodies, metrics) = run(
         &actions,
         vec![
+            ledger_get(),
             ledger_merge(),
             Expect {
                 method: Method::PATCH,
@@ -148,6 +154,7 @@ async fn apply_records_first_then_applies_config_then_image() {
                 content_type: "application/apply-patch+yaml",
                 reply: config_map_reply(json!({})),
             },
+            ledger_get(),
             ledger_merge(),
             Expect {
                 method: Method::PATCH,
@@ -160,22 +167,22 @@ async fn apply_records_first_then_applies_config_then_image() {
     )
     .await;
 
-    let recorded: Record = serde_json::from_str(bodies[0]["data"][UID].as_str().unwrap()).unwrap();
+    let recorded: Record = serde_json::from_str(bodies[1]["data"][UID].as_str().unwrap()).unwrap();
     assert_eq!(recorded, record(), "the originals go to the ledger, keyed by UID, before anything changes");
-    assert_eq!(bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
+    assert_eq!(bodies[2]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
     assert_eq!(
-        bodies[1]["metadata"]["annotations"],
+        bodies[2]["metadata"]["annotations"],
         json!({"crosstrace.dev/ingress-rolled-back": null}),
         "no record on the Deployment"
     );
-    assert_eq!(bodies[2]["data"]["enable-opentelemetry"], "true");
-    assert_eq!(bodies[2]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
-    assert!(bodies[3]["data"][UID].is_string(), "the updated record before the image");
+    assert_eq!(bodies[3]["data"]["enable-opentelemetry"], "true");
+    assert_eq!(bodies[3]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], "storefront");
+    assert!(bodies[5]["data"][UID].is_string(), "the updated record before the image");
     assert_eq!(
-        bodies[4]["spec"]["template"]["spec"]["containers"],
+        bodies[6]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:otel"}])
     );
-    assert!(bodies[4]["metadata"].get("annotations").is_none(), "no record on the Deployment");
+    assert!(bodies[6]["metadata"].get("annotations").is_none(), "no record on the Deployment");
     let writes: f64 = metrics
         .encode()
         .lines()
@@ -224,6 +231,7 @@ async fn revert_restores_config_map_then_deployment() {
                 content_type: "application/strategic-merge-patch+json",
                 reply: deployment_reply(),
             },
+            ledger_get(),
             ledger_merge(),
         ],
     )
@@ -238,7 +246,7 @@ async fn revert_restores_config_map_then_deployment() {
         bodies[2]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:v1.12.1"}])
     );
-    assert_eq!(bodies[3]["data"][UID], Value::Null, "the record goes last, from the ledger");
+    assert_eq!(bodies[4]["data"][UID], Value::Null, "the record goes last, from the ledger");
 }
 
 #[tokio::test]
@@ -424,8 +432,8 @@ async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
 async fn a_replica_whose_fence_closed_neither_patches_nor_deletes() {
     let (writer, mut handle, _) = mocked_behind(lapsed());
     let r = record();
+    // (A Record first reads the ledger, a read the fence does not stop: start with a write.)
     let edge = vec![
-        Action::Record { deployment: ObjectKey::new("ingress-nginx", "c"), uid: UID.into(), record: r.clone() },
         Action::RestoreDeployment {
             deployment: ObjectKey::new("ingress-nginx", "c"),
             uid: UID.into(),
@@ -433,6 +441,7 @@ async fn a_replica_whose_fence_closed_neither_patches_nor_deletes() {
             keep: None,
             rolled_back: None,
         },
+        Action::Record { deployment: ObjectKey::new("ingress-nginx", "c"), uid: UID.into(), record: r.clone() },
     ];
     assert!(matches!(
         apply::ingress(&writer, &edge, "crosstrace-system").await,

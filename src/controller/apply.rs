@@ -13,7 +13,7 @@ use futures::stream::FuturesUnordered;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, Recorder};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -173,8 +173,10 @@ pub async fn ingress(writer: &Writer, actions: &[ingress::Action], operator_name
     Ok(())
 }
 
-/// Writes (`Some`) or removes (`None`) the ledger entry of the Deployment with this UID. Entries of other
-/// Deployments are left alone (a merge patch per key); the ledger is created when it is missing.
+/// Writes (`Some`) or removes (`None`) the ledger entry of the Deployment with this UID, in one write:
+/// entries of other Deployments are left alone (a merge patch per key), and a missing ledger is created
+/// with the entry in it (it is read first, so that every write makes progress: a controller stopped after
+/// any write never repeats one that failed).
 async fn ledger_entry(
     writer: &Writer,
     ledger: &Api<ConfigMap>,
@@ -182,17 +184,23 @@ async fn ledger_entry(
     record: Option<&ingress::Record>,
 ) -> Result<()> {
     let value = record.map(record_json);
-    match writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await {
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 && value.is_some() => {
-            let create = json!({
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": LEDGER, "labels": {LEDGER_LABEL: "true"}},
-            });
-            writer.apply(ledger, LEDGER, create).await?;
+    if ledger.get_opt(LEDGER).await?.is_some() {
+        return writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await.map(drop);
+    }
+    let Some(value) = value else {
+        return Ok(());
+    };
+    let created: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": LEDGER, "labels": {LEDGER_LABEL: "true"}},
+        "data": {uid: value},
+    }))
+    .expect("a ConfigMap");
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    match writer.send("create", "configmaps", ledger.create(&params, &created)).await {
+        // Another policy created it meanwhile: add the entry to it.
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
             writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await.map(drop)
         }
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
         other => other.map(drop),
     }
 }
