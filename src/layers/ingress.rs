@@ -336,7 +336,9 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let mut actions = Vec::new();
     let mut record = match record {
         Some(r) => {
-            if inherited {
+            // Taken over, or recorded by a run that stopped before it labelled the Deployment: finish it.
+            let labelled = t.deployment.labels().get(POLICY_LABEL).map(String::as_str) == Some(policy.name);
+            if inherited || !labelled {
                 actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: r.clone() });
             }
             r
