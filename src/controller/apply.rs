@@ -205,19 +205,22 @@ async fn ledger_entry(
     }
 }
 
+/// Labels an ingress controller Deployment with the policy that changes it (and clears a rollback marker).
+async fn label(writer: &Writer, deployment: &ObjectKey, policy: &str) -> Result<()> {
+    let api = Api::<Deployment>::namespaced(writer.client.clone(), &deployment.namespace);
+    let patch = json!({"metadata": {"annotations": {ROLLED_BACK_ANNOTATION: null}, "labels": {POLICY_LABEL: policy}}});
+    writer.merge(&api, &deployment.name, patch).await.map(drop)
+}
+
 async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingress::Action) -> Result<()> {
     use ingress::Action::*;
     let client = &writer.client;
     match action {
         Record { deployment, uid, record } => {
             ledger_entry(writer, ledger, uid, Some(record)).await?;
-            let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
-            let patch = json!({"metadata": {
-                "annotations": {ROLLED_BACK_ANNOTATION: null},
-                "labels": {POLICY_LABEL: record.policy},
-            }});
-            writer.merge(&api, &deployment.name, patch).await?;
+            label(writer, deployment, &record.policy).await?;
         }
+        Label { deployment, policy } => label(writer, deployment, policy).await?,
         ApplyConfig { config_map, data, policy } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
             let patch = json!({

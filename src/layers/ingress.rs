@@ -79,6 +79,8 @@ pub struct ContainerImage {
 pub enum Action {
     /// Write the record into the ledger, then the policy label on the Deployment, before any change.
     Record { deployment: ObjectKey, uid: String, record: Record },
+    /// Put the policy label on the Deployment (its record is in the ledger already).
+    Label { deployment: ObjectKey, policy: String },
     /// Server-side apply every OTel key (and the policy label) to the ConfigMap.
     ApplyConfig { config_map: ObjectKey, data: BTreeMap<String, String>, policy: String },
     /// Write the updated record into the ledger, then server-side apply the controller image.
@@ -336,10 +338,12 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let mut actions = Vec::new();
     let mut record = match record {
         Some(r) => {
-            // Taken over, or recorded by a run that stopped before it labelled the Deployment: finish it.
             let labelled = t.deployment.labels().get(POLICY_LABEL).map(String::as_str) == Some(policy.name);
-            if inherited || !labelled {
+            if inherited {
                 actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: r.clone() });
+            } else if !labelled {
+                // Recorded by a run that stopped before it labelled the Deployment: only the label is missing.
+                actions.push(Action::Label { deployment: key.clone(), policy: policy.name.to_string() });
             }
             r
         }
