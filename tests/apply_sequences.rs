@@ -224,6 +224,7 @@ async fn revert_restores_config_map_then_deployment() {
                 content_type: "application/merge-patch+json",
                 reply: config_map_reply(json!({})),
             },
+            Expect { method: Method::GET, path: DEPLOYMENT, query: "", content_type: "", reply: deployment_reply() },
             Expect {
                 method: Method::PATCH,
                 path: DEPLOYMENT,
@@ -243,10 +244,10 @@ async fn revert_restores_config_map_then_deployment() {
     );
     assert_eq!(bodies[1]["metadata"]["labels"]["crosstrace.dev/ingress-policy"], Value::Null);
     assert_eq!(
-        bodies[2]["spec"]["template"]["spec"]["containers"],
+        bodies[3]["spec"]["template"]["spec"]["containers"],
         json!([{"name": "controller", "image": "controller:v1.12.1"}])
     );
-    assert_eq!(bodies[4]["data"][UID], Value::Null, "the record goes last, from the ledger");
+    assert_eq!(bodies[5]["data"][UID], Value::Null, "the record goes last, from the ledger");
 }
 
 #[tokio::test]
@@ -432,15 +433,9 @@ async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
 async fn a_replica_whose_fence_closed_neither_patches_nor_deletes() {
     let (writer, mut handle, _) = mocked_behind(lapsed());
     let r = record();
-    // (A Record first reads the ledger, a read the fence does not stop: start with a write.)
+    // (Record and RestoreDeployment read first, reads the fence does not stop: start with a write.)
     let edge = vec![
-        Action::RestoreDeployment {
-            deployment: ObjectKey::new("ingress-nginx", "c"),
-            uid: UID.into(),
-            image: r.original_image.clone(),
-            keep: None,
-            rolled_back: None,
-        },
+        Action::Label { deployment: ObjectKey::new("ingress-nginx", "c"), policy: "storefront".into() },
         Action::Record { deployment: ObjectKey::new("ingress-nginx", "c"), uid: UID.into(), record: r.clone() },
     ];
     assert!(matches!(

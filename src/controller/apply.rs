@@ -263,18 +263,32 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
         }
         RestoreDeployment { deployment, uid, image, keep, rolled_back } => {
             let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
-            let mut annotations = Map::new();
-            annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
-            let mut patch = json!({"metadata": {
-                "annotations": annotations,
-                // A rolled-back controller stays labelled so that delete finds it and clears the marker.
-                "labels": {POLICY_LABEL: keep.as_ref().map(|r| r.policy.clone()).or_else(|| policy_of_marker(rolled_back))},
-            }});
-            if let Some(image) = image {
-                patch["spec"] =
-                    json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
+            // A rolled-back controller stays labelled so that delete finds it and clears the marker.
+            let label = keep.as_ref().map(|r| r.policy.clone()).or_else(|| policy_of_marker(rolled_back));
+            // Already as it should be (a revert that stopped halfway goes on), or gone: no write.
+            let current = api.get_opt(&deployment.name).await?;
+            let restored = current.as_ref().is_none_or(|d| {
+                let meta = &d.metadata;
+                let containers =
+                    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers.as_slice());
+                meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)) == label.as_ref()
+                    && meta.annotations.as_ref().and_then(|a| a.get(ROLLED_BACK_ANNOTATION)) == rolled_back.as_ref()
+                    && image.as_ref().is_none_or(|i| {
+                        containers
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.name == i.container && c.image.as_deref() == Some(&i.image))
+                    })
+            });
+            if !restored {
+                let mut annotations = Map::new();
+                annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
+                let mut patch = json!({"metadata": {"annotations": annotations, "labels": {POLICY_LABEL: label}}});
+                if let Some(image) = image {
+                    patch["spec"] = json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
+                }
+                writer.strategic(&api, &deployment.name, patch).await?;
             }
-            writer.strategic(&api, &deployment.name, patch).await?;
             // The record goes last: a revert that stops halfway still knows what to restore.
             ledger_entry(writer, ledger, uid, keep.as_ref()).await?;
         }
