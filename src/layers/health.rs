@@ -25,9 +25,7 @@ pub fn statefulset_rolled_out(s: &StatefulSet) -> bool {
         return false;
     };
     // With OnDelete the controller never moves currentRevision: every replica updated and ready is done.
-    let on_delete =
-        s.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()) == Some("OnDelete");
-    let revision_done = on_delete
+    let revision_done = statefulset_on_delete(s)
         || match (&status.current_revision, &status.update_revision) {
             (Some(current), Some(update)) => current == update,
             _ => true,
@@ -37,6 +35,11 @@ pub fn statefulset_rolled_out(s: &StatefulSet) -> bool {
         && status.ready_replicas.unwrap_or(0) >= desired
         && status.available_replicas.unwrap_or(desired) >= desired
         && revision_done
+}
+
+/// Does the StatefulSet update its pods only when they are deleted (`updateStrategy: OnDelete`)?
+pub fn statefulset_on_delete(s: &StatefulSet) -> bool {
+    s.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()) == Some("OnDelete")
 }
 
 /// Has the DaemonSet rolled its current template out to every node it schedules on, all available?

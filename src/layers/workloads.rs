@@ -125,8 +125,8 @@ impl Workload {
 
     pub fn from_statefulset(s: StatefulSet) -> Self {
         let rolled_out = health::statefulset_rolled_out(&s);
+        let on_delete = health::statefulset_on_delete(&s);
         let spec = s.spec.unwrap_or_default();
-        let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
             kind: WorkloadKind::StatefulSet,
             template: spec.template,
@@ -378,6 +378,11 @@ fn record_json(record: &Record) -> String {
     serde_json::to_string(record).expect("a record always serializes")
 }
 
+/// Was this injection (the record's) seen rolled out and healthy? Its hash is on the convergence label.
+fn converged(meta: &ObjectMeta, record: &Record) -> bool {
+    meta.labels.as_ref().and_then(|l| l.get(CONVERGED_LABEL)) == Some(&record.hash)
+}
+
 fn record_of(meta: &ObjectMeta) -> Result<Option<Record>, String> {
     super::read_record(meta.annotations.as_ref(), RECORD_ANNOTATION)
 }
@@ -576,7 +581,7 @@ fn forward(
     let written = record.as_ref().map(|r| Written {
         current: r.hash == desired.hash,
         intact: injection_present(w, r, defaults.native_sidecars),
-        converged: w.metadata.labels.as_ref().and_then(|l| l.get(CONVERGED_LABEL)) == Some(&r.hash),
+        converged: converged(&w.metadata, r),
         since: r.rollout_started,
     });
     let step = rollout::judge(written, &w.health(), now, i64::from(policy.spec.rollout.progress_deadline_seconds));
@@ -798,8 +803,8 @@ pub async fn observe(
     // Rollouts of this policy in flight: do pods of its revision fail to start? (Few: a batch at most.)
     let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
-        let converged = o.workload.metadata.labels.as_ref().and_then(|l| l.get(CONVERGED_LABEL)) == Some(&record.hash);
-        (record.policy == policy.name && !converged).then_some((&mut o.workload, record.hash))
+        (record.policy == policy.name && !converged(&o.workload.metadata, &record))
+            .then_some((&mut o.workload, record.hash))
     });
     for (workload, hash) in in_flight {
         workload.failing = failing_pod(client, workload, &hash).await?;
