@@ -45,15 +45,30 @@ pub enum Error {
 impl Error {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
-        use super::apply::Error::{Fenced, Kube};
+        use super::apply::Error::Fenced;
         match self {
-            Error::Observe(ObserveError::Selector { .. }) | Error::Unnamed => "invalid",
+            _ if self.is_bad_input() => "invalid",
             Error::Write(Fenced { .. }) => "fenced",
-            Error::Kube(e) | Error::Write(Kube(e)) | Error::Observe(ObserveError::Kube(e)) => match e {
-                kube::Error::Api(e) if e.code == 409 => "conflict",
-                kube::Error::Api(_) => "api",
+            _ => match self.kube() {
+                Some(kube::Error::Api(e)) if e.code == 409 => "conflict",
+                Some(kube::Error::Api(_)) => "api",
                 _ => "transport",
             },
+        }
+    }
+
+    /// The policy cannot be used as it is: nothing to retry until it changes.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Error::Observe(ObserveError::Selector { .. }) | Error::Unnamed)
+    }
+
+    /// The Kubernetes API error behind this one, whichever step it came from.
+    pub fn kube(&self) -> Option<&kube::Error> {
+        match self {
+            Error::Kube(e) | Error::Write(super::apply::Error::Kube(e)) | Error::Observe(ObserveError::Kube(e)) => {
+                Some(e)
+            }
+            _ => None,
         }
     }
 }
@@ -361,19 +376,14 @@ async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason
 /// never in a hot loop, and a write refused by the leader fence waits like any other failure.
 pub fn error_policy(policy: Arc<TracingPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.kind());
-    if error.kind() == "invalid" {
+    if error.is_bad_input() {
         // Bad input: nothing to retry until the policy changes (its spec is validated before any
         // observation, so this is a guard, not a path).
         warn!(policy = %policy.name_any(), error = %error_chain(error), "policy cannot be used; waiting for a change");
         return Action::await_change();
     }
     let pause = ctx.retries.failed(&policy.uid().unwrap_or_default());
-    let retry_after = match error {
-        Error::Kube(e) | Error::Write(super::apply::Error::Kube(e)) | Error::Observe(ObserveError::Kube(e)) => {
-            super::apply::retry_after(e)
-        }
-        _ => None,
-    };
+    let retry_after = error.kube().and_then(super::apply::retry_after);
     let pause = pause.max(retry_after.unwrap_or_default());
     warn!(policy = %policy.name_any(), error = %error_chain(error), ?pause, "reconcile failed; retrying");
     Action::requeue(pause)
