@@ -127,6 +127,7 @@ async fn apply_records_first_then_applies_config_then_image() {
     let data = BTreeMap::from([("enable-opentelemetry".to_string(), "true".to_string())]);
     let actions = vec![
         Action::Record { deployment: deployment.clone(), uid: UID.into(), record: record() },
+        Action::Label { deployment: deployment.clone(), policy: "storefront".into() },
         Action::ApplyConfig { config_map: record().config_map, data, policy: "storefront".into() },
         Action::ApplyImage {
             deployment,

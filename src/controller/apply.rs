@@ -216,10 +216,7 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
     use ingress::Action::*;
     let client = &writer.client;
     match action {
-        Record { deployment, uid, record } => {
-            ledger_entry(writer, ledger, uid, Some(record)).await?;
-            label(writer, deployment, &record.policy).await?;
-        }
+        Record { uid, record, .. } => ledger_entry(writer, ledger, uid, Some(record)).await?,
         Label { deployment, policy } => label(writer, deployment, policy).await?,
         ApplyConfig { config_map, data, policy } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);

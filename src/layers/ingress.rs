@@ -77,9 +77,9 @@ pub struct ContainerImage {
 /// One change the edge layer makes, in the order given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Write the record into the ledger, then the policy label on the Deployment, before any change.
+    /// Write the record into the ledger (before any change it records).
     Record { deployment: ObjectKey, uid: String, record: Record },
-    /// Put the policy label on the Deployment (its record is in the ledger already).
+    /// Put the policy label on the Deployment (after its record).
     Label { deployment: ObjectKey, policy: String },
     /// Server-side apply every OTel key (and the policy label) to the ConfigMap.
     ApplyConfig { config_map: ObjectKey, data: BTreeMap<String, String>, policy: String },
@@ -338,12 +338,8 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let mut actions = Vec::new();
     let mut record = match record {
         Some(r) => {
-            let labelled = t.deployment.labels().get(POLICY_LABEL).map(String::as_str) == Some(policy.name);
             if inherited {
                 actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: r.clone() });
-            } else if !labelled {
-                // Recorded by a run that stopped before it labelled the Deployment: only the label is missing.
-                actions.push(Action::Label { deployment: key.clone(), policy: policy.name.to_string() });
             }
             r
         }
@@ -364,6 +360,11 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
             record
         }
     };
+    // The label comes right after the record: a new or taken-over controller, or one recorded by a run
+    // that stopped before labelling it. (Later record updates leave the label as it is.)
+    if t.deployment.labels().get(POLICY_LABEL).map(String::as_str) != Some(policy.name) {
+        actions.push(Action::Label { deployment: key.clone(), policy: policy.name.to_string() });
+    }
     if !config_converged {
         actions.push(Action::ApplyConfig { config_map: cm_key, data: desired, policy: policy.name.to_string() });
     }
@@ -670,9 +671,9 @@ mod tests {
     fn applied(mut t: Observed, actions: &[Action]) -> Observed {
         for action in actions {
             match action {
-                Action::Record { record, .. } => {
-                    t.record = Ok(Some(record.clone()));
-                    t.deployment.labels_mut().insert(POLICY_LABEL.into(), record.policy.clone());
+                Action::Record { record, .. } => t.record = Ok(Some(record.clone())),
+                Action::Label { policy, .. } => {
+                    t.deployment.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
                 }
                 Action::ApplyConfig { data, policy, .. } => {
                     let cm = t.config_map.get_or_insert_with(|| config_map(&[]));
@@ -766,8 +767,9 @@ mod tests {
             "a user's OTel key is kept to restore"
         );
         assert_eq!(record.original_data["enable-opentelemetry"], None, "an absent key is recorded as absent");
-        assert!(matches!(plan.actions[1], Action::ApplyConfig { .. }));
-        assert_eq!(plan.actions.len(), 2);
+        assert!(matches!(&plan.actions[1], Action::Label { policy, .. } if policy == "storefront"), "then the label");
+        assert!(matches!(plan.actions[2], Action::ApplyConfig { .. }));
+        assert_eq!(plan.actions.len(), 3);
         assert_eq!(plan.report.in_flight, 1);
 
         let after = applied(t, &plan.actions);
