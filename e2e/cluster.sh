@@ -13,6 +13,8 @@
 #   CROSSTRACE_E2E_STATE   state directory (certs, kubeconfigs, etcd data, logs, PIDs)
 #                          default ~/.cache/crosstrace/e2e-state, outside the repository
 #   CROSSTRACE_E2E_NODES   number of fake nodes (default 3), read by `up`
+#   CROSSTRACE_E2E_PORT_OFFSET  added to every port below (default 0), so that a second cluster (with its
+#                          own CROSSTRACE_E2E_STATE) can run beside the first; give both to every command
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,8 +25,11 @@ state="${CROSSTRACE_E2E_STATE:-$HOME/.cache/crosstrace/e2e-state}"
 kwok_config="$here/kwok/kwok.yaml"
 
 # Non-default ports, so a developer's own cluster (or a second tool) on the usual ports is left alone.
-readonly ETCD_CLIENT_PORT=12379 ETCD_PEER_PORT=12380 APISERVER_PORT=16443
-readonly KCM_PORT=20257 SCHEDULER_PORT=20259 KWOK_PORT=20247
+offset="${CROSSTRACE_E2E_PORT_OFFSET:-0}"
+[[ "$offset" =~ ^[0-9]{1,4}$ ]] && [ "$offset" -le 9000 ] ||
+  { printf '[cluster] error: CROSSTRACE_E2E_PORT_OFFSET must be a number from 0 to 9000\n' >&2; exit 2; }
+readonly ETCD_CLIENT_PORT=$((12379 + offset)) ETCD_PEER_PORT=$((12380 + offset)) APISERVER_PORT=$((16443 + offset))
+readonly KCM_PORT=$((20257 + offset)) SCHEDULER_PORT=$((20259 + offset)) KWOK_PORT=$((20247 + offset))
 readonly PORTS=("$ETCD_CLIENT_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT" "$KWOK_PORT")
 readonly SERVER="https://127.0.0.1:$APISERVER_PORT"
 readonly NODE_ANNOTATION="kwok.x-k8s.io/node"
@@ -627,6 +632,7 @@ cmd_env() {
   printf 'export CROSSTRACE_E2E_STATE=%q\n' "$state"
   printf 'export CROSSTRACE_E2E_CA=%q\n' "$state/ca.crt"
   printf 'export CROSSTRACE_E2E_SERVER=%q\n' "$SERVER"
+  printf 'export CROSSTRACE_E2E_PORT_OFFSET=%q\n' "$offset"
   printf 'export CROSSTRACE_E2E_NODES=%q\n' "$nodes"
   for ((i = 0; i < nodes; i++)); do
     dir="$(ovs_dir "$i")"
