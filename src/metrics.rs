@@ -56,7 +56,11 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Failed reconciles by error kind", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
         registry.register("api_writes", "Writes the operator sent to the API server", api_writes.clone());
-        registry.register("targets", "Targets by policy, layer and state", targets.clone());
+        registry.register(
+            "targets",
+            "Selected targets by policy, layer and state; every target is in one state, so the states add up",
+            targets.clone(),
+        );
         registry.register(
             "drift_corrections",
             "Changes re-applied after someone removed them",
@@ -91,7 +95,7 @@ impl Metrics {
     /// Forgets a deleted policy's target gauges so that they do not linger.
     pub fn forget_policy(&self, policy: &str) {
         for layer in ["ingress", "workloads", "network"] {
-            for state in ["selected", "ready", "rolledBack", "unhealthy", "waiting"] {
+            for (state, _) in crate::layers::LayerReport::default().states() {
                 self.targets.remove(&TargetLabels { policy: policy.into(), layer: layer.into(), state: state.into() });
             }
         }

@@ -76,7 +76,8 @@ pub async fn run_with_client(
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = crate::http::Admin { metrics: metrics.clone(), ready: ready.clone() };
-    let mut server = tokio::spawn(crate::http::serve(args.admin_addr, admin));
+    let listener = crate::http::listen(args.admin_addr, "--admin-addr / CROSSTRACE_AGENT_ADMIN_ADDR").await?;
+    let mut server = tokio::spawn(crate::http::serve(listener, admin));
 
     let (want_tx, want_rx) = watch::channel(None::<Want>);
     let (report_tx, mut report_rx) = watch::channel(None::<Report>);
@@ -102,7 +103,7 @@ pub async fn run_with_client(
         let mut needs_write = false;
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            r = &mut server => break Err(anyhow::anyhow!("admin server stopped: {r:?}")),
+            r = &mut server => break Err(crate::http::stopped(r)),
             r = &mut ovs => break Err(anyhow::anyhow!("the Open vSwitch loop stopped: {r:?}")),
             event = events.next() => {
                 let Some(event) = event else { break Err(anyhow::anyhow!("the NodeTracing watch ended")) };

@@ -17,7 +17,7 @@ use tracing::{Span, field, info, instrument, warn};
 use super::Context;
 use super::apply::{Pace, Written};
 use super::status::{self, Reports};
-use crate::api::conditions::{self, DEGRADED, PROGRESSING};
+use crate::api::conditions;
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress;
 use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
@@ -291,11 +291,9 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
     {
         if let Some(r) = report {
-            ctx.metrics.set_targets(name, layer, "selected", r.selected);
-            ctx.metrics.set_targets(name, layer, "ready", r.ready);
-            ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
-            ctx.metrics.set_targets(name, layer, "unhealthy", r.unhealthy);
-            ctx.metrics.set_targets(name, layer, "waiting", r.waiting);
+            for (state, count) in r.states() {
+                ctx.metrics.set_targets(name, layer, state, count);
+            }
         }
     }
     let previous = last_status(ctx, policy);
@@ -332,7 +330,7 @@ fn last_status(ctx: &Context, policy: &TracingPolicy) -> TracingPolicyStatus {
 }
 
 /// Writes the status when it differs from `previous` (built from [`last_status`], so a difference is
-/// never a timestamp alone), and publishes an Event for every condition that transitioned.
+/// never a timestamp alone), and publishes Events for what transitioned: one per failure or recovery ([`conditions::events`]).
 async fn report(
     ctx: &Context,
     policy: &TracingPolicy,
@@ -348,13 +346,8 @@ async fn report(
     let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
     ctx.writer.apply_status(&api, name, patch).await?;
     ctx.written.lock().expect("status memo lock").insert(uid, next.clone());
-    for c in conditions::transitions(&previous.conditions, &next.conditions) {
-        let bad = match c.type_.as_str() {
-            DEGRADED => c.status == "True",
-            PROGRESSING => false,
-            _ => c.status == "False",
-        };
-        let kind = if bad { EventType::Warning } else { EventType::Normal };
+    for (warning, c) in conditions::events(&previous.conditions, &next.conditions) {
+        let kind = if warning { EventType::Warning } else { EventType::Normal };
         publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
     }
     Ok(())

@@ -164,11 +164,29 @@ pub struct LayerReport {
     pub unhealthy: usize,
     /// Targets whose owner holds crosstrace's change (OnDelete, a paused Deployment).
     pub waiting: usize,
+    /// Targets held by a conflict or a broken object, not rolled back: nothing to do until something changes.
+    pub blocked: usize,
     /// A failed batch stopped the rollout for this generation.
     pub stopped: bool,
     pub problems: Vec<Problem>,
     /// Notes for the layer's Ready condition that are not problems (e.g. a vulnerable controller version).
     pub warnings: Vec<String>,
+}
+
+impl LayerReport {
+    /// Every selected target in exactly one state, so that the counts add up to `selected` (the
+    /// `crosstrace_targets` gauge can be summed over `state`).
+    pub fn states(&self) -> [(&'static str, usize); 7] {
+        [
+            ("ready", self.ready),
+            ("inFlight", self.in_flight),
+            ("pending", self.pending),
+            ("unhealthy", self.unhealthy),
+            ("waiting", self.waiting),
+            ("rolledBack", self.rolled_back),
+            ("blocked", self.blocked),
+        ]
+    }
 }
 
 /// Where a target stands, as far as rollout batching is concerned.
@@ -258,7 +276,7 @@ pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &
                 report.pending += 1;
                 continue;
             }
-            Progress::Held => {}
+            Progress::Held => report.blocked += usize::from(!target.rolled_back),
             Progress::Unhealthy => report.unhealthy += 1,
             Progress::Waiting => report.waiting += 1,
         }
@@ -411,6 +429,28 @@ mod tests {
         };
         assert!(validate(&spec).unwrap_err().starts_with("spec.ingress.selector: "));
         assert!(validate(&TracingPolicySpec::default()).is_ok());
+    }
+
+    #[test]
+    fn every_selected_target_is_in_exactly_one_reported_state() {
+        let held = |rolled_back| TargetPlan::<()> { rolled_back, ..TargetPlan::state(Progress::Held) };
+        let targets = vec![
+            TargetPlan::state(Progress::Ready),
+            TargetPlan::state(Progress::InFlight),
+            TargetPlan::state(Progress::Pending),
+            TargetPlan::state(Progress::Pending),
+            TargetPlan::state(Progress::Unhealthy),
+            TargetPlan::state(Progress::Waiting),
+            held(true),
+            held(false),
+        ];
+        let selected = targets.len();
+        let rollout = RolloutSpec { max_concurrent: 2, ..Default::default() };
+        let mut report = LayerReport { selected, ..Default::default() };
+        let _ = schedule(targets, &rollout, &mut report);
+        let states = report.states();
+        assert_eq!(states.iter().map(|(_, n)| n).sum::<usize>(), selected, "{states:?}");
+        assert!(states.iter().all(|(_, n)| *n == 1 || *n == 2), "{states:?}");
     }
 
     #[test]
