@@ -79,6 +79,7 @@ async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get("ingress-nginx-controller").await.unwrap();
     assert_eq!(cm.data, before_cm.data, "ConfigMap data is byte-equal to before");
     assert!(!cm.labels().contains_key(POLICY_LABEL));
+    assert_eq!(cm.metadata.annotations, before_cm.metadata.annotations, "ConfigMap annotations as before");
     let d = Api::<Deployment>::namespaced(client.clone(), ns).get("ingress-nginx-controller").await.unwrap();
     assert_eq!(image_of(&d), ORIGINAL_IMAGE, "the controller image is back");
     for key in [RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION] {
@@ -222,6 +223,33 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     })
     .await;
     assert_eq!(controller.counter("crosstrace_api_writes_total").await, writes, "a converged policy makes no write");
+
+    // A tenant changes a tracing key crosstrace applied (another field manager): drift, reported as an
+    // Event and a metric of the edge layer, and applied again.
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let by_helm = PatchParams { field_manager: Some("helm".into()), ..Default::default() };
+    let tamper = json!({"data": {"otel-sampler-ratio": "1"}});
+    config_maps.patch("ingress-nginx-controller", &by_helm, &Patch::Merge(&tamper)).await.unwrap();
+    eventually("the sampler ratio applied again", || async {
+        let cm = config_maps.get("ingress-nginx-controller").await.ok()?;
+        (cm.data?.get("otel-sampler-ratio")?.as_str() == "0.25").then_some(())
+    })
+    .await;
+    let drift = r#"crosstrace_drift_corrections_total{layer="ingress"}"#;
+    eventually("the edge drift metric", || async { (controller.counter(drift).await >= 1.0).then_some(()) }).await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    eventually("a DriftCorrected Event naming the controller", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("DriftCorrected")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                    && e.note.as_deref().is_some_and(|n| n.contains("ingress-nginx-controller"))
+            })
+            .then_some(())
+    })
+    .await;
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;

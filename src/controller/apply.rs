@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
-use crate::layers::ingress::{self, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
+use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, network, workloads};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::Metrics;
@@ -223,7 +223,12 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
             let patch = json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
-                "metadata": {"name": config_map.name, "namespace": config_map.namespace, "labels": {POLICY_LABEL: policy}},
+                "metadata": {
+                    "name": config_map.name,
+                    "namespace": config_map.namespace,
+                    "labels": {POLICY_LABEL: policy},
+                    "annotations": {CONFIG_ANNOTATION: ingress::config_hash(data)},
+                },
                 "data": data,
             });
             writer.apply(&api, &config_map.name, patch).await?;
@@ -246,7 +251,8 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
             };
             let others = current.data.iter().flatten().any(|(k, _)| !data.contains_key(k));
             let restored = data.iter().all(|(k, v)| current.data.as_ref().and_then(|d| d.get(k)) == v.as_ref())
-                && !current.metadata.labels.as_ref().is_some_and(|l| l.contains_key(POLICY_LABEL));
+                && !current.metadata.labels.as_ref().is_some_and(|l| l.contains_key(POLICY_LABEL))
+                && !current.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(CONFIG_ANNOTATION));
             if restored && !*delete {
                 // Already as recorded (a revert that stopped halfway is going on): no write.
                 return Ok(());
@@ -254,7 +260,10 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
             if *delete && !others {
                 writer.delete(&api, &config_map.name).await?;
             } else {
-                let patch = json!({"metadata": {"labels": {POLICY_LABEL: null}}, "data": data});
+                let patch = json!({
+                    "metadata": {"labels": {POLICY_LABEL: null}, "annotations": {CONFIG_ANNOTATION: null}},
+                    "data": data,
+                });
                 writer.merge(&api, &config_map.name, patch).await?;
             }
         }

@@ -192,6 +192,13 @@ async fn run_layers(
         info!(actions = edge_plan.actions.len(), deleting, "changing the edge layer");
         super::apply::ingress(&ctx.writer, &edge_plan.actions, &ctx.settings.namespace).await?;
     }
+    // Every edge action was written (an error returned above): each drifted controller's config is back.
+    for key in &edge_plan.drifted {
+        let note = format!(
+            "the tracing configuration of ingress controller {key} was changed by someone else; applied it again"
+        );
+        drift_corrected(ctx, policy, "ingress", note).await;
+    }
 
     let labels = namespace_labels(ctx, policy).await?;
     let (observed, config_maps) = workloads::observe(&ctx.client, view, defaults, |w| {
@@ -218,9 +225,8 @@ async fn run_layers(
         })
         .collect();
     for key in workload_plan.drifted.iter().filter(|k| reapplied.contains(k)) {
-        ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: "workloads".into() }).inc();
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
-        publish(ctx, policy, EventType::Warning, reasons::DRIFT_CORRECTED, note).await;
+        drift_corrected(ctx, policy, "workloads", note).await;
     }
 
     let observed = network::observe(&ctx.client, view).await?;
@@ -351,6 +357,12 @@ async fn report(
         publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
     }
     Ok(())
+}
+
+/// Counts a drift correction of `layer` and tells it as a Warning Event on the policy.
+async fn drift_corrected(ctx: &Context, policy: &TracingPolicy, layer: &str, note: String) {
+    ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: layer.into() }).inc();
+    publish(ctx, policy, EventType::Warning, reasons::DRIFT_CORRECTED, note).await;
 }
 
 /// Longest Event note the API server accepts (events.k8s.io/v1 refuses longer ones).

@@ -32,6 +32,10 @@ pub const RECORD_ANNOTATION: &str = "crosstrace.dev/ingress";
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/ingress-rolled-back";
 /// Label on every Deployment and ConfigMap the edge layer changed, valued with the policy name.
 pub const POLICY_LABEL: &str = "crosstrace.dev/ingress-policy";
+/// On an edge ConfigMap, beside the data crosstrace applied: the hash of that data ([`config_hash`]).
+/// Data that differs while this names the current configuration was changed by someone else (drift,
+/// reported and applied again). It decides only what is reported, never what is written.
+pub const CONFIG_ANNOTATION: &str = "crosstrace.dev/ingress-config";
 /// Labels of the ingress-nginx controller Deployments when the policy names none.
 pub const DEFAULT_SELECTOR: [(&str, &str); 2] =
     [("app.kubernetes.io/name", "ingress-nginx"), ("app.kubernetes.io/component", "controller")];
@@ -130,6 +134,9 @@ impl Default for Observed {
 pub struct Plan {
     pub actions: Vec<Action>,
     pub report: LayerReport,
+    /// Controllers whose tracing configuration someone else changed after crosstrace applied it; the
+    /// plan applies it again.
+    pub drifted: Vec<ObjectKey>,
 }
 
 /// Every OpenTelemetry key of ingress-nginx's ConfigMap, written explicitly so that no default of a
@@ -139,7 +146,8 @@ pub fn otel_config(
     sampling: &SamplingSpec,
     ingress: &IngressSpec,
 ) -> BTreeMap<String, String> {
-    let (host, port) = split_host_port(&collector.endpoint);
+    // ingress-nginx joins host and port as text (`host:port`), so an IPv6 host keeps its brackets.
+    let (host, port) = collector.endpoint.rsplit_once(':').unwrap_or((&collector.endpoint, ""));
     let ratio = normalize_ratio(&sampling.ratio);
     let sampler = match ratio.as_str() {
         "1" => "AlwaysOn",
@@ -163,6 +171,11 @@ pub fn otel_config(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// The hash [`CONFIG_ANNOTATION`] holds for ConfigMap data crosstrace applies.
+pub fn config_hash(data: &BTreeMap<String, String>) -> String {
+    super::hash_of(&serde_json::json!(data))
 }
 
 /// `host:port` → (host, port); IPv6 brackets are dropped. The API server has validated the form.
@@ -194,21 +207,65 @@ pub fn config_map_ref(deployment: &Deployment) -> Option<(&Container, ObjectKey)
     })
 }
 
-/// A warning when the controller runs a retired or vulnerable ingress-nginx version (before v1.11.5,
-/// or v1.12.0: CVE-2025-1974 and its siblings).
+/// The repositories of upstream ingress-nginx's controller images. Upstream is retired: its final
+/// release is v1.15.1 (2026-03-19), and every upstream image is exposed to CVE-2026-42945.
+const UPSTREAM_REPOSITORIES: [&str; 4] = [
+    "registry.k8s.io/ingress-nginx/controller",
+    "registry.k8s.io/ingress-nginx/controller-chroot",
+    "k8s.gcr.io/ingress-nginx/controller",
+    "k8s.gcr.io/ingress-nginx/controller-chroot",
+];
+/// The last upstream release; a fork's tag above it carries the fork's own fixes.
+const LAST_UPSTREAM: (u32, u32, u32) = (1, 15, 1);
+
+/// How an image tag names its version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    /// `v1.15.1`, `1.12.1`, or a fork's `v1.15.5-chainguard` (the suffix names the fork).
+    Semver((u32, u32, u32), bool),
+    /// A fork's calendar tag (`2026.04.1`, `20260401`): no upstream version to compare.
+    Calendar,
+    /// Anything else (`latest`, a commit): nothing known.
+    Unknown,
+}
+
+fn tag_of(tag: &str) -> Tag {
+    let (core, suffix) = tag.split_once(['-', '+']).map_or((tag, false), |(c, _)| (c, true));
+    let numbers: Vec<Option<u32>> = core.trim_start_matches('v').split('.').map(|p| p.parse().ok()).collect();
+    match numbers[..] {
+        [Some(year), ..] if (2000..=2999).contains(&year) || year >= 20_000_000 => Tag::Calendar,
+        [Some(major), Some(minor), Some(patch)] => Tag::Semver((major, minor, patch), suffix),
+        _ => Tag::Unknown,
+    }
+}
+
+/// A warning about the controller's image, from what is known in 2026: upstream ingress-nginx is
+/// retired and every upstream image is exposed to CVE-2026-42945 (and releases before v1.11.5, or
+/// v1.12.0, to CVE-2025-1974 as well); a fork's image up to v1.15.1 is built from that code, so whether
+/// it is fixed is the fork's to say; a fork's later or calendar tag is its own release.
 pub fn version_warning(image: &str) -> Option<String> {
     let without_digest = image.split('@').next().unwrap_or(image);
-    let last_segment = without_digest.rsplit('/').next().unwrap_or(without_digest);
-    let (_, tag) = last_segment.split_once(':')?;
-    let numbers: Vec<u32> =
-        tag.trim_start_matches('v').split(['.', '-']).take(3).map_while(|p| p.parse().ok()).collect();
-    let [major, minor, patch] = numbers[..] else {
-        return None;
+    let (repository, tag) = match without_digest.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, tag),
+        _ => (without_digest, ""),
     };
-    let version = (major, minor, patch);
-    (version < (1, 11, 5) || version == (1, 12, 0)).then(|| {
-        format!("ingress-nginx {tag} is retired or vulnerable (CVE-2025-1974); upgrade to v1.11.5, v1.12.1 or later")
-    })
+    let repository = repository.strip_prefix("docker.io/").unwrap_or(repository);
+    let tag = tag_of(tag);
+    let older_cve = match tag {
+        Tag::Semver(v, _) if v < (1, 11, 5) || v == (1, 12, 0) => " and CVE-2025-1974",
+        _ => "",
+    };
+    if UPSTREAM_REPOSITORIES.contains(&repository) {
+        return Some(format!(
+            "upstream ingress-nginx is retired (final release v1.15.1, 2026-03-19) and its images are exposed to CVE-2026-42945{older_cve}; move to a maintained fork or to a Gateway API implementation"
+        ));
+    }
+    match tag {
+        Tag::Semver(v, _) if v <= LAST_UPSTREAM => Some(format!(
+            "this image's version is that of upstream ingress-nginx, which is exposed to CVE-2026-42945{older_cve}; check that its vendor fixed it"
+        )),
+        _ => None,
+    }
 }
 
 /// The ledger's entries by Deployment UID (an entry that cannot be read is kept as its error).
@@ -266,7 +323,7 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
             continue;
         }
         plan.report.selected += 1;
-        per_target.push((key, forward(policy, t, record, now_secs)));
+        per_target.push((key, forward(policy, t, record, now_secs, &mut plan.drifted)));
     }
 
     plan.actions.extend(super::schedule(
@@ -274,19 +331,45 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
         &policy.spec.rollout,
         &mut plan.report,
     ));
-    for t in &targets {
-        if t.selected
-            && let Some(image) = config_map_ref(&t.deployment).and_then(|(c, _)| c.image.clone())
-            && let Some(warning) = version_warning(&image)
-        {
-            plan.report.warnings.push(format!("{}: {warning}", ObjectKey::of(&t.deployment.metadata)));
+    for t in targets.iter().filter(|t| active && t.selected) {
+        let Some((container, _)) = config_map_ref(&t.deployment) else { continue };
+        let key = ObjectKey::of(&t.deployment.metadata);
+        let image_warning = container.image.as_deref().and_then(version_warning);
+        for warning in image_warning.into_iter().chain(env_override(container, &policy.spec.collector)) {
+            plan.report.warnings.push(format!("{key}: {warning}"));
         }
     }
     plan
 }
 
+/// The OpenTelemetry SDK in the controller reads `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` before the
+/// ConfigMap's `otlp-collector-host`: set on the controller's container, it sends the spans elsewhere.
+/// That is the owner's setting; it is reported, never changed.
+fn env_override(container: &Container, collector: &Option<CollectorSpec>) -> Option<String> {
+    let env = container.env.iter().flatten();
+    let set = env
+        .filter(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT" || e.name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .min_by(|a, b| b.name.cmp(&a.name))?;
+    let value = match (&set.value, &set.value_from) {
+        (Some(v), _) => format!("{v:?}"),
+        (None, Some(_)) => "a value from elsewhere (valueFrom)".into(),
+        (None, None) => return None,
+    };
+    let wanted = collector.clone().unwrap_or_default().endpoint;
+    Some(format!(
+        "its container {} sets {}={value}, which overrides otlp-collector-host: spans go there, not to {wanted}",
+        container.name, set.name
+    ))
+}
+
 /// The forward plan for one selected controller.
-fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, String>, now: i64) -> TargetPlan {
+fn forward(
+    policy: PolicyView<'_>,
+    t: &Observed,
+    record: Result<Option<Record>, String>,
+    now: i64,
+    drifted: &mut Vec<ObjectKey>,
+) -> TargetPlan {
     let key = ObjectKey::of(&t.deployment.metadata);
     let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
     let spec = policy.spec;
@@ -328,10 +411,15 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let collector = spec.collector.clone().unwrap_or_default();
     let desired = otel_config(&collector, &spec.sampling, ingress);
     let current_data = t.config_map.as_ref().and_then(|cm| cm.data.clone()).unwrap_or_default();
-    let config_converged = t.config_map.as_ref().is_some_and(|cm| {
+    let hash = config_hash(&desired);
+    let applied = t.config_map.as_ref().is_some_and(|cm| {
         cm.labels().get(POLICY_LABEL).map(String::as_str) == Some(policy.name)
-            && desired.iter().all(|(k, v)| current_data.get(k) == Some(v))
+            && cm.annotations().get(CONFIG_ANNOTATION) == Some(&hash)
     });
+    let config_converged = applied && desired.iter().all(|(k, v)| current_data.get(k) == Some(v));
+    if applied && !config_converged && record.is_some() {
+        drifted.push(key.clone());
+    }
     let current_image = container.image.clone().unwrap_or_default();
     let want_image = (!ingress.image.is_empty()).then_some(ingress.image.as_str());
 
@@ -679,6 +767,7 @@ mod tests {
                     let cm = t.config_map.get_or_insert_with(|| config_map(&[]));
                     cm.data.get_or_insert_default().extend(data.clone());
                     cm.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
+                    cm.annotations_mut().insert(CONFIG_ANNOTATION.into(), config_hash(data));
                 }
                 Action::ApplyImage { image, record, .. } => {
                     t.record = Ok(Some(record.clone()));
@@ -743,12 +832,98 @@ mod tests {
 
     #[test]
     fn warns_about_retired_and_vulnerable_versions() {
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.4@sha256:abc").is_some());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.12.0").is_some());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.9.6").is_some());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.5").is_none());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.12.1").is_none());
-        assert!(version_warning("localhost:5000/controller").is_none());
+        let warned = |image: &str| version_warning(image).unwrap_or_default();
+        // Upstream: retired, every image exposed, whatever the version; older ones to CVE-2025-1974 too.
+        for image in [
+            "registry.k8s.io/ingress-nginx/controller:v1.15.1@sha256:abc",
+            "registry.k8s.io/ingress-nginx/controller-chroot:v1.14.3",
+            "registry.k8s.io/ingress-nginx/controller@sha256:abc",
+        ] {
+            assert!(warned(image).contains("CVE-2026-42945") && !warned(image).contains("1974"), "{image}");
+        }
+        for image in ["registry.k8s.io/ingress-nginx/controller:v1.12.0", "k8s.gcr.io/ingress-nginx/controller:v1.9.6"]
+        {
+            assert!(warned(image).contains("CVE-2026-42945") && warned(image).contains("CVE-2025-1974"), "{image}");
+        }
+        // Forks: up to the last upstream version it is upstream's code; later and calendar tags are theirs.
+        assert!(warned("cgr.example/chainguard/ingress-nginx:v1.15.1-chainguard").contains("its vendor"));
+        assert!(warned("localhost:5000/ingress-nginx/controller:v1.11.4").contains("CVE-2025-1974"));
+        for image in [
+            "cgr.example/chainguard/ingress-nginx:v1.15.5-chainguard",
+            "quay.example/fork/ingress-nginx:2026.04.1",
+            "quay.example/fork/ingress-nginx:20260401",
+            "localhost:5000/controller",
+            "localhost:5000/controller:latest",
+        ] {
+            assert_eq!(version_warning(image), None, "{image}");
+        }
+        assert_eq!(tag_of("v1.15.5-chainguard"), Tag::Semver((1, 15, 5), true));
+        assert_eq!(tag_of("2026.04.1"), Tag::Calendar);
+    }
+
+    #[test]
+    fn the_collector_host_keeps_ipv6_brackets_because_ingress_nginx_joins_host_and_port_as_text() {
+        let s = spec("");
+        let collector = CollectorSpec { endpoint: "[fd00::1]:4317".into(), ..Default::default() };
+        let config = otel_config(&collector, &s.sampling, s.ingress.as_ref().unwrap());
+        assert_eq!(config["otlp-collector-host"], "[fd00::1]");
+        assert_eq!(config["otlp-collector-port"], "4317");
+    }
+
+    #[test]
+    fn an_endpoint_set_on_the_controller_container_is_reported() {
+        let s = spec("");
+        let mut d = controller("c", "controller:v1.15.5-fork", true);
+        let container = &mut d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0];
+        container.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            value: Some("http://elsewhere:4317".into()),
+            ..Default::default()
+        }]);
+        let t = observed(d, Some(config_map(&[])));
+        let plan = plan(view(&s), std::slice::from_ref(&t), NOW);
+        assert_eq!(plan.report.warnings.len(), 1, "{:?}", plan.report.warnings);
+        let warning = &plan.report.warnings[0];
+        assert!(
+            warning.contains("OTEL_EXPORTER_OTLP_ENDPOINT=\"http://elsewhere:4317\"") && warning.contains("overrides")
+        );
+    }
+
+    #[test]
+    fn tracing_config_changed_by_someone_else_is_drift_and_applied_again() {
+        let s = spec("");
+        let collector = s.collector.clone().unwrap();
+        let desired = otel_config(&collector, &s.sampling, s.ingress.as_ref().unwrap());
+        let mut cm = config_map(&desired.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+        cm.metadata.labels = Some([(POLICY_LABEL.to_string(), "storefront".to_string())].into());
+        cm.metadata.annotations = Some([(CONFIG_ANNOTATION.to_string(), config_hash(&desired))].into());
+        let mut t = observed(controller("c", "controller:v1.15.5-fork", true), Some(cm.clone()));
+        t.deployment.metadata.labels.get_or_insert_default().insert(POLICY_LABEL.into(), "storefront".into());
+        t.record = Ok(Some(Record {
+            policy: "storefront".into(),
+            deployment: ObjectKey::of(&t.deployment.metadata),
+            config_map: ObjectKey::new("ingress-nginx", "ingress-nginx-controller"),
+            config_map_existed: true,
+            original_data: BTreeMap::new(),
+            original_image: None,
+            rollout_started: None,
+            applied_image: None,
+            image_converged: false,
+            yielded_image: None,
+        }));
+        let settled = plan(view(&s), std::slice::from_ref(&t), NOW);
+        assert!(settled.actions.is_empty() && settled.drifted.is_empty(), "{settled:?}");
+
+        cm.data.as_mut().unwrap().insert("otel-sampler-ratio".into(), "1".into());
+        t.config_map = Some(cm);
+        let fix = plan(view(&s), std::slice::from_ref(&t), NOW);
+        assert_eq!(fix.drifted, vec![ObjectKey::of(&t.deployment.metadata)]);
+        assert!(matches!(fix.actions.as_slice(), [Action::ApplyConfig { .. }]), "{:?}", fix.actions);
+
+        // A new spec is not drift, though the data differs too.
+        let mut changed = s.clone();
+        changed.sampling.ratio = "0.5".into();
+        assert!(plan(view(&changed), std::slice::from_ref(&t), NOW).drifted.is_empty());
     }
 
     #[test]

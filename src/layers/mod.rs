@@ -173,6 +173,16 @@ pub struct LayerReport {
     pub warnings: Vec<String>,
 }
 
+/// FNV-1a of a value's JSON: stable across builds, so what one version of the operator wrote (a
+/// workload's injection hash, an edge ConfigMap's config hash) is understood by the next.
+pub fn hash_of(value: &serde_json::Value) -> String {
+    let hash = value
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
 impl LayerReport {
     /// Every selected target in exactly one state, so that the counts add up to `selected` (the
     /// `crosstrace_targets` gauge can be summed over `state`).

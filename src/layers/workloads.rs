@@ -364,16 +364,6 @@ pub fn removal_patch(kind: WorkloadKind, workload: &ObjectKey, rolled_back: Opti
     patch
 }
 
-/// FNV-1a of the injection's JSON: stable across builds, so records written by one version of the
-/// operator are understood by the next.
-fn hash_of(value: &Value) -> String {
-    let hash = value
-        .to_string()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("{hash:016x}")
-}
-
 fn record_json(record: &Record) -> String {
     serde_json::to_string(record).expect("a record always serializes")
 }
@@ -440,7 +430,7 @@ fn injection(
     } else {
         pod_spec["containers"].as_array_mut().expect("containers is a list").push(sidecar);
     }
-    let hash = hash_of(&pod_spec);
+    let hash = super::hash_of(&pod_spec);
     let record = Record {
         policy: policy.name.to_string(),
         generation: policy.generation,
