@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crosstrace::api::TracingPolicy;
 use crosstrace::layers::ingress::{POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
 use crosstrace::layers::reasons::INVALID_OBJECT;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -291,6 +291,67 @@ async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;
+}
+
+/// ingress-nginx's chart can run the controller as a DaemonSet (`controller.kind: DaemonSet`): the same
+/// ConfigMap, the same gated image rollout (on the DaemonSet's own rollout status), the same exact revert.
+#[tokio::test]
+async fn an_ingress_controller_run_as_a_daemonset_is_traced_gated_rolled_back_and_reverted() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-edge-ds", json!({})).await;
+    // The Deployment-shaped fixture gives the ConfigMap; the controller is then a DaemonSet instead.
+    let (deployment, before_cm) = ingress_nginx(&client, &ns.name).await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    deployments.delete(&deployment.name_any(), &Default::default()).await.unwrap();
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &ns.name);
+    let spec = serde_json::to_value(deployment.spec.as_ref().unwrap()).unwrap();
+    let ds: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "ingress-nginx-controller", "namespace": ns.name, "labels": deployment.labels()},
+        "spec": {"selector": spec["selector"], "template": spec["template"]},
+    }))
+    .unwrap();
+    daemonsets.create(&PostParams::default(), &ds).await.expect("create DaemonSet");
+    let rolled_out = || async {
+        let ds = daemonsets.get("ingress-nginx-controller").await.ok()?;
+        (crosstrace::layers::health::daemonset_rolled_out(&ds) && ds.status?.number_available? >= 1).then_some(())
+    };
+    eventually("the DaemonSet controller on every node", rolled_out).await;
+    let _controller = ControllerProcess::start(18087);
+
+    let name = format!("{}-policy", ns.name);
+    let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
+    apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 60)).await;
+    let p = wait_condition(&client, &name, "Ready", "True").await;
+    assert_eq!(p.status.as_ref().unwrap().ingress.as_ref().unwrap().summary, "1/1");
+    let ds = daemonsets.get("ingress-nginx-controller").await.unwrap();
+    let image = |ds: &DaemonSet| ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].image.clone();
+    assert_eq!(image(&ds).as_deref(), Some(instrumented));
+    assert!(crosstrace::layers::health::daemonset_rolled_out(&ds), "Ready only after the DaemonSet rolled out");
+    assert_eq!(ds.labels().get(POLICY_LABEL), Some(&name));
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data.as_ref().unwrap().get("otel-sampler-ratio").map(String::as_str), Some("0.25"));
+
+    // A broken image: the DaemonSet never rolls out, so it is rolled back to the original image.
+    apply_policy(&client, &edge_policy(&name, &ns.name, "registry.k8s.io/ingress-nginx/controller:broken", 10)).await;
+    let p = wait_condition(&client, &name, "Degraded", "True").await;
+    assert_eq!(condition(&p, "Degraded").unwrap().reason, "RolledBack");
+    let ds = daemonsets.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image(&ds).as_deref(), Some(ORIGINAL_IMAGE), "rolled back to the image from before the policy");
+    eventually("the rolled-back DaemonSet to be healthy again", rolled_out).await;
+
+    delete_policy_and_wait(&client, &name).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data, before_cm.data, "ConfigMap data is byte-equal to before");
+    assert_eq!(cm.metadata.annotations, before_cm.metadata.annotations);
+    assert!(!cm.labels().contains_key(POLICY_LABEL));
+    let ds = daemonsets.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image(&ds).as_deref(), Some(ORIGINAL_IMAGE));
+    assert!(!ds.labels().contains_key(POLICY_LABEL));
+    for key in [RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION] {
+        assert!(!ds.annotations().contains_key(key), "{key} is removed");
+    }
 }
 
 #[tokio::test]

@@ -1,22 +1,24 @@
 //! The edge layer: ingress-nginx controllers.
 //!
-//! For every selected controller Deployment the plan writes every OpenTelemetry key of its ConfigMap
+//! For every selected controller (a Deployment or a DaemonSet, as ingress-nginx's chart offers both) the
+//! plan writes every OpenTelemetry key of its ConfigMap
 //! (found from the controller's `--configmap` argument) and, when `spec.ingress.image` is set, rolls
 //! out that image behind a health gate. Before the first change it records on the Deployment what it
 //! will overwrite ([`Record`]); revert puts exactly that back, ConfigMap first, Deployment last.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::rollout::{self, Health, Written};
-use super::{LayerReport, ObjectKey, PolicyView, Progress, health, normalize_ratio, reasons};
-use crate::api::{CollectorSpec, IngressSpec, SamplingSpec};
+use super::rollout::{self, Written};
+use super::workloads::Workload;
+use super::{LayerReport, ObjectKey, PolicyView, Progress, normalize_ratio, reasons};
+use crate::api::{CollectorSpec, IngressSpec, SamplingSpec, WorkloadKind};
 
 /// Where the edge layer keeps its [`Record`]s (what to restore, what it created): a ConfigMap in the
 /// operator's own namespace, one entry per controller Deployment, keyed by its UID. Only crosstrace
@@ -45,7 +47,10 @@ pub const DEFAULT_SELECTOR: [(&str, &str); 2] =
 #[serde(rename_all = "camelCase")]
 pub struct Record {
     pub policy: String,
-    /// The controller Deployment this record is about (its UID is the ledger key).
+    /// The kind of the controller this record is about (absent in entries written before DaemonSets).
+    #[serde(default = "deployment_kind", skip_serializing_if = "is_deployment")]
+    pub kind: WorkloadKind,
+    /// The controller this record is about (its UID is the ledger key).
     pub deployment: ObjectKey,
     pub config_map: ObjectKey,
     /// Whether the ConfigMap existed; if not, revert deletes it.
@@ -71,6 +76,14 @@ pub struct Record {
     pub yielded_image: Option<String>,
 }
 
+fn deployment_kind() -> WorkloadKind {
+    WorkloadKind::Deployment
+}
+
+fn is_deployment(kind: &WorkloadKind) -> bool {
+    *kind == WorkloadKind::Deployment
+}
+
 /// A container and its image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerImage {
@@ -82,20 +95,21 @@ pub struct ContainerImage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Write the record into the ledger (before any change it records).
-    Record { deployment: ObjectKey, uid: String, record: Record },
-    /// Put the policy label on the Deployment (after its record).
-    Label { deployment: ObjectKey, policy: String },
+    Record { controller: ObjectKey, uid: String, record: Record },
+    /// Put the policy label on the controller (after its record).
+    Label { kind: WorkloadKind, controller: ObjectKey, policy: String },
     /// Server-side apply every OTel key (and the policy label) to the ConfigMap.
     ApplyConfig { config_map: ObjectKey, data: BTreeMap<String, String>, policy: String },
     /// Write the updated record into the ledger, then server-side apply the controller image.
-    ApplyImage { deployment: ObjectKey, uid: String, image: ContainerImage, record: Record },
+    ApplyImage { kind: WorkloadKind, controller: ObjectKey, uid: String, image: ContainerImage, record: Record },
     /// Put the recorded values back (absent keys removed, label removed), or delete a ConfigMap the
     /// operator created.
     RestoreConfig { config_map: ObjectKey, data: BTreeMap<String, Option<String>>, delete: bool },
     /// Put the recorded image back (if any). `keep` is the record that stays (image-only revert);
     /// `None` removes the record and the label; `rolled_back` leaves the no-retry marker.
-    RestoreDeployment {
-        deployment: ObjectKey,
+    RestoreController {
+        kind: WorkloadKind,
+        controller: ObjectKey,
         uid: String,
         image: Option<ContainerImage>,
         keep: Option<Record>,
@@ -106,26 +120,21 @@ pub enum Action {
 /// One ingress-nginx controller as observed.
 #[derive(Clone, Debug)]
 pub struct Observed {
-    pub deployment: Deployment,
+    /// The controller: a Deployment or a DaemonSet.
+    pub controller: Workload,
     /// Its ConfigMap, when the `--configmap` argument names one that exists.
     pub config_map: Option<ConfigMap>,
     /// Matches the policy's `spec.ingress` selection now.
     pub selected: bool,
     /// An older policy that also selects this controller and therefore keeps it.
     pub claimed_by: Option<String>,
-    /// Its record from the ledger (by UID, for this very Deployment), or why it cannot be read.
+    /// Its record from the ledger (by UID, for this very controller), or why it cannot be read.
     pub record: Result<Option<Record>, String>,
 }
 
 impl Default for Observed {
     fn default() -> Self {
-        Self {
-            deployment: Deployment::default(),
-            config_map: None,
-            selected: false,
-            claimed_by: None,
-            record: Ok(None),
-        }
+        Self { controller: Workload::default(), config_map: None, selected: false, claimed_by: None, record: Ok(None) }
     }
 }
 
@@ -186,9 +195,9 @@ pub fn split_host_port(endpoint: &str) -> (&str, &str) {
 
 /// The controller container (the one with `--configmap`) and the ConfigMap it names. A bare name is
 /// in the Deployment's namespace; `$(POD_NAMESPACE)` is the Deployment's namespace.
-pub fn config_map_ref(deployment: &Deployment) -> Option<(&Container, ObjectKey)> {
-    let namespace = deployment.namespace().unwrap_or_default();
-    let containers = &deployment.spec.as_ref()?.template.spec.as_ref()?.containers;
+pub fn config_map_ref(controller: &Workload) -> Option<(&Container, ObjectKey)> {
+    let namespace = controller.metadata.namespace.clone().unwrap_or_default();
+    let containers = &controller.template.spec.as_ref()?.containers;
     containers.iter().find_map(|c| {
         let args = c.args.iter().flatten();
         let value = args.clone().zip(args.skip(1).map(Some).chain([None])).find_map(|(arg, next)| {
@@ -292,33 +301,31 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
     let active = !policy.deleting && policy.spec.ingress.is_some();
     let mut plan = Plan::default();
     let mut targets: Vec<&Observed> = observed.iter().collect();
-    targets.sort_by_key(|t| ObjectKey::of(&t.deployment.metadata));
+    targets.sort_by_key(|t| (t.controller.key(), t.controller.kind));
 
     // First pass: what each selected target needs, and how many are already in flight.
     let mut per_target = Vec::with_capacity(targets.len());
     for t in &targets {
-        let key = ObjectKey::of(&t.deployment.metadata);
+        let key = ObjectKey::of(&t.controller.metadata);
         let record = t.record.clone();
-        if t.deployment.annotations().contains_key(RECORD_ANNOTATION) {
+        if annotation(&t.controller.metadata, RECORD_ANNOTATION).is_some() {
             // Someone else's data must never choose what crosstrace writes or deletes: report, ignore.
             plan.report.problems.push(super::Problem {
                 reason: reasons::FORGED_RECORD,
                 message: format!(
-                    "Deployment {key} carries a {RECORD_ANNOTATION} record crosstrace did not write; it is ignored (crosstrace keeps its records in its own namespace, ConfigMap {LEDGER})"
+                    "{:?} {key} carries a {RECORD_ANNOTATION} record crosstrace did not write; it is ignored (crosstrace keeps its records in its own namespace, ConfigMap {LEDGER})",
+                    t.controller.kind
                 ),
                 degraded: true,
             });
         }
         let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
-        let marked = t
-            .deployment
-            .annotations()
-            .get(ROLLED_BACK_ANNOTATION)
+        let marked = annotation(&t.controller.metadata, ROLLED_BACK_ANNOTATION)
             .is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
         if !(active && t.selected) {
             if ours || marked {
-                let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
-                plan.actions.extend(revert(&key, &uid, record.ok().flatten().as_ref(), None));
+                let uid = t.controller.metadata.uid.clone().unwrap_or_default();
+                plan.actions.extend(revert(t.controller.kind, &key, &uid, record.ok().flatten().as_ref(), None));
             }
             continue;
         }
@@ -332,8 +339,8 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
         &mut plan.report,
     ));
     for t in targets.iter().filter(|t| active && t.selected) {
-        let Some((container, _)) = config_map_ref(&t.deployment) else { continue };
-        let key = ObjectKey::of(&t.deployment.metadata);
+        let Some((container, _)) = config_map_ref(&t.controller) else { continue };
+        let key = ObjectKey::of(&t.controller.metadata);
         let image_warning = container.image.as_deref().and_then(version_warning);
         for warning in image_warning.into_iter().chain(env_override(container, &policy.spec.collector)) {
             plan.report.warnings.push(format!("{key}: {warning}"));
@@ -370,8 +377,8 @@ fn forward(
     now: i64,
     drifted: &mut Vec<ObjectKey>,
 ) -> TargetPlan {
-    let key = ObjectKey::of(&t.deployment.metadata);
-    let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
+    let (kind, key) = (t.controller.kind, t.controller.key());
+    let uid = t.controller.metadata.uid.clone().unwrap_or_default();
     let spec = policy.spec;
     let ingress = spec.ingress.as_ref().expect("forward is only planned with spec.ingress");
     let (record, inherited) =
@@ -382,7 +389,7 @@ fn forward(
             Ok(super::Claim::Inherited(record)) => (Some(Record { policy: policy.name.to_string(), ..record }), true),
             Err(held) => return held,
         };
-    let Some((container, cm_key)) = config_map_ref(&t.deployment) else {
+    let Some((container, cm_key)) = config_map_ref(&t.controller) else {
         return TargetPlan::problem(
             Progress::Held,
             reasons::CONFIG_MAP_ARGUMENT_MISSING,
@@ -404,7 +411,7 @@ fn forward(
     }
     let marker = format!("{}/{}", policy.name, policy.generation);
     let what = format!("ingress controller {key}");
-    if record.is_none() && t.deployment.annotations().get(ROLLED_BACK_ANNOTATION) == Some(&marker) {
+    if record.is_none() && annotation(&t.controller.metadata, ROLLED_BACK_ANNOTATION) == Some(&marker) {
         return super::held_rolled_back(&what);
     }
 
@@ -427,13 +434,14 @@ fn forward(
     let mut record = match record {
         Some(r) => {
             if inherited {
-                actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: r.clone() });
+                actions.push(Action::Record { controller: key.clone(), uid: uid.clone(), record: r.clone() });
             }
             r
         }
         None => {
             let record = Record {
                 policy: policy.name.to_string(),
+                kind,
                 deployment: key.clone(),
                 config_map: cm_key.clone(),
                 config_map_existed: t.config_map.is_some(),
@@ -444,21 +452,21 @@ fn forward(
                 image_converged: false,
                 yielded_image: None,
             };
-            actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: record.clone() });
+            actions.push(Action::Record { controller: key.clone(), uid: uid.clone(), record: record.clone() });
             record
         }
     };
     // The label comes right after the record: a new or taken-over controller, or one recorded by a run
     // that stopped before labelling it. (Later record updates leave the label as it is.)
-    if t.deployment.labels().get(POLICY_LABEL).map(String::as_str) != Some(policy.name) {
-        actions.push(Action::Label { deployment: key.clone(), policy: policy.name.to_string() });
+    if label(&t.controller.metadata, POLICY_LABEL).map(String::as_str) != Some(policy.name) {
+        actions.push(Action::Label { kind, controller: key.clone(), policy: policy.name.to_string() });
     }
     if !config_converged {
         actions.push(Action::ApplyConfig { config_map: cm_key, data: desired, policy: policy.name.to_string() });
     }
     match want_image {
         Some(image) => {
-            let image_plan = image_rollout(policy, &t.deployment, &what, container, &record, image, marker, now);
+            let image_plan = image_rollout(policy, &t.controller, &what, container, &record, image, marker, now);
             if let Some(mut plan) = image_plan {
                 // The ConfigMap goes first whatever the image does (a rollback reverts it too).
                 if !plan.rolled_back {
@@ -470,8 +478,9 @@ fn forward(
         None => {
             if let Some(original) = record.original_image.take() {
                 record = Record { rollout_started: None, applied_image: None, image_converged: false, ..record };
-                actions.push(Action::RestoreDeployment {
-                    deployment: key.clone(),
+                actions.push(Action::RestoreController {
+                    kind,
+                    controller: key.clone(),
                     uid: uid.clone(),
                     image: (original.image != current_image).then_some(original),
                     keep: Some(record),
@@ -479,12 +488,12 @@ fn forward(
                 });
             } else if record.yielded_image.is_some() {
                 record.yielded_image = None;
-                actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record });
+                actions.push(Action::Record { controller: key.clone(), uid: uid.clone(), record });
             }
         }
     }
     if actions.is_empty() {
-        if t.deployment.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0 {
+        if t.controller.available {
             TargetPlan::state(Progress::Ready)
         } else {
             TargetPlan::problem(
@@ -505,7 +514,7 @@ fn forward(
 #[allow(clippy::too_many_arguments)]
 fn image_rollout(
     policy: PolicyView<'_>,
-    deployment: &Deployment,
+    controller: &Workload,
     what: &str,
     container: &Container,
     record: &Record,
@@ -513,8 +522,8 @@ fn image_rollout(
     marker: String,
     now: i64,
 ) -> Option<TargetPlan> {
-    let key = ObjectKey::of(&deployment.metadata);
-    let uid = deployment.metadata.uid.clone().unwrap_or_default();
+    let (kind, key) = (controller.kind, controller.key());
+    let uid = controller.metadata.uid.clone().unwrap_or_default();
     let current_image = container.image.clone().unwrap_or_default();
     // Records written before `appliedImage` existed: the image crosstrace wrote is the policy's.
     let applied = record.applied_image.clone().or_else(|| record.original_image.as_ref().map(|_| image.to_string()));
@@ -536,7 +545,7 @@ fn image_rollout(
             yielded_image: Some(image.to_string()),
             ..record.clone()
         };
-        return Some(held.with_actions(vec![Action::Record { deployment: key, uid, record: yielded }]));
+        return Some(held.with_actions(vec![Action::Record { controller: key, uid, record: yielded }]));
     }
     let written = applied.as_ref().map(|a| Written {
         current: a == image,
@@ -546,7 +555,7 @@ fn image_rollout(
     });
     let step = rollout::judge(
         written,
-        &controller_health(deployment),
+        &controller.health("the image"),
         now,
         i64::from(policy.spec.rollout.progress_deadline_seconds),
     );
@@ -562,7 +571,7 @@ fn image_rollout(
             let mut next = record.clone();
             if converged {
                 next.image_converged = true;
-                return vec![Action::Record { deployment: key.clone(), uid: uid.clone(), record: next }];
+                return vec![Action::Record { controller: key.clone(), uid: uid.clone(), record: next }];
             }
             next.original_image
                 .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
@@ -571,9 +580,9 @@ fn image_rollout(
             next.image_converged = false;
             next.yielded_image = None;
             let image = ContainerImage { container: container.name.clone(), image: image.to_string() };
-            vec![Action::ApplyImage { deployment: key.clone(), uid: uid.clone(), image, record: next }]
+            vec![Action::ApplyImage { kind, controller: key.clone(), uid: uid.clone(), image, record: next }]
         },
-        || revert(&key, &uid, Some(record), Some(marker)),
+        || revert(kind, &key, &uid, Some(record), Some(marker)),
     );
     let plan = match &plan.problem {
         Some(p) if plan.rolled_back => {
@@ -586,23 +595,23 @@ fn image_rollout(
     Some(plan)
 }
 
-/// How the controller's Deployment rolls out, for the engine.
-fn controller_health(d: &Deployment) -> Health {
-    if health::deployment_rolled_out(d) {
-        Health::Healthy
-    } else if health::deployment_paused(d) {
-        Health::Waiting {
-            reason: reasons::DEPLOYMENT_PAUSED,
-            message: "its owner paused it; the image rolls out when it is resumed".into(),
-        }
-    } else {
-        Health::Progressing { resumed_at: health::deployment_resumed_at(d) }
-    }
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.annotations.as_ref()?.get(key)
 }
 
-/// Everything that puts one controller back as recorded: ConfigMap first, then the Deployment, whose
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.labels.as_ref()?.get(key)
+}
+
+/// Everything that puts one controller back as recorded: ConfigMap first, then the controller, whose
 /// record goes last so that a crash halfway leaves enough to finish the job.
-fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_back: Option<String>) -> Vec<Action> {
+fn revert(
+    kind: WorkloadKind,
+    controller: &ObjectKey,
+    uid: &str,
+    record: Option<&Record>,
+    rolled_back: Option<String>,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     if let Some(record) = record {
         actions.push(Action::RestoreConfig {
@@ -611,8 +620,9 @@ fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_bac
             delete: !record.config_map_existed,
         });
     }
-    actions.push(Action::RestoreDeployment {
-        deployment: deployment.clone(),
+    actions.push(Action::RestoreController {
+        kind,
+        controller: controller.clone(),
         uid: uid.to_string(),
         image: record.and_then(|r| r.original_image.clone()),
         keep: None,
@@ -621,62 +631,97 @@ fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_bac
     actions
 }
 
-/// The Deployments the edge layer must look at for a policy: those its `spec.ingress` selects, those
-/// it changed before (labelled with its name), which may have left the selection, and those its ledger
-/// entries name; each with its record from the ledger in `operator_namespace`.
+/// The controllers (Deployments and DaemonSets) the edge layer must look at for a policy: those its
+/// `spec.ingress` selects, those it changed before (labelled with its name), which may have left the
+/// selection, and those its ledger entries name; each with its record from the ledger in
+/// `operator_namespace`.
 pub async fn observe(
     client: &Client,
     policy: PolicyView<'_>,
     operator_namespace: &str,
     protected: impl Fn(&str) -> bool,
-    claimant: impl Fn(&Deployment) -> Option<String>,
+    claimant: impl Fn(&Workload) -> Option<String>,
 ) -> Result<Vec<Observed>, super::ObserveError> {
-    let mut found: BTreeMap<ObjectKey, Observed> = BTreeMap::new();
+    let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
+    let add = |found: &mut BTreeMap<_, Observed>, controller: Workload, selected: bool| {
+        let claimed_by = if selected { claimant(&controller) } else { None };
+        let target = Observed { controller, selected, claimed_by, ..Default::default() };
+        found.entry((target.controller.key(), target.controller.kind)).or_insert(target);
+    };
     if let Some(ingress) = policy.spec.ingress.as_ref().filter(|_| !policy.deleting) {
-        let api: Api<Deployment> = if ingress.namespace.is_empty() {
-            Api::all(client.clone())
-        } else {
-            Api::namespaced(client.clone(), &ingress.namespace)
-        };
         let selector = ingress_selector(ingress).map_err(super::ObserveError::selector("spec.ingress.selector"))?;
+        let params = ListParams::default().labels_from(&selector);
         // Never a controller in a protected namespace (`spec.ingress.namespace` empty selects everywhere).
-        let listed = api.list(&ListParams::default().labels_from(&selector)).await?;
-        for d in listed.into_iter().filter(|d| !protected(d.metadata.namespace.as_deref().unwrap_or_default())) {
-            let claimed_by = claimant(&d);
-            found.insert(
-                ObjectKey::of(&d.metadata),
-                Observed { deployment: d, selected: true, claimed_by, ..Default::default() },
-            );
+        let allowed = |w: &Workload| !protected(w.metadata.namespace.as_deref().unwrap_or_default());
+        for w in list::<Deployment>(client, &ingress.namespace, &params).await? {
+            let w = Workload::from_deployment(w);
+            if allowed(&w) {
+                add(&mut found, w, true);
+            }
+        }
+        for w in list::<DaemonSet>(client, &ingress.namespace, &params).await? {
+            let w = Workload::from_daemonset(w);
+            if allowed(&w) {
+                add(&mut found, w, true);
+            }
         }
     }
     let labelled = ListParams::default().labels_from(&super::label_equals(POLICY_LABEL, policy.name));
-    for d in Api::<Deployment>::all(client.clone()).list(&labelled).await? {
-        found.entry(ObjectKey::of(&d.metadata)).or_insert(Observed { deployment: d, ..Default::default() });
+    for d in list::<Deployment>(client, "", &labelled).await? {
+        add(&mut found, Workload::from_deployment(d), false);
+    }
+    for d in list::<DaemonSet>(client, "", &labelled).await? {
+        add(&mut found, Workload::from_daemonset(d), false);
     }
     let ledger = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace).get_opt(LEDGER).await?;
     let mut entries = ledger_entries(ledger.as_ref());
     // Controllers this policy recorded that carry its label no more (a revert that stopped halfway).
     for record in entries.values().flatten().filter(|r| r.policy == policy.name) {
-        if !found.contains_key(&record.deployment) {
-            let api = Api::<Deployment>::namespaced(client.clone(), &record.deployment.namespace);
-            if let Some(d) = api.get_opt(&record.deployment.name).await? {
-                found.insert(record.deployment.clone(), Observed { deployment: d, ..Default::default() });
-            }
+        if found.contains_key(&(record.deployment.clone(), record.kind)) {
+            continue;
+        }
+        let (namespace, name) = (&record.deployment.namespace, &record.deployment.name);
+        let controller = match record.kind {
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::from_daemonset),
+            _ => Api::<Deployment>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::from_deployment),
+        };
+        if let Some(controller) = controller {
+            add(&mut found, controller, false);
         }
     }
-    for (key, target) in found.iter_mut() {
-        // The entry of this very Deployment: same UID, and recorded for the same namespace and name.
-        let uid = target.deployment.metadata.uid.clone().unwrap_or_default();
+    for ((key, kind), target) in found.iter_mut() {
+        // The entry of this very controller: same UID, and recorded for the same kind, namespace and name.
+        let uid = target.controller.metadata.uid.clone().unwrap_or_default();
         target.record = match entries.remove(&uid) {
-            Some(Ok(record)) if record.deployment == *key => Ok(Some(record)),
+            Some(Ok(record)) if record.deployment == *key && record.kind == *kind => Ok(Some(record)),
             Some(Ok(_)) | None => Ok(None),
             Some(Err(e)) => Err(e),
         };
-        if let Some((_, cm)) = config_map_ref(&target.deployment).filter(|(_, cm)| cm.namespace == key.namespace) {
+        if let Some((_, cm)) = config_map_ref(&target.controller).filter(|(_, cm)| cm.namespace == key.namespace) {
             target.config_map = Api::<ConfigMap>::namespaced(client.clone(), &cm.namespace).get_opt(&cm.name).await?;
         }
     }
     Ok(found.into_values().collect())
+}
+
+/// Lists objects of one kind in `namespace` (empty: every namespace).
+async fn list<K>(client: &Client, namespace: &str, params: &ListParams) -> kube::Result<Vec<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> =
+        if namespace.is_empty() { Api::all(client.clone()) } else { Api::namespaced(client.clone(), namespace) };
+    Ok(api.list(params).await?.items)
 }
 
 /// The selector of `spec.ingress`, defaulting to the ingress-nginx controller labels.
@@ -689,10 +734,10 @@ pub fn ingress_selector(ingress: &IngressSpec) -> Result<kube::core::Selector, S
     }
 }
 
-/// Does `spec.ingress` of a policy select this Deployment?
-pub fn selects(ingress: &IngressSpec, deployment: &ObjectMeta) -> bool {
-    (ingress.namespace.is_empty() || deployment.namespace.as_deref() == Some(ingress.namespace.as_str()))
-        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, deployment.labels.as_ref()))
+/// Does `spec.ingress` of a policy select this controller?
+pub fn selects(ingress: &IngressSpec, controller: &ObjectMeta) -> bool {
+    (ingress.namespace.is_empty() || controller.namespace.as_deref() == Some(ingress.namespace.as_str()))
+        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, controller.labels.as_ref()))
 }
 
 #[cfg(test)]
@@ -752,7 +797,7 @@ mod tests {
     }
 
     fn observed(d: Deployment, cm: Option<ConfigMap>) -> Observed {
-        Observed { deployment: d, config_map: cm, selected: true, ..Default::default() }
+        Observed { controller: Workload::from_deployment(d), config_map: cm, selected: true, ..Default::default() }
     }
 
     /// The state after the plan's actions took effect, as the API server would hold it.
@@ -761,7 +806,7 @@ mod tests {
             match action {
                 Action::Record { record, .. } => t.record = Ok(Some(record.clone())),
                 Action::Label { policy, .. } => {
-                    t.deployment.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
+                    t.controller.metadata.labels.get_or_insert_default().insert(POLICY_LABEL.into(), policy.clone());
                 }
                 Action::ApplyConfig { data, policy, .. } => {
                     let cm = t.config_map.get_or_insert_with(|| config_map(&[]));
@@ -771,7 +816,7 @@ mod tests {
                 }
                 Action::ApplyImage { image, record, .. } => {
                     t.record = Ok(Some(record.clone()));
-                    set_image(&mut t.deployment, &image.image);
+                    set_image(&mut t.controller, &image.image);
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -779,8 +824,8 @@ mod tests {
         t
     }
 
-    fn set_image(d: &mut Deployment, image: &str) {
-        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].image = Some(image.into());
+    fn set_image(w: &mut Workload, image: &str) {
+        w.template.spec.as_mut().unwrap().containers[0].image = Some(image.into());
     }
 
     #[test]
@@ -816,18 +861,22 @@ mod tests {
     #[test]
     fn finds_the_config_map_from_the_controller_argument() {
         let d = controller("c", "registry.k8s.io/ingress-nginx/controller:v1.12.1", true);
-        let (container, key) = config_map_ref(&d).unwrap();
+        let w = Workload::from_deployment(d.clone());
+        let (container, key) = config_map_ref(&w).unwrap();
         assert_eq!(container.name, "controller");
         assert_eq!(key, ObjectKey::new("ingress-nginx", "ingress-nginx-controller"));
 
         let mut split = d.clone();
         split.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args =
             Some(vec!["--configmap".into(), "edge-config".into()]);
-        assert_eq!(config_map_ref(&split).unwrap().1, ObjectKey::new("ingress-nginx", "edge-config"));
+        assert_eq!(
+            config_map_ref(&Workload::from_deployment(split)).unwrap().1,
+            ObjectKey::new("ingress-nginx", "edge-config")
+        );
 
         let mut none = d;
         none.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args = None;
-        assert!(config_map_ref(&none).is_none());
+        assert!(config_map_ref(&Workload::from_deployment(none)).is_none());
     }
 
     #[test]
@@ -898,10 +947,11 @@ mod tests {
         cm.metadata.labels = Some([(POLICY_LABEL.to_string(), "storefront".to_string())].into());
         cm.metadata.annotations = Some([(CONFIG_ANNOTATION.to_string(), config_hash(&desired))].into());
         let mut t = observed(controller("c", "controller:v1.15.5-fork", true), Some(cm.clone()));
-        t.deployment.metadata.labels.get_or_insert_default().insert(POLICY_LABEL.into(), "storefront".into());
+        t.controller.metadata.labels.get_or_insert_default().insert(POLICY_LABEL.into(), "storefront".into());
         t.record = Ok(Some(Record {
             policy: "storefront".into(),
-            deployment: ObjectKey::of(&t.deployment.metadata),
+            kind: WorkloadKind::Deployment,
+            deployment: t.controller.key(),
             config_map: ObjectKey::new("ingress-nginx", "ingress-nginx-controller"),
             config_map_existed: true,
             original_data: BTreeMap::new(),
@@ -917,7 +967,7 @@ mod tests {
         cm.data.as_mut().unwrap().insert("otel-sampler-ratio".into(), "1".into());
         t.config_map = Some(cm);
         let fix = plan(view(&s), std::slice::from_ref(&t), NOW);
-        assert_eq!(fix.drifted, vec![ObjectKey::of(&t.deployment.metadata)]);
+        assert_eq!(fix.drifted, vec![t.controller.key()]);
         assert!(matches!(fix.actions.as_slice(), [Action::ApplyConfig { .. }]), "{:?}", fix.actions);
 
         // A new spec is not drift, though the data differs too.
@@ -967,7 +1017,8 @@ mod tests {
 
         // The new pods never become available.
         let mut rolling = applied(t, &first.actions);
-        rolling.deployment.metadata.generation = Some(2);
+        // Its new generation is not rolled out.
+        rolling.controller.rolled_out = false;
         let waiting = plan(view(&s), std::slice::from_ref(&rolling), NOW + 30);
         assert!(waiting.actions.is_empty());
         assert_eq!(waiting.report.in_flight, 1);
@@ -979,7 +1030,7 @@ mod tests {
         match &failed.actions[..] {
             [
                 Action::RestoreConfig { delete: false, .. },
-                Action::RestoreDeployment { image: Some(image), keep: None, rolled_back: Some(marker), .. },
+                Action::RestoreController { image: Some(image), keep: None, rolled_back: Some(marker), .. },
             ] => {
                 assert_eq!(image.image, "controller:v1.12.1");
                 assert_eq!(marker, "storefront/2");
@@ -1011,7 +1062,7 @@ mod tests {
         match &revert.actions[..] {
             [
                 Action::RestoreConfig { data, delete: false, .. },
-                Action::RestoreDeployment { image: Some(image), keep: None, rolled_back: None, .. },
+                Action::RestoreController { image: Some(image), keep: None, rolled_back: None, .. },
             ] => {
                 assert_eq!(data["otel-sampler-ratio"], Some("0.5".into()));
                 assert_eq!(data["enable-opentelemetry"], None);
@@ -1081,7 +1132,7 @@ mod tests {
         let without_image = spec("");
         let restore = plan(view(&without_image), std::slice::from_ref(&after), NOW);
         match &restore.actions[..] {
-            [Action::RestoreDeployment { image: Some(image), keep: Some(record), .. }] => {
+            [Action::RestoreController { image: Some(image), keep: Some(record), .. }] => {
                 assert_eq!(image.image, "controller:v1.12.1");
                 assert!(record.original_image.is_none(), "the kept record no longer claims the image");
             }
@@ -1093,7 +1144,7 @@ mod tests {
         assert_eq!(revert.report.selected, 0);
         assert!(matches!(
             revert.actions[..],
-            [Action::RestoreConfig { .. }, Action::RestoreDeployment { keep: None, .. }]
+            [Action::RestoreConfig { .. }, Action::RestoreController { keep: None, .. }]
         ));
     }
 
@@ -1112,7 +1163,7 @@ mod tests {
     fn a_converged_controller_scaled_by_its_owner_is_reported_not_rolled_back() {
         let s = spec("controller:v1.12.1-otel");
         let mut scaled = instrumented(&s);
-        scaled.deployment.status.as_mut().unwrap().available_replicas = Some(0);
+        (scaled.controller.rolled_out, scaled.controller.available) = (false, false);
         let p = plan(view(&s), &[scaled], NOW + 3600);
         assert!(p.actions.is_empty(), "{:?}", p.actions);
         assert_eq!((p.report.unhealthy, p.report.rolled_back), (1, 0));
@@ -1123,7 +1174,7 @@ mod tests {
     fn the_owners_new_image_stays_and_is_what_a_revert_leaves() {
         let s = spec("controller:v1.12.1-otel");
         let mut upgraded = instrumented(&s);
-        set_image(&mut upgraded.deployment, "controller:v1.13.0");
+        set_image(&mut upgraded.controller, "controller:v1.13.0");
         let p = plan(view(&s), std::slice::from_ref(&upgraded), NOW + 100);
         assert_eq!(p.report.problems[0].reason, reasons::CHANGED_BY_OWNER);
         let [Action::Record { record, .. }] = &p.actions[..] else { panic!("{:?}", p.actions) };
@@ -1135,7 +1186,7 @@ mod tests {
         let deleting = PolicyView { deleting: true, ..view(&s) };
         let revert = plan(deleting, &[yielded], NOW + 102);
         assert!(
-            revert.actions.iter().all(|a| !matches!(a, Action::RestoreDeployment { image: Some(_), .. })),
+            revert.actions.iter().all(|a| !matches!(a, Action::RestoreController { image: Some(_), .. })),
             "{:?}",
             revert.actions
         );
@@ -1152,7 +1203,7 @@ mod tests {
         fake.annotations_mut().insert(RECORD_ANNOTATION.into(), forged.to_string());
         fake.labels_mut().insert(POLICY_LABEL.into(), "storefront".into());
         // Labelled with the policy's name but not selected, and no ledger entry of its own.
-        let t = Observed { deployment: fake, ..Default::default() };
+        let t = Observed { controller: Workload::from_deployment(fake), ..Default::default() };
         let p = plan(view(&s), &[t], NOW);
         assert!(
             p.actions.iter().all(|a| !matches!(a, Action::RestoreConfig { .. } | Action::ApplyConfig { .. })),

@@ -99,6 +99,8 @@ pub struct Workload {
     pub on_delete: bool,
     /// Why a pod of crosstrace's revision cannot start (filled in by [`observe`] for rollouts in flight).
     pub failing: Option<String>,
+    /// At least one pod is available (for the edge layer: a controller that serves).
+    pub available: bool,
 }
 
 impl Workload {
@@ -110,6 +112,7 @@ impl Workload {
         let rolled_out = health::deployment_rolled_out(&d);
         let resumed_at = health::deployment_resumed_at(&d);
         let paused = health::deployment_paused(&d);
+        let available = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
         let spec = d.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::Deployment,
@@ -119,6 +122,7 @@ impl Workload {
             selector: Some(spec.selector),
             paused,
             resumed_at,
+            available,
             ..Default::default()
         }
     }
@@ -126,6 +130,7 @@ impl Workload {
     pub fn from_statefulset(s: StatefulSet) -> Self {
         let rolled_out = health::statefulset_rolled_out(&s);
         let on_delete = health::statefulset_on_delete(&s);
+        let available = s.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
         let spec = s.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::StatefulSet,
@@ -134,12 +139,14 @@ impl Workload {
             rolled_out,
             selector: Some(spec.selector),
             on_delete,
+            available,
             ..Default::default()
         }
     }
 
     pub fn from_daemonset(d: DaemonSet) -> Self {
         let rolled_out = health::daemonset_rolled_out(&d);
+        let available = d.status.as_ref().and_then(|s| s.number_available).unwrap_or(0) > 0;
         let spec = d.spec.unwrap_or_default();
         let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
@@ -149,12 +156,14 @@ impl Workload {
             rolled_out,
             selector: Some(spec.selector),
             on_delete,
+            available,
             ..Default::default()
         }
     }
 
-    /// How the workload's rollout looks to the engine.
-    pub fn health(&self) -> Health {
+    /// How the workload's rollout of crosstrace's `change` (e.g. "the collector sidecar") looks to the
+    /// engine.
+    pub fn health(&self, change: &str) -> Health {
         if self.rolled_out {
             Health::Healthy
         } else if let Some(why) = &self.failing {
@@ -162,13 +171,12 @@ impl Workload {
         } else if self.paused {
             Health::Waiting {
                 reason: reasons::DEPLOYMENT_PAUSED,
-                message: "its owner paused it; the collector sidecar rolls out when it is resumed".into(),
+                message: format!("its owner paused it; {change} rolls out when it is resumed"),
             }
         } else if self.on_delete {
             Health::Waiting {
                 reason: reasons::WAITING_FOR_RESTART,
-                message: "updateStrategy OnDelete: the collector sidecar reaches its pods when they are recreated"
-                    .into(),
+                message: format!("updateStrategy OnDelete: {change} reaches its pods when they are recreated"),
             }
         } else {
             Health::Progressing { resumed_at: self.resumed_at }
@@ -574,7 +582,12 @@ fn forward(
         converged: converged(&w.metadata, r),
         since: r.rollout_started,
     });
-    let step = rollout::judge(written, &w.health(), now, i64::from(policy.spec.rollout.progress_deadline_seconds));
+    let step = rollout::judge(
+        written,
+        &w.health("the collector sidecar"),
+        now,
+        i64::from(policy.spec.rollout.progress_deadline_seconds),
+    );
     if step == rollout::Step::Reapply {
         drifted.push(key.clone());
     }
