@@ -232,10 +232,10 @@ fn kind_key(kind: WorkloadKind) -> &'static str {
 /// the semantic conventions (`k8s.deployment.name`, ...). Pod, namespace and node come from the
 /// downward API through the sidecar's env.
 ///
-/// Written for the collector of [`crate::controller::DEFAULT_SIDECAR_IMAGE`]'s release: the OTLP exporters under their
-/// current names (`otlp_grpc`, `otlp_http`), batching in the exporter's sending queue instead of the
-/// retired batch processor. `tests/collector_config.rs` runs every variant through that release's
-/// `otelcol-k8s validate`.
+/// Written for the collector release of [`crate::controller::DEFAULT_SIDECAR_IMAGE`]: the OTLP
+/// exporters under their current names (`otlp_grpc`, `otlp_http`), batching in the exporter's sending
+/// queue instead of the retired batch processor. `tests/collector_config.rs` runs every variant through
+/// that release's `otelcol-k8s validate`.
 pub fn collector_config(spec: &TracingPolicySpec) -> BTreeMap<String, String> {
     let collector = spec.collector.clone().unwrap_or_default();
     // The batch processor's former settings (512 spans or 5 s, whichever comes first), now with an upper
