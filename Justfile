@@ -25,9 +25,13 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --locked --all-targets --features e2e -- -D warnings
 
-# Pure and mocked-API tests, and the CRD drift check.
+# Pure and mocked-API tests, the CRD drift check, and every sidecar configuration checked by the real
+# collector of the default sidecar's release (built once by e2e/build.sh, cached).
 unit:
-    cargo test --locked
+    #!/usr/bin/env bash
+    set -euo pipefail
+    otelcol_bin="$(e2e/build.sh otelcol)"
+    CROSSTRACE_OTELCOL="$otelcol_bin/otelcol-k8s" cargo test --locked
 
 # Start the local real cluster (cached binaries; the first run builds them, see README).
 up:

@@ -91,9 +91,10 @@ impl Default for Settings {
 }
 
 /// The collector image injected when neither the policy nor the operator's flags name one: the
-/// Kubernetes distribution of the OpenTelemetry Collector (OTLP receivers, memory_limiter, batch,
-/// resource, OTLP exporters, health_check).
-pub const DEFAULT_SIDECAR_IMAGE: &str = "otel/opentelemetry-collector-k8s:0.115.1";
+/// Kubernetes distribution of the OpenTelemetry Collector (OTLP receiver, memory_limiter and resource
+/// processors, OTLP exporters, health_check). Its release is `OTELCOL_VERSION` in `e2e/versions.env`,
+/// whose build checks the sidecar configuration (`tests/collector_config.rs`); bump both together.
+pub const DEFAULT_SIDECAR_IMAGE: &str = "otel/opentelemetry-collector-k8s:0.165.0";
 
 /// Requests and limits of the sidecar when the policy sets none.
 pub fn default_sidecar_resources() -> ResourceRequirements {

@@ -239,11 +239,24 @@ fn kind_key(kind: WorkloadKind) -> &'static str {
 /// The collector configuration, one file per workload kind so that the resource attribute follows
 /// the semantic conventions (`k8s.deployment.name`, ...). Pod, namespace and node come from the
 /// downward API through the sidecar's env.
+///
+/// Written for the collector release of [`crate::controller::DEFAULT_SIDECAR_IMAGE`]: the OTLP
+/// exporters under their current names (`otlp_grpc`, `otlp_http`), batching in the exporter's sending
+/// queue instead of the retired batch processor. `tests/collector_config.rs` runs every variant through
+/// that release's `otelcol-k8s validate`.
 pub fn collector_config(spec: &TracingPolicySpec) -> BTreeMap<String, String> {
     let collector = spec.collector.clone().unwrap_or_default();
+    // The batch processor's former settings (512 spans or 5 s, whichever comes first), now with an upper
+    // bound so that a burst leaves as several requests of a sane size.
+    let sending_queue = json!({"batch": {"sizer": "items", "min_size": 512, "max_size": 2048, "flush_timeout": "5s"}});
     let (exporter, exporter_config) = match collector.protocol {
-        OtlpProtocol::Grpc => ("otlp", json!({"endpoint": collector.endpoint, "tls": {"insecure": true}})),
-        OtlpProtocol::Http => ("otlphttp", json!({"endpoint": format!("http://{}", collector.endpoint)})),
+        OtlpProtocol::Grpc => (
+            "otlp_grpc",
+            json!({"endpoint": collector.endpoint, "tls": {"insecure": true}, "sending_queue": sending_queue}),
+        ),
+        OtlpProtocol::Http => {
+            ("otlp_http", json!({"endpoint": format!("http://{}", collector.endpoint), "sending_queue": sending_queue}))
+        }
     };
     [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet]
         .into_iter()
@@ -264,14 +277,13 @@ pub fn collector_config(spec: &TracingPolicySpec) -> BTreeMap<String, String> {
                         attribute("k8s.node.name", "K8S_NODE_NAME"),
                         attribute(&format!("k8s.{}.name", kind_key(kind)), "K8S_WORKLOAD_NAME"),
                     ]},
-                    "batch": {"send_batch_size": 512, "timeout": "5s"},
                 },
                 "exporters": {exporter: exporter_config},
                 "service": {
                     "extensions": ["health_check"],
                     "pipelines": {"traces": {
                         "receivers": ["otlp"],
-                        "processors": ["memory_limiter", "resource", "batch"],
+                        "processors": ["memory_limiter", "resource"],
                         "exporters": [exporter],
                     }},
                 },
@@ -882,7 +894,7 @@ mod tests {
 
     fn defaults() -> Defaults {
         Defaults {
-            sidecar_image: "otel/opentelemetry-collector-k8s:0.115.1".into(),
+            sidecar_image: crate::controller::DEFAULT_SIDECAR_IMAGE.into(),
             sidecar_resources: crate::controller::default_sidecar_resources(),
             native_sidecars: true,
             operator_namespace: "crosstrace-system".into(),
@@ -966,6 +978,26 @@ mod tests {
         snapshot("collector-deployment.yaml", &config["deployment.yaml"]);
         assert!(config["statefulset.yaml"].contains("k8s.statefulset.name"));
         assert!(config["daemonset.yaml"].contains("k8s.daemonset.name"));
+    }
+
+    /// The collector refuses an empty resource attribute, so every `${env:...}` the configuration reads
+    /// must be set on the sidecar container.
+    #[test]
+    fn every_env_the_collector_config_reads_is_set_on_the_sidecar() {
+        let s = spec();
+        let workload = ObjectKey { namespace: "shop".into(), name: "cart".into() };
+        let reference = regex::Regex::new(r"\$\{env:([A-Z0-9_]+)\}").unwrap();
+        for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
+            let container = sidecar(s.workloads.as_ref().unwrap(), &defaults(), kind, &workload);
+            let set: Vec<&str> =
+                container["env"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+            let config = &collector_config(&s)[&format!("{}.yaml", kind_key(kind))];
+            let read: Vec<&str> = reference.captures_iter(config).map(|c| c.get(1).unwrap().as_str()).collect();
+            assert_eq!(read.len(), 4, "{kind:?}: {config}");
+            for name in read {
+                assert!(set.contains(&name), "{kind:?}: the config reads ${{env:{name}}}, the sidecar sets {set:?}");
+            }
+        }
     }
 
     #[test]
