@@ -723,3 +723,83 @@ async fn a_policy_that_cannot_be_read_is_reported_and_stops_no_other() {
     })
     .await;
 }
+
+/// `spec.debug`: a time-boxed session raises the sampling of the edge ConfigMap and of the workload env
+/// to 1, and at its end (by the clock, kept in the status, so a controller restart in the middle neither
+/// ends nor extends it) every value is exactly what it was before.
+#[tokio::test]
+async fn a_debug_session_raises_sampling_and_its_end_restores_the_exact_values_across_a_restart() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("debug-{}", std::process::id());
+    let ns = TestNamespace::create(&client, "e2e-debug", json!({"tracing": tag})).await;
+    ingress_nginx(&client, &ns.name).await;
+    create_app(&client, &ns.name, "cart", "shop", json!([])).await;
+    let mut controller = ControllerProcess::start(18098);
+
+    let name = format!("{}-policy", ns.name);
+    let mut spec = json!({
+        "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+        "sampling": {"ratio": "0.25", "parentBased": true},
+        "ingress": {"namespace": ns.name, "serviceName": "edge"},
+        "workloads": {"namespaceSelector": {"matchLabels": {"tracing": tag}}, "kinds": ["Deployment"]},
+        "rollout": {"progressDeadlineSeconds": 60},
+    });
+    apply_policy(&client, &tracing_policy(&name, spec.clone())).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let env_of = |d: &Deployment| -> BTreeMap<String, String> {
+        let containers = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers;
+        let app = containers.iter().find(|c| c.name == "app").unwrap();
+        app.env.iter().flatten().filter_map(|e| Some((e.name.clone(), e.value.clone()?))).collect()
+    };
+    let before_cm = config_maps.get("ingress-nginx-controller").await.unwrap().data;
+    let before_env = env_of(&deployments.get("cart").await.unwrap());
+    assert_eq!(before_env.get("OTEL_TRACES_SAMPLER_ARG").map(String::as_str), Some("0.25"));
+
+    // A 40-second session.
+    spec["debug"] = json!({"ratio": "1", "durationSeconds": 40});
+    apply_policy(&client, &tracing_policy(&name, spec.clone())).await;
+    let raised = eventually("the session's sampling on both layers", || async {
+        let cm = config_maps.get("ingress-nginx-controller").await.ok()?.data?;
+        let env = env_of(&deployments.get("cart").await.ok()?);
+        (cm.get("otel-sampler")?.as_str() == "AlwaysOn"
+            && env.get("OTEL_TRACES_SAMPLER")?.as_str() == "parentbased_always_on")
+            .then_some(())
+    });
+    raised.await;
+    let api = Api::<TracingPolicy>::all(client.clone());
+    let status = api.get(&name).await.unwrap().status.unwrap().debug.expect("status.debug");
+    assert!(status.active);
+    let expires_at = status.expires_at.0;
+
+    // The controller restarts in the middle: the session keeps its end.
+    drop(controller);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    controller = ControllerProcess::start(18098);
+    eventually("the new controller's admin port", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", 18098)).await.ok().map(drop)
+    })
+    .await;
+    eventually("the new controller to reconcile", || async {
+        (controller.counter("crosstrace_reconciles_total").await >= 1.0).then_some(())
+    })
+    .await;
+    let again = api.get(&name).await.unwrap().status.unwrap().debug.unwrap();
+    assert_eq!(again.expires_at.0, expires_at, "a restart neither ends nor extends the session");
+
+    // At its end: the exact values from before, and the status says it ended.
+    eventually("the policy's own sampling back on both layers", || async {
+        let cm = config_maps.get("ingress-nginx-controller").await.ok()?.data;
+        let env = env_of(&deployments.get("cart").await.ok()?);
+        (cm == before_cm && env == before_env).then_some(())
+    })
+    .await;
+    let ended = api.get(&name).await.unwrap().status.unwrap().debug.unwrap();
+    assert!(!ended.active);
+    assert!(k8s_openapi::jiff::Timestamp::now() >= expires_at, "not restored before the session's end");
+    wait_condition(&client, &name, "Ready", "True").await;
+    delete_policy_and_wait(&client, &name).await;
+}

@@ -21,7 +21,7 @@ use crate::api::conditions;
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress;
 use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
-use crate::layers::{network, workloads};
+use crate::layers::{debug, network, workloads};
 use crate::lean::Meta;
 use crate::metrics::LayerLabels;
 use crate::telemetry;
@@ -292,7 +292,13 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     if let Some(violation) = limits.as_ref().and_then(|l| crate::admin::check(&policy.spec, l).err()) {
         return refuse(ctx, policy, name, reasons::ADMIN_LIMIT, &violation.to_string()).await;
     }
-    let (reports, finished) = run_layers(policy, name, ctx, false, limits.as_ref()).await?;
+    // A debug session gives the layers the spec with sampling raised, until it ends (by the clock).
+    let previous = last_status(ctx, policy);
+    let floor = limits.as_ref().map_or(crate::api::SAMPLING_FLOOR, |l| l.min_sampling);
+    let session = debug::session(&policy.spec, previous.debug.as_ref(), Timestamp::now(), floor);
+    let effective = TracingPolicy { spec: session.effective, ..policy.clone() };
+    let (reports, finished) = run_layers(&effective, name, ctx, false, limits.as_ref()).await?;
+    drop(effective);
     for (layer, report) in
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
     {
@@ -302,9 +308,22 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             }
         }
     }
-    let previous = last_status(ctx, policy);
-    let next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
-    report(ctx, policy, name, previous, next).await?;
+    let mut next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
+    next.debug = session.status;
+    let debug_was = previous.debug.as_ref().map(|d| (d.active, d.session.clone()));
+    let debug_is = next.debug.as_ref().map(|d| (d.active, d.session.clone()));
+    report(ctx, policy, name, previous, next.clone()).await?;
+    if debug_was != debug_is
+        && let Some(d) = &next.debug
+    {
+        let until = d.expires_at.0;
+        let (reason, note) = if d.active {
+            (reasons::DEBUG_SESSION_STARTED, format!("sampling raised until {until}"))
+        } else {
+            (reasons::DEBUG_SESSION_ENDED, format!("the session ended at {until}; the policy's own sampling is back"))
+        };
+        publish(ctx, policy, EventType::Normal, reason, note).await;
+    }
 
     let busy = [&reports.ingress, &reports.workloads, &reports.network].into_iter().flatten().any(|r| {
         // Targets whose owner holds or moves them are watched too: their status alone wakes nothing.
@@ -313,11 +332,17 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             || r.unhealthy > 0
             || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
     });
-    Ok(Action::requeue(match () {
+    let next_look = match () {
         _ if !finished => Duration::ZERO,
         _ if busy => ctx.settings.poll,
         _ => ctx.settings.resync,
-    }))
+    };
+    // A running debug session is looked at again when it ends (a second late rather than early).
+    let until_end = session.ends_at.map(|end| {
+        let left = end.duration_since(Timestamp::now()).as_secs().max(0);
+        Duration::from_secs(u64::try_from(left).unwrap_or(0) + 1)
+    });
+    Ok(Action::requeue(until_end.map_or(next_look, |end| end.min(next_look))))
 }
 
 /// The status this policy has now: the one last written, unless the cached object already shows a

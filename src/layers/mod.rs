@@ -1,6 +1,7 @@
 //! One module per layer. Each selects its targets, plans (purely) what must change on them, and judges
 //! their health; the controller runs the plan and turns the layer's [`LayerReport`] into status.
 
+pub mod debug;
 pub mod health;
 pub mod ingress;
 pub mod network;
