@@ -13,6 +13,7 @@ pub mod api;
 pub mod clients;
 pub mod controller;
 pub mod crashpoint;
+pub mod flows;
 pub mod http;
 pub mod layers;
 pub mod leader;

@@ -32,6 +32,8 @@ enum Role {
     Controller(ControllerArgs),
     /// Run the node agent: Open vSwitch flow export for this node's NodeTracing.
     Agent(crosstrace::agent::AgentArgs),
+    /// Receive the network layer's sFlow and turn samples carrying a `traceparent` into spans of their traces.
+    Flows(crosstrace::flows::FlowsArgs),
     /// Print every CRD as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing (repeatable).
@@ -203,6 +205,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-agent")?;
             let client = clients::agent().await.context("connecting to the Kubernetes API")?;
             crosstrace::agent::run_with_client(client, args, shutdown_signal()).await
+        }
+        Role::Flows(args) => {
+            let _telemetry = telemetry::init(cli.log_format, "crosstrace-flows")?;
+            let client = clients::agent().await.context("connecting to the Kubernetes API")?;
+            crosstrace::flows::run(client, args, shutdown_signal()).await
         }
         Role::Controller(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-controller")?;
