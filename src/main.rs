@@ -80,6 +80,10 @@ struct ControllerArgs {
     /// policies beyond them are reported and nothing of them is written.
     #[arg(long, env = "CROSSTRACE_ADMIN_LIMITS")]
     admin_limits: Option<std::path::PathBuf>,
+    /// The `crosstrace flows` receiver (`IP:port`, e.g. the chart's Service `crosstrace-flows`): policies
+    /// with `spec.network.correlate` add it to their sFlow targets.
+    #[arg(long, env = "CROSSTRACE_FLOWS_RECEIVER")]
+    flows_receiver: Option<SocketAddr>,
 }
 
 async fn shutdown_signal() {
@@ -130,6 +134,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         write_concurrency: usize::from(args.write_concurrency),
         write_budget: Duration::from_millis(args.write_budget_ms),
         admin_limits: args.admin_limits,
+        flows_receiver: args.flows_receiver,
         ..Settings::default()
     };
     settings.workloads.sidecar_image = args.sidecar_image;

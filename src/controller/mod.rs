@@ -59,6 +59,9 @@ pub struct Settings {
     /// Where the chart mounts its admin limits (`--admin-limits`): read on every reconcile, so that a
     /// changed limit applies without a restart. `None`: no limits beyond the built-in ones.
     pub admin_limits: Option<std::path::PathBuf>,
+    /// The `crosstrace flows` receiver that policies with `spec.network.correlate` export sFlow to
+    /// (`--flows-receiver`); `None`: none is deployed.
+    pub flows_receiver: Option<std::net::SocketAddr>,
 }
 
 /// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
@@ -86,6 +89,7 @@ impl Default for Settings {
             write_concurrency: DEFAULT_WRITE_CONCURRENCY,
             write_budget: DEFAULT_WRITE_BUDGET,
             admin_limits: None,
+            flows_receiver: None,
         }
     }
 }

@@ -230,7 +230,11 @@ async fn run_layers(
     }
 
     let observed = network::observe(&ctx.client, view).await?;
-    let network_plan = network::plan(view, &observed, Timestamp::now());
+    let correlation = network::Correlation {
+        receiver: ctx.settings.flows_receiver.map(|r| r.to_string()),
+        max_header_bytes: limits.map(|l| l.max_header_bytes),
+    };
+    let network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
     if !written.complete() {
         // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).
         info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
