@@ -80,10 +80,11 @@ struct ControllerArgs {
     /// policies beyond them are reported and nothing of them is written.
     #[arg(long, env = "CROSSTRACE_ADMIN_LIMITS")]
     admin_limits: Option<std::path::PathBuf>,
-    /// The `crosstrace flows` receiver (`IP:port`, e.g. the chart's Service `crosstrace-flows`): policies
-    /// with `spec.network.correlate` add it to their sFlow targets.
-    #[arg(long, env = "CROSSTRACE_FLOWS_RECEIVER")]
-    flows_receiver: Option<SocketAddr>,
+    /// The `crosstrace flows` receiver, `IP:port` or `name:port` (resolved when a policy with
+    /// `spec.network.correlate` is reconciled, e.g. the chart's Service
+    /// `crosstrace-flows.crosstrace-system.svc:6343`): such policies add its address to their sFlow targets.
+    #[arg(long, env = "CROSSTRACE_FLOWS_RECEIVER", value_parser = controller::parse_flows_receiver)]
+    flows_receiver: Option<String>,
 }
 
 async fn shutdown_signal() {

@@ -230,10 +230,17 @@ async fn run_layers(
     }
 
     let observed = network::observe(&ctx.client, view).await?;
-    let correlation = network::Correlation {
-        receiver: ctx.settings.flows_receiver.map(|r| r.to_string()),
-        max_header_bytes: limits.map(|l| l.max_header_bytes),
-    };
+    let mut correlation =
+        network::Correlation { max_header_bytes: limits.map(|l| l.max_header_bytes), ..Default::default() };
+    if let Some(receiver) = &ctx.settings.flows_receiver
+        && policy.spec.network.as_ref().is_some_and(|n| n.correlate)
+        && !deleting
+    {
+        match super::resolve_flows_receiver(receiver).await {
+            Ok(address) => correlation.receiver = Some(address.to_string()),
+            Err(e) => correlation.unresolved = Some(format!("{receiver}: {e}")),
+        }
+    }
     let network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
     if !written.complete() {
         // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).

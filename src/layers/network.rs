@@ -42,6 +42,8 @@ pub struct Correlation {
     pub receiver: Option<String>,
     /// The admin limit maxHeaderBytes, when limits are configured.
     pub max_header_bytes: Option<u32>,
+    /// Why the configured receiver has no address now (it could not be resolved).
+    pub unresolved: Option<String>,
 }
 
 impl Correlation {
@@ -151,7 +153,12 @@ fn correlation_warnings(network: &NetworkSpec, observed: &[Observed], c: &Correl
         return Vec::new();
     };
     let mut warnings = Vec::new();
-    if c.receiver.is_none() {
+    if let Some(why) = c.receiver.is_none().then_some(c.unresolved.as_ref()).flatten() {
+        warnings.push(format!(
+            "spec.network.correlate: the flows receiver {why} has no address now, so samples go only to the \
+             listed targets"
+        ));
+    } else if c.receiver.is_none() {
         warnings.push(
             "spec.network.correlate: the controller has no flows receiver (--flows-receiver, the chart's \
              flows.enabled), so samples go only to the listed targets"
@@ -552,7 +559,7 @@ mod tests {
     fn correlate_adds_the_receiver_the_header_bytes_and_each_nodes_address() {
         let s = correlating(128);
         let view = PolicyView::new("fabric", &s);
-        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(512) };
+        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(512), unresolved: None };
         let plan = plan(view, &[addressed("n0", Some("10.0.0.10")), addressed("n1", Some("fd00::11"))], at(0), &c);
         let [first, second] = &plan.actions[..] else { panic!("{:?}", plan.actions) };
         let sflow = sflow_of(first);
@@ -572,7 +579,7 @@ mod tests {
     fn a_lower_header_limit_is_used_and_said() {
         let s = correlating(128);
         let view = PolicyView::new("fabric", &s);
-        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(256) };
+        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(256), unresolved: None };
         let plan = plan(view, &[addressed("n0", Some("10.0.0.10"))], at(0), &c);
         assert_eq!(sflow_of(&plan.actions[0]).header, 256);
         let [warning] = &plan.report.warnings[..] else { panic!("{:?}", plan.report.warnings) };
@@ -591,7 +598,7 @@ mod tests {
     fn no_receiver_or_no_address_is_reported_and_the_rest_rolls_out() {
         let s = correlating(128);
         let view = PolicyView::new("fabric", &s);
-        let c = Correlation { receiver: None, max_header_bytes: None };
+        let c = Correlation { receiver: None, max_header_bytes: None, unresolved: None };
         let plan = plan(view, &[addressed("n0", None), addressed("n1", Some("10.0.0.11"))], at(0), &c);
         assert_eq!(plan.actions.len(), 2);
         let sflow = sflow_of(&plan.actions[0]);
@@ -599,6 +606,13 @@ mod tests {
         let warnings = plan.report.warnings.join("\n");
         assert!(warnings.contains("no flows receiver"), "{warnings}");
         assert!(warnings.contains("node n0 has no InternalIP"), "{warnings}");
+        let c = Correlation { unresolved: Some("crosstrace-flows.x.svc:6343: no address".into()), ..c };
+        let plan = super::plan(view, &[addressed("n1", Some("10.0.0.11"))], at(0), &c);
+        assert!(
+            plan.report.warnings[0].contains("crosstrace-flows.x.svc:6343: no address"),
+            "{:?}",
+            plan.report.warnings
+        );
     }
 
     #[test]
@@ -606,7 +620,7 @@ mod tests {
         let mut s = correlating(512);
         s.network.as_mut().unwrap().sflow.as_mut().unwrap().targets.push("10.96.0.20:6343".into());
         let view = PolicyView::new("fabric", &s);
-        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(512) };
+        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(512), unresolved: None };
         let want = desired(view, s.network.as_ref().unwrap(), Some("10.0.0.10"), &c);
         assert_eq!(want.sflow.as_ref().unwrap().targets.len(), 2);
         let converged = BridgeExport { requested_at: Some(Time(at(0))), converged: true, ..want };
