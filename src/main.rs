@@ -1,4 +1,5 @@
-//! `crosstrace`: one binary, three roles. Everything but argument parsing lives in the library.
+//! `crosstrace`: one binary, every role (controller, node agent, flows receiver). Everything but argument
+//! parsing lives in the library.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
