@@ -136,7 +136,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         write_concurrency: usize::from(args.write_concurrency),
         write_budget: Duration::from_millis(args.write_budget_ms),
         admin_limits: args.admin_limits,
-        flows_receiver: args.flows_receiver,
+        flows_receiver: args.flows_receiver.map(controller::FlowsReceiver::new),
         ..Settings::default()
     };
     settings.workloads.sidecar_image = args.sidecar_image;

@@ -350,6 +350,41 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
     assert!(metrics.contains(&format!("crosstrace_flows_samples_total{{node=\"{node}\"}}")), "{metrics}");
     assert!(metrics.contains(&format!("crosstrace_flows_bytes_total{{node=\"{node}\"}}")), "{metrics}");
 
+    // Hostile datagrams are counted and dropped; the receiver goes on.
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut unknown_agent = vec![0, 0, 0, 5, 0, 0, 0, 1, 192, 0, 2, 1];
+    unknown_agent.extend_from_slice(&[0; 16]);
+    let mut overlong = vec![0, 0, 0, 5, 0, 0, 0, 1, 127, 0, 1, 1];
+    overlong.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]);
+    for datagram in [&b"garbage"[..], &[0, 0, 0, 5], &unknown_agent, &overlong] {
+        sender.send_to(datagram, &receiver).unwrap();
+    }
+    let metrics = eventually_with("the hostile datagrams to be counted", logs, || async {
+        let metrics = flows.metrics().await;
+        let counted = ["unsupported_version", "truncated", "unknown_agent", "malformed"]
+            .iter()
+            .all(|r| metrics.contains(&format!("crosstrace_flows_dropped_total{{reason=\"{r}\"}}")));
+        counted.then_some(metrics)
+    })
+    .await;
+    assert_eq!(sum_samples(&metrics, "crosstrace_flows_spans_total"), spans_before, "{metrics}");
+
+    // The chart's crosstrace-flows ServiceAccount may list and watch NodeTracings, and nothing else.
+    let account = "system:serviceaccount:crosstrace-system:crosstrace-flows";
+    for (verb, resource, allowed) in [
+        ("list", "nodetracings.crosstrace.dev", true),
+        ("watch", "nodetracings.crosstrace.dev", true),
+        ("patch", "nodetracings.crosstrace.dev", false),
+        ("patch", "nodetracings.crosstrace.dev/status", false),
+        ("list", "tracingpolicies.crosstrace.dev", false),
+        ("list", "nodes", false),
+        ("get", "secrets", false),
+        ("list", "configmaps", false),
+    ] {
+        let (_, out, _) = kubectl(&["auth", "can-i", verb, resource, "--as", account, "-A"]);
+        assert_eq!(out.trim() == "yes", allowed, "{account} {verb} {resource}: {out}");
+    }
+
     cleanup.delete().await;
     drop(agent);
     drop(controller);

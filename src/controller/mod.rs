@@ -60,8 +60,33 @@ pub struct Settings {
     /// changed limit applies without a restart. `None`: no limits beyond the built-in ones.
     pub admin_limits: Option<std::path::PathBuf>,
     /// The `crosstrace flows` receiver that policies with `spec.network.correlate` export sFlow to
-    /// (`--flows-receiver`, `host:port`); `None`: none is deployed.
-    pub flows_receiver: Option<String>,
+    /// (`--flows-receiver`); `None`: none is deployed.
+    pub flows_receiver: Option<FlowsReceiver>,
+}
+
+/// The `crosstrace flows` receiver (`--flows-receiver`, `host:port`) and the address it last resolved to.
+#[derive(Clone, Debug)]
+pub struct FlowsReceiver {
+    pub name: String,
+    last: Arc<Mutex<Option<std::net::SocketAddr>>>,
+}
+
+impl FlowsReceiver {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), last: Arc::default() }
+    }
+
+    /// The address to export to: resolved now, or, when that fails, the address it resolved to last
+    /// (a DNS hiccup must not take the receiver out of every correlating export, and put it back).
+    pub async fn address(&self) -> Result<std::net::SocketAddr, String> {
+        match resolve_flows_receiver(&self.name).await {
+            Ok(address) => {
+                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(address);
+                Ok(address)
+            }
+            Err(e) => (*self.last.lock().unwrap_or_else(|e| e.into_inner())).ok_or(e),
+        }
+    }
 }
 
 /// Checks a `--flows-receiver`: `host:port`, the host an IP address (IPv6 in brackets) or a DNS name.
@@ -345,5 +370,14 @@ mod tests {
         assert_eq!(resolve_flows_receiver("10.96.0.20:6343").await.unwrap().to_string(), "10.96.0.20:6343");
         assert_eq!(resolve_flows_receiver("localhost:6343").await.unwrap().port(), 6343);
         assert!(resolve_flows_receiver("does-not-exist.invalid:6343").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_stops_resolving_keeps_its_last_address() {
+        let receiver = FlowsReceiver::new("does-not-exist.invalid:6343");
+        assert!(receiver.address().await.is_err());
+        let known: std::net::SocketAddr = "10.96.0.20:6343".parse().unwrap();
+        *receiver.last.lock().unwrap() = Some(known);
+        assert_eq!(receiver.address().await, Ok(known));
     }
 }

@@ -236,9 +236,9 @@ async fn run_layers(
         && policy.spec.network.as_ref().is_some_and(|n| n.correlate)
         && !deleting
     {
-        match super::resolve_flows_receiver(receiver).await {
+        match receiver.address().await {
             Ok(address) => correlation.receiver = Some(address.to_string()),
-            Err(e) => correlation.unresolved = Some(format!("{receiver}: {e}")),
+            Err(e) => correlation.unresolved = Some(format!("{}: {e}", receiver.name)),
         }
     }
     let network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
