@@ -393,6 +393,67 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
     drop(collector);
 }
 
+#[tokio::test]
+async fn a_lower_header_limit_is_used_and_the_policy_says_what_is_missed() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let node = node_name(0);
+    ensure_br_int(0);
+    // Admin limits as the chart mounts them (one file per key), with maxHeaderBytes 256.
+    let limits = std::env::temp_dir().join(format!("crosstrace-e2e-flows-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&limits).unwrap();
+    for (key, value) in [
+        ("sidecarImages", "otel/opentelemetry-collector-k8s"),
+        ("ingressImages", "registry.k8s.io/ingress-nginx/controller"),
+        ("protectedNamespaces", ""),
+        ("collectorNetworks", "127.0.0.0/8"),
+        ("minSampling", "64"),
+        ("maxHeaderBytes", "256"),
+    ] {
+        std::fs::write(limits.join(key), value).unwrap();
+    }
+    let receiver = format!("127.0.0.1:{}", free_udp_port());
+    let controller = ControllerProcess::start_with_args(
+        free_port(),
+        &controller_kubeconfig(),
+        &[],
+        &["--flows-receiver", &receiver, "--admin-limits", limits.to_str().unwrap()],
+    );
+    let agent = AgentProcess::start(0);
+    let own = Collector::bind().await;
+    let name = format!("flows-limit-{}", std::process::id());
+    let policy = tracing_policy(
+        &name,
+        json!({"network": {
+            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
+            "sflow": {"targets": [own.target()], "sampling": 64, "polling": 0},
+            "correlate": true,
+        }}),
+    );
+    apply_policy(&client, &policy).await;
+    let cleanup = PolicyCleanup { client: client.clone(), name: name.clone() };
+    let logs =
+        || format!("--- controller ---\n{}\n--- agent ---\n{}", tail(&controller.log(), 40), tail(&agent.log(), 20));
+    let message = eventually_with("NetworkReady=True naming the header limit", logs, || async {
+        let p = Api::<crosstrace::api::TracingPolicy>::all(client.clone()).get(&name).await.ok()?;
+        let c = condition(&p, "NetworkReady")?;
+        (c.status == "True" && c.observed_generation == p.metadata.generation).then(|| c.message.clone())
+    })
+    .await;
+    assert!(message.contains("traceparent beyond byte 256") && message.contains("maxHeaderBytes"), "{message}");
+    let tracing = Api::<NodeTracing>::all(client.clone()).get(&node).await.expect("node 0's NodeTracing");
+    let sflow = tracing.spec.bridges.iter().find(|b| b.policy == name).and_then(|b| b.sflow.clone()).unwrap();
+    assert_eq!((sflow.header, sflow.targets.last()), (256, Some(&receiver)), "{sflow:?}");
+    let column = bridge_exporter(0, "br-int", "sflow").unwrap();
+    assert_eq!(ovs_vsctl(0, &["get", "sflow", &column, "header"]), "256");
+
+    cleanup.delete().await;
+    drop(agent);
+    drop(controller);
+    let _ = std::fs::remove_dir_all(&limits);
+}
+
 /// Deletes the policy (and waits for its revert) even when the test fails.
 struct PolicyCleanup {
     client: kube::Client,

@@ -96,8 +96,8 @@ pub struct FlowSample<'a> {
 /// An interface of a flow sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Port {
-    /// An ifIndex. OVS gives a port without a kernel ifindex (a dummy or internal port)
-    /// `(sub_agent_id << 16) + its datapath port number`.
+    /// An ifIndex; 0 when the agent does not know it (Open vSwitch reports 0 for ports without a kernel
+    /// ifindex, such as dummy ports).
     Index(u32),
     /// Not known (0x3fffffff).
     Unknown,
@@ -126,10 +126,10 @@ impl Port {
         }
     }
 
-    /// The ifIndex, when the sample names one interface.
+    /// The ifIndex, when the sample names one known interface.
     pub fn index(self) -> Option<u32> {
         match self {
-            Self::Index(i) => Some(i),
+            Self::Index(i) if i != 0 => Some(i),
             _ => None,
         }
     }
@@ -348,6 +348,7 @@ mod tests {
         assert_eq!(Port::compact((2 << 30) | 2), Port::Multiple(2));
         assert_eq!(Port::compact((2 << 30) | 0x3fff_ffff), Port::Multiple(0));
         assert_eq!(Port::compact(5).index(), Some(5));
+        assert_eq!(Port::compact(0).index(), None, "0: not known");
     }
 
     #[test]
