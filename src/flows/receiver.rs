@@ -203,7 +203,8 @@ pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output =
     let tracer = provider.tracer("crosstrace-flows");
     let mut server = tokio::spawn(crate::http::serve(listener, admin));
     let mut events = lenient::watch::<NodeTracing>(client, watcher::Config::default()).default_backoff().boxed();
-    tracing::info!(listen = %args.listen, collector = %args.collector, "flows receiver started");
+    let listen = socket.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+    tracing::info!(%listen, collector = %args.collector, "flows receiver started");
 
     let mut known = Known::default();
     let mut buffer = vec![0u8; 65_536];
