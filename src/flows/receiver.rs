@@ -46,8 +46,8 @@ pub struct FlowsArgs {
     /// Address of /healthz, /readyz (the socket is bound and the NodeTracings are listed) and /metrics.
     #[arg(long, default_value = "0.0.0.0:8082", env = "CROSSTRACE_FLOWS_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
-    /// The OTLP/gRPC collector the spans go to, as a policy's `spec.collector.endpoint` (`host:port`,
-    /// plaintext) or a URL (`http://host:4317`).
+    /// The OTLP/gRPC collector the spans go to, in plaintext: as a policy's `spec.collector.endpoint`
+    /// (`host:port`) or a URL (`http://host:4317`).
     #[arg(long, env = "CROSSTRACE_FLOWS_COLLECTOR")]
     pub collector: String,
     /// Milliseconds the exporter waits to fill a batch of spans.
@@ -105,15 +105,23 @@ impl FlowMetrics {
     }
 }
 
-/// The OTLP endpoint URL of a `host:port` or a URL.
-fn endpoint_url(collector: &str) -> String {
-    if collector.contains("://") { collector.to_string() } else { format!("http://{collector}") }
+/// The OTLP endpoint URL of a `host:port` or an `http://` URL. TLS is refused rather than silently
+/// not used: this build's OTLP exporter has no TLS support.
+fn endpoint_url(collector: &str) -> anyhow::Result<String> {
+    match collector.split_once("://") {
+        None => Ok(format!("http://{collector}")),
+        Some(("http", _)) => Ok(collector.to_string()),
+        Some(_) => anyhow::bail!(
+            "--collector {collector}: only plaintext OTLP/gRPC (host:port or http://) is supported; send to a \
+             collector in the cluster that forwards over TLS"
+        ),
+    }
 }
 
 fn provider(args: &FlowsArgs) -> anyhow::Result<SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint_url(&args.collector))
+        .with_endpoint(endpoint_url(&args.collector)?)
         .with_timeout(Duration::from_secs(10))
         .build()
         .with_context(|| format!("an OTLP exporter to {} (--collector)", args.collector))?;
@@ -271,9 +279,11 @@ mod tests {
 
     #[test]
     fn a_policy_endpoint_becomes_a_plaintext_url() {
-        assert_eq!(endpoint_url("otel-gateway.observability.svc:4317"), "http://otel-gateway.observability.svc:4317");
-        assert_eq!(endpoint_url("[fd00::5]:4317"), "http://[fd00::5]:4317");
-        assert_eq!(endpoint_url("https://collector:4317"), "https://collector:4317");
+        let url = |c: &str| endpoint_url(c).map_err(|e| e.to_string());
+        assert_eq!(url("otel-gateway.observability.svc:4317").unwrap(), "http://otel-gateway.observability.svc:4317");
+        assert_eq!(url("[fd00::5]:4317").unwrap(), "http://[fd00::5]:4317");
+        assert_eq!(url("http://collector:4317").unwrap(), "http://collector:4317");
+        assert!(url("https://collector:4317").unwrap_err().contains("only plaintext"));
     }
 
     #[test]
