@@ -387,6 +387,7 @@ mod tests {
             sflow,
             ipfix,
             conflict_policy: Default::default(),
+            correlate: false,
         };
         TracingPolicySpec { network: Some(network), ..Default::default() }
     }

@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetStatus, Deployment, DeploymentSpec, DeploymentStatus, StatefulSet,
     StatefulSetSpec, StatefulSetStatus,
 };
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
 use serde::de::DeserializeOwned;
@@ -141,6 +141,7 @@ parts!(Deployment, DeploymentSpec, DeploymentStatus);
 parts!(StatefulSet, StatefulSetSpec, StatefulSetStatus);
 parts!(DaemonSet, DaemonSetSpec, DaemonSetStatus);
 parts!(Pod, PodSpec, PodStatus);
+parts!(Node, NodeSpec, NodeStatus);
 
 /// A whole `K` without `managedFields`.
 #[derive(Clone, Debug, Deserialize)]

@@ -14,6 +14,7 @@ pub mod canary;
 pub mod clients;
 pub mod controller;
 pub mod crashpoint;
+pub mod flows;
 pub mod http;
 pub mod layers;
 pub mod leader;

@@ -1,4 +1,5 @@
-//! `crosstrace`: one binary, three roles. Everything but argument parsing lives in the library.
+//! `crosstrace`: one binary, every role (controller, node agent, flows receiver). Everything but argument
+//! parsing lives in the library.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ enum Role {
     Controller(ControllerArgs),
     /// Run the node agent: Open vSwitch flow export for this node's NodeTracing.
     Agent(crosstrace::agent::AgentArgs),
+    /// Receive the network layer's sFlow and turn samples carrying a `traceparent` into spans of their traces.
+    Flows(crosstrace::flows::FlowsArgs),
     /// Print every CRD as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `<crd name>.yaml` files into this directory instead of printing (repeatable).
@@ -82,6 +85,11 @@ struct ControllerArgs {
     /// condition); 0 = none.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86400))]
     canary_interval_seconds: u64,
+    /// The `crosstrace flows` receiver, `IP:port` or `name:port` (resolved when a policy with
+    /// `spec.network.correlate` is reconciled, e.g. the chart's Service
+    /// `crosstrace-flows.crosstrace-system.svc:6343`): such policies add its address to their sFlow targets.
+    #[arg(long, env = "CROSSTRACE_FLOWS_RECEIVER", value_parser = controller::parse_flows_receiver)]
+    flows_receiver: Option<String>,
 }
 
 async fn shutdown_signal() {
@@ -133,6 +141,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         write_budget: Duration::from_millis(args.write_budget_ms),
         admin_limits: args.admin_limits,
         canary_every: (args.canary_interval_seconds > 0).then(|| Duration::from_secs(args.canary_interval_seconds)),
+        flows_receiver: args.flows_receiver.map(controller::FlowsReceiver::new),
         ..Settings::default()
     };
     settings.workloads.sidecar_image = args.sidecar_image;
@@ -208,6 +217,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-agent")?;
             let client = clients::agent().await.context("connecting to the Kubernetes API")?;
             crosstrace::agent::run_with_client(client, args, shutdown_signal()).await
+        }
+        Role::Flows(args) => {
+            let _telemetry = telemetry::init(cli.log_format, "crosstrace-flows")?;
+            let client = clients::agent().await.context("connecting to the Kubernetes API")?;
+            crosstrace::flows::run(client, args, shutdown_signal()).await
         }
         Role::Controller(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-controller")?;

@@ -110,7 +110,7 @@ async fn bad_policies_are_refused_naming_the_field() {
         checked >= 30,
         "one bad sample per class (selectors, addresses, quantities, OVS names, namespaces, images, bounds...), found {checked}"
     );
-    for good in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml"] {
+    for good in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml", "flows.yaml"] {
         let (ok, _, err) = kubectl(&["apply", "--dry-run=server", "-f", &repo(&format!("config/samples/{good}"))]);
         assert!(ok, "{good} is refused: {err}");
     }

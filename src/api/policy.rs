@@ -224,7 +224,12 @@ pub struct SidecarSpec {
 /// The network layer: Open vSwitch flow export on nodes.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.sflow) || has(self.ipfix)").message("spec.network needs sflow or ipfix"))]
+#[x_kube(
+    validation = Rule::new("has(self.sflow) || has(self.ipfix)").message("spec.network needs sflow or ipfix"),
+    validation = Rule::new("!has(self.correlate) || !self.correlate || has(self.sflow)").message("spec.network.correlate needs spec.network.sflow: only sFlow carries the packet headers a traceparent is read from"),
+    validation = Rule::new("!has(self.correlate) || !self.correlate || !has(self.sflow) || !has(self.sflow.agent) || self.sflow.agent == ''").message("spec.network.sflow.agent must be empty when spec.network.correlate is true: each node's own address becomes its sFlow agent address, which is how crosstrace flows names the node"),
+    validation = Rule::new("!has(self.correlate) || !self.correlate || !has(self.sflow) || size(self.sflow.targets) <= 7").message("spec.network.sflow.targets: at most 7 when spec.network.correlate is true (the crosstrace flows receiver is added as the 8th)")
+)]
 pub struct NetworkSpec {
     /// Nodes whose OVS exports; empty = all nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,6 +249,13 @@ pub struct NetworkSpec {
     /// What to do when the bridge already exports somewhere else.
     #[serde(default)]
     pub conflict_policy: ConflictPolicy,
+    /// Put the network hop into the traces: the controller adds the `crosstrace flows` receiver (its
+    /// `--flows-receiver`) to the sFlow targets, raises the sampled header bytes to 512 (at most the
+    /// admin limit maxHeaderBytes) so that a request line and its headers fit, and sets each node's own
+    /// address as the sFlow agent address; a sampled plaintext HTTP/1.x request carrying a W3C
+    /// `traceparent` then becomes a span of that trace. Needs `sflow` with an empty `agent`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub correlate: bool,
 }
 
 fn default_bridge() -> String {

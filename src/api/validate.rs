@@ -167,6 +167,7 @@ mod tests {
                     cache_active_timeout: 60,
                 }),
                 conflict_policy: Default::default(),
+                correlate: false,
             }),
             ..Default::default()
         };

@@ -62,6 +62,65 @@ pub struct Settings {
     /// How often a canary span asks each policy's collector whether it accepts spans
     /// (`CollectorReachable`); `None`: never (the condition is left out).
     pub canary_every: Option<Duration>,
+    /// The `crosstrace flows` receiver that policies with `spec.network.correlate` export sFlow to
+    /// (`--flows-receiver`); `None`: none is deployed.
+    pub flows_receiver: Option<FlowsReceiver>,
+}
+
+/// The `crosstrace flows` receiver (`--flows-receiver`, `host:port`) and the address it last resolved to.
+#[derive(Clone, Debug)]
+pub struct FlowsReceiver {
+    pub name: String,
+    last: Arc<Mutex<Option<std::net::SocketAddr>>>,
+}
+
+impl FlowsReceiver {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), last: Arc::default() }
+    }
+
+    /// The address to export to: resolved now, or, when that fails, the address it resolved to last
+    /// (a DNS hiccup must not take the receiver out of every correlating export, and put it back).
+    pub async fn address(&self) -> Result<std::net::SocketAddr, String> {
+        match resolve_flows_receiver(&self.name).await {
+            Ok(address) => {
+                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(address);
+                Ok(address)
+            }
+            Err(e) => (*self.last.lock().unwrap_or_else(|e| e.into_inner())).ok_or(e),
+        }
+    }
+}
+
+/// Checks a `--flows-receiver`: `host:port`, the host an IP address (IPv6 in brackets) or a DNS name.
+pub fn parse_flows_receiver(value: &str) -> Result<String, String> {
+    if value.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(value.to_string());
+    }
+    let (host, port) = value.rsplit_once(':').ok_or("must be host:port")?;
+    port.parse::<u16>().ok().filter(|p| *p > 0).ok_or("the port must be 1-65535")?;
+    let name =
+        regex::Regex::new("^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").expect("a pattern");
+    if host.len() > 253 || !name.is_match(host) {
+        return Err("the host must be an IP address (IPv6 in brackets) or a lowercase DNS name".into());
+    }
+    Ok(value.to_string())
+}
+
+/// The address sFlow can be sent to (Open vSwitch takes addresses, never names): `--flows-receiver` as
+/// it is when it is one, else resolved now (a Service's ClusterIP changes only with the Service).
+pub async fn resolve_flows_receiver(receiver: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(address) = receiver.parse() {
+        return Ok(address);
+    }
+    let lookup = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(receiver)).await;
+    let mut addresses = match lookup {
+        Ok(Ok(addresses)) => addresses.collect::<Vec<_>>(),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no answer within 2 s".into()),
+    };
+    addresses.sort_by_key(|a| !a.is_ipv4());
+    addresses.into_iter().next().ok_or_else(|| "no address".into())
 }
 
 /// How long a canary waits for the collector's answer.
@@ -93,6 +152,7 @@ impl Default for Settings {
             write_budget: DEFAULT_WRITE_BUDGET,
             admin_limits: None,
             canary_every: None,
+            flows_receiver: None,
         }
     }
 }
@@ -297,5 +357,37 @@ pub async fn run(
     tokio::select! {
         () = reconciling => {}
         () = reporter.run() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flows_receiver_is_an_address_or_a_name_with_a_port() {
+        for good in ["10.96.0.20:6343", "[fd00::20]:6343", "crosstrace-flows.crosstrace-system.svc:6343", "localhost:1"]
+        {
+            assert_eq!(parse_flows_receiver(good).as_deref(), Ok(good));
+        }
+        for bad in ["10.96.0.20", "flows:0", "flows:70000", "Flows.svc:6343", "a b:1", ":6343", "fd00::20:6343x"] {
+            assert!(parse_flows_receiver(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_receiver_address_is_used_as_it_is_and_a_name_is_resolved() {
+        assert_eq!(resolve_flows_receiver("10.96.0.20:6343").await.unwrap().to_string(), "10.96.0.20:6343");
+        assert_eq!(resolve_flows_receiver("localhost:6343").await.unwrap().port(), 6343);
+        assert!(resolve_flows_receiver("does-not-exist.invalid:6343").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_stops_resolving_keeps_its_last_address() {
+        let receiver = FlowsReceiver::new("does-not-exist.invalid:6343");
+        assert!(receiver.address().await.is_err());
+        let known: std::net::SocketAddr = "10.96.0.20:6343".parse().unwrap();
+        *receiver.last.lock().unwrap() = Some(known);
+        assert_eq!(receiver.address().await, Ok(known));
     }
 }

@@ -230,7 +230,18 @@ async fn run_layers(
     }
 
     let observed = network::observe(&ctx.client, view).await?;
-    let network_plan = network::plan(view, &observed, Timestamp::now());
+    let mut correlation =
+        network::Correlation { max_header_bytes: limits.map(|l| l.max_header_bytes), ..Default::default() };
+    if let Some(receiver) = &ctx.settings.flows_receiver
+        && policy.spec.network.as_ref().is_some_and(|n| n.correlate)
+        && !deleting
+    {
+        match receiver.address().await {
+            Ok(address) => correlation.receiver = Some(address.to_string()),
+            Err(e) => correlation.unresolved = Some(format!("{}: {e}", receiver.name)),
+        }
+    }
+    let network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
     if !written.complete() {
         // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).
         info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");

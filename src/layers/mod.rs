@@ -384,6 +384,7 @@ pub fn validate(spec: &TracingPolicySpec) -> Result<(), String> {
     }
     if let Some(n) = &spec.network {
         n.node_selector.as_ref().map_or(Ok(()), |s| check("spec.network.nodeSelector", s))?;
+        network::check_correlate(n)?;
     }
     Ok(())
 }

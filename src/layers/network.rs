@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ApiResource, DynamicObject, ListParams};
@@ -14,7 +14,7 @@ use super::rollout::{self, Health, Step, Written};
 use super::{LayerReport, PolicyView, Progress, TargetPlan, reasons, schedule, selector};
 use crate::api::node_tracing::{BridgeExport, BridgeStatus};
 use crate::api::{NetworkSpec, NodeTracing};
-use crate::lean::Meta;
+use crate::lean::{Lean, Meta};
 
 /// Annotation on a NodeTracing: `{policy: generation}` of exports rolled back there (not retried).
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/network-rolled-back";
@@ -26,6 +26,62 @@ pub struct Observed {
     /// Matches the policy's `spec.network.nodeSelector` now.
     pub selected: bool,
     pub tracing: Option<NodeTracing>,
+    /// The node's address (first InternalIP, else ExternalIP); read only for `spec.network.correlate`.
+    pub address: Option<String>,
+}
+
+/// Sampled header bytes `spec.network.correlate` asks for: a request line and the headers up to a
+/// `traceparent` in most requests (the API's most).
+pub const CORRELATE_HEADER_BYTES: u32 = 512;
+
+/// What `spec.network.correlate` takes from the controller's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Correlation {
+    /// The `crosstrace flows` receiver, `IPv4:port` or `[IPv6]:port` (`--flows-receiver`); `None` when
+    /// none is deployed.
+    pub receiver: Option<String>,
+    /// The admin limit maxHeaderBytes, when limits are configured.
+    pub max_header_bytes: Option<u32>,
+    /// Why the configured receiver has no address now (it could not be resolved).
+    pub unresolved: Option<String>,
+}
+
+impl Correlation {
+    /// The sampled header bytes of a correlating export: 512, or less when the admin allows less,
+    /// never less than the policy asked for (which the admin limits allow, or nothing is written).
+    fn header(&self, asked: u32) -> u32 {
+        let allowed = self.max_header_bytes.map_or(CORRELATE_HEADER_BYTES, |max| max.min(CORRELATE_HEADER_BYTES));
+        asked.max(allowed)
+    }
+}
+
+/// The rules of `spec.network.correlate` the API server checks, again, for a policy stored while the CRD
+/// was looser.
+pub fn check_correlate(network: &NetworkSpec) -> Result<(), String> {
+    if !network.correlate {
+        return Ok(());
+    }
+    let Some(sflow) = &network.sflow else {
+        return Err("spec.network.correlate needs spec.network.sflow".into());
+    };
+    if !sflow.agent.is_empty() {
+        return Err("spec.network.sflow.agent must be empty when spec.network.correlate is true".into());
+    }
+    if sflow.targets.len() > 7 {
+        return Err("spec.network.sflow.targets: at most 7 when spec.network.correlate is true".into());
+    }
+    Ok(())
+}
+
+/// A node's address for its sFlow agent: the first InternalIP, else the first ExternalIP, that is an IP.
+pub fn node_address(addresses: &[NodeAddress]) -> Option<String> {
+    ["InternalIP", "ExternalIP"].iter().find_map(|type_| {
+        addresses
+            .iter()
+            .filter(|a| a.type_ == *type_)
+            .find_map(|a| a.address.parse::<std::net::IpAddr>().ok())
+            .map(|ip| ip.to_string())
+    })
 }
 
 /// One change of the network layer.
@@ -61,12 +117,24 @@ fn put(t: Option<&NodeTracing>, node: &str, bridges: Vec<BridgeExport>, rolled_b
 }
 
 /// The export a policy wants on a node (without the request time, which is set when it is written).
-fn desired(policy: PolicyView<'_>, network: &NetworkSpec) -> BridgeExport {
+/// With `correlate`, the sFlow export also goes to the flows receiver, with the header bytes a request
+/// needs and the node's own address as its agent address.
+fn desired(policy: PolicyView<'_>, network: &NetworkSpec, address: Option<&str>, c: &Correlation) -> BridgeExport {
+    let mut sflow = network.sflow.clone();
+    if let Some(s) = sflow.as_mut().filter(|_| network.correlate) {
+        if let Some(receiver) = &c.receiver
+            && !s.targets.contains(receiver)
+        {
+            s.targets.push(receiver.clone());
+        }
+        s.header = c.header(s.header);
+        s.agent = address.unwrap_or_default().to_string();
+    }
     BridgeExport {
         bridge: network.bridge.clone(),
         policy: policy.name.to_string(),
         policy_generation: policy.generation,
-        sflow: network.sflow.clone(),
+        sflow,
         ipfix: network.ipfix.clone(),
         conflict_policy: network.conflict_policy,
         requested_at: None,
@@ -79,10 +147,54 @@ fn same_export(a: &BridgeExport, b: &BridgeExport) -> bool {
     bare(a) == bare(b)
 }
 
-/// Plans the network layer: pure, from the policy, the observed nodes and the time.
-pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now: Timestamp) -> Plan {
+/// What a correlating policy's Ready condition should say about the correlation it gets.
+fn correlation_warnings(network: &NetworkSpec, observed: &[Observed], c: &Correlation) -> Vec<String> {
+    let Some(sflow) = network.sflow.as_ref().filter(|_| network.correlate) else {
+        return Vec::new();
+    };
+    let mut warnings = Vec::new();
+    if let Some(why) = c.receiver.is_none().then_some(c.unresolved.as_ref()).flatten() {
+        warnings.push(format!(
+            "spec.network.correlate: the flows receiver {why} has no address now, so samples go only to the \
+             listed targets"
+        ));
+    } else if c.receiver.is_none() {
+        warnings.push(
+            "spec.network.correlate: the controller has no flows receiver (--flows-receiver, the chart's \
+             flows.enabled), so samples go only to the listed targets"
+                .to_string(),
+        );
+    }
+    let header = c.header(sflow.header);
+    if header < CORRELATE_HEADER_BYTES {
+        warnings.push(format!(
+            "spec.network.correlate: sampled headers are {header} bytes (admin limit maxHeaderBytes), so a \
+             traceparent beyond byte {header} of a packet is missed"
+        ));
+    }
+    let mut unaddressed: Vec<&str> =
+        observed.iter().filter(|o| o.selected && o.address.is_none()).map(|o| o.node.as_str()).collect();
+    if !unaddressed.is_empty() {
+        let more = unaddressed.len().saturating_sub(3);
+        unaddressed.truncate(3);
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        warnings.push(format!(
+            "spec.network.correlate: node {}{more} has no InternalIP or ExternalIP, so its samples cannot be \
+             attributed to it",
+            unaddressed.join(", ")
+        ));
+    }
+    warnings
+}
+
+/// Plans the network layer: pure, from the policy, the observed nodes, the time and what correlation
+/// the controller offers.
+pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now: Timestamp, correlation: &Correlation) -> Plan {
     let network = policy.spec.network.as_ref().filter(|_| !policy.deleting);
     let mut plan = Plan::default();
+    if let Some(network) = network {
+        plan.report.warnings = correlation_warnings(network, observed, correlation);
+    }
     let mut targets: Vec<&Observed> = observed.iter().collect();
     targets.sort_by(|a, b| a.node.cmp(&b.node));
     let mut per_node = Vec::new();
@@ -95,7 +207,8 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now: Timestamp) -> Pl
         match network {
             Some(network) if t.selected => {
                 plan.report.selected += 1;
-                per_node.push(forward(policy, network, t, mine, others, rolled_back, now));
+                let want = desired(policy, network, t.address.as_deref(), correlation);
+                per_node.push(forward(policy, want, t, mine, others, rolled_back, now));
             }
             _ => {
                 if !mine.is_empty() || rolled_back.remove(policy.name).is_some() {
@@ -111,7 +224,7 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now: Timestamp) -> Pl
 
 fn forward(
     policy: PolicyView<'_>,
-    network: &NetworkSpec,
+    want: BridgeExport,
     t: &Observed,
     mine: Vec<BridgeExport>,
     others: Vec<BridgeExport>,
@@ -120,7 +233,6 @@ fn forward(
 ) -> TargetPlan<Action> {
     let node = &t.node;
     let tracing = t.tracing.as_ref();
-    let want = desired(policy, network);
     let deadline = SignedDuration::from_secs(i64::from(policy.spec.rollout.progress_deadline_seconds));
     if let Some(holder) = others.iter().find(|b| b.bridge == want.bridge && policy.older.contains(&b.policy)) {
         return TargetPlan::problem(
@@ -203,9 +315,19 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
                 .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.network.nodeSelector"))?),
             None => ListParams::default(),
         };
-        for node in Api::<Meta<Node>>::all(client.clone()).list(&params).await? {
-            let name = node.name_any();
-            found.insert(name.clone(), Observed { node: name, selected: true, tracing: None });
+        if network.correlate {
+            // The nodes' addresses too (the whole Node, briefly; only correlating policies read it).
+            for node in Api::<Lean<Node>>::all(client.clone()).list(&params).await? {
+                let name = node.name_any();
+                let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+                let address = node_address(addresses);
+                found.insert(name.clone(), Observed { node: name, selected: true, tracing: None, address });
+            }
+        } else {
+            for node in Api::<Meta<Node>>::all(client.clone()).list(&params).await? {
+                let name = node.name_any();
+                found.insert(name.clone(), Observed { node: name, selected: true, tracing: None, address: None });
+            }
         }
     }
     // Read one by one: a NodeTracing that cannot be read (written while the CRD was looser) is reported on
@@ -221,7 +343,7 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
         if let Some(o) = found.get_mut(&name) {
             o.tracing = Some(tracing);
         } else if concerns {
-            found.insert(name.clone(), Observed { node: name, selected: false, tracing: Some(tracing) });
+            found.insert(name.clone(), Observed { node: name, selected: false, tracing: Some(tracing), address: None });
         }
     }
     Ok(found.into_values().collect())
@@ -232,6 +354,7 @@ mod tests {
     use super::*;
     use crate::api::node_tracing::{NodeTracingSpec, NodeTracingStatus};
     use crate::api::{RolloutSpec, SflowSpec, TracingPolicySpec};
+    use k8s_openapi::api::core::v1::NodeAddress;
     use std::collections::BTreeSet;
 
     fn at(s: i64) -> Timestamp {
@@ -252,6 +375,7 @@ mod tests {
                 }),
                 ipfix: None,
                 conflict_policy: Default::default(),
+                correlate: false,
             }),
             rollout: RolloutSpec { max_concurrent: 2, progress_deadline_seconds: 30, ..Default::default() },
             ..Default::default()
@@ -259,7 +383,7 @@ mod tests {
     }
 
     fn node(name: &str, tracing: Option<NodeTracing>) -> Observed {
-        Observed { node: name.into(), selected: true, tracing }
+        Observed { node: name.into(), selected: true, tracing, address: None }
     }
 
     fn tracing_with(node: &str, bridges: Vec<BridgeExport>, status: Vec<BridgeStatus>) -> NodeTracing {
@@ -280,7 +404,7 @@ mod tests {
         let s = spec();
         let older = BTreeSet::new();
         let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
-        let plan = plan(view, &[node("n0", None), node("n1", None), node("n2", None)], at(0));
+        let plan = plan(view, &[node("n0", None), node("n1", None), node("n2", None)], at(0), &Correlation::default());
         assert_eq!(plan.actions.len(), 2);
         assert_eq!((plan.report.in_flight, plan.report.pending), (2, 1));
         let bridges = applied_from(&plan.actions[0]);
@@ -293,7 +417,10 @@ mod tests {
         let s = spec();
         let older = BTreeSet::new();
         let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
-        let entry = BridgeExport { requested_at: Some(Time(at(0))), ..desired(view, s.network.as_ref().unwrap()) };
+        let entry = BridgeExport {
+            requested_at: Some(Time(at(0))),
+            ..desired(view, s.network.as_ref().unwrap(), None, &Correlation::default())
+        };
         let ok_status = || BridgeStatus {
             bridge: "br-int".into(),
             policy: "fabric".into(),
@@ -303,25 +430,50 @@ mod tests {
             ..Default::default()
         };
         let ok = ok_status();
-        let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![ok.clone()])))], at(5));
+        let plan = plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![ok.clone()])))],
+            at(5),
+            &Correlation::default(),
+        );
         assert_eq!(plan.report.ready, 1);
         let [Action::Put { bridges, .. }] = &plan.actions[..] else { panic!("{:?}", plan.actions) };
         assert!(bridges[0].converged, "the first healthy report is recorded as converged");
         let converged = BridgeExport { converged: true, ..entry.clone() };
-        let idle = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![converged.clone()], vec![ok])))], at(6));
+        let idle = super::plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![converged.clone()], vec![ok])))],
+            at(6),
+            &Correlation::default(),
+        );
         assert!(idle.actions.is_empty(), "{:?}", idle.actions);
 
         // Converged, then the bridge goes away long after the deadline: reported, never rolled back.
         let lost = BridgeStatus { applied: false, message: "bridge br-int does not exist".into(), ..ok_status() };
-        let gone = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![converged], vec![lost])))], at(500));
+        let gone = super::plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![converged], vec![lost])))],
+            at(500),
+            &Correlation::default(),
+        );
         assert!(gone.actions.is_empty(), "{:?}", gone.actions);
         assert_eq!((gone.report.unhealthy, gone.report.rolled_back), (1, 0));
         assert!(gone.report.problems[0].message.contains("does not exist"), "{:?}", gone.report.problems);
         assert!(!gone.report.problems[0].degraded);
 
-        let waiting = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![])))], at(5));
+        let waiting = super::plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![])))],
+            at(5),
+            &Correlation::default(),
+        );
         assert_eq!(waiting.report.in_flight, 1);
-        let failed = super::plan(view, &[node("n0", Some(tracing_with("n0", vec![entry], vec![])))], at(31));
+        let failed = super::plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![entry], vec![])))],
+            at(31),
+            &Correlation::default(),
+        );
         assert_eq!(failed.report.problems[0].reason, "RolledBack");
         match &failed.actions[..] {
             [Action::Delete { .. }] | [Action::Put { .. }] => {}
@@ -338,15 +490,27 @@ mod tests {
         let s = spec();
         let older = BTreeSet::from(["first".to_string()]);
         let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("second", &s) };
-        let theirs = BridgeExport { policy: "first".into(), ..desired(view, s.network.as_ref().unwrap()) };
-        let plan = plan(view, &[node("n0", Some(tracing_with("n0", vec![theirs.clone()], vec![])))], at(0));
+        let theirs = BridgeExport {
+            policy: "first".into(),
+            ..desired(view, s.network.as_ref().unwrap(), None, &Correlation::default())
+        };
+        let plan = plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![theirs.clone()], vec![])))],
+            at(0),
+            &Correlation::default(),
+        );
         assert!(plan.actions.is_empty());
         assert_eq!(plan.report.problems[0].reason, "Conflict");
 
         // Another bridge of another policy stays when this one adds its entry.
         let other_bridge = BridgeExport { bridge: "br-ex".into(), ..theirs };
-        let plan =
-            super::plan(view, &[node("n0", Some(tracing_with("n0", vec![other_bridge.clone()], vec![])))], at(0));
+        let plan = super::plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![other_bridge.clone()], vec![])))],
+            at(0),
+            &Correlation::default(),
+        );
         let bridges = applied_from(&plan.actions[0]);
         assert_eq!(bridges.len(), 2);
         assert_eq!(bridges[0], other_bridge);
@@ -357,12 +521,145 @@ mod tests {
         let s = spec();
         let older = BTreeSet::new();
         let view = PolicyView { deleting: true, older: &older, ..PolicyView::new("fabric", &s) };
-        let mine = desired(view, s.network.as_ref().unwrap());
+        let mine = desired(view, s.network.as_ref().unwrap(), None, &Correlation::default());
         let theirs = BridgeExport { bridge: "br-ex".into(), policy: "other".into(), ..mine.clone() };
-        let plan =
-            plan(view, &[node("n0", Some(tracing_with("n0", vec![mine.clone(), theirs.clone()], vec![])))], at(0));
+        let plan = plan(
+            view,
+            &[node("n0", Some(tracing_with("n0", vec![mine.clone(), theirs.clone()], vec![])))],
+            at(0),
+            &Correlation::default(),
+        );
         assert_eq!(applied_from(&plan.actions[0]), vec![theirs]);
-        let alone = super::plan(view, &[node("n1", Some(tracing_with("n1", vec![mine], vec![])))], at(0));
+        let alone = super::plan(
+            view,
+            &[node("n1", Some(tracing_with("n1", vec![mine], vec![])))],
+            at(0),
+            &Correlation::default(),
+        );
         assert!(matches!(alone.actions[..], [Action::Delete { .. }]));
+    }
+
+    fn correlating(header: u32) -> TracingPolicySpec {
+        let mut s = spec();
+        let network = s.network.as_mut().unwrap();
+        network.correlate = true;
+        network.sflow.as_mut().unwrap().header = header;
+        s
+    }
+
+    fn addressed(name: &str, address: Option<&str>) -> Observed {
+        Observed { address: address.map(Into::into), ..node(name, None) }
+    }
+
+    fn sflow_of(action: &Action) -> SflowSpec {
+        applied_from(action)[0].sflow.clone().unwrap()
+    }
+
+    #[test]
+    fn correlate_adds_the_receiver_the_header_bytes_and_each_nodes_address() {
+        let s = correlating(128);
+        let view = PolicyView::new("fabric", &s);
+        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(512), unresolved: None };
+        let plan = plan(view, &[addressed("n0", Some("10.0.0.10")), addressed("n1", Some("fd00::11"))], at(0), &c);
+        let [first, second] = &plan.actions[..] else { panic!("{:?}", plan.actions) };
+        let sflow = sflow_of(first);
+        assert_eq!(sflow.targets, ["127.0.0.1:6343", "10.96.0.20:6343"]);
+        assert_eq!((sflow.header, sflow.agent.as_str()), (512, "10.0.0.10"));
+        assert_eq!(sflow_of(second).agent, "fd00::11");
+        assert!(plan.report.warnings.is_empty(), "{:?}", plan.report.warnings);
+
+        // Without correlate, nothing of it (and the receiver is no target).
+        let plain = spec();
+        let plan = super::plan(PolicyView::new("fabric", &plain), &[addressed("n0", Some("10.0.0.10"))], at(0), &c);
+        let sflow = sflow_of(&plan.actions[0]);
+        assert_eq!((sflow.targets.len(), sflow.header, sflow.agent.as_str()), (1, 128, ""));
+    }
+
+    #[test]
+    fn a_lower_header_limit_is_used_and_said() {
+        let s = correlating(128);
+        let view = PolicyView::new("fabric", &s);
+        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(256), unresolved: None };
+        let plan = plan(view, &[addressed("n0", Some("10.0.0.10"))], at(0), &c);
+        assert_eq!(sflow_of(&plan.actions[0]).header, 256);
+        let [warning] = &plan.report.warnings[..] else { panic!("{:?}", plan.report.warnings) };
+        assert!(warning.contains("traceparent beyond byte 256") && warning.contains("maxHeaderBytes"), "{warning}");
+
+        // Never below what the policy asked for (which the admin limits already allow).
+        let s = correlating(300);
+        let c = Correlation { max_header_bytes: Some(300), ..c };
+        let plan = super::plan(PolicyView::new("fabric", &s), &[addressed("n0", Some("10.0.0.10"))], at(0), &c);
+        assert_eq!(sflow_of(&plan.actions[0]).header, 300);
+        // No admin limits: the API's most.
+        assert_eq!(Correlation::default().header(128), CORRELATE_HEADER_BYTES);
+    }
+
+    #[test]
+    fn no_receiver_or_no_address_is_reported_and_the_rest_rolls_out() {
+        let s = correlating(128);
+        let view = PolicyView::new("fabric", &s);
+        let c = Correlation { receiver: None, max_header_bytes: None, unresolved: None };
+        let plan = plan(view, &[addressed("n0", None), addressed("n1", Some("10.0.0.11"))], at(0), &c);
+        assert_eq!(plan.actions.len(), 2);
+        let sflow = sflow_of(&plan.actions[0]);
+        assert_eq!((sflow.targets.len(), sflow.header, sflow.agent.as_str()), (1, 512, ""));
+        let warnings = plan.report.warnings.join("\n");
+        assert!(warnings.contains("no flows receiver"), "{warnings}");
+        assert!(warnings.contains("node n0 has no InternalIP"), "{warnings}");
+        let c = Correlation { unresolved: Some("crosstrace-flows.x.svc:6343: no address".into()), ..c };
+        let plan = super::plan(view, &[addressed("n1", Some("10.0.0.11"))], at(0), &c);
+        assert!(
+            plan.report.warnings[0].contains("crosstrace-flows.x.svc:6343: no address"),
+            "{:?}",
+            plan.report.warnings
+        );
+    }
+
+    #[test]
+    fn the_receiver_is_not_added_twice_and_a_converged_export_stays_idle() {
+        let mut s = correlating(512);
+        s.network.as_mut().unwrap().sflow.as_mut().unwrap().targets.push("10.96.0.20:6343".into());
+        let view = PolicyView::new("fabric", &s);
+        let c = Correlation { receiver: Some("10.96.0.20:6343".into()), max_header_bytes: Some(512), unresolved: None };
+        let want = desired(view, s.network.as_ref().unwrap(), Some("10.0.0.10"), &c);
+        assert_eq!(want.sflow.as_ref().unwrap().targets.len(), 2);
+        let converged = BridgeExport { requested_at: Some(Time(at(0))), converged: true, ..want };
+        let ok = BridgeStatus {
+            bridge: "br-int".into(),
+            policy: "fabric".into(),
+            applied_generation: 1,
+            applied: true,
+            verified: true,
+            ..Default::default()
+        };
+        let t = Observed {
+            address: Some("10.0.0.10".into()),
+            ..node("n0", Some(tracing_with("n0", vec![converged], vec![ok])))
+        };
+        let plan = super::plan(view, &[t], at(9), &c);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert_eq!(plan.report.ready, 1);
+    }
+
+    #[test]
+    fn correlate_rules_are_checked_again() {
+        let mut n = correlating(128).network.unwrap();
+        assert_eq!(check_correlate(&n), Ok(()));
+        n.sflow.as_mut().unwrap().agent = "eth0".into();
+        assert!(check_correlate(&n).unwrap_err().contains("agent"));
+        n.sflow = None;
+        assert!(check_correlate(&n).unwrap_err().contains("needs spec.network.sflow"));
+        let mut n = correlating(128).network.unwrap();
+        n.sflow.as_mut().unwrap().targets = (0..8).map(|i| format!("10.0.0.{i}:6343")).collect();
+        assert!(check_correlate(&n).unwrap_err().contains("at most 7"));
+    }
+
+    #[test]
+    fn a_node_address_is_an_internal_ip_first() {
+        let a = |type_: &str, address: &str| NodeAddress { type_: type_.into(), address: address.into() };
+        let addresses = [a("Hostname", "n0"), a("ExternalIP", "203.0.113.5"), a("InternalIP", "10.0.0.10")];
+        assert_eq!(node_address(&addresses).as_deref(), Some("10.0.0.10"));
+        assert_eq!(node_address(&addresses[..2]).as_deref(), Some("203.0.113.5"));
+        assert_eq!(node_address(&[a("InternalIP", "not-an-ip")]), None);
     }
 }
