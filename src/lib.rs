@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod check;
 pub mod clients;
 pub mod controller;
 pub mod crashpoint;
@@ -20,3 +21,4 @@ pub mod lean;
 pub mod lenient;
 pub mod metrics;
 pub mod telemetry;
+pub mod uninstall;
