@@ -180,11 +180,11 @@ async fn controller_access(client: &Client, args: &CheckArgs) -> Vec<Outcome> {
             what.push_str(" (all namespaces)");
         }
         outcomes.push(if denied.is_empty() {
-            Ok(format!("the controller ({user}) may {what}"))
+            Ok(format!("the controller's ServiceAccount may {what}"))
         } else {
             Err(format!(
-                "the controller ({user}) may not {} of: {what}; restore the chart's RBAC (helm upgrade) or check \
-                 the ClusterRole/Role and bindings named {}",
+                "the controller's ServiceAccount {user} may not {} of: {what}; restore the chart's RBAC (helm \
+                 upgrade) or check the ClusterRole/Role and bindings named {}",
                 denied.join(", "),
                 args.controller
             ))

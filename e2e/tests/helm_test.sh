@@ -547,6 +547,23 @@ check "agent may not delete nodetracings" can no delete nodetracings "$agent_sa"
 check "agent may not patch nodetracings (spec)" can no patch nodetracings "$agent_sa"
 check "agent may get nodes" can yes get nodes "$agent_sa"
 check "agent may not list nodes" can no list nodes "$agent_sa"
+# The hooks' ServiceAccounts: the uninstall hook lists and deletes policies; the helm test check reads.
+uninstall_sa="system:serviceaccount:$ns:crosstrace-uninstall"
+check_sa="system:serviceaccount:$ns:crosstrace-check"
+check "uninstall hook may list tracingpolicies" can yes list tracingpolicies "$uninstall_sa"
+check "uninstall hook may delete tracingpolicies" can yes delete tracingpolicies "$uninstall_sa"
+check "uninstall hook may not patch tracingpolicies (finalizers)" can no patch tracingpolicies "$uninstall_sa"
+check "uninstall hook may not watch tracingpolicies" can no watch tracingpolicies "$uninstall_sa"
+check "uninstall hook may not delete nodetracings" can no delete nodetracings "$uninstall_sa"
+check "uninstall hook may not read secrets" can no get secrets "$uninstall_sa" -n "$ns"
+check "helm test check may get the TracingPolicy CRD" can yes get customresourcedefinitions/tracingpolicies.crosstrace.dev "$check_sa"
+check "helm test check may not get other CRDs" can no get customresourcedefinitions/foos.example.com "$check_sa"
+check "helm test check may create subjectaccessreviews" can yes create subjectaccessreviews.authorization.k8s.io "$check_sa"
+check "helm test check may get the controller's Lease" can yes get leases/crosstrace-controller "$check_sa" -n "$ns"
+check "helm test check may not update the Lease" can no update leases/crosstrace-controller "$check_sa" -n "$ns"
+check "helm test check may get the agents' DaemonSet" can yes get daemonsets/crosstrace-agent "$check_sa" -n "$agent_ns"
+check "helm test check may not list tracingpolicies" can no list tracingpolicies "$check_sa"
+check "helm test check may not read secrets" can no get secrets "$check_sa" -n "$ns"
 
 # refused_by <policy> <expected message part> <command...>: the command fails with that admission policy's
 # message. Retried for a while: a new policy takes effect once the API server's policy informer has seen it.
@@ -695,7 +712,7 @@ helm_test_run() {
     ! grep -q '^FAIL' "$tmp/test-hook.out" || { cat "$tmp/test-hook.out"; return 1; }
     grep -q '^ok: Lease crosstrace-controller is held by' "$tmp/test-hook.out" &&
       grep -q '^ok: CRD tracingpolicies.crosstrace.dev is Established' "$tmp/test-hook.out" &&
-      grep -q '^ok: the controller .* may get, update leases crosstrace-controller' "$tmp/test-hook.out" &&
+      grep -q "^ok: the controller's ServiceAccount may get, update leases crosstrace-controller" "$tmp/test-hook.out" &&
       grep -q '^ok: 3 node agents of DaemonSet crosstrace-agent are Ready' "$tmp/test-hook.out" ||
       { echo "missing checks:"; cat "$tmp/test-hook.out"; return 1; }
   else
