@@ -6,7 +6,8 @@
 #   $CROSSTRACE_E2E_STATE/controller.kubeconfig         the controller
 #   $CROSSTRACE_E2E_STATE/agent-<node>.kubeconfig       each node's agent, its token bound to the
 #                                                       chart's agent pod on that node
-# The agent is turned on (agent.enabled=true; the chart's default is off): the network suites need it.
+# The agent is turned on (agent.enabled=true; the chart's default is off): the network suites need it. The
+# uninstall hook waits 60 s at most (not 240): a policy a suite left behind fails `--remove` soon, naming it.
 # The CRDs come with the chart (templates); --take-ownership adopts CRDs applied before by
 # `kubectl apply -f crds/` (the Rust suites do that), which Helm would otherwise refuse to take over.
 #
@@ -39,7 +40,7 @@ kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -
 kubectl label namespace "$namespace" --overwrite pod-security.kubernetes.io/enforce=restricted \
   pod-security.kubernetes.io/enforce-version=latest >/dev/null
 helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --take-ownership \
-  --set agent.enabled=true --wait=false >/dev/null
+  --set agent.enabled=true --set hooks.uninstall.timeoutSeconds=60 --wait=false >/dev/null
 kubectl wait --for=condition=Established --timeout=60s crd/tracingpolicies.crosstrace.dev \
   crd/nodetracings.crosstrace.dev >/dev/null
 kubectl -n "$namespace" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null
