@@ -105,6 +105,7 @@ agent_check_ns="helm-test-agent-$$"
 cm_ns="helm-test-cm-$$"
 shop_ns="helm-test-shop-$$"
 policy=helm-test-uninstall
+stuck=helm-test-stuck
 controller_pid=""
 stop_controller() {
   [ -n "$controller_pid" ] || return 0
@@ -118,9 +119,11 @@ cleanup() {
   stop_controller
   # Without hooks: nobody would run the uninstall hook's pod now.
   ((installed)) && helm uninstall "$release" -n "$ns" --no-hooks >/dev/null 2>&1
-  kubectl get tracingpolicy "$policy" >/dev/null 2>&1 &&
-    kubectl patch tracingpolicy "$policy" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 &&
-    kubectl delete tracingpolicy "$policy" --wait=false >/dev/null 2>&1
+  for left in "$policy" "$stuck"; do
+    kubectl get tracingpolicy "$left" >/dev/null 2>&1 &&
+      kubectl patch tracingpolicy "$left" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 &&
+      kubectl delete tracingpolicy "$left" --wait=false >/dev/null 2>&1
+  done
   kubectl delete namespace "$shop_ns" --ignore-not-found --wait=false >/dev/null 2>&1
   ((${#created_nts[@]})) && kubectl delete nodetracing "${created_nts[@]}" --ignore-not-found >/dev/null 2>&1
   kubectl delete namespace "$psa_ns" "$agent_check_ns" "$cm_ns" --ignore-not-found --wait=false >/dev/null 2>&1
@@ -723,6 +726,21 @@ helm_test_run() {
 }
 check "the controller runs (host process, the chart's token) and leads" start_controller
 check "helm test runs crosstrace check and passes (CRDs, controller RBAC, Lease, agents)" helm_test_run pass
+# `crosstrace check --ovsdb`, where an agent runs (here: beside node 0's Open vSwitch), with the test's own
+# ServiceAccount: the socket answers; a node without Open vSwitch is a FAIL that says so.
+ovsdb_checked() {
+  local out missing="unix:$tmp/no-ovs/db.sock"
+  "$root/e2e/sa-kubeconfig.sh" "$ns" crosstrace-check "$tmp/check.kubeconfig" || return 1
+  out="$(KUBECONFIG="$tmp/check.kubeconfig" "$bin" check --namespace "$ns" --ovsdb "$CROSSTRACE_NODE_0_OVSDB" 2>&1)" ||
+    { echo "$out"; return 1; }
+  grep -q "^ok: OVSDB at $CROSSTRACE_NODE_0_OVSDB serves Open_vSwitch" <<<"$out" || { echo "$out"; return 1; }
+  if out="$(KUBECONFIG="$tmp/check.kubeconfig" "$bin" check --namespace "$ns" --ovsdb "$missing" 2>&1)"; then
+    echo "passed without Open vSwitch: $out"
+    return 1
+  fi
+  grep -q "^FAIL: OVSDB at $missing is not reachable .*is Open vSwitch running here?" <<<"$out" || { echo "$out"; return 1; }
+}
+check "crosstrace check --ovsdb: ok beside Open vSwitch, FAIL (exit non-zero) without it" ovsdb_checked
 stop_controller
 # The Lease is released on a clean stop; a killed leader leaves it held, and stale after its 6 s.
 lease_stale() {
@@ -737,7 +755,55 @@ check "helm test fails with a FAIL line naming the stale Lease" helm_test_run fa
 kubectl -n "$ns" delete pod crosstrace-check --ignore-not-found >/dev/null 2>&1 || true
 
 # ----------------------------------------------------------------------------------------------------------
-# Uninstall: everything goes but the CRDs. No policy is left, so the hook has nothing to wait for.
+# An uninstall that cannot revert (the controller is down): the hook times out naming the policy, Helm stops
+# and the release stays; with the controller back, the uninstall goes through.
+
+stuck_policy() {
+  local i
+  start_controller || return 1
+  kubectl apply -f - >/dev/null <<EOT || return 1
+apiVersion: crosstrace.dev/v1alpha1
+kind: TracingPolicy
+metadata: {name: $stuck}
+spec:
+  collector: {endpoint: "otel-gateway.observability.svc:4317"}
+  workloads:
+    namespaceSelector: {matchLabels: {helm-test: none}}
+EOT
+  for ((i = 0; i < 150; i++)); do
+    kubectl get tracingpolicy "$stuck" -o jsonpath='{.metadata.finalizers}' | grep -q crosstrace.dev/cleanup && break
+    sleep 0.2
+  done
+  stop_controller
+  kubectl get tracingpolicy "$stuck" -o jsonpath='{.metadata.finalizers}' | grep -q crosstrace.dev/cleanup ||
+    { echo "the controller did not take the policy on"; return 1; }
+  helm upgrade "$release" "$chart" -n "$ns" --reuse-values --set hooks.uninstall.timeoutSeconds=10 --wait=false >/dev/null
+}
+check "a policy held by its finalizer, the controller stopped, the hook's timeout 10 s" stuck_policy
+uninstall_blocked() {
+  local hook_pid hook_code=0
+  "$root/e2e/run-hook-pod.sh" "$ns" uninstall 60 >"$tmp/uninstall-hook.out" 2>&1 &
+  hook_pid=$!
+  if helm uninstall "$release" -n "$ns" --timeout=60s >"$tmp/uninstall.out" 2>&1; then
+    echo "helm uninstall succeeded with a policy nobody can revert"
+    return 1
+  fi
+  wait "$hook_pid" || hook_code=$?
+  ((hook_code != 0)) || { echo "the hook succeeded"; cat "$tmp/uninstall-hook.out"; return 1; }
+  grep -q "timed out after 10s: TracingPolicies still present (finalizer crosstrace.dev/cleanup): $stuck\." \
+    "$tmp/uninstall-hook.out" || { echo "no one-line error naming $stuck:"; cat "$tmp/uninstall-hook.out"; return 1; }
+  # Helm records the release as "uninstalling" before the hook runs, and deletes nothing when it fails.
+  [ "$(helm status "$release" -n "$ns" -o json | jq -r .info.status)" = uninstalling ] ||
+    { echo "the release is gone or not uninstalling:"; helm status "$release" -n "$ns" | head -5; return 1; }
+  kubectl -n "$ns" get deployment crosstrace-controller >/dev/null &&
+    kubectl get clusterrole crosstrace-controller >/dev/null || { echo "the release's objects are gone"; return 1; }
+}
+check "helm uninstall fails, the hook names the policy left, the release and its objects stay" uninstall_blocked
+check "the controller runs again" start_controller
+
+# ----------------------------------------------------------------------------------------------------------
+# Uninstall: everything goes but the CRDs. The hook deletes the policy left above and the controller, running
+# again, lets it go.
 
 uninstall() {
   local hook_pid
@@ -746,8 +812,10 @@ uninstall() {
   helm uninstall "$release" -n "$ns" --wait --timeout=120s >/dev/null || return 1
   wait "$hook_pid" || { cat "$tmp/uninstall-hook.out"; return 1; }
 }
-check "helm uninstall succeeds (its hook finds no policy)" uninstall
+check "helm uninstall succeeds once the controller runs again (the hook's second attempt)" uninstall
 helm status "$release" -n "$ns" >/dev/null 2>&1 || installed=0
+stop_controller
+check "no TracingPolicy left after that uninstall" no_policy_left
 
 all_gone() {
   local left=() kind_name
