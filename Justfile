@@ -16,9 +16,9 @@ default:
 build:
     cargo build --locked
 
-# Regenerate crds/ and the chart's crds/ from the Rust types (commit the result).
+# Regenerate crds/ (plain manifests) and the chart's CRD templates from the Rust types (commit the result).
 crds:
-    cargo run --locked --quiet -- crds --out-dir crds --out-dir helm/crosstrace/crds
+    cargo run --locked --quiet -- crds --out-dir crds --chart-dir helm/crosstrace/templates/crds
 
 # Formatting and lints, warnings are errors.
 lint:
@@ -50,7 +50,7 @@ e2e:
     if ! {{cluster}} status >/dev/null 2>&1; then {{cluster}} up; started=1; fi
     eval "$({{cluster}} env)"
     finish() {
-        e2e/install-chart.sh --remove
+        e2e/install-chart.sh --remove || echo "e2e/install-chart.sh --remove failed (see above)" >&2
         if [ "$started" = 1 ]; then bash e2e/tests/down_test.sh || exit 1; fi
     }
     trap finish EXIT

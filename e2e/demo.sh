@@ -44,7 +44,7 @@ down() {
   stop_processes
   say "removing the sample objects and the chart"
   kubectl delete -f "$here/demo/objects.yaml" --ignore-not-found --wait=false >/dev/null || true
-  "$here/install-chart.sh" --remove
+  "$here/install-chart.sh" --remove || say "helm uninstall failed; see $CROSSTRACE_E2E_STATE/uninstall-hook.log"
   if [ -f "$dir/started-cluster" ]; then
     say "stopping the local cluster the demo started"
     "$cluster" down

@@ -6,16 +6,28 @@
 #   $CROSSTRACE_E2E_STATE/controller.kubeconfig         the controller
 #   $CROSSTRACE_E2E_STATE/agent-<node>.kubeconfig       each node's agent, its token bound to the
 #                                                       chart's agent pod on that node
+# The agent is turned on (agent.enabled=true; the chart's default is off): the network suites need it. The
+# uninstall hook waits 60 s at most (not 240): a policy a suite left behind fails `--remove` soon, naming it.
+# The CRDs come with the chart (templates); --take-ownership adopts CRDs applied before by
+# `kubectl apply -f crds/` (the Rust suites do that), which Helm would otherwise refuse to take over.
+#
 #   e2e/install-chart.sh            install (or upgrade) and write the kubeconfigs
-#   e2e/install-chart.sh --remove   helm uninstall
+#   e2e/install-chart.sh --remove   helm uninstall, its pre-delete hook run by e2e/run-hook-pod.sh (no
+#                                   policy should be left by then; one that is, is deleted and must be
+#                                   reverted by a running controller, or the uninstall fails)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${CROSSTRACE_E2E_STATE:?run eval \"\$(e2e/cluster.sh env)\" first}"
 release=crosstrace namespace=crosstrace-system agent_namespace=crosstrace-agent
 
 if [ "${1:-}" = "--remove" ]; then
-  helm uninstall "$release" -n "$namespace" --wait --timeout=120s >/dev/null 2>&1 || true
-  exit 0
+  helm status "$release" -n "$namespace" >/dev/null 2>&1 || exit 0
+  "$here/run-hook-pod.sh" "$namespace" uninstall 120 >"$CROSSTRACE_E2E_STATE/uninstall-hook.log" 2>&1 &
+  hook=$!
+  code=0
+  helm uninstall "$release" -n "$namespace" --wait --timeout=150s >/dev/null || code=$?
+  wait "$hook" || { echo "the uninstall hook failed:" >&2; cat "$CROSSTRACE_E2E_STATE/uninstall-hook.log" >&2; }
+  exit "$code"
 fi
 
 # A namespace still terminating (an uninstall or the helm test just deleted it) cannot take the release.
@@ -24,11 +36,13 @@ for ns in "$namespace" "$agent_namespace"; do
     kubectl wait --for=delete "namespace/$ns" --timeout=180s >/dev/null
   fi
 done
-kubectl apply --server-side --force-conflicts -f "$here/../crds" >/dev/null
 kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl label namespace "$namespace" --overwrite pod-security.kubernetes.io/enforce=restricted \
   pod-security.kubernetes.io/enforce-version=latest >/dev/null
-helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --wait=false >/dev/null
+helm upgrade --install "$release" "$here/../helm/crosstrace" -n "$namespace" --take-ownership \
+  --set agent.enabled=true --set hooks.uninstall.timeoutSeconds=60 --wait=false >/dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/tracingpolicies.crosstrace.dev \
+  crd/nodetracings.crosstrace.dev >/dev/null
 kubectl -n "$namespace" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null
 kubectl -n "$agent_namespace" rollout status daemonset/crosstrace-agent --timeout=120s >/dev/null
 

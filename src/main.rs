@@ -40,7 +40,16 @@ enum Role {
         /// Write `<crd name>.yaml` files into this directory instead of printing (repeatable).
         #[arg(long)]
         out_dir: Vec<PathBuf>,
+        /// Write them as the Helm chart's templates (guarded by `crds.enabled`, kept on uninstall by
+        /// `crds.keep`) into this directory (repeatable).
+        #[arg(long)]
+        chart_dir: Vec<PathBuf>,
     },
+    /// Delete every TracingPolicy (the controller reverts each) and, with --wait, wait until all are
+    /// gone. The chart's pre-delete hook.
+    Uninstall(crosstrace::uninstall::UninstallArgs),
+    /// Check an installation: CRDs, the controller's RBAC and Lease, the node agents. The chart's `helm test`.
+    Check(crosstrace::check::CheckArgs),
 }
 
 #[derive(clap::Args)]
@@ -182,14 +191,16 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "crosstrace".into())
 }
 
-fn write_crds(out_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
-    if out_dirs.is_empty() {
+fn write_crds(out_dirs: Vec<PathBuf>, chart_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
+    if out_dirs.is_empty() && chart_dirs.is_empty() {
         print!("{}", crosstrace::api::crds_yaml()?);
     }
-    for dir in out_dirs {
+    let plain = out_dirs.into_iter().map(|dir| (dir, crosstrace::api::crd_files()));
+    let templates = chart_dirs.into_iter().map(|dir| (dir, crosstrace::api::crd_chart_templates()));
+    for (dir, files) in plain.chain(templates) {
         std::fs::create_dir_all(&dir)?;
-        for (file, yaml) in crosstrace::api::crd_files()? {
-            std::fs::write(dir.join(file), yaml)?;
+        for (file, text) in files? {
+            std::fs::write(dir.join(file), text)?;
         }
     }
     Ok(())
@@ -212,7 +223,17 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.role {
-        Role::Crds { out_dir } => write_crds(out_dir),
+        Role::Crds { out_dir, chart_dir } => write_crds(out_dir, chart_dir),
+        Role::Uninstall(args) => {
+            let _telemetry = telemetry::init(cli.log_format, "crosstrace-uninstall")?;
+            let client = kube::Client::try_from(clients::request_timeouts(kube::Config::infer().await?))?;
+            crosstrace::uninstall::run(client, &args, &mut std::io::stdout()).await
+        }
+        Role::Check(args) => {
+            let _telemetry = telemetry::init(cli.log_format, "crosstrace-check")?;
+            let client = kube::Client::try_from(clients::request_timeouts(kube::Config::infer().await?))?;
+            crosstrace::check::run(client, &args, &mut std::io::stdout()).await
+        }
         Role::Agent(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-agent")?;
             let client = clients::agent().await.context("connecting to the Kubernetes API")?;

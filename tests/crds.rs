@@ -1,25 +1,37 @@
-//! `crds/` and the chart's `crds/` are generated from the Rust types (`just crds`); this fails when
-//! the committed files are stale, so the API server never gets a schema the code does not match.
+//! `crds/` (plain manifests for `kubectl apply`) and the chart's CRD templates
+//! (`helm/crosstrace/templates/crds/`, the same documents behind the chart's guard) are generated from
+//! the Rust types (`just crds`); this fails when the committed files are stale, so the API server never
+//! gets a schema the code does not match.
 
 use std::path::Path;
 
+/// Every file of `dir` equals what the types generate, and nothing else is there.
+fn assert_committed(dir: &str, files: &[(String, String)]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    for (name, generated) in files {
+        let committed =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{}/{name}: {e}", dir.display()));
+        assert!(committed == *generated, "{}/{name} is stale: run `just crds` and commit the result", dir.display());
+    }
+    let on_disk = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(on_disk, files.len(), "{} holds files no type generates", dir.display());
+}
+
 #[test]
 fn committed_crds_match_the_types() {
-    let files = crosstrace::api::crd_files().expect("CRDs serialize");
-    for dir in ["crds", "helm/crosstrace/crds"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-        for (name, generated) in &files {
-            let committed =
-                std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{}/{name}: {e}", dir.display()));
-            assert!(
-                committed == *generated,
-                "{}/{name} is stale: run `just crds` and commit the result",
-                dir.display()
-            );
-        }
-        let on_disk = std::fs::read_dir(&dir).unwrap().count();
-        assert_eq!(on_disk, files.len(), "{} holds files no type generates", dir.display());
-    }
+    assert_committed("crds", &crosstrace::api::crd_files().expect("CRDs serialize"));
+}
+
+#[test]
+fn the_charts_crd_templates_match_the_types() {
+    assert_committed(crosstrace::api::CHART_CRD_DIR, &crosstrace::api::crd_chart_templates().expect("CRDs serialize"));
+}
+
+/// Helm installs a chart's `crds/` once and never upgrades it: the chart must not have one.
+#[test]
+fn the_chart_has_no_crds_directory() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/crosstrace/crds");
+    assert!(!dir.exists(), "{} exists: Helm would never upgrade what is in it", dir.display());
 }
 
 /// The `openAPIV3Schema` of every CRD, by file name.

@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# The Helm chart (helm/crosstrace) on the local e2e cluster: lint, server-side validation of the rendered
-# manifests, install into a namespace enforcing Pod Security "restricted" (the agent in its own "privileged"
-# namespace), Ready workloads (kwok simulates the pods), least-privilege RBAC checked both ways, the admission
-# policies with the chart's real tokens (the agent's own node; the controller's ConfigMap reach; the admin
-# limits), and an uninstall that keeps only the CRDs.
+# The Helm chart (helm/crosstrace) on the local e2e cluster: lint, the values schema, what the values render
+# (PDB, extra args and env, log level, write pacing, the agent opt-in, PodMonitor, CRD templates, hooks),
+# server-side validation of the rendered manifests; an upgrade from the previous chart version (CRDs in
+# crds/) that updates the CRDs and keeps a policy; `helm uninstall` with a policy in force, whose pre-delete
+# hook reverts everything; `helm install --wait` with the defaults; the agent turned on, in its own
+# "privileged" namespace, the controller's enforcing "restricted"; least-privilege RBAC checked both ways;
+# the admission policies with the chart's real tokens (the agent's own node; the controller's ConfigMap
+# reach; the admin limits); `helm test` (crosstrace check) passing, and failing when the leader is gone; and
+# an uninstall that keeps only the CRDs.
+#
+# Pods are simulated by kwok and run no code. The controller runs as a host process with the chart's
+# ServiceAccount token (as in the Rust suites); the hook pods (uninstall Job, helm test) are run by
+# e2e/run-hook-pod.sh as host processes with their own ServiceAccount's token, which then writes the pod's
+# status, so Helm and the Job controller see what really happened. Needs the crosstrace binary built
+# (`cargo build`; $CROSSTRACE_BIN or $CARGO_TARGET_DIR/debug/crosstrace).
 #
 # Run after `e2e/cluster.sh up` and `eval "$(e2e/cluster.sh env)"` (the env is loaded here when KUBECONFIG
 # is unset). Uses `helm` and `kubectl` from PATH. Prints `ok - <check>` / `not ok - <check>` and a final
@@ -16,6 +26,11 @@ release=crosstrace
 ns=crosstrace-system
 agent_ns=crosstrace-agent
 controller_sa="system:serviceaccount:$ns:crosstrace-controller"
+kube_version=--kube-version=1.33.0 # helm template assumes 1.20 otherwise, below the chart's kubeVersion
+bin="${CROSSTRACE_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/crosstrace/target}/debug/crosstrace}"
+export CROSSTRACE_BIN="$bin"
+# The host-process controller's admin port, apart from other local clusters' (CROSSTRACE_E2E_PORT_OFFSET).
+admin_port=$((18090 + ${CROSSTRACE_E2E_PORT_OFFSET:-0}))
 agent_sa="system:serviceaccount:$agent_ns:crosstrace-agent"
 
 # shellcheck source=e2e/tests/lib.sh
@@ -32,23 +47,37 @@ lint_clean() {
 }
 check "helm lint --strict is clean" lint_clean
 
-crds_match() {
-  diff -r "$root/crds" "$chart/crds"
-}
-check "the chart's CRDs are the generated ones" crds_match
+# `helm template` of the chart with extra flags.
+render() { helm template "$release" "$chart" -n "$ns" "$kube_version" "$@"; }
 
 schema_rejects_bad_values() {
   local bad
   for bad in logFormat=xml controller.replicas=0 agent.securityContext.privileged=true unknown=1 \
     adminLimits.minSampling=8 adminLimits.maxHeaderBytes=4096 'adminLimits.collectorNetworks={anywhere}' \
-    'adminLimits.sidecarImages={otel/opentelemetry-collector-k8s:0.165.0}' "agent.namespace=$ns"; do
-    if helm template "$release" "$chart" -n "$ns" --set "$bad" >/dev/null 2>&1; then
+    'adminLimits.sidecarImages={otel/opentelemetry-collector-k8s:0.165.0}' "agent.enabled=true,agent.namespace=$ns" \
+    controller.writeConcurrency=0 controller.writeConcurrency=65 controller.writeBudgetMs=9 \
+    controller.writeBudgetMs=60001 'logLevel=debug;rm' 'controller.extraEnv[0].value=no-name' \
+    'controller.extraEnv[0].name=A,controller.extraEnv[0].values=typo' 'agent.extraArgs[0]=' \
+    'controller.topologySpreadConstraints[0].maxSkew=1' hooks.uninstall.timeoutSeconds=5 crds.enable=true \
+    agent.podMonitor.interval=often agent.topologySpreadConstraints=x; do
+    if render --set "$bad" >/dev/null 2>&1; then
       echo "values.schema.json accepted $bad"
       return 1
     fi
   done
 }
 check "values.schema.json rejects bad values" schema_rejects_bad_values
+
+# A refused value is named: an unknown key, and a value out of its bounds.
+schema_names_the_field() { # <--set value> <expected part of the message>
+  local out
+  if out="$(render --set "$1" 2>&1)"; then echo "accepted $1"; return 1; fi
+  grep -q -- "$2" <<<"$out" || { echo "refusal of $1 does not name $2: $out"; return 1; }
+}
+check "schema refuses an unknown key naming it (controller.extraArg)" \
+  schema_names_the_field controller.extraArg=x "additional properties 'extraArg' not allowed"
+check "schema refuses write pacing out of bounds naming the field" \
+  schema_names_the_field controller.writeBudgetMs=0 "writeBudgetMs"
 
 # ----------------------------------------------------------------------------------------------------------
 # On the cluster
@@ -74,23 +103,34 @@ tmp="$(mktemp -d)"
 psa_ns="helm-test-psa-$$"
 agent_check_ns="helm-test-agent-$$"
 cm_ns="helm-test-cm-$$"
+shop_ns="helm-test-shop-$$"
+policy=helm-test-uninstall
+stuck=helm-test-stuck
+controller_pid=""
+stop_controller() {
+  [ -n "$controller_pid" ] || return 0
+  kill "$controller_pid" 2>/dev/null || true
+  wait "$controller_pid" 2>/dev/null || true
+  controller_pid=""
+}
 created_nts=()
 cleanup() {
   set +e
-  ((installed)) && helm uninstall "$release" -n "$ns" >/dev/null 2>&1
+  stop_controller
+  # Without hooks: nobody would run the uninstall hook's pod now.
+  ((installed)) && helm uninstall "$release" -n "$ns" --no-hooks >/dev/null 2>&1
+  for left in "$policy" "$stuck"; do
+    kubectl get tracingpolicy "$left" >/dev/null 2>&1 &&
+      kubectl patch tracingpolicy "$left" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 &&
+      kubectl delete tracingpolicy "$left" --wait=false >/dev/null 2>&1
+  done
+  kubectl delete namespace "$shop_ns" --ignore-not-found --wait=false >/dev/null 2>&1
   ((${#created_nts[@]})) && kubectl delete nodetracing "${created_nts[@]}" --ignore-not-found >/dev/null 2>&1
   kubectl delete namespace "$psa_ns" "$agent_check_ns" "$cm_ns" --ignore-not-found --wait=false >/dev/null 2>&1
   ((ns_created)) && kubectl delete namespace "$ns" --ignore-not-found --wait=false >/dev/null 2>&1
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-
-crds_installed() {
-  kubectl apply --server-side --force-conflicts -f "$root/crds/" >/dev/null &&
-    kubectl wait --for=condition=Established --timeout=30s \
-      crd/tracingpolicies.crosstrace.dev crd/nodetracings.crosstrace.dev >/dev/null
-}
-check "CRDs applied (server-side) and Established" crds_installed
 
 # A namespace left terminating by an earlier run cannot take new objects: wait until it is gone.
 for terminating in "$ns" "$agent_ns"; do
@@ -108,24 +148,108 @@ fi
 kubectl label namespace "$ns" --overwrite pod-security.kubernetes.io/enforce=restricted \
   pod-security.kubernetes.io/enforce-version=latest >/dev/null
 
+# ----------------------------------------------------------------------------------------------------------
+# What the values render (YAML turned into JSON by kubectl, then asked with jq).
+
+as_json() { kubectl create --dry-run=client -o json -f - | jq -s '[.[] | if .kind == "List" then .items[] else . end]'; }
+# rendered_has <jq expression over the list of objects> <helm template flags...>
+rendered_has() {
+  local expr=$1
+  shift
+  render "$@" | as_json >"$tmp/objects.json" || return 1
+  jq -e "$expr" "$tmp/objects.json" >/dev/null || { echo "not true of the rendered chart ($*): $expr"; return 1; }
+}
+controller_container='(.[] | select(.kind == "Deployment")).spec.template.spec.containers[0]'
+check "a PodDisruptionBudget (maxUnavailable 1) with the default 2 replicas" \
+  rendered_has '[.[] | select(.kind == "PodDisruptionBudget")] | length == 1 and .[0].spec.maxUnavailable == 1'
+check "no PodDisruptionBudget with 1 replica" \
+  rendered_has '[.[] | select(.kind == "PodDisruptionBudget")] | length == 0' --set controller.replicas=1
+check "write pacing, extraArgs, extraEnv and logLevel reach the controller container" \
+  rendered_has "$controller_container"' | (.args | index("--write-concurrency=16") and index("--write-budget-ms=250")
+      and index("--concurrency=8")) and (.env | any(.name == "RUST_LOG" and .value == "info,crosstrace=debug"))
+      and (.env | any(.name == "HTTPS_PROXY" and .value == "http://proxy:3128"))' \
+  --set controller.writeConcurrency=16,controller.writeBudgetMs=250 --set 'controller.extraArgs={--concurrency=8}' \
+  --set logLevel=info\\,crosstrace=debug --set controller.extraEnv[0].name=HTTPS_PROXY \
+  --set controller.extraEnv[0].value=http://proxy:3128
+check "the default write pacing is the binary's (8, 500 ms) and no RUST_LOG is set" \
+  rendered_has "$controller_container"' | (.args | index("--write-concurrency=8") and index("--write-budget-ms=500"))
+      and (.env | all(.name != "RUST_LOG"))'
+check "extraArgs, extraEnv and logLevel reach the agent container" \
+  rendered_has '(.[] | select(.kind == "DaemonSet")).spec.template.spec.containers[0] | (.args | index("--unixctl=/x.ctl"))
+      and (.env | any(.name == "RUST_LOG" and .value == "debug")) and (.env | any(.name == "A" and .value == "b"))' \
+  --set agent.enabled=true,logLevel=debug --set 'agent.extraArgs={--unixctl=/x.ctl}' \
+  --set agent.extraEnv[0].name=A,agent.extraEnv[0].value=b
+check "controller podAnnotations, priorityClassName and topologySpreadConstraints rendered" \
+  rendered_has '(.[] | select(.kind == "Deployment")).spec.template | .metadata.annotations.a == "b"
+      and .spec.priorityClassName == "high" and (.spec.topologySpreadConstraints | length == 1
+      and .[0].topologyKey == "kubernetes.io/hostname" and .[0].whenUnsatisfiable == "DoNotSchedule")' \
+  --set controller.podAnnotations.a=b,controller.priorityClassName=high \
+  --set controller.topologySpreadConstraints[0].maxSkew=1,controller.topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname \
+  --set controller.topologySpreadConstraints[0].whenUnsatisfiable=DoNotSchedule
+# The agent is opt-in: by default nothing of it is rendered, so nothing waits for Open vSwitch.
+check "defaults: no agent DaemonSet, namespace or PodMonitor" \
+  rendered_has '[.[] | select(.kind == "DaemonSet" or .kind == "PodMonitor"
+      or (.kind == "Namespace" and .metadata.name == "crosstrace-agent"))] | length == 0'
+# kwok does not mount volumes, so a hostPath that would keep a real kubelet in ContainerCreating cannot be
+# seen on this cluster: what is checked is the rendered volume. DirectoryOrCreate starts on a node without
+# Open vSwitch (an empty directory); `type: Directory` would not.
+check "agent on: its OVS hostPath is DirectoryOrCreate (starts on nodes without Open vSwitch)" \
+  rendered_has '[.[] | .. | objects | select(has("hostPath")) | .hostPath.type] == ["DirectoryOrCreate"]' \
+  --set agent.enabled=true
+check "agent.nodeSelector restricts the agents to labelled Open vSwitch nodes" \
+  rendered_has '(.[] | select(.kind == "DaemonSet")).spec.template.spec.nodeSelector["crosstrace.dev/ovs"] == "true"' \
+  --set agent.enabled=true --set-string 'agent.nodeSelector.crosstrace\.dev/ovs=true'
+# (Not through kubectl: it cannot read a PodMonitor without the monitoring.coreos.com CRDs.)
+podmonitor_rendered() {
+  local out
+  out="$(render --set agent.enabled=true,agent.podMonitor.enabled=true,agent.podMonitor.interval=15s \
+    -s templates/agent-podmonitor.yaml)" || return 1
+  grep -q '^kind: PodMonitor$' <<<"$out" && grep -q '^  namespace: crosstrace-agent$' <<<"$out" &&
+    grep -q -- '- port: admin$' <<<"$out" && grep -q 'interval: 15s$' <<<"$out" &&
+    grep -q 'app.kubernetes.io/component: agent$' <<<"$out" || { echo "$out"; return 1; }
+  ! render --set agent.enabled=true | grep -q '^kind: PodMonitor$' || { echo "rendered by default"; return 1; }
+}
+check "agent.podMonitor renders a PodMonitor of the agents' admin port (off by default)" podmonitor_rendered
+check "the CRDs are templates, kept on uninstall" \
+  rendered_has '[.[] | select(.kind == "CustomResourceDefinition")] | length == 2
+      and all(.metadata.annotations["helm.sh/resource-policy"] == "keep")'
+check "crds.enabled=false renders no CRD; crds.keep=false drops the keep annotation" \
+  rendered_has '[.[] | select(.kind == "CustomResourceDefinition")] | length == 0' --set crds.enabled=false &&
+  rendered_has '[.[] | select(.kind == "CustomResourceDefinition") | .metadata.annotations] | all(. == null)' \
+    --set crds.keep=false
+check "the uninstall hook: a pre-delete Job running crosstrace uninstall --wait, restricted, its own ServiceAccount" \
+  rendered_has '(.[] | select(.kind == "Job")) | .metadata.annotations["helm.sh/hook"] == "pre-delete"
+      and .spec.template.spec.serviceAccountName == "crosstrace-uninstall"
+      and .spec.template.spec.containers[0].args == ["uninstall", "--wait", "--timeout=100s"]
+      and .spec.template.spec.securityContext.runAsNonRoot
+      and .spec.template.spec.containers[0].securityContext.allowPrivilegeEscalation == false' \
+  --set hooks.uninstall.timeoutSeconds=100
+check "the uninstall hook's ClusterRole: list and delete tracingpolicies, nothing else" \
+  rendered_has '(.[] | select(.kind == "ClusterRole" and .metadata.name == "crosstrace-uninstall")).rules
+      == [{"apiGroups": ["crosstrace.dev"], "resources": ["tracingpolicies"], "verbs": ["list", "delete"]}]'
+check "hooks.uninstall.enabled=false renders no uninstall hook" \
+  rendered_has '[.[] | select(.metadata.name == "crosstrace-uninstall")] | length == 0' --set hooks.uninstall.enabled=false
+
 # The agent's namespace is the chart's own (created at install): for the dry run, a stand-in that exists.
+# Without the `helm test` pod: a pod is admitted only once its ServiceAccount exists, which a dry run does
+# not create (its Pod Security is checked below).
 template_accepted() {
   kubectl create namespace "$agent_check_ns" >/dev/null &&
-    helm template "$release" "$chart" -n "$ns" --set agent.namespace="$agent_check_ns" >"$tmp/rendered.yaml" &&
+    render --skip-tests --set agent.enabled=true,agent.namespace="$agent_check_ns" >"$tmp/rendered.yaml" &&
     kubectl apply --dry-run=server -f "$tmp/rendered.yaml"
 }
-check "helm template output accepted by the server (apply --dry-run=server)" template_accepted
+check "helm template output (agent on) accepted by the server (apply --dry-run=server)" template_accepted
 
 template_with_options_accepted() {
-  helm template "$release" "$chart" -n "$ns" --set agent.enabled=false,logFormat=json \
+  render --skip-tests --set logFormat=json,logLevel=debug,controller.replicas=3 \
     --set otel.endpoint=http://otel-collector.observability:4317 | kubectl apply --dry-run=server -f - >/dev/null
 }
-check "helm template with agent off, json logs and OTLP accepted by the server" template_with_options_accepted
+check "helm template with defaults, json logs, 3 replicas and OTLP accepted by the server" template_with_options_accepted
 
-# The controller's pod, created for real (dry run) in a namespace that enforces Pod Security "restricted".
-controller_pod_restricted() {
-  local out
-  local i
+# The controller's pod and the hook pods, created for real (dry run) in a namespace that enforces Pod
+# Security "restricted".
+pods_restricted() {
+  local out i kind
   kubectl create namespace "$psa_ns" >/dev/null
   kubectl label namespace "$psa_ns" pod-security.kubernetes.io/enforce=restricted \
     pod-security.kubernetes.io/warn=restricted >/dev/null
@@ -134,25 +258,201 @@ controller_pod_restricted() {
     kubectl -n "$psa_ns" get serviceaccount default >/dev/null 2>&1 && break
     sleep 0.2
   done
-  helm template "$release" "$chart" -n "$ns" -s templates/controller-deployment.yaml |
-    kubectl create --dry-run=client -o json -f - |
-    jq --arg ns "$psa_ns" '{apiVersion: "v1", kind: "Pod", metadata: {name: "psa-check", namespace: $ns},
-      spec: (.spec.template.spec | .serviceAccountName = "default")}' >"$tmp/pod.json"
-  out="$(kubectl create --dry-run=server -f "$tmp/pod.json" 2>&1)" || { echo "$out"; return 1; }
-  ! grep -i warning <<<"$out"
+  render | as_json >"$tmp/objects.json"
+  for kind in Deployment Job Pod; do
+    jq --arg ns "$psa_ns" --arg kind "$kind" '.[] | select(.kind == $kind)
+      | {apiVersion: "v1", kind: "Pod", metadata: {name: ("psa-check-" + ($kind | ascii_downcase)), namespace: $ns},
+         spec: ((if $kind == "Pod" then .spec else .spec.template.spec end) | .serviceAccountName = "default")}' \
+      "$tmp/objects.json" >"$tmp/pod.json"
+    out="$(kubectl create --dry-run=server -f "$tmp/pod.json" 2>&1)" || { echo "$kind: $out"; return 1; }
+    ! grep -i warning <<<"$out" || return 1
+  done
 }
-check "controller pod admitted under Pod Security restricted" controller_pod_restricted
+check "controller, uninstall hook and test pods admitted under Pod Security restricted" pods_restricted
 
-install() {
-  helm install "$release" "$chart" -n "$ns" --create-namespace --wait=false >"$tmp/install.out" 2>&1 ||
+# ----------------------------------------------------------------------------------------------------------
+# Upgrade from the previous chart version, then `helm uninstall` with a policy in force.
+#
+# The previous version is the chart as it was just before its CRDs moved from crds/ to templates/: the parent
+# of the commit that deleted helm/crosstrace/crds/ (full history is needed, as a CI clone has).
+
+start_controller() { # host process with the chart's controller ServiceAccount token; waits for the Lease
+  local i holder
+  "$root/e2e/sa-kubeconfig.sh" "$ns" crosstrace-controller "$tmp/controller.kubeconfig" || return 1
+  KUBECONFIG="$tmp/controller.kubeconfig" RUST_LOG=info "$bin" controller --admin-addr "127.0.0.1:$admin_port" \
+    --namespace "$ns" --lease-duration 6 >>"$tmp/controller.log" 2>&1 &
+  controller_pid=$!
+  for ((i = 0; i < 150; i++)); do
+    holder="$(kubectl -n "$ns" get lease crosstrace-controller -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)"
+    [[ "$holder" == *"-$controller_pid" ]] && return 0
+    sleep 0.2
+  done
+  echo "the controller (pid $controller_pid) did not take the Lease in 30 s"
+  tail -20 "$tmp/controller.log"
+  return 1
+}
+
+old_chart() {
+  local deleted rev
+  deleted="$(git -C "$root" log --no-renames --diff-filter=D --format=%H -1 -- helm/crosstrace/crds/tracingpolicies.crosstrace.dev.yaml)"
+  [ -n "$deleted" ] || { echo "no commit deleted helm/crosstrace/crds/ (shallow clone?)"; return 1; }
+  rev="$deleted^"
+  mkdir -p "$tmp/old"
+  git -C "$root" archive "$rev" helm/crosstrace | tar -x -C "$tmp/old"
+  [ -d "$tmp/old/helm/crosstrace/crds" ] || { echo "$rev has no helm/crosstrace/crds"; return 1; }
+  grep -q '^version: 0.1.0$' "$tmp/old/helm/crosstrace/Chart.yaml" || { echo "$rev: not chart 0.1.0"; return 1; }
+}
+check "the previous chart version (0.1.0, CRDs in crds/) taken from git history" old_chart
+
+install_old() {
+  helm install "$release" "$tmp/old/helm/crosstrace" -n "$ns" --wait=false >/dev/null &&
+    kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null &&
+    kubectl wait --for=condition=Established --timeout=30s crd/tracingpolicies.crosstrace.dev crd/nodetracings.crosstrace.dev >/dev/null
+}
+check "the previous chart version installs" install_old
+helm status "$release" -n "$ns" >/dev/null 2>&1 && installed=1
+
+check "the controller runs (host process, the chart's token) and leads" start_controller
+
+# A small Deployment the policy injects; its pod template before is what the uninstall must bring back.
+shop_created() {
+  kubectl create namespace "$shop_ns" >/dev/null &&
+    kubectl label namespace "$shop_ns" tracing=enabled >/dev/null &&
+    kubectl -n "$shop_ns" apply -f - >/dev/null <<EOT &&
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {app.kubernetes.io/part-of: helm-test}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: "nginx:1.27"}]}
+EOT
+    kubectl -n "$shop_ns" rollout status deployment/web --timeout=60s >/dev/null &&
+    kubectl -n "$shop_ns" get deployment web -o json | jq -S '.spec.template' >"$tmp/template-before.json"
+}
+check "a Deployment to instrument" shop_created
+policy_injected() {
+  local i
+  kubectl apply -f - >/dev/null <<EOT || return 1
+apiVersion: crosstrace.dev/v1alpha1
+kind: TracingPolicy
+metadata: {name: $policy}
+spec:
+  collector: {endpoint: "otel-gateway.observability.svc:4317"}
+  sampling: {ratio: "0.5"}
+  workloads:
+    namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: $shop_ns}}
+    selector: {matchLabels: {app.kubernetes.io/part-of: helm-test}}
+EOT
+  for ((i = 0; i < 300; i++)); do
+    kubectl get tracingpolicy "$policy" -o json |
+      jq -e '.status.conditions[]? | select(.type == "Ready" and .status == "True")' >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  kubectl -n "$shop_ns" get deployment web -o json |
+    jq -e '.spec.template.metadata.annotations["crosstrace.dev/injection"] != null' >/dev/null ||
+    { echo "the Deployment is not injected"; kubectl get tracingpolicy "$policy" -o yaml; return 1; }
+}
+check "a TracingPolicy injects the Deployment (Ready)" policy_injected
+policy_uid="$(kubectl get tracingpolicy "$policy" -o jsonpath='{.metadata.uid}' 2>/dev/null || true)"
+
+# CRDs that Helm did not install (the old chart's crds/, or `kubectl apply -f crds/`) carry no release
+# metadata, so Helm refuses to take them over unless told to: --take-ownership (Helm >= 3.17), as the
+# README's upgrade note says.
+upgrade() {
+  helm upgrade "$release" "$chart" -n "$ns" --take-ownership --set agent.enabled=true --wait=false \
+    >"$tmp/upgrade.out" 2>&1 || { cat "$tmp/upgrade.out"; return 1; }
+  kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null
+}
+check "helm upgrade from the previous version to this chart (--take-ownership)" upgrade
+crds_upgraded() {
+  local crd
+  for crd in tracingpolicies.crosstrace.dev nodetracings.crosstrace.dev; do
+    kubectl get crd "$crd" -o json | jq -e --arg r "$release" '.metadata.annotations["helm.sh/resource-policy"] == "keep"
+      and .metadata.annotations["meta.helm.sh/release-name"] == $r
+      and .metadata.labels["helm.sh/chart"] == "crosstrace-0.2.0"' >/dev/null ||
+      { echo "$crd was not updated by the upgrade:"; kubectl get crd "$crd" -o jsonpath='{.metadata}'; return 1; }
+  done
+}
+check "the upgrade updated the CRDs (this chart's labels, keep annotation, owned by the release)" crds_upgraded
+policy_kept() {
+  [ -n "$policy_uid" ] &&
+    [ "$(kubectl get tracingpolicy "$policy" -o jsonpath='{.metadata.uid}')" = "$policy_uid" ] &&
+    kubectl -n "$shop_ns" get deployment web -o json |
+    jq -e '.spec.template.metadata.annotations["crosstrace.dev/injection"] != null' >/dev/null
+}
+check "the upgrade kept the policy (same object) and its injection" policy_kept
+
+# `helm uninstall` with the policy in force: the pre-delete hook runs (played by run-hook-pod.sh), deletes
+# the policy and waits while the controller, still running, reverts the Deployment and lets the policy go.
+uninstall_reverts() {
+  local hook_pid code=0
+  "$root/e2e/run-hook-pod.sh" "$ns" uninstall 120 >"$tmp/uninstall-hook.out" 2>&1 &
+  hook_pid=$!
+  helm uninstall "$release" -n "$ns" --wait --timeout=150s >"$tmp/uninstall.out" 2>&1 || code=$?
+  wait "$hook_pid" || { echo "the uninstall hook failed:"; cat "$tmp/uninstall-hook.out"; return 1; }
+  ((code == 0)) || { echo "helm uninstall failed:"; cat "$tmp/uninstall.out"; return 1; }
+  grep -q "running pod $ns/crosstrace-uninstall-.*: crosstrace uninstall --wait" "$tmp/uninstall-hook.out" &&
+    grep -q "no TracingPolicy left" "$tmp/uninstall-hook.out" ||
+    { echo "the hook did not run crosstrace uninstall --wait to the end:"; cat "$tmp/uninstall-hook.out"; return 1; }
+}
+check "helm uninstall runs the pre-delete hook (crosstrace uninstall --wait) and succeeds" uninstall_reverts
+helm status "$release" -n "$ns" >/dev/null 2>&1 || installed=0
+stop_controller
+target_reverted() {
+  kubectl -n "$shop_ns" get deployment web -o json | jq -S '.spec.template' >"$tmp/template-after.json"
+  diff "$tmp/template-before.json" "$tmp/template-after.json"
+}
+check "after uninstall the Deployment's pod template is exactly what it was" target_reverted
+no_policy_left() {
+  local left
+  left="$(kubectl get tracingpolicies -o json | jq -r '[.items[] | .metadata.name + " finalizers=" + (.metadata.finalizers | tostring)] | join(", ")')"
+  [ -z "$left" ] || { echo "left: $left"; return 1; }
+}
+check "after uninstall no TracingPolicy (and so no finalizer) is left" no_policy_left
+no_hook_left() {
+  local left=()
+  kubectl -n "$ns" get job crosstrace-uninstall >/dev/null 2>&1 && left+=(job/crosstrace-uninstall)
+  kubectl -n "$ns" get serviceaccount crosstrace-uninstall >/dev/null 2>&1 && left+=(serviceaccount/crosstrace-uninstall)
+  kubectl get clusterrole crosstrace-uninstall >/dev/null 2>&1 && left+=(clusterrole/crosstrace-uninstall)
+  kubectl get clusterrolebinding crosstrace-uninstall >/dev/null 2>&1 && left+=(clusterrolebinding/crosstrace-uninstall)
+  ((${#left[@]} == 0)) || { echo "left: ${left[*]}"; return 1; }
+}
+check "the succeeded hook leaves nothing behind (Job, ServiceAccount, RBAC)" no_hook_left
+kubectl delete namespace "$shop_ns" --wait=false >/dev/null 2>&1 || true
+for terminating in "$agent_ns"; do
+  kubectl wait --for=delete "namespace/$terminating" --timeout=180s >/dev/null 2>&1 || true
+done
+
+# ----------------------------------------------------------------------------------------------------------
+# A fresh install with the defaults: nothing waits for Open vSwitch, so `--wait` finishes.
+
+install_defaults() {
+  helm install "$release" "$chart" -n "$ns" --wait --timeout=120s >"$tmp/install.out" 2>&1 ||
     { cat "$tmp/install.out"; return 1; }
   grep -q 'kubectl apply -f config/samples/edge.yaml' "$tmp/install.out" ||
     { echo "NOTES do not say what to apply next"; cat "$tmp/install.out"; return 1; }
+  grep -q -- '--set agent.enabled=true' "$tmp/install.out" ||
+    { echo "NOTES do not say how to turn the agent on"; cat "$tmp/install.out"; return 1; }
 }
-check "helm install succeeds (and NOTES say what to apply next)" install
+check "helm install --wait with the defaults finishes (and NOTES say what to apply next, how to enable the agent)" \
+  install_defaults
 # (check runs its command in a subshell, so whether the release exists is asked here.)
 helm status "$release" -n "$ns" >/dev/null 2>&1 && installed=1
 ((installed)) || { summary; exit 1; }
+
+defaults_every_pod_runs() {
+  local out
+  out="$(kubectl get pods -A -l app.kubernetes.io/instance="$release" -o json |
+    jq -r '.items[] | select(.status.phase != "Running" or ([.status.conditions[]? | select(.type == "Ready")][0].status != "True"))
+      | .metadata.namespace + "/" + .metadata.name + " " + .status.phase')"
+  [ -z "$out" ] || { echo "pods not Running and Ready: $out"; return 1; }
+  ! kubectl get daemonset -A -l app.kubernetes.io/instance="$release" -o name | grep -q . ||
+    { echo "a DaemonSet was installed with the defaults"; return 1; }
+}
+check "defaults: every pod of the release Running and Ready, no agent DaemonSet" defaults_every_pod_runs
 
 controller_ready() {
   kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s &&
@@ -160,6 +460,15 @@ controller_ready() {
     jq -e '.status.readyReplicas == .spec.replicas and .spec.replicas == 2' >/dev/null
 }
 check "controller Deployment Ready (2 replicas)" controller_ready
+pdb_installed() {
+  kubectl -n "$ns" get poddisruptionbudget crosstrace-controller -o json | jq -e '.spec.maxUnavailable == 1' >/dev/null
+}
+check "PodDisruptionBudget crosstrace-controller (maxUnavailable 1) installed" pdb_installed
+
+enable_agent() {
+  helm upgrade "$release" "$chart" -n "$ns" --reuse-values --set agent.enabled=true --wait=false >/dev/null
+}
+check "helm upgrade --set agent.enabled=true" enable_agent
 
 agent_ready() {
   local nodes i ready=0 desired=0
@@ -241,6 +550,23 @@ check "agent may not delete nodetracings" can no delete nodetracings "$agent_sa"
 check "agent may not patch nodetracings (spec)" can no patch nodetracings "$agent_sa"
 check "agent may get nodes" can yes get nodes "$agent_sa"
 check "agent may not list nodes" can no list nodes "$agent_sa"
+# The hooks' ServiceAccounts: the uninstall hook lists and deletes policies; the helm test check reads.
+uninstall_sa="system:serviceaccount:$ns:crosstrace-uninstall"
+check_sa="system:serviceaccount:$ns:crosstrace-check"
+check "uninstall hook may list tracingpolicies" can yes list tracingpolicies "$uninstall_sa"
+check "uninstall hook may delete tracingpolicies" can yes delete tracingpolicies "$uninstall_sa"
+check "uninstall hook may not patch tracingpolicies (finalizers)" can no patch tracingpolicies "$uninstall_sa"
+check "uninstall hook may not watch tracingpolicies" can no watch tracingpolicies "$uninstall_sa"
+check "uninstall hook may not delete nodetracings" can no delete nodetracings "$uninstall_sa"
+check "uninstall hook may not read secrets" can no get secrets "$uninstall_sa" -n "$ns"
+check "helm test check may get the TracingPolicy CRD" can yes get customresourcedefinitions/tracingpolicies.crosstrace.dev "$check_sa"
+check "helm test check may not get other CRDs" can no get customresourcedefinitions/foos.example.com "$check_sa"
+check "helm test check may create subjectaccessreviews" can yes create subjectaccessreviews.authorization.k8s.io "$check_sa"
+check "helm test check may get the controller's Lease" can yes get leases/crosstrace-controller "$check_sa" -n "$ns"
+check "helm test check may not update the Lease" can no update leases/crosstrace-controller "$check_sa" -n "$ns"
+check "helm test check may get the agents' DaemonSet" can yes get daemonsets/crosstrace-agent "$check_sa" -n "$agent_ns"
+check "helm test check may not list tracingpolicies" can no list tracingpolicies "$check_sa"
+check "helm test check may not read secrets" can no get secrets "$check_sa" -n "$ns"
 
 # refused_by <policy> <expected message part> <command...>: the command fails with that admission policy's
 # message. Retried for a while: a new policy takes effect once the API server's policy informer has seen it.
@@ -374,24 +700,137 @@ check "admin limits: a sidecar image from another repository is refused naming t
   '{"collector": {"endpoint": "otel:4317"}, "workloads": {"namespaceSelector": {}, "sidecar": {"image": "evil.example/collector:1"}}}'
 
 # ----------------------------------------------------------------------------------------------------------
-# Uninstall: everything goes but the CRDs.
+# helm test: crosstrace check in the test pod (played by run-hook-pod.sh), with its own ServiceAccount.
+
+# helm_test_run <want: pass|fail>: runs `helm test` with the hook runner; the check's output is in
+# $tmp/test-hook.out.
+helm_test_run() {
+  local want=$1 hook_pid code=0 hook_code=0
+  "$root/e2e/run-hook-pod.sh" "$ns" test 60 >"$tmp/test-hook.out" 2>&1 &
+  hook_pid=$!
+  helm test "$release" -n "$ns" --timeout=90s >"$tmp/test.out" 2>&1 || code=$?
+  wait "$hook_pid" || hook_code=$?
+  if [ "$want" = pass ]; then
+    ((code == 0 && hook_code == 0)) || { cat "$tmp/test-hook.out" "$tmp/test.out"; return 1; }
+    ! grep -q '^FAIL' "$tmp/test-hook.out" || { cat "$tmp/test-hook.out"; return 1; }
+    grep -q '^ok: Lease crosstrace-controller is held by' "$tmp/test-hook.out" &&
+      grep -q '^ok: CRD tracingpolicies.crosstrace.dev is Established' "$tmp/test-hook.out" &&
+      grep -q "^ok: the controller's ServiceAccount may get, update leases crosstrace-controller" "$tmp/test-hook.out" &&
+      grep -q '^ok: 3 node agents of DaemonSet crosstrace-agent are Ready' "$tmp/test-hook.out" ||
+      { echo "missing checks:"; cat "$tmp/test-hook.out"; return 1; }
+  else
+    ((code != 0 && hook_code != 0)) || { echo "helm test passed, want a failure"; cat "$tmp/test-hook.out"; return 1; }
+    grep -q '^FAIL: Lease crosstrace-controller .*stale' "$tmp/test-hook.out" ||
+      { echo "no FAIL line naming the stale Lease:"; cat "$tmp/test-hook.out"; return 1; }
+  fi
+}
+check "the controller runs (host process, the chart's token) and leads" start_controller
+check "helm test runs crosstrace check and passes (CRDs, controller RBAC, Lease, agents)" helm_test_run pass
+# `crosstrace check --ovsdb`, where an agent runs (here: beside node 0's Open vSwitch), with the test's own
+# ServiceAccount: the socket answers; a node without Open vSwitch is a FAIL that says so.
+ovsdb_checked() {
+  local out missing="unix:$tmp/no-ovs/db.sock"
+  "$root/e2e/sa-kubeconfig.sh" "$ns" crosstrace-check "$tmp/check.kubeconfig" || return 1
+  out="$(KUBECONFIG="$tmp/check.kubeconfig" "$bin" check --namespace "$ns" --ovsdb "$CROSSTRACE_NODE_0_OVSDB" 2>&1)" ||
+    { echo "$out"; return 1; }
+  grep -q "^ok: OVSDB at $CROSSTRACE_NODE_0_OVSDB serves Open_vSwitch" <<<"$out" || { echo "$out"; return 1; }
+  if out="$(KUBECONFIG="$tmp/check.kubeconfig" "$bin" check --namespace "$ns" --ovsdb "$missing" 2>&1)"; then
+    echo "passed without Open vSwitch: $out"
+    return 1
+  fi
+  grep -q "^FAIL: OVSDB at $missing is not reachable .*is Open vSwitch running here?" <<<"$out" || { echo "$out"; return 1; }
+}
+check "crosstrace check --ovsdb: ok beside Open vSwitch, FAIL (exit non-zero) without it" ovsdb_checked
+stop_controller
+# The Lease is released on a clean stop; a killed leader leaves it held, and stale after its 6 s.
+lease_stale() {
+  local i
+  "$root/e2e/sa-kubeconfig.sh" "$ns" crosstrace-controller "$tmp/controller.kubeconfig" &&
+    kubectl -n "$ns" patch lease crosstrace-controller --type=merge \
+      -p "{\"spec\":{\"holderIdentity\":\"gone-1\",\"renewTime\":\"$(date -u -d '-60 sec' +%Y-%m-%dT%H:%M:%S.000000Z)\"}}" >/dev/null
+}
+check "a leader that stopped renewing (Lease 60 s old)" lease_stale
+check "helm test fails with a FAIL line naming the stale Lease" helm_test_run fail
+# A failed test pod stays for its log until the next `helm test`; removed here, as a user would.
+kubectl -n "$ns" delete pod crosstrace-check --ignore-not-found >/dev/null 2>&1 || true
+
+# ----------------------------------------------------------------------------------------------------------
+# An uninstall that cannot revert (the controller is down): the hook times out naming the policy, Helm stops
+# and the release stays; with the controller back, the uninstall goes through.
+
+stuck_policy() {
+  local i
+  start_controller || return 1
+  kubectl apply -f - >/dev/null <<EOT || return 1
+apiVersion: crosstrace.dev/v1alpha1
+kind: TracingPolicy
+metadata: {name: $stuck}
+spec:
+  collector: {endpoint: "otel-gateway.observability.svc:4317"}
+  workloads:
+    namespaceSelector: {matchLabels: {helm-test: none}}
+EOT
+  for ((i = 0; i < 150; i++)); do
+    kubectl get tracingpolicy "$stuck" -o jsonpath='{.metadata.finalizers}' | grep -q crosstrace.dev/cleanup && break
+    sleep 0.2
+  done
+  stop_controller
+  kubectl get tracingpolicy "$stuck" -o jsonpath='{.metadata.finalizers}' | grep -q crosstrace.dev/cleanup ||
+    { echo "the controller did not take the policy on"; return 1; }
+  helm upgrade "$release" "$chart" -n "$ns" --reuse-values --set hooks.uninstall.timeoutSeconds=10 --wait=false >/dev/null
+}
+check "a policy held by its finalizer, the controller stopped, the hook's timeout 10 s" stuck_policy
+uninstall_blocked() {
+  local hook_pid hook_code=0
+  "$root/e2e/run-hook-pod.sh" "$ns" uninstall 60 >"$tmp/uninstall-hook.out" 2>&1 &
+  hook_pid=$!
+  if helm uninstall "$release" -n "$ns" --timeout=60s >"$tmp/uninstall.out" 2>&1; then
+    echo "helm uninstall succeeded with a policy nobody can revert"
+    return 1
+  fi
+  wait "$hook_pid" || hook_code=$?
+  ((hook_code != 0)) || { echo "the hook succeeded"; cat "$tmp/uninstall-hook.out"; return 1; }
+  grep -q "timed out after 10s: TracingPolicies still present (finalizer crosstrace.dev/cleanup): $stuck\." \
+    "$tmp/uninstall-hook.out" || { echo "no one-line error naming $stuck:"; cat "$tmp/uninstall-hook.out"; return 1; }
+  # Helm records the release as "uninstalling" before the hook runs, and deletes nothing when it fails.
+  [ "$(helm status "$release" -n "$ns" -o json | jq -r .info.status)" = uninstalling ] ||
+    { echo "the release is gone or not uninstalling:"; helm status "$release" -n "$ns" | head -5; return 1; }
+  kubectl -n "$ns" get deployment crosstrace-controller >/dev/null &&
+    kubectl get clusterrole crosstrace-controller >/dev/null || { echo "the release's objects are gone"; return 1; }
+}
+check "helm uninstall fails, the hook names the policy left, the release and its objects stay" uninstall_blocked
+check "the controller runs again" start_controller
+
+# ----------------------------------------------------------------------------------------------------------
+# Uninstall: everything goes but the CRDs. The hook deletes the policy left above and the controller, running
+# again, lets it go.
 
 uninstall() {
-  helm uninstall "$release" -n "$ns" --wait --timeout=120s >/dev/null
+  local hook_pid
+  "$root/e2e/run-hook-pod.sh" "$ns" uninstall 120 >"$tmp/uninstall-hook.out" 2>&1 &
+  hook_pid=$!
+  helm uninstall "$release" -n "$ns" --wait --timeout=120s >/dev/null || return 1
+  wait "$hook_pid" || { cat "$tmp/uninstall-hook.out"; return 1; }
 }
-check "helm uninstall succeeds" uninstall
+check "helm uninstall succeeds once the controller runs again (the hook's second attempt)" uninstall
 helm status "$release" -n "$ns" >/dev/null 2>&1 || installed=0
+stop_controller
+check "no TracingPolicy left after that uninstall" no_policy_left
 
 all_gone() {
   local left=() kind_name
   for kind_name in deployment/crosstrace-controller daemonset/crosstrace-agent serviceaccount/crosstrace-controller \
     serviceaccount/crosstrace-agent service/crosstrace-metrics role/crosstrace-controller-leader-election \
-    rolebinding/crosstrace-controller-leader-election; do
+    rolebinding/crosstrace-controller-leader-election poddisruptionbudget/crosstrace-controller \
+    job/crosstrace-uninstall serviceaccount/crosstrace-uninstall pod/crosstrace-check serviceaccount/crosstrace-check \
+    role/crosstrace-check rolebinding/crosstrace-check; do
     kubectl -n "$ns" get "$kind_name" >/dev/null 2>&1 && left+=("$kind_name")
   done
   kubectl -n "$ns" get configmap/crosstrace-admin-limits >/dev/null 2>&1 && left+=(configmap/crosstrace-admin-limits)
   for kind_name in clusterrole/crosstrace-controller clusterrole/crosstrace-agent \
     clusterrolebinding/crosstrace-controller clusterrolebinding/crosstrace-agent \
+    clusterrole/crosstrace-uninstall clusterrolebinding/crosstrace-uninstall \
+    clusterrole/crosstrace-check clusterrolebinding/crosstrace-check \
     validatingadmissionpolicy/crosstrace-agent-own-node validatingadmissionpolicybinding/crosstrace-agent-own-node \
     validatingadmissionpolicy/crosstrace-admin-limits validatingadmissionpolicybinding/crosstrace-admin-limits \
     validatingadmissionpolicy/crosstrace-controller-configmaps \
@@ -403,7 +842,7 @@ all_gone() {
     left+=("namespace/$agent_ns")
   ((${#left[@]} == 0)) || { echo "left after uninstall: ${left[*]}"; return 1; }
 }
-check "helm uninstall removes the workloads, RBAC and admission policy" all_gone
+check "helm uninstall removes the workloads, RBAC, hooks and admission policy" all_gone
 
 crds_remain() {
   kubectl get crd tracingpolicies.crosstrace.dev nodetracings.crosstrace.dev >/dev/null

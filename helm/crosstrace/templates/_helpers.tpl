@@ -108,3 +108,38 @@ Pass (dict "name" "sflow" "path" "object.spec.network.sflow").
       && variables.collectorNetworks.exists(network,
            cidr(network).containsIP(target.substring(0, target.lastIndexOf(':')).replace('[', '').replace(']', '')))))
 {{- end -}}
+
+{{/* The log settings every crosstrace container gets (a list of EnvVar, for env:). */}}
+{{- define "crosstrace.logEnv" -}}
+- name: CROSSTRACE_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- with .Values.logLevel }}
+- name: RUST_LOG
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod and container security context of the Pod Security level "restricted" (the controller's and the hooks'). */}}
+{{- define "crosstrace.restrictedPodSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "crosstrace.restrictedContainerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{/*
+The label on the pods of the chart's hooks (uninstall, test). Pass the hook's name. Besides naming them, it
+is what the local e2e cluster's kwok leaves alone: there the hook pods are run by e2e/run-hook-pod.sh as
+host processes instead of being marked done without running (see e2e/kwok/kwok.yaml).
+*/}}
+{{- define "crosstrace.hookPodLabel" -}}
+crosstrace.dev/hook: {{ . }}
+{{- end -}}
