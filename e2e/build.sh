@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds (once) every binary the local cluster needs, from the Go module proxy and crates.io, and caches
-# it by version outside the repository. Safe to run again: a cached binary is never rebuilt.
+# Builds (once) every binary the local cluster and its tests need, from the Go module proxy and the crate
+# registry, and caches it by version outside the repository. Safe to run again: a cached binary is never rebuilt.
 #
 #   e2e/build.sh            build what is missing, print the bin directories
 #   e2e/build.sh --print    only print the bin directories (exits 1 when something is missing)
+#   e2e/build.sh --only go-containerregistry|actionlint|helm   build just that one, print its bin directory
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=e2e/versions.env
@@ -19,7 +20,10 @@ kube_dir="$cache/kubernetes-$KUBERNETES_VERSION"
 kwok_dir="$cache/kwok-$KWOK_VERSION"
 helm_dir="$cache/helm-$HELM_VERSION"
 just_dir="$cache/just-$JUST_VERSION"
-bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin")
+ggcr_dir="$cache/go-containerregistry-$GO_CONTAINERREGISTRY_VERSION"
+actionlint_dir="$cache/actionlint-$ACTIONLINT_VERSION"
+bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin" "$ggcr_dir/bin"
+  "$actionlint_dir/bin")
 
 have() { [ -x "$1/bin/$2" ]; }
 
@@ -110,6 +114,27 @@ build_helm() {
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "building helm $HELM_VERSION failed"
 }
 
+# crane pushes the image and reads it back; registry is a local OCI registry (in memory) for the e2e test.
+build_go_containerregistry() {
+  have "$ggcr_dir" crane && have "$ggcr_dir" registry && return
+  need_go
+  log "go-containerregistry $GO_CONTAINERREGISTRY_VERSION: crane, registry"
+  local m=github.com/google/go-containerregistry
+  GOBIN="$ggcr_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X $m/cmd/crane/cmd.Version=$GO_CONTAINERREGISTRY_VERSION" \
+    "$m/cmd/crane@$GO_CONTAINERREGISTRY_VERSION" "$m/cmd/registry@$GO_CONTAINERREGISTRY_VERSION" ||
+    die "building go-containerregistry $GO_CONTAINERREGISTRY_VERSION failed"
+}
+
+build_actionlint() {
+  have "$actionlint_dir" actionlint && return
+  need_go
+  log "actionlint $ACTIONLINT_VERSION"
+  GOBIN="$actionlint_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION" \
+    "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" || die "building actionlint $ACTIONLINT_VERSION failed"
+}
+
 build_just() {
   have "$just_dir" just && return
   command -v cargo >/dev/null || die "cargo is not installed; install Rust with rustup first"
@@ -123,15 +148,35 @@ if [ "${1:-}" = "--print" ]; then
   exit 0
 fi
 
+only=""
+if [ "${1:-}" = "--only" ]; then
+  case "${2:-}" in
+  go-containerregistry) only=build_go_containerregistry only_dir="$ggcr_dir/bin" only_bins=(crane registry) ;;
+  actionlint) only=build_actionlint only_dir="$actionlint_dir/bin" only_bins=(actionlint) ;;
+  helm) only=build_helm only_dir="$helm_dir/bin" only_bins=(helm) ;;
+  *) die "--only go-containerregistry|actionlint|helm" ;;
+  esac
+  # Cached: no need to wait for the lock (another build may hold it for minutes).
+  cached=1
+  for b in "${only_bins[@]}"; do [ -x "$only_dir/$b" ] || cached=0; done
+  if ((cached)); then echo "$only_dir"; exit 0; fi
+fi
+
 # One build at a time: a second caller (e.g. cluster.sh up while a background build runs) waits for the
 # first and then finds everything cached.
 mkdir -p "$cache"
 exec 9>"$cache/.build.lock"
 flock 9 || die "could not lock $cache/.build.lock"
 
+if [ -n "$only" ]; then
+  $only
+  echo "$only_dir"
+  exit 0
+fi
+
 start=$SECONDS
 built=0
-for step in build_just build_helm build_kwok build_etcd build_kubernetes; do
+for step in build_just build_helm build_kwok build_go_containerregistry build_actionlint build_etcd build_kubernetes; do
   before=$SECONDS
   $step
   ((SECONDS - before > 1)) && built=1

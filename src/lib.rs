@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod build;
 pub mod clients;
 pub mod controller;
 pub mod crashpoint;
