@@ -75,7 +75,8 @@ for platform in "${platform_list[@]}"; do
   # `file` says "statically linked" or "static-pie linked"; a dynamic binary names its interpreter.
   file -b "$bin" | grep -Eq 'static(-pie)? linked' || die "$bin is not static: $(file -b "$bin")"
   if [ "$triple" = "$(rustc -vV | sed -n 's/^host: //p')" ]; then
-    ! ldd "$bin" >/dev/null 2>&1 || die "$bin has dynamic dependencies: $(ldd "$bin")"
+    libs="$(ldd "$bin" 2>&1 || true)"
+    grep -Eq 'statically linked|not a dynamic executable' <<<"$libs" || die "$bin has dynamic dependencies: $libs"
     want="crosstrace $version (rev $CROSSTRACE_REVISION)"
     got="$("$bin" --version)" || die "$bin --version failed"
     [ "$got" = "$want" ] || die "$bin --version says '$got', want '$want'"

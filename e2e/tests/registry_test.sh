@@ -154,8 +154,12 @@ config_is() { # <jq filter> <want>
   [ "$got" = "$2" ] || { echo "$1: $got, want $2"; return 1; }
 }
 revision="$(jq -r '.config.Labels["org.opencontainers.image.revision"]' "$tmp/config.json" 2>/dev/null || true)"
-head_revision="$(git -C "$root" rev-parse --short=12 HEAD)"
-git -C "$root" diff --quiet HEAD -- || head_revision+="-dirty"
+# What e2e/image.sh takes as the revision: CROSSTRACE_REVISION, else HEAD, marked -dirty when it differs.
+head_revision="${CROSSTRACE_REVISION:-}"
+if [ -z "$head_revision" ]; then
+  head_revision="$(git -C "$root" rev-parse --short=12 HEAD)"
+  git -C "$root" diff --quiet HEAD -- || head_revision+="-dirty"
+fi
 created="$(date -u -d "@$(git -C "$root" log -1 --format=%ct HEAD)" +%Y-%m-%dT%H:%M:%SZ)"
 check "image runs as the non-root user 65532:65532" config_is .config.User 65532:65532
 check "image entrypoint is /crosstrace" config_is '.config.Entrypoint | join(" ")' /crosstrace
