@@ -26,9 +26,10 @@ lint:
     cargo clippy --locked --all-targets --features e2e -- -D warnings
     "$(e2e/build.sh --only actionlint)/actionlint"
 
-# The container image without a container engine (e2e/image.sh): a static release binary, non-root, as an
-# OCI layout under $CARGO_TARGET_DIR/image; prints its digest (the same commit gives the same digest).
-# `just image push=REGISTRY/crosstrace[:TAG]` pushes it too (TAG defaults to the version).
+# e2e/image.sh: a static release binary, non-root, as an OCI layout under $CARGO_TARGET_DIR/image; prints
+# its digest (the same commit gives the same digest). `just image push=REGISTRY/crosstrace[:TAG]` pushes it
+# too (TAG defaults to the version).
+# Build the container image without a container engine (push=REGISTRY/crosstrace[:TAG] to push it).
 image push=env("CROSSTRACE_IMAGE_PUSH", ""):
     #!/usr/bin/env bash
     set -euo pipefail
