@@ -24,7 +24,7 @@ crds:
 lint:
     cargo fmt --all -- --check
     cargo clippy --locked --all-targets --features e2e -- -D warnings
-    "$(e2e/build.sh --only actionlint)/actionlint"
+    "$(e2e/build.sh actionlint)/actionlint"
 
 # e2e/image.sh: a static release binary, non-root, as an OCI layout under $CARGO_TARGET_DIR/image; prints
 # its digest (the same commit gives the same digest). `just image push=REGISTRY/crosstrace[:TAG]` pushes it
@@ -37,9 +37,13 @@ image push=env("CROSSTRACE_IMAGE_PUSH", ""):
     push="${push#push=}"
     exec e2e/image.sh ${push:+--push "$push"}
 
-# Pure and mocked-API tests, and the CRD drift check.
+# Pure and mocked-API tests, the CRD drift check, and every sidecar configuration checked by the real
+# collector of the default sidecar's release (built once by e2e/build.sh, cached).
 unit:
-    cargo test --locked
+    #!/usr/bin/env bash
+    set -euo pipefail
+    otelcol_bin="$(e2e/build.sh otelcol)"
+    CROSSTRACE_OTELCOL="$otelcol_bin/otelcol-k8s" cargo test --locked
 
 # Start the local real cluster (cached binaries; the first run builds them, see README).
 up:

@@ -4,7 +4,9 @@
 #
 #   e2e/build.sh            build what is missing, print the bin directories
 #   e2e/build.sh --print    only print the bin directories (exits 1 when something is missing)
-#   e2e/build.sh --only go-containerregistry|actionlint|helm   build just that one, print its bin directory
+#   e2e/build.sh otelcol    only the OpenTelemetry Collector (what `just unit` needs), print its bin directory
+#   e2e/build.sh go-containerregistry | actionlint | helm   only that one (crane and registry, actionlint,
+#                           helm: what `just image`, `just lint` and the release workflow need), likewise
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=e2e/versions.env
@@ -20,10 +22,11 @@ kube_dir="$cache/kubernetes-$KUBERNETES_VERSION"
 kwok_dir="$cache/kwok-$KWOK_VERSION"
 helm_dir="$cache/helm-$HELM_VERSION"
 just_dir="$cache/just-$JUST_VERSION"
+otelcol_dir="$cache/otelcol-$OTELCOL_VERSION"
 ggcr_dir="$cache/go-containerregistry-$GO_CONTAINERREGISTRY_VERSION"
 actionlint_dir="$cache/actionlint-$ACTIONLINT_VERSION"
-bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin" "$ggcr_dir/bin"
-  "$actionlint_dir/bin")
+bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin" "$otelcol_dir/bin"
+  "$ggcr_dir/bin" "$actionlint_dir/bin")
 
 have() { [ -x "$1/bin/$2" ]; }
 
@@ -143,24 +146,79 @@ build_just() {
     die "installing just $JUST_VERSION failed"
 }
 
+# The OpenTelemetry Collector Builder's manifest for otelcol-k8s: a subset of the official otelcol-k8s
+# distribution at the same release (its manifest in open-telemetry/opentelemetry-collector-releases,
+# distributions/otelcol-k8s), with only the components crosstrace's sidecar configuration uses (otlp
+# receiver, memory_limiter and resource processors, otlp_grpc, otlp_http and debug exporters, health_check
+# extension) plus its file exporter, for tests that collect spans on the host. Why a subset: build time on
+# 2 cores; the whole distribution has some 70 components (Kubernetes clients, Prometheus, ...), this one
+# eight (a cold build took 4.5 minutes on a busy 2-core machine). Same component versions, so the same configuration schema: what this binary's `validate` accepts,
+# the image of that release accepts.
+otelcol_manifest() {
+  local core=go.opentelemetry.io/collector contrib=github.com/open-telemetry/opentelemetry-collector-contrib
+  cat <<YAML
+dist:
+  name: otelcol-k8s
+  description: crosstrace's test build of otelcol-k8s (a subset of its components)
+  version: ${OTELCOL_VERSION#v}
+  output_path: $otelcol_dir/src
+  build_tags: grpcnotrace
+receivers:
+  - gomod: $core/receiver/otlpreceiver $OTELCOL_VERSION
+processors:
+  - gomod: $core/processor/memorylimiterprocessor $OTELCOL_VERSION
+  - gomod: $contrib/processor/resourceprocessor $OTELCOL_CONTRIB_VERSION
+exporters:
+  - gomod: $core/exporter/otlpexporter $OTELCOL_VERSION
+  - gomod: $core/exporter/otlphttpexporter $OTELCOL_VERSION
+  - gomod: $core/exporter/debugexporter $OTELCOL_VERSION
+  - gomod: $contrib/exporter/fileexporter $OTELCOL_CONTRIB_VERSION
+extensions:
+  - gomod: $contrib/extension/healthcheckextension $OTELCOL_CONTRIB_VERSION
+providers:
+  - gomod: $core/confmap/provider/envprovider $OTELCOL_STABLE_VERSION
+  - gomod: $core/confmap/provider/fileprovider $OTELCOL_STABLE_VERSION
+  - gomod: $core/confmap/provider/yamlprovider $OTELCOL_STABLE_VERSION
+YAML
+}
+
+build_otelcol() {
+  # Cached by version; a changed manifest (a component added) rebuilds it too.
+  have "$otelcol_dir" otelcol-k8s && [ "$(otelcol_manifest)" = "$(cat "$otelcol_dir/manifest.yaml" 2>/dev/null)" ] &&
+    return
+  need_go
+  log "otelcol-k8s $OTELCOL_VERSION (contrib $OTELCOL_CONTRIB_VERSION) with the OpenTelemetry Collector Builder"
+  rm -rf "$otelcol_dir" && mkdir -p "$otelcol_dir"
+  GOBIN="$otelcol_dir/builder" go install -trimpath "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION" ||
+    die "installing the collector builder $OTELCOL_VERSION failed"
+  otelcol_manifest >"$otelcol_dir/src.yaml"
+  # Strict versioning: every core module resolves to the builder's own release, none is pulled ahead.
+  # `-e` lets the builder's `go mod tidy` pass over what only the components' own tests import (the file
+  # exporter's tests need a contrib encoding extension the module proxy does not serve at this release);
+  # anything the binary imports still has to resolve, or `go build` fails.
+  GOFLAGS="$GOFLAGS -e" "$otelcol_dir/builder/builder" --config="$otelcol_dir/src.yaml" --skip-strict-versioning=false \
+    >"$otelcol_dir/build.log" 2>&1 ||
+    die "building otelcol-k8s $OTELCOL_VERSION failed; see $otelcol_dir/build.log"
+  mkdir "$otelcol_dir/bin" && mv "$otelcol_dir/src/otelcol-k8s" "$otelcol_dir/bin/otelcol-k8s"
+  # Written last: it marks the build complete.
+  mv "$otelcol_dir/src.yaml" "$otelcol_dir/manifest.yaml"
+}
+
 if [ "${1:-}" = "--print" ]; then
   for d in "${bin_dirs[@]}"; do [ -d "$d" ] || exit 1; echo "$d"; done
   exit 0
 fi
 
-only=""
-if [ "${1:-}" = "--only" ]; then
-  case "${2:-}" in
-  go-containerregistry) only=build_go_containerregistry only_dir="$ggcr_dir/bin" only_bins=(crane registry) ;;
-  actionlint) only=build_actionlint only_dir="$actionlint_dir/bin" only_bins=(actionlint) ;;
-  helm) only=build_helm only_dir="$helm_dir/bin" only_bins=(helm) ;;
-  *) die "--only go-containerregistry|actionlint|helm" ;;
-  esac
-  # Cached: no need to wait for the lock (another build may hold it for minutes).
-  cached=1
-  for b in "${only_bins[@]}"; do [ -x "$only_dir/$b" ] || cached=0; done
-  if ((cached)); then echo "$only_dir"; exit 0; fi
-fi
+steps=(build_just build_helm build_kwok build_go_containerregistry build_actionlint build_etcd build_kubernetes
+  build_otelcol)
+case "${1:-}" in
+"") ;;
+otelcol) steps=(build_otelcol) bin_dirs=("$otelcol_dir/bin") ;;
+go-containerregistry) steps=(build_go_containerregistry) bin_dirs=("$ggcr_dir/bin") ;;
+actionlint) steps=(build_actionlint) bin_dirs=("$actionlint_dir/bin") ;;
+helm) steps=(build_helm) bin_dirs=("$helm_dir/bin") ;;
+*) die "unknown argument $1 (see the top of $0)" ;;
+esac
 
 # One build at a time: a second caller (e.g. cluster.sh up while a background build runs) waits for the
 # first and then finds everything cached.
@@ -168,15 +226,9 @@ mkdir -p "$cache"
 exec 9>"$cache/.build.lock"
 flock 9 || die "could not lock $cache/.build.lock"
 
-if [ -n "$only" ]; then
-  $only
-  echo "$only_dir"
-  exit 0
-fi
-
 start=$SECONDS
 built=0
-for step in build_just build_helm build_kwok build_go_containerregistry build_actionlint build_etcd build_kubernetes; do
+for step in "${steps[@]}"; do
   before=$SECONDS
   $step
   ((SECONDS - before > 1)) && built=1

@@ -94,7 +94,7 @@ if [ -n "$push" ]; then
   # A reference without a tag gets the version (a ':' after the last '/' is a tag, one before is a port).
   last="${push##*/}"
   [[ "$last" == *:* || "$last" == *@* ]] || push="$push:$version"
-  crane="$("$here/build.sh" --only go-containerregistry)/crane" || die "building crane failed"
+  crane="$("$here/build.sh" go-containerregistry)/crane" || die "building crane failed"
   pushed="$("$crane" push "$out" "$push")" || die "crane push to $push failed"
   [ "${pushed##*@}" = "$digest" ] || die "the registry reports $pushed, the layout has $digest"
   echo "pushed: $pushed"

@@ -408,10 +408,10 @@ mod tests {
     fn official_sidecar_images_with_any_tag_or_digest_and_the_default_are_allowed() {
         for image in [
             "",
-            "otel/opentelemetry-collector-k8s:0.115.1",
+            "otel/opentelemetry-collector-k8s:0.165.0",
             "otel/opentelemetry-collector-k8s",
-            "docker.io/otel/opentelemetry-collector-k8s:0.115.1@sha256:0123",
-            "ghcr.io/open-telemetry/opentelemetry-collector-releases/opentelemetry-collector-k8s:0.115.1",
+            "docker.io/otel/opentelemetry-collector-k8s:0.165.0@sha256:0123",
+            "ghcr.io/open-telemetry/opentelemetry-collector-releases/opentelemetry-collector-k8s:0.165.0",
         ] {
             assert_eq!(field_of(&workloads(image)), None, "{image}");
         }
@@ -422,7 +422,7 @@ mod tests {
         for image in [
             "evil.io/otel/opentelemetry-collector-k8s:1",
             "otel/opentelemetry-collector-k8s-evil:1",
-            "otel/opentelemetry-collector-contrib:0.115.1",
+            "otel/opentelemetry-collector-contrib:0.165.0",
             "x:broken",
         ] {
             let violation = check(&workloads(image), &AdminLimits::default()).unwrap_err();

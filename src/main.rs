@@ -100,7 +100,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = Admin { metrics: metrics.clone(), ready: ready.clone() };
-    let server = tokio::spawn(http::serve(args.admin_addr, admin));
+    let listener = http::listen(args.admin_addr, "--admin-addr / CROSSTRACE_ADMIN_ADDR").await?;
+    let server = tokio::spawn(http::serve(listener, admin));
     let shutdown = shutdown_signal().shared();
     ready.store(true, Ordering::Relaxed);
 
@@ -148,7 +149,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = controller::run(clients, settings, metrics, fence, stop) => {}
-        result = server => { result??; }
+        result = server => return Err(http::stopped(result)),
     }
     match leadership {
         Some(l) if *l.lost.borrow() => anyhow::bail!("lost the leader lease"),
@@ -181,8 +182,21 @@ fn write_crds(out_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line a person can act on (`{:#}`: the error and its causes, no backtrace); logged too,
+            // so that a JSON log pipeline sees it.
+            tracing::error!(error = format!("{error:#}"), "crosstrace stopped");
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.role {
         Role::Crds { out_dir } => write_crds(out_dir),
         Role::Agent(args) => {

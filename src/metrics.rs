@@ -32,6 +32,12 @@ pub struct LayerLabels {
     pub layer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BridgeLabels {
+    pub bridge: String,
+    pub state: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -41,6 +47,10 @@ pub struct Metrics {
     pub api_writes: Family<WriteLabels, Counter>,
     pub targets: Family<TargetLabels, Gauge>,
     pub drift_corrections: Family<LayerLabels, Counter>,
+    /// The agent's: 1 while it is connected to its node's OVSDB.
+    pub ovsdb_connected: Gauge,
+    /// The agent's: 1 for each bridge of its NodeTracing, labelled with the export's state there.
+    pub bridges: Family<BridgeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -56,17 +66,61 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Failed reconciles by error kind", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
         registry.register("api_writes", "Writes the operator sent to the API server", api_writes.clone());
-        registry.register("targets", "Targets by policy, layer and state", targets.clone());
+        registry.register(
+            "targets",
+            "Selected targets by policy, layer and state; every target is in one state, so the states add up",
+            targets.clone(),
+        );
         registry.register(
             "drift_corrections",
             "Changes re-applied after someone removed them",
             drift_corrections.clone(),
         );
-        Self { registry, reconciles, reconcile_errors, reconcile_duration, api_writes, targets, drift_corrections }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            api_writes,
+            targets,
+            drift_corrections,
+            ovsdb_connected: Gauge::default(),
+            bridges: Family::default(),
+        }
     }
 }
 
 impl Metrics {
+    /// The node agent's metrics: its API writes and drift corrections, whether it reaches OVSDB, and
+    /// the state of each bridge's export (what a PodMonitor scrapes to see every node's health).
+    pub fn agent() -> Self {
+        let mut registry = Registry::with_prefix("crosstrace");
+        let controller = Self::default();
+        let (api_writes, drift_corrections) = (controller.api_writes.clone(), controller.drift_corrections.clone());
+        let (ovsdb_connected, bridges) = (Gauge::default(), Family::<BridgeLabels, Gauge>::default());
+        registry.register("api_writes", "Writes the agent sent to the API server", api_writes.clone());
+        registry.register(
+            "drift_corrections",
+            "Exports re-applied after someone changed them on the node",
+            drift_corrections.clone(),
+        );
+        registry.register("agent_ovsdb_connected", "1 while the agent is connected to OVSDB", ovsdb_connected.clone());
+        registry.register(
+            "agent_bridges",
+            "Bridges of this node's NodeTracing (1 each), by the state of their export",
+            bridges.clone(),
+        );
+        Self { registry, api_writes, drift_corrections, ovsdb_connected, bridges, ..controller }
+    }
+
+    /// The agent's bridges as a report gives them: exactly one series per bridge, with its state.
+    pub fn set_bridges<'a>(&self, bridges: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.bridges.clear();
+        for (bridge, state) in bridges {
+            self.bridges.get_or_create(&BridgeLabels { bridge: bridge.into(), state: state.into() }).set(1);
+        }
+    }
+
     /// Counts an API write (called right before it is sent).
     pub fn write(&self, verb: &str, resource: &str) {
         crate::crashpoint::before_write();
@@ -91,7 +145,7 @@ impl Metrics {
     /// Forgets a deleted policy's target gauges so that they do not linger.
     pub fn forget_policy(&self, policy: &str) {
         for layer in ["ingress", "workloads", "network"] {
-            for state in ["selected", "ready", "rolledBack", "unhealthy", "waiting"] {
+            for (state, _) in crate::layers::LayerReport::default().states() {
                 self.targets.remove(&TargetLabels { policy: policy.into(), layer: layer.into(), state: state.into() });
             }
         }
@@ -102,5 +156,25 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_exports_its_own_families_and_one_series_per_bridge() {
+        let agent = Metrics::agent();
+        agent.ovsdb_connected.set(1);
+        agent.set_bridges([("br-int", "pending")]);
+        agent.set_bridges([("br-int", "verified"), ("br-ex", "conflict")]);
+        let text = agent.encode();
+        assert!(text.contains("crosstrace_agent_ovsdb_connected 1"), "{text}");
+        assert!(text.contains(r#"crosstrace_agent_bridges{bridge="br-int",state="verified"} 1"#), "{text}");
+        assert!(text.contains(r#"crosstrace_agent_bridges{bridge="br-ex",state="conflict"} 1"#), "{text}");
+        assert!(!text.contains("pending"), "a bridge has one state: {text}");
+        assert!(!text.contains("crosstrace_reconciles"), "no controller families on an agent: {text}");
+        assert!(!Metrics::default().encode().contains("crosstrace_agent_"), "no agent families on the controller");
     }
 }

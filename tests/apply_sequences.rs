@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crosstrace::api::WorkloadKind;
 use crosstrace::controller::apply::{self, Writer};
 use crosstrace::layers::ObjectKey;
 use crosstrace::layers::ingress::{Action, ContainerImage, Record};
@@ -73,6 +74,7 @@ async fn run(actions: &[Action], expected: Vec<Expect>) -> (Vec<Value>, Arc<Metr
 fn record() -> Record {
     Record {
         policy: "storefront".into(),
+        kind: WorkloadKind::Deployment,
         deployment: ObjectKey::new("ingress-nginx", "c"),
         config_map: ObjectKey::new("ingress-nginx", "ingress-nginx-controller"),
         config_map_existed: true,
@@ -126,11 +128,12 @@ async fn apply_records_first_then_applies_config_then_image() {
     let deployment = ObjectKey::new("ingress-nginx", "c");
     let data = BTreeMap::from([("enable-opentelemetry".to_string(), "true".to_string())]);
     let actions = vec![
-        Action::Record { deployment: deployment.clone(), uid: UID.into(), record: record() },
-        Action::Label { deployment: deployment.clone(), policy: "storefront".into() },
+        Action::Record { controller: deployment.clone(), uid: UID.into(), record: record() },
+        Action::Label { kind: WorkloadKind::Deployment, controller: deployment.clone(), policy: "storefront".into() },
         Action::ApplyConfig { config_map: record().config_map, data, policy: "storefront".into() },
         Action::ApplyImage {
-            deployment,
+            kind: WorkloadKind::Deployment,
+            controller: deployment,
             uid: UID.into(),
             image: ContainerImage { container: "controller".into(), image: "controller:otel".into() },
             record: record(),
@@ -198,8 +201,9 @@ async fn revert_restores_config_map_then_deployment() {
     let r = record();
     let actions = vec![
         Action::RestoreConfig { config_map: r.config_map.clone(), data: r.original_data.clone(), delete: false },
-        Action::RestoreDeployment {
-            deployment: ObjectKey::new("ingress-nginx", "c"),
+        Action::RestoreController {
+            kind: WorkloadKind::Deployment,
+            controller: ObjectKey::new("ingress-nginx", "c"),
             uid: UID.into(),
             image: r.original_image.clone(),
             keep: None,
@@ -276,7 +280,6 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
 
 // ---- the workload layer's paced writes ----
 
-use crosstrace::api::WorkloadKind;
 use crosstrace::controller::apply::{Pace, Written};
 use crosstrace::layers::workloads::Action as WorkloadAction;
 
@@ -434,10 +437,14 @@ async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
 async fn a_replica_whose_fence_closed_neither_patches_nor_deletes() {
     let (writer, mut handle, _) = mocked_behind(lapsed());
     let r = record();
-    // (Record and RestoreDeployment read first, reads the fence does not stop: start with a write.)
+    // (Record and RestoreController read first, reads the fence does not stop: start with a write.)
     let edge = vec![
-        Action::Label { deployment: ObjectKey::new("ingress-nginx", "c"), policy: "storefront".into() },
-        Action::Record { deployment: ObjectKey::new("ingress-nginx", "c"), uid: UID.into(), record: r.clone() },
+        Action::Label {
+            kind: WorkloadKind::Deployment,
+            controller: ObjectKey::new("ingress-nginx", "c"),
+            policy: "storefront".into(),
+        },
+        Action::Record { controller: ObjectKey::new("ingress-nginx", "c"), uid: UID.into(), record: r.clone() },
     ];
     assert!(matches!(
         apply::ingress(&writer, &edge, "crosstrace-system").await,

@@ -82,8 +82,8 @@ async fn policies_beyond_the_admin_limits_are_refused_naming_the_field() {
         ("sidecar", sidecar("evil.example/collector:1"), "spec.workloads.sidecar.image: evil.example/collector:1"),
         (
             "sidecar-lookalike",
-            sidecar("otel/opentelemetry-collector-k8s-evil:0.115.1"),
-            "spec.workloads.sidecar.image: otel/opentelemetry-collector-k8s-evil:0.115.1",
+            sidecar("otel/opentelemetry-collector-k8s-evil:0.165.0"),
+            "spec.workloads.sidecar.image: otel/opentelemetry-collector-k8s-evil:0.165.0",
         ),
         ("ingress-image", ingress("ingress-nginx", "x:broken"), "spec.ingress.image: x:broken"),
         ("ingress-kube-system", ingress("kube-system", ""), "spec.ingress.namespace: kube-system is protected"),
@@ -110,10 +110,10 @@ async fn policies_beyond_the_admin_limits_are_refused_naming_the_field() {
 
     let accepted = [
         ("default-sidecar", sidecar("")),
-        ("official-sidecar", sidecar("otel/opentelemetry-collector-k8s:0.115.1")),
+        ("official-sidecar", sidecar("otel/opentelemetry-collector-k8s:0.165.0")),
         (
             "ghcr-sidecar",
-            sidecar("ghcr.io/open-telemetry/opentelemetry-collector-releases/opentelemetry-collector-k8s:0.115.1"),
+            sidecar("ghcr.io/open-telemetry/opentelemetry-collector-releases/opentelemetry-collector-k8s:0.165.0"),
         ),
         ("official-ingress", ingress("ingress-nginx", "registry.k8s.io/ingress-nginx/controller:v1.12.1")),
         ("private-flows", sflow(&["127.0.0.1:6343", "10.0.0.5:6343", "[fd00::5]:6343"], 64, 128)),

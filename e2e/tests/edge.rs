@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crosstrace::api::TracingPolicy;
 use crosstrace::layers::ingress::{POLICY_LABEL, RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION};
 use crosstrace::layers::reasons::INVALID_OBJECT;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -79,6 +79,7 @@ async fn assert_restored(client: &Client, ns: &str, before_cm: &ConfigMap) {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get("ingress-nginx-controller").await.unwrap();
     assert_eq!(cm.data, before_cm.data, "ConfigMap data is byte-equal to before");
     assert!(!cm.labels().contains_key(POLICY_LABEL));
+    assert_eq!(cm.metadata.annotations, before_cm.metadata.annotations, "ConfigMap annotations as before");
     let d = Api::<Deployment>::namespaced(client.clone(), ns).get("ingress-nginx-controller").await.unwrap();
     assert_eq!(image_of(&d), ORIGINAL_IMAGE, "the controller image is back");
     for key in [RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION] {
@@ -223,6 +224,33 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     .await;
     assert_eq!(controller.counter("crosstrace_api_writes_total").await, writes, "a converged policy makes no write");
 
+    // A tenant changes a tracing key crosstrace applied (another field manager): drift, reported as an
+    // Event and a metric of the edge layer, and applied again.
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let by_helm = PatchParams { field_manager: Some("helm".into()), ..Default::default() };
+    let tamper = json!({"data": {"otel-sampler-ratio": "1"}});
+    config_maps.patch("ingress-nginx-controller", &by_helm, &Patch::Merge(&tamper)).await.unwrap();
+    eventually("the sampler ratio applied again", || async {
+        let cm = config_maps.get("ingress-nginx-controller").await.ok()?;
+        (cm.data?.get("otel-sampler-ratio")?.as_str() == "0.25").then_some(())
+    })
+    .await;
+    let drift = r#"crosstrace_drift_corrections_total{layer="ingress"}"#;
+    eventually("the edge drift metric", || async { (controller.counter(drift).await >= 1.0).then_some(()) }).await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    eventually("a DriftCorrected Event naming the controller", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("DriftCorrected")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                    && e.note.as_deref().is_some_and(|n| n.contains("ingress-nginx-controller"))
+            })
+            .then_some(())
+    })
+    .await;
+
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;
 }
@@ -263,6 +291,67 @@ async fn image_rollout_gates_ready_and_a_broken_image_is_rolled_back() {
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;
+}
+
+/// ingress-nginx's chart can run the controller as a DaemonSet (`controller.kind: DaemonSet`): the same
+/// ConfigMap, the same gated image rollout (on the DaemonSet's own rollout status), the same exact revert.
+#[tokio::test]
+async fn an_ingress_controller_run_as_a_daemonset_is_traced_gated_rolled_back_and_reverted() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-edge-ds", json!({})).await;
+    // The Deployment-shaped fixture gives the ConfigMap; the controller is then a DaemonSet instead.
+    let (deployment, before_cm) = ingress_nginx(&client, &ns.name).await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    deployments.delete(&deployment.name_any(), &Default::default()).await.unwrap();
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &ns.name);
+    let spec = serde_json::to_value(deployment.spec.as_ref().unwrap()).unwrap();
+    let ds: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "ingress-nginx-controller", "namespace": ns.name, "labels": deployment.labels()},
+        "spec": {"selector": spec["selector"], "template": spec["template"]},
+    }))
+    .unwrap();
+    daemonsets.create(&PostParams::default(), &ds).await.expect("create DaemonSet");
+    let rolled_out = || async {
+        let ds = daemonsets.get("ingress-nginx-controller").await.ok()?;
+        (crosstrace::layers::health::daemonset_rolled_out(&ds) && ds.status?.number_available? >= 1).then_some(())
+    };
+    eventually("the DaemonSet controller on every node", rolled_out).await;
+    let _controller = ControllerProcess::start(18087);
+
+    let name = format!("{}-policy", ns.name);
+    let instrumented = "registry.k8s.io/ingress-nginx/controller:v1.12.1-otel";
+    apply_policy(&client, &edge_policy(&name, &ns.name, instrumented, 60)).await;
+    let p = wait_condition(&client, &name, "Ready", "True").await;
+    assert_eq!(p.status.as_ref().unwrap().ingress.as_ref().unwrap().summary, "1/1");
+    let ds = daemonsets.get("ingress-nginx-controller").await.unwrap();
+    let image = |ds: &DaemonSet| ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].image.clone();
+    assert_eq!(image(&ds).as_deref(), Some(instrumented));
+    assert!(crosstrace::layers::health::daemonset_rolled_out(&ds), "Ready only after the DaemonSet rolled out");
+    assert_eq!(ds.labels().get(POLICY_LABEL), Some(&name));
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data.as_ref().unwrap().get("otel-sampler-ratio").map(String::as_str), Some("0.25"));
+
+    // A broken image: the DaemonSet never rolls out, so it is rolled back to the original image.
+    apply_policy(&client, &edge_policy(&name, &ns.name, "registry.k8s.io/ingress-nginx/controller:broken", 10)).await;
+    let p = wait_condition(&client, &name, "Degraded", "True").await;
+    assert_eq!(condition(&p, "Degraded").unwrap().reason, "RolledBack");
+    let ds = daemonsets.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image(&ds).as_deref(), Some(ORIGINAL_IMAGE), "rolled back to the image from before the policy");
+    eventually("the rolled-back DaemonSet to be healthy again", rolled_out).await;
+
+    delete_policy_and_wait(&client, &name).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name).get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(cm.data, before_cm.data, "ConfigMap data is byte-equal to before");
+    assert_eq!(cm.metadata.annotations, before_cm.metadata.annotations);
+    assert!(!cm.labels().contains_key(POLICY_LABEL));
+    let ds = daemonsets.get("ingress-nginx-controller").await.unwrap();
+    assert_eq!(image(&ds).as_deref(), Some(ORIGINAL_IMAGE));
+    assert!(!ds.labels().contains_key(POLICY_LABEL));
+    for key in [RECORD_ANNOTATION, ROLLED_BACK_ANNOTATION] {
+        assert!(!ds.annotations().contains_key(key), "{key} is removed");
+    }
 }
 
 #[tokio::test]
@@ -633,4 +722,84 @@ async fn a_policy_that_cannot_be_read_is_reported_and_stops_no_other() {
         bad.api.get_opt(&bad.name).await.ok()?.is_none().then_some(())
     })
     .await;
+}
+
+/// `spec.debug`: a time-boxed session raises the sampling of the edge ConfigMap and of the workload env
+/// to 1, and at its end (by the clock, kept in the status, so a controller restart in the middle neither
+/// ends nor extends it) every value is exactly what it was before.
+#[tokio::test]
+async fn a_debug_session_raises_sampling_and_its_end_restores_the_exact_values_across_a_restart() {
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("debug-{}", std::process::id());
+    let ns = TestNamespace::create(&client, "e2e-debug", json!({"tracing": tag})).await;
+    ingress_nginx(&client, &ns.name).await;
+    create_app(&client, &ns.name, "cart", "shop", json!([])).await;
+    let mut controller = ControllerProcess::start(18098);
+
+    let name = format!("{}-policy", ns.name);
+    let mut spec = json!({
+        "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+        "sampling": {"ratio": "0.25", "parentBased": true},
+        "ingress": {"namespace": ns.name, "serviceName": "edge"},
+        "workloads": {"namespaceSelector": {"matchLabels": {"tracing": tag}}, "kinds": ["Deployment"]},
+        "rollout": {"progressDeadlineSeconds": 60},
+    });
+    apply_policy(&client, &tracing_policy(&name, spec.clone())).await;
+    wait_condition(&client, &name, "Ready", "True").await;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns.name);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name);
+    let env_of = |d: &Deployment| -> BTreeMap<String, String> {
+        let containers = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers;
+        let app = containers.iter().find(|c| c.name == "app").unwrap();
+        app.env.iter().flatten().filter_map(|e| Some((e.name.clone(), e.value.clone()?))).collect()
+    };
+    let before_cm = config_maps.get("ingress-nginx-controller").await.unwrap().data;
+    let before_env = env_of(&deployments.get("cart").await.unwrap());
+    assert_eq!(before_env.get("OTEL_TRACES_SAMPLER_ARG").map(String::as_str), Some("0.25"));
+
+    // A 40-second session.
+    spec["debug"] = json!({"ratio": "1", "durationSeconds": 40});
+    apply_policy(&client, &tracing_policy(&name, spec.clone())).await;
+    let raised = eventually("the session's sampling on both layers", || async {
+        let cm = config_maps.get("ingress-nginx-controller").await.ok()?.data?;
+        let env = env_of(&deployments.get("cart").await.ok()?);
+        (cm.get("otel-sampler")?.as_str() == "AlwaysOn"
+            && env.get("OTEL_TRACES_SAMPLER")?.as_str() == "parentbased_always_on")
+            .then_some(())
+    });
+    raised.await;
+    let api = Api::<TracingPolicy>::all(client.clone());
+    let status = api.get(&name).await.unwrap().status.unwrap().debug.expect("status.debug");
+    assert!(status.active);
+    let expires_at = status.expires_at.0;
+
+    // The controller restarts in the middle: the session keeps its end.
+    drop(controller);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    controller = ControllerProcess::start(18098);
+    eventually("the new controller's admin port", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", 18098)).await.ok().map(drop)
+    })
+    .await;
+    eventually("the new controller to reconcile", || async {
+        (controller.counter("crosstrace_reconciles_total").await >= 1.0).then_some(())
+    })
+    .await;
+    let again = api.get(&name).await.unwrap().status.unwrap().debug.unwrap();
+    assert_eq!(again.expires_at.0, expires_at, "a restart neither ends nor extends the session");
+
+    // At its end: the exact values from before, and the status says it ended.
+    eventually("the policy's own sampling back on both layers", || async {
+        let cm = config_maps.get("ingress-nginx-controller").await.ok()?.data;
+        let env = env_of(&deployments.get("cart").await.ok()?);
+        (cm == before_cm && env == before_env).then_some(())
+    })
+    .await;
+    let ended = api.get(&name).await.unwrap().status.unwrap().debug.unwrap();
+    assert!(!ended.active);
+    assert!(k8s_openapi::jiff::Timestamp::now() >= expires_at, "not restored before the session's end");
+    wait_condition(&client, &name, "Ready", "True").await;
+    delete_policy_and_wait(&client, &name).await;
 }

@@ -41,7 +41,7 @@ schema_rejects_bad_values() {
   local bad
   for bad in logFormat=xml controller.replicas=0 agent.securityContext.privileged=true unknown=1 \
     adminLimits.minSampling=8 adminLimits.maxHeaderBytes=4096 'adminLimits.collectorNetworks={anywhere}' \
-    'adminLimits.sidecarImages={otel/opentelemetry-collector-k8s:0.115.1}' "agent.namespace=$ns"; do
+    'adminLimits.sidecarImages={otel/opentelemetry-collector-k8s:0.165.0}' "agent.namespace=$ns"; do
     if helm template "$release" "$chart" -n "$ns" --set "$bad" >/dev/null 2>&1; then
       echo "values.schema.json accepted $bad"
       return 1

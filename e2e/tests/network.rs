@@ -343,6 +343,16 @@ async fn sflow_is_configured_on_every_node_and_datagrams_reach_the_collector() {
     let nodes = p.status.as_ref().unwrap().nodes.as_ref().unwrap();
     assert_eq!((nodes.selected, nodes.ready), (3, 3));
     assert_exported_everywhere(&s, "sflow", &name).await;
+    // Every agent's /metrics (what the chart's PodMonitor scrapes) says it reaches OVSDB and exports.
+    for agent in &s.agents.agents {
+        let verified = r#"crosstrace_agent_bridges{bridge="br-int",state="verified"}"#;
+        eventually("the agent's bridge metric", || async {
+            let text = http_get(agent.admin_port, "/metrics").await;
+            (sum_samples(&text, "crosstrace_agent_ovsdb_connected") == 1.0 && sum_samples(&text, verified) == 1.0)
+                .then_some(())
+        })
+        .await;
+    }
     for i in 0..node_count() {
         let id = ours(i, "sflow", &name).remove(0);
         assert_eq!(ovs_vsctl(i, &["get", "sflow", &id, "sampling"]), "64");

@@ -38,7 +38,7 @@ if helm status "$release" -n "$ns" >/dev/null 2>&1; then
   exit 1
 fi
 
-ggcr="$("$root/e2e/build.sh" --only go-containerregistry)"
+ggcr="$("$root/e2e/build.sh" go-containerregistry)"
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -n1)"
 app_version="$(sed -n 's/^appVersion: "\(.*\)"$/\1/p' "$chart/Chart.yaml")"
 chart_version="$(sed -n 's/^version: \(.*\)$/\1/p' "$chart/Chart.yaml")"

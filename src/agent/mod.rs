@@ -73,16 +73,17 @@ pub async fn run_with_client(
     args: AgentArgs,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::agent());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = crate::http::Admin { metrics: metrics.clone(), ready: ready.clone() };
-    let mut server = tokio::spawn(crate::http::serve(args.admin_addr, admin));
+    let listener = crate::http::listen(args.admin_addr, "--admin-addr / CROSSTRACE_AGENT_ADMIN_ADDR").await?;
+    let mut server = tokio::spawn(crate::http::serve(listener, admin));
 
     let (want_tx, want_rx) = watch::channel(None::<Want>);
     let (report_tx, mut report_rx) = watch::channel(None::<Report>);
     let (stop_tx, stop_rx) = watch::channel(false);
     let settings = node::Settings::new(args.ovsdb.clone(), args.unixctl.clone());
-    let mut ovs = tokio::spawn(node::run(settings, want_rx, report_tx, ready, stop_rx));
+    let mut ovs = tokio::spawn(node::run(settings, want_rx, report_tx, ready.clone(), stop_rx));
 
     let node = args.node_name.clone();
     let api: Api<NodeTracing> = Api::all(client.clone());
@@ -102,7 +103,7 @@ pub async fn run_with_client(
         let mut needs_write = false;
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            r = &mut server => break Err(anyhow::anyhow!("admin server stopped: {r:?}")),
+            r = &mut server => break Err(crate::http::stopped(r)),
             r = &mut ovs => break Err(anyhow::anyhow!("the Open vSwitch loop stopped: {r:?}")),
             event = events.next() => {
                 let Some(event) = event else { break Err(anyhow::anyhow!("the NodeTracing watch ended")) };
@@ -146,6 +147,10 @@ pub async fn run_with_client(
             continue;
         }
         let report = report_rx.borrow_and_update().clone();
+        metrics.ovsdb_connected.set(i64::from(ready.load(std::sync::atomic::Ordering::Relaxed)));
+        if let Some(report) = &report {
+            metrics.set_bridges(report.bridges.iter().map(|b| (b.status.bridge.as_str(), state_name(b.state))));
+        }
         let (Some(report), Some(current)) = (report, desired.object()) else {
             continue;
         };
@@ -173,6 +178,16 @@ pub async fn run_with_client(
     let _ = tokio::time::timeout(Duration::from_secs(5), &mut ovs).await;
     server.abort();
     result
+}
+
+/// A bridge export's state as a metric label.
+fn state_name(state: node::State) -> &'static str {
+    match state {
+        node::State::Verified => "verified",
+        node::State::Pending => "pending",
+        node::State::Failed => "failed",
+        node::State::Conflict => "conflict",
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

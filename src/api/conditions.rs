@@ -92,6 +92,40 @@ pub fn transitions<'a>(previous: &[Condition], current: &'a [Condition]) -> Vec<
         .collect()
 }
 
+/// Whether a condition in this state reports a failure: `Degraded` when True, `Progressing` never,
+/// every other type when False.
+pub fn is_bad(c: &Condition) -> bool {
+    match c.type_.as_str() {
+        DEGRADED => c.status == "True",
+        PROGRESSING => false,
+        _ => c.status == "False",
+    }
+}
+
+/// What one status change is worth telling as Events: `(warning, condition)` pairs.
+///
+/// One failure flips several conditions (a failed workload batch: `WorkloadsReady` False, `Ready`
+/// False, `Degraded` True); it gets one Warning, from the most specific condition: each layer that
+/// went bad (distinct failures), else `Degraded`, else `Ready`. Likewise a recovery that makes the
+/// policy Ready is one Normal Event (`Ready`), not one per layer that got there with it.
+pub fn events<'a>(previous: &[Condition], current: &'a [Condition]) -> Vec<(bool, &'a Condition)> {
+    let changed = transitions(previous, current);
+    let layer = |c: &&Condition| [INGRESS_READY, WORKLOADS_READY, NETWORK_READY].contains(&c.type_.as_str());
+    let (bad, good): (Vec<&Condition>, Vec<&Condition>) = changed.into_iter().partition(|c| is_bad(c));
+    let mut out: Vec<(bool, &Condition)> = Vec::new();
+    let layers_bad: Vec<&Condition> = bad.iter().copied().filter(layer).collect();
+    if !layers_bad.is_empty() {
+        out.extend(layers_bad.into_iter().map(|c| (true, c)));
+    } else if let Some(c) = bad.iter().find(|c| c.type_ == DEGRADED).or_else(|| bad.first()) {
+        out.push((true, c));
+    }
+    match good.iter().find(|c| c.type_ == READY) {
+        Some(ready) => out.push((false, ready)),
+        None => out.extend(good.into_iter().map(|c| (false, c))),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +144,46 @@ mod tests {
         assert_eq!(flipped[0].last_transition_time, Time(at(30)));
         assert_eq!(transitions(&same, &flipped).len(), 1);
         assert!(transitions(&flipped, &flipped).is_empty());
+    }
+
+    fn stamped(conditions: &[(&'static str, Status, &'static str)]) -> Vec<Condition> {
+        let desired: Vec<Desired> = conditions.iter().map(|(t, s, r)| Desired::new(t, *s, r, "")).collect();
+        merge(&[], &desired, 1, at(1))
+    }
+
+    #[test]
+    fn one_failure_is_one_warning_and_one_recovery_one_normal_event() {
+        let healthy = stamped(&[
+            (READY, Status::True, "AllLayersReady"),
+            (WORKLOADS_READY, Status::True, "AllTargetsReady"),
+            (NETWORK_READY, Status::True, "AllTargetsReady"),
+            (PROGRESSING, Status::False, "RolloutComplete"),
+            (DEGRADED, Status::False, "AsExpected"),
+        ]);
+        let failed = stamped(&[
+            (READY, Status::False, "LayersNotReady"),
+            (WORKLOADS_READY, Status::False, "RolledBack"),
+            (NETWORK_READY, Status::True, "AllTargetsReady"),
+            (PROGRESSING, Status::False, "RolloutStopped"),
+            (DEGRADED, Status::True, "RolledBack"),
+        ]);
+        let told: Vec<(bool, &str)> = events(&healthy, &failed).iter().map(|(w, c)| (*w, c.type_.as_str())).collect();
+        // The layer's Warning alone; Progressing (a Normal change) is told too.
+        assert_eq!(told, vec![(true, WORKLOADS_READY), (false, PROGRESSING)]);
+        let told: Vec<(bool, &str)> = events(&failed, &healthy).iter().map(|(w, c)| (*w, c.type_.as_str())).collect();
+        assert_eq!(told, vec![(false, READY)]);
+
+        // A failure outside the layers (an admin limit): Degraded is the one Warning.
+        let refused = stamped(&[
+            (READY, Status::False, "AdminLimit"),
+            (WORKLOADS_READY, Status::True, "AllTargetsReady"),
+            (NETWORK_READY, Status::True, "AllTargetsReady"),
+            (PROGRESSING, Status::False, "RolloutComplete"),
+            (DEGRADED, Status::True, "AdminLimit"),
+        ]);
+        let told: Vec<(bool, &str)> = events(&healthy, &refused).iter().map(|(w, c)| (*w, c.type_.as_str())).collect();
+        assert_eq!(told, vec![(true, DEGRADED)]);
+        assert!(events(&refused, &refused).is_empty());
     }
 
     #[test]

@@ -59,6 +59,33 @@ pub struct TracingPolicySpec {
     /// How changes are rolled out.
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// A time-boxed debug session; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<DebugSpec>,
+}
+
+/// A time-boxed debug session: until it ends, the edge and workload layers sample at `ratio` and the
+/// network layer at the admin's floor (`adminLimits.minSampling`); then the policy's own values come
+/// back exactly. It is rolled out and reverted like any other change (batches, health gates).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.until) != has(self.durationSeconds)").message("spec.debug needs exactly one of until and durationSeconds")
+)]
+pub struct DebugSpec {
+    /// Sampling ratio of the edge and workload layers during the session, e.g. "1".
+    #[serde(default = "default_ratio")]
+    #[schemars(length(max = 8))]
+    #[x_kube(validation = rules::ratio())]
+    pub ratio: String,
+    /// When the session ends (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// How long the session lasts, counted from when the controller first saw it (kept in
+    /// `status.debug.expiresAt`, so a restart does not extend it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub duration_seconds: Option<i32>,
 }
 
 /// An OTLP collector.
@@ -92,7 +119,7 @@ pub struct SamplingSpec {
     /// Fraction of traces kept, a decimal string in [0, 1] such as "0.25" (Kubernetes APIs avoid floats).
     #[serde(default = "default_ratio")]
     #[schemars(length(max = 8))]
-    #[x_kube(validation = Rule::new("self.matches('^(0(\\\\.[0-9]{1,6})?|1(\\\\.0{1,6})?|\\\\.[0-9]{1,6})$')").message("must be a decimal string between 0 and 1 with at most 6 decimals, e.g. \"0.25\""))]
+    #[x_kube(validation = rules::ratio())]
     pub ratio: String,
     /// Follow the sampling decision of an incoming parent span.
     #[serde(default = "default_true")]
@@ -360,6 +387,22 @@ pub struct TracingPolicyStatus {
     /// Network layer counts; absent when the layer is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<LayerStatus>,
+    /// The debug session of `spec.debug`; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<DebugStatus>,
+}
+
+/// Where the debug session stands.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DebugStatus {
+    /// Which `spec.debug` this is about (a hash of it): a changed session starts anew.
+    #[schemars(length(max = 32))]
+    pub session: String,
+    /// When the session ends (or ended).
+    pub expires_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Sampling is raised now.
+    pub active: bool,
 }
 
 /// Per-layer counts.

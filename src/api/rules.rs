@@ -53,6 +53,12 @@ pub fn collector_endpoint() -> Rule {
     )
 }
 
+/// A sampling ratio: a decimal string in [0, 1] with at most 6 decimals (Kubernetes APIs avoid floats).
+pub fn ratio() -> Rule {
+    Rule::new("self.matches('^(0(\\\\.[0-9]{1,6})?|1(\\\\.0{1,6})?|\\\\.[0-9]{1,6})$')")
+        .message("must be a decimal string between 0 and 1 with at most 6 decimals, e.g. \"0.25\"")
+}
+
 /// Flow collectors: Open vSwitch sends sFlow and IPFIX to addresses, never to names.
 pub fn flow_targets(example: &str) -> Rule {
     Rule::new(format!("self.all(t, {})", host_port("t", false))).message(Message::Message(format!(

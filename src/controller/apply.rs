@@ -12,7 +12,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectReference};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, Recorder};
 use kube::{Api, Client, Resource};
@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
-use crate::layers::ingress::{self, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
+use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, network, workloads};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::Metrics;
@@ -205,11 +205,62 @@ async fn ledger_entry(
     }
 }
 
-/// Labels an ingress controller Deployment with the policy that changes it (and clears a rollback marker).
-async fn label(writer: &Writer, deployment: &ObjectKey, policy: &str) -> Result<()> {
-    let api = Api::<Deployment>::namespaced(writer.client.clone(), &deployment.namespace);
+/// A kind of ingress controller workload, for the writes of the edge layer.
+trait ControllerObject:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug
+{
+    fn containers(&self) -> &[Container];
+}
+
+impl ControllerObject for Deployment {
+    fn containers(&self) -> &[Container] {
+        self.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map_or(&[], |p| p.containers.as_slice())
+    }
+}
+
+impl ControllerObject for DaemonSet {
+    fn containers(&self) -> &[Container] {
+        self.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map_or(&[], |p| p.containers.as_slice())
+    }
+}
+
+/// Labels an ingress controller with the policy that changes it (and clears a rollback marker).
+async fn label<K: ControllerObject>(writer: &Writer, controller: &ObjectKey, policy: &str) -> Result<()> {
+    let api = Api::<K>::namespaced(writer.client.clone(), &controller.namespace);
     let patch = json!({"metadata": {"annotations": {ROLLED_BACK_ANNOTATION: null}, "labels": {POLICY_LABEL: policy}}});
-    writer.merge(&api, &deployment.name, patch).await.map(drop)
+    writer.merge(&api, &controller.name, patch).await.map(drop)
+}
+
+/// Puts an ingress controller back: its label (`label`: the one that stays), rollback marker and, if
+/// given, the recorded image. Already so (a revert that stopped halfway goes on), or gone: no write.
+async fn restore_controller<K: ControllerObject>(
+    writer: &Writer,
+    controller: &ObjectKey,
+    image: Option<&ingress::ContainerImage>,
+    label: Option<&String>,
+    rolled_back: Option<&String>,
+) -> Result<()> {
+    let api = Api::<K>::namespaced(writer.client.clone(), &controller.namespace);
+    let current = api.get_opt(&controller.name).await?;
+    let restored = current.as_ref().is_none_or(|d| {
+        let meta = d.meta();
+        meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)) == label
+            && meta.annotations.as_ref().and_then(|a| a.get(ROLLED_BACK_ANNOTATION)) == rolled_back
+            && image.is_none_or(|i| {
+                d.containers().iter().any(|c| c.name == i.container && c.image.as_deref() == Some(&i.image))
+            })
+    });
+    if !restored {
+        let mut annotations = Map::new();
+        annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.cloned().into());
+        let mut patch = json!({"metadata": {"annotations": annotations, "labels": {POLICY_LABEL: label}}});
+        if let Some(image) = image {
+            patch["spec"] =
+                json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
+        }
+        writer.strategic(&api, &controller.name, patch).await?;
+    }
+    Ok(())
 }
 
 async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingress::Action) -> Result<()> {
@@ -217,27 +268,34 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
     let client = &writer.client;
     match action {
         Record { uid, record, .. } => ledger_entry(writer, ledger, uid, Some(record)).await?,
-        Label { deployment, policy } => label(writer, deployment, policy).await?,
+        Label { kind: WorkloadKind::DaemonSet, controller, policy } => {
+            label::<DaemonSet>(writer, controller, policy).await?
+        }
+        Label { controller, policy, .. } => label::<Deployment>(writer, controller, policy).await?,
         ApplyConfig { config_map, data, policy } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
             let patch = json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
-                "metadata": {"name": config_map.name, "namespace": config_map.namespace, "labels": {POLICY_LABEL: policy}},
+                "metadata": {
+                    "name": config_map.name,
+                    "namespace": config_map.namespace,
+                    "labels": {POLICY_LABEL: policy},
+                    "annotations": {CONFIG_ANNOTATION: ingress::config_hash(data)},
+                },
                 "data": data,
             });
             writer.apply(&api, &config_map.name, patch).await?;
         }
-        ApplyImage { deployment, uid, image, record } => {
+        ApplyImage { kind, controller, uid, image, record } => {
             ledger_entry(writer, ledger, uid, Some(record)).await?;
-            let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
             let patch = json!({
                 "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": deployment.name, "namespace": deployment.namespace},
+                "kind": format!("{kind:?}"),
+                "metadata": {"name": controller.name, "namespace": controller.namespace},
                 "spec": {"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}},
             });
-            writer.apply(&api, &deployment.name, patch).await?;
+            apply_workload(writer, *kind, controller, patch).await?;
         }
         RestoreConfig { config_map, data, delete } => {
             let api = Api::<ConfigMap>::namespaced(client.clone(), &config_map.namespace);
@@ -246,7 +304,8 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
             };
             let others = current.data.iter().flatten().any(|(k, _)| !data.contains_key(k));
             let restored = data.iter().all(|(k, v)| current.data.as_ref().and_then(|d| d.get(k)) == v.as_ref())
-                && !current.metadata.labels.as_ref().is_some_and(|l| l.contains_key(POLICY_LABEL));
+                && !current.metadata.labels.as_ref().is_some_and(|l| l.contains_key(POLICY_LABEL))
+                && !current.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(CONFIG_ANNOTATION));
             if restored && !*delete {
                 // Already as recorded (a revert that stopped halfway is going on): no write.
                 return Ok(());
@@ -254,37 +313,22 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
             if *delete && !others {
                 writer.delete(&api, &config_map.name).await?;
             } else {
-                let patch = json!({"metadata": {"labels": {POLICY_LABEL: null}}, "data": data});
+                let patch = json!({
+                    "metadata": {"labels": {POLICY_LABEL: null}, "annotations": {CONFIG_ANNOTATION: null}},
+                    "data": data,
+                });
                 writer.merge(&api, &config_map.name, patch).await?;
             }
         }
-        RestoreDeployment { deployment, uid, image, keep, rolled_back } => {
-            let api = Api::<Deployment>::namespaced(client.clone(), &deployment.namespace);
+        RestoreController { kind, controller, uid, image, keep, rolled_back } => {
             // A rolled-back controller stays labelled so that delete finds it and clears the marker.
             let label = keep.as_ref().map(|r| r.policy.clone()).or_else(|| policy_of_marker(rolled_back));
-            // Already as it should be (a revert that stopped halfway goes on), or gone: no write.
-            let current = api.get_opt(&deployment.name).await?;
-            let restored = current.as_ref().is_none_or(|d| {
-                let meta = &d.metadata;
-                let containers =
-                    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers.as_slice());
-                meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)) == label.as_ref()
-                    && meta.annotations.as_ref().and_then(|a| a.get(ROLLED_BACK_ANNOTATION)) == rolled_back.as_ref()
-                    && image.as_ref().is_none_or(|i| {
-                        containers
-                            .unwrap_or_default()
-                            .iter()
-                            .any(|c| c.name == i.container && c.image.as_deref() == Some(&i.image))
-                    })
-            });
-            if !restored {
-                let mut annotations = Map::new();
-                annotations.insert(ROLLED_BACK_ANNOTATION.into(), rolled_back.clone().into());
-                let mut patch = json!({"metadata": {"annotations": annotations, "labels": {POLICY_LABEL: label}}});
-                if let Some(image) = image {
-                    patch["spec"] = json!({"template": {"spec": {"containers": [{"name": image.container, "image": image.image}]}}});
+            let (image, label, rolled_back) = (image.as_ref(), label.as_ref(), rolled_back.as_ref());
+            match kind {
+                WorkloadKind::DaemonSet => {
+                    restore_controller::<DaemonSet>(writer, controller, image, label, rolled_back).await?
                 }
-                writer.strategic(&api, &deployment.name, patch).await?;
+                _ => restore_controller::<Deployment>(writer, controller, image, label, rolled_back).await?,
             }
             // The record goes last: a revert that stops halfway still knows what to restore.
             ledger_entry(writer, ledger, uid, keep.as_ref()).await?;

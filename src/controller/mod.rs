@@ -91,9 +91,10 @@ impl Default for Settings {
 }
 
 /// The collector image injected when neither the policy nor the operator's flags name one: the
-/// Kubernetes distribution of the OpenTelemetry Collector (OTLP receivers, memory_limiter, batch,
-/// resource, OTLP exporters, health_check).
-pub const DEFAULT_SIDECAR_IMAGE: &str = "otel/opentelemetry-collector-k8s:0.115.1";
+/// Kubernetes distribution of the OpenTelemetry Collector (OTLP receiver, memory_limiter and resource
+/// processors, OTLP exporters, health_check). Its release is `OTELCOL_VERSION` in `e2e/versions.env`,
+/// whose build checks the sidecar configuration (`tests/collector_config.rs`); bump both together.
+pub const DEFAULT_SIDECAR_IMAGE: &str = "otel/opentelemetry-collector-k8s:0.165.0";
 
 /// Requests and limits of the sidecar when the policy sets none.
 pub fn default_sidecar_resources() -> ResourceRequirements {
@@ -122,9 +123,13 @@ pub struct Context {
     pub retries: backoff::RetryBackoff,
 }
 
-/// The policies a changed Deployment concerns: the one whose edge label it carries, every policy
+/// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
 /// whose `spec.ingress` selects it, and those whose workload layer may.
-fn policies_for_deployment(store: &Store<TracingPolicy>, d: &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>> {
+fn policies_for_controller(
+    store: &Store<TracingPolicy>,
+    kind: WorkloadKind,
+    d: &ObjectMeta,
+) -> Vec<ObjectRef<TracingPolicy>> {
     let edge = d.labels.as_ref().and_then(|l| l.get(ingress::POLICY_LABEL)).map(|p| ObjectRef::new(p));
     let selecting = store
         .state()
@@ -133,7 +138,7 @@ fn policies_for_deployment(store: &Store<TracingPolicy>, d: &ObjectMeta) -> Vec<
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect::<Vec<_>>();
     let mut refs: Vec<_> = edge.into_iter().chain(selecting).collect();
-    refs.extend(policies_for_workload(store, WorkloadKind::Deployment, d));
+    refs.extend(policies_for_workload(store, kind, d));
     refs
 }
 
@@ -243,7 +248,7 @@ pub async fn run(
     let reconciling = controller
         .watches_stream(
             triggers::relevant(watcher(Api::<Meta<Deployment>>::all(client.clone()), meta.clone())),
-            move |d| policies_for_deployment(&deployment_store, &d.metadata),
+            move |d| policies_for_controller(&deployment_store, WorkloadKind::Deployment, &d.metadata),
         )
         .watches_stream(
             triggers::relevant(watcher(Api::<Meta<StatefulSet>>::all(client.clone()), meta.clone())),
@@ -251,7 +256,7 @@ pub async fn run(
         )
         .watches_stream(
             triggers::relevant(watcher(Api::<Meta<DaemonSet>>::all(client.clone()), meta.clone())),
-            move |d| policies_for_workload(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata),
+            move |d| policies_for_controller(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata),
         )
         .watches_stream(
             triggers::relevant(watcher(Api::<Meta<Namespace>>::all(client.clone()), meta.clone())),

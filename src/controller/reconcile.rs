@@ -17,11 +17,11 @@ use tracing::{Span, field, info, instrument, warn};
 use super::Context;
 use super::apply::{Pace, Written};
 use super::status::{self, Reports};
-use crate::api::conditions::{self, DEGRADED, PROGRESSING};
+use crate::api::conditions;
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::ingress;
 use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
-use crate::layers::{network, workloads};
+use crate::layers::{debug, network, workloads};
 use crate::lean::Meta;
 use crate::metrics::LayerLabels;
 use crate::telemetry;
@@ -192,6 +192,13 @@ async fn run_layers(
         info!(actions = edge_plan.actions.len(), deleting, "changing the edge layer");
         super::apply::ingress(&ctx.writer, &edge_plan.actions, &ctx.settings.namespace).await?;
     }
+    // Every edge action was written (an error returned above): each drifted controller's config is back.
+    for key in &edge_plan.drifted {
+        let note = format!(
+            "the tracing configuration of ingress controller {key} was changed by someone else; applied it again"
+        );
+        drift_corrected(ctx, policy, "ingress", note).await;
+    }
 
     let labels = namespace_labels(ctx, policy).await?;
     let (observed, config_maps) = workloads::observe(&ctx.client, view, defaults, |w| {
@@ -218,9 +225,8 @@ async fn run_layers(
         })
         .collect();
     for key in workload_plan.drifted.iter().filter(|k| reapplied.contains(k)) {
-        ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: "workloads".into() }).inc();
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
-        publish(ctx, policy, EventType::Warning, reasons::DRIFT_CORRECTED, note).await;
+        drift_corrected(ctx, policy, "workloads", note).await;
     }
 
     let observed = network::observe(&ctx.client, view).await?;
@@ -286,21 +292,38 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     if let Some(violation) = limits.as_ref().and_then(|l| crate::admin::check(&policy.spec, l).err()) {
         return refuse(ctx, policy, name, reasons::ADMIN_LIMIT, &violation.to_string()).await;
     }
-    let (reports, finished) = run_layers(policy, name, ctx, false, limits.as_ref()).await?;
+    // A debug session gives the layers the spec with sampling raised, until it ends (by the clock).
+    let previous = last_status(ctx, policy);
+    let floor = limits.as_ref().map_or(crate::api::SAMPLING_FLOOR, |l| l.min_sampling);
+    let session = debug::session(&policy.spec, previous.debug.as_ref(), Timestamp::now(), floor);
+    let effective = TracingPolicy { spec: session.effective, ..policy.clone() };
+    let (reports, finished) = run_layers(&effective, name, ctx, false, limits.as_ref()).await?;
+    drop(effective);
     for (layer, report) in
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
     {
         if let Some(r) = report {
-            ctx.metrics.set_targets(name, layer, "selected", r.selected);
-            ctx.metrics.set_targets(name, layer, "ready", r.ready);
-            ctx.metrics.set_targets(name, layer, "rolledBack", r.rolled_back);
-            ctx.metrics.set_targets(name, layer, "unhealthy", r.unhealthy);
-            ctx.metrics.set_targets(name, layer, "waiting", r.waiting);
+            for (state, count) in r.states() {
+                ctx.metrics.set_targets(name, layer, state, count);
+            }
         }
     }
-    let previous = last_status(ctx, policy);
-    let next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
-    report(ctx, policy, name, previous, next).await?;
+    let mut next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
+    next.debug = session.status;
+    let debug_was = previous.debug.as_ref().map(|d| (d.active, d.session.clone()));
+    let debug_is = next.debug.as_ref().map(|d| (d.active, d.session.clone()));
+    report(ctx, policy, name, previous, next.clone()).await?;
+    if debug_was != debug_is
+        && let Some(d) = &next.debug
+    {
+        let until = d.expires_at.0;
+        let (reason, note) = if d.active {
+            (reasons::DEBUG_SESSION_STARTED, format!("sampling raised until {until}"))
+        } else {
+            (reasons::DEBUG_SESSION_ENDED, format!("the session ended at {until}; the policy's own sampling is back"))
+        };
+        publish(ctx, policy, EventType::Normal, reason, note).await;
+    }
 
     let busy = [&reports.ingress, &reports.workloads, &reports.network].into_iter().flatten().any(|r| {
         // Targets whose owner holds or moves them are watched too: their status alone wakes nothing.
@@ -309,11 +332,17 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             || r.unhealthy > 0
             || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
     });
-    Ok(Action::requeue(match () {
+    let next_look = match () {
         _ if !finished => Duration::ZERO,
         _ if busy => ctx.settings.poll,
         _ => ctx.settings.resync,
-    }))
+    };
+    // A running debug session is looked at again when it ends (a second late rather than early).
+    let until_end = session.ends_at.map(|end| {
+        let left = end.duration_since(Timestamp::now()).as_secs().max(0);
+        Duration::from_secs(u64::try_from(left).unwrap_or(0) + 1)
+    });
+    Ok(Action::requeue(until_end.map_or(next_look, |end| end.min(next_look))))
 }
 
 /// The status this policy has now: the one last written, unless the cached object already shows a
@@ -332,7 +361,7 @@ fn last_status(ctx: &Context, policy: &TracingPolicy) -> TracingPolicyStatus {
 }
 
 /// Writes the status when it differs from `previous` (built from [`last_status`], so a difference is
-/// never a timestamp alone), and publishes an Event for every condition that transitioned.
+/// never a timestamp alone), and publishes Events for what transitioned: one per failure or recovery ([`conditions::events`]).
 async fn report(
     ctx: &Context,
     policy: &TracingPolicy,
@@ -348,16 +377,17 @@ async fn report(
     let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
     ctx.writer.apply_status(&api, name, patch).await?;
     ctx.written.lock().expect("status memo lock").insert(uid, next.clone());
-    for c in conditions::transitions(&previous.conditions, &next.conditions) {
-        let bad = match c.type_.as_str() {
-            DEGRADED => c.status == "True",
-            PROGRESSING => false,
-            _ => c.status == "False",
-        };
-        let kind = if bad { EventType::Warning } else { EventType::Normal };
+    for (warning, c) in conditions::events(&previous.conditions, &next.conditions) {
+        let kind = if warning { EventType::Warning } else { EventType::Normal };
         publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
     }
     Ok(())
+}
+
+/// Counts a drift correction of `layer` and tells it as a Warning Event on the policy.
+async fn drift_corrected(ctx: &Context, policy: &TracingPolicy, layer: &str, note: String) {
+    ctx.metrics.drift_corrections.get_or_create(&LayerLabels { layer: layer.into() }).inc();
+    publish(ctx, policy, EventType::Warning, reasons::DRIFT_CORRECTED, note).await;
 }
 
 /// Longest Event note the API server accepts (events.k8s.io/v1 refuses longer ones).

@@ -136,6 +136,7 @@ pub fn status(
         ingress: counts(&reports.ingress),
         workloads: counts(&reports.workloads),
         nodes: counts(&reports.network),
+        debug: previous.and_then(|p| p.debug.clone()),
     }
 }
 

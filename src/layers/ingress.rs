@@ -1,22 +1,24 @@
 //! The edge layer: ingress-nginx controllers.
 //!
-//! For every selected controller Deployment the plan writes every OpenTelemetry key of its ConfigMap
+//! For every selected controller (a Deployment or a DaemonSet, as ingress-nginx's chart offers both) the
+//! plan writes every OpenTelemetry key of its ConfigMap
 //! (found from the controller's `--configmap` argument) and, when `spec.ingress.image` is set, rolls
 //! out that image behind a health gate. Before the first change it records on the Deployment what it
 //! will overwrite ([`Record`]); revert puts exactly that back, ConfigMap first, Deployment last.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::rollout::{self, Health, Written};
-use super::{LayerReport, ObjectKey, PolicyView, Progress, health, normalize_ratio, reasons};
-use crate::api::{CollectorSpec, IngressSpec, SamplingSpec};
+use super::rollout::{self, Written};
+use super::workloads::Workload;
+use super::{LayerReport, ObjectKey, PolicyView, Progress, normalize_ratio, reasons};
+use crate::api::{CollectorSpec, IngressSpec, SamplingSpec, WorkloadKind};
 
 /// Where the edge layer keeps its [`Record`]s (what to restore, what it created): a ConfigMap in the
 /// operator's own namespace, one entry per controller Deployment, keyed by its UID. Only crosstrace
@@ -32,6 +34,10 @@ pub const RECORD_ANNOTATION: &str = "crosstrace.dev/ingress";
 pub const ROLLED_BACK_ANNOTATION: &str = "crosstrace.dev/ingress-rolled-back";
 /// Label on every Deployment and ConfigMap the edge layer changed, valued with the policy name.
 pub const POLICY_LABEL: &str = "crosstrace.dev/ingress-policy";
+/// On an edge ConfigMap, beside the data crosstrace applied: the hash of that data ([`config_hash`]).
+/// Data that differs while this names the current configuration was changed by someone else (drift,
+/// reported and applied again). It decides only what is reported, never what is written.
+pub const CONFIG_ANNOTATION: &str = "crosstrace.dev/ingress-config";
 /// Labels of the ingress-nginx controller Deployments when the policy names none.
 pub const DEFAULT_SELECTOR: [(&str, &str); 2] =
     [("app.kubernetes.io/name", "ingress-nginx"), ("app.kubernetes.io/component", "controller")];
@@ -41,7 +47,10 @@ pub const DEFAULT_SELECTOR: [(&str, &str); 2] =
 #[serde(rename_all = "camelCase")]
 pub struct Record {
     pub policy: String,
-    /// The controller Deployment this record is about (its UID is the ledger key).
+    /// The kind of the controller this record is about (absent in entries written before DaemonSets).
+    #[serde(default = "deployment_kind", skip_serializing_if = "is_deployment")]
+    pub kind: WorkloadKind,
+    /// The controller this record is about (its UID is the ledger key).
     pub deployment: ObjectKey,
     pub config_map: ObjectKey,
     /// Whether the ConfigMap existed; if not, revert deletes it.
@@ -67,6 +76,14 @@ pub struct Record {
     pub yielded_image: Option<String>,
 }
 
+fn deployment_kind() -> WorkloadKind {
+    WorkloadKind::Deployment
+}
+
+fn is_deployment(kind: &WorkloadKind) -> bool {
+    *kind == WorkloadKind::Deployment
+}
+
 /// A container and its image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerImage {
@@ -78,20 +95,21 @@ pub struct ContainerImage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Write the record into the ledger (before any change it records).
-    Record { deployment: ObjectKey, uid: String, record: Record },
-    /// Put the policy label on the Deployment (after its record).
-    Label { deployment: ObjectKey, policy: String },
+    Record { controller: ObjectKey, uid: String, record: Record },
+    /// Put the policy label on the controller (after its record).
+    Label { kind: WorkloadKind, controller: ObjectKey, policy: String },
     /// Server-side apply every OTel key (and the policy label) to the ConfigMap.
     ApplyConfig { config_map: ObjectKey, data: BTreeMap<String, String>, policy: String },
     /// Write the updated record into the ledger, then server-side apply the controller image.
-    ApplyImage { deployment: ObjectKey, uid: String, image: ContainerImage, record: Record },
+    ApplyImage { kind: WorkloadKind, controller: ObjectKey, uid: String, image: ContainerImage, record: Record },
     /// Put the recorded values back (absent keys removed, label removed), or delete a ConfigMap the
     /// operator created.
     RestoreConfig { config_map: ObjectKey, data: BTreeMap<String, Option<String>>, delete: bool },
     /// Put the recorded image back (if any). `keep` is the record that stays (image-only revert);
     /// `None` removes the record and the label; `rolled_back` leaves the no-retry marker.
-    RestoreDeployment {
-        deployment: ObjectKey,
+    RestoreController {
+        kind: WorkloadKind,
+        controller: ObjectKey,
         uid: String,
         image: Option<ContainerImage>,
         keep: Option<Record>,
@@ -102,26 +120,21 @@ pub enum Action {
 /// One ingress-nginx controller as observed.
 #[derive(Clone, Debug)]
 pub struct Observed {
-    pub deployment: Deployment,
+    /// The controller: a Deployment or a DaemonSet.
+    pub controller: Workload,
     /// Its ConfigMap, when the `--configmap` argument names one that exists.
     pub config_map: Option<ConfigMap>,
     /// Matches the policy's `spec.ingress` selection now.
     pub selected: bool,
     /// An older policy that also selects this controller and therefore keeps it.
     pub claimed_by: Option<String>,
-    /// Its record from the ledger (by UID, for this very Deployment), or why it cannot be read.
+    /// Its record from the ledger (by UID, for this very controller), or why it cannot be read.
     pub record: Result<Option<Record>, String>,
 }
 
 impl Default for Observed {
     fn default() -> Self {
-        Self {
-            deployment: Deployment::default(),
-            config_map: None,
-            selected: false,
-            claimed_by: None,
-            record: Ok(None),
-        }
+        Self { controller: Workload::default(), config_map: None, selected: false, claimed_by: None, record: Ok(None) }
     }
 }
 
@@ -130,6 +143,9 @@ impl Default for Observed {
 pub struct Plan {
     pub actions: Vec<Action>,
     pub report: LayerReport,
+    /// Controllers whose tracing configuration someone else changed after crosstrace applied it; the
+    /// plan applies it again.
+    pub drifted: Vec<ObjectKey>,
 }
 
 /// Every OpenTelemetry key of ingress-nginx's ConfigMap, written explicitly so that no default of a
@@ -139,7 +155,8 @@ pub fn otel_config(
     sampling: &SamplingSpec,
     ingress: &IngressSpec,
 ) -> BTreeMap<String, String> {
-    let (host, port) = split_host_port(&collector.endpoint);
+    // ingress-nginx joins host and port as text (`host:port`), so an IPv6 host keeps its brackets.
+    let (host, port) = collector.endpoint.rsplit_once(':').unwrap_or((&collector.endpoint, ""));
     let ratio = normalize_ratio(&sampling.ratio);
     let sampler = match ratio.as_str() {
         "1" => "AlwaysOn",
@@ -165,6 +182,11 @@ pub fn otel_config(
     .collect()
 }
 
+/// The hash [`CONFIG_ANNOTATION`] holds for ConfigMap data crosstrace applies.
+pub fn config_hash(data: &BTreeMap<String, String>) -> String {
+    super::hash_of(&serde_json::json!(data))
+}
+
 /// `host:port` → (host, port); IPv6 brackets are dropped. The API server has validated the form.
 pub fn split_host_port(endpoint: &str) -> (&str, &str) {
     let (host, port) = endpoint.rsplit_once(':').unwrap_or((endpoint, ""));
@@ -173,9 +195,9 @@ pub fn split_host_port(endpoint: &str) -> (&str, &str) {
 
 /// The controller container (the one with `--configmap`) and the ConfigMap it names. A bare name is
 /// in the Deployment's namespace; `$(POD_NAMESPACE)` is the Deployment's namespace.
-pub fn config_map_ref(deployment: &Deployment) -> Option<(&Container, ObjectKey)> {
-    let namespace = deployment.namespace().unwrap_or_default();
-    let containers = &deployment.spec.as_ref()?.template.spec.as_ref()?.containers;
+pub fn config_map_ref(controller: &Workload) -> Option<(&Container, ObjectKey)> {
+    let namespace = controller.metadata.namespace.clone().unwrap_or_default();
+    let containers = &controller.template.spec.as_ref()?.containers;
     containers.iter().find_map(|c| {
         let args = c.args.iter().flatten();
         let value = args.clone().zip(args.skip(1).map(Some).chain([None])).find_map(|(arg, next)| {
@@ -194,21 +216,65 @@ pub fn config_map_ref(deployment: &Deployment) -> Option<(&Container, ObjectKey)
     })
 }
 
-/// A warning when the controller runs a retired or vulnerable ingress-nginx version (before v1.11.5,
-/// or v1.12.0: CVE-2025-1974 and its siblings).
+/// The repositories of upstream ingress-nginx's controller images. Upstream is retired: its final
+/// release is v1.15.1 (2026-03-19), and every upstream image is exposed to CVE-2026-42945.
+const UPSTREAM_REPOSITORIES: [&str; 4] = [
+    "registry.k8s.io/ingress-nginx/controller",
+    "registry.k8s.io/ingress-nginx/controller-chroot",
+    "k8s.gcr.io/ingress-nginx/controller",
+    "k8s.gcr.io/ingress-nginx/controller-chroot",
+];
+/// The last upstream release; a fork's tag above it carries the fork's own fixes.
+const LAST_UPSTREAM: (u32, u32, u32) = (1, 15, 1);
+
+/// How an image tag names its version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    /// `v1.15.1`, `1.12.1`, or a fork's `v1.15.5-chainguard` (the suffix names the fork).
+    Semver((u32, u32, u32), bool),
+    /// A fork's calendar tag (`2026.04.1`, `20260401`): no upstream version to compare.
+    Calendar,
+    /// Anything else (`latest`, a commit): nothing known.
+    Unknown,
+}
+
+fn tag_of(tag: &str) -> Tag {
+    let (core, suffix) = tag.split_once(['-', '+']).map_or((tag, false), |(c, _)| (c, true));
+    let numbers: Vec<Option<u32>> = core.trim_start_matches('v').split('.').map(|p| p.parse().ok()).collect();
+    match numbers[..] {
+        [Some(year), ..] if (2000..=2999).contains(&year) || year >= 20_000_000 => Tag::Calendar,
+        [Some(major), Some(minor), Some(patch)] => Tag::Semver((major, minor, patch), suffix),
+        _ => Tag::Unknown,
+    }
+}
+
+/// A warning about the controller's image, from what is known in 2026: upstream ingress-nginx is
+/// retired and every upstream image is exposed to CVE-2026-42945 (and releases before v1.11.5, or
+/// v1.12.0, to CVE-2025-1974 as well); a fork's image up to v1.15.1 is built from that code, so whether
+/// it is fixed is the fork's to say; a fork's later or calendar tag is its own release.
 pub fn version_warning(image: &str) -> Option<String> {
     let without_digest = image.split('@').next().unwrap_or(image);
-    let last_segment = without_digest.rsplit('/').next().unwrap_or(without_digest);
-    let (_, tag) = last_segment.split_once(':')?;
-    let numbers: Vec<u32> =
-        tag.trim_start_matches('v').split(['.', '-']).take(3).map_while(|p| p.parse().ok()).collect();
-    let [major, minor, patch] = numbers[..] else {
-        return None;
+    let (repository, tag) = match without_digest.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, tag),
+        _ => (without_digest, ""),
     };
-    let version = (major, minor, patch);
-    (version < (1, 11, 5) || version == (1, 12, 0)).then(|| {
-        format!("ingress-nginx {tag} is retired or vulnerable (CVE-2025-1974); upgrade to v1.11.5, v1.12.1 or later")
-    })
+    let repository = repository.strip_prefix("docker.io/").unwrap_or(repository);
+    let tag = tag_of(tag);
+    let older_cve = match tag {
+        Tag::Semver(v, _) if v < (1, 11, 5) || v == (1, 12, 0) => " and CVE-2025-1974",
+        _ => "",
+    };
+    if UPSTREAM_REPOSITORIES.contains(&repository) {
+        return Some(format!(
+            "upstream ingress-nginx is retired (final release v1.15.1, 2026-03-19) and its images are exposed to CVE-2026-42945{older_cve}; move to a maintained fork or to a Gateway API implementation"
+        ));
+    }
+    match tag {
+        Tag::Semver(v, _) if v <= LAST_UPSTREAM => Some(format!(
+            "this image's version is that of upstream ingress-nginx, which is exposed to CVE-2026-42945{older_cve}; check that its vendor fixed it"
+        )),
+        _ => None,
+    }
 }
 
 /// The ledger's entries by Deployment UID (an entry that cannot be read is kept as its error).
@@ -235,38 +301,36 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
     let active = !policy.deleting && policy.spec.ingress.is_some();
     let mut plan = Plan::default();
     let mut targets: Vec<&Observed> = observed.iter().collect();
-    targets.sort_by_key(|t| ObjectKey::of(&t.deployment.metadata));
+    targets.sort_by_key(|t| (t.controller.key(), t.controller.kind));
 
     // First pass: what each selected target needs, and how many are already in flight.
     let mut per_target = Vec::with_capacity(targets.len());
     for t in &targets {
-        let key = ObjectKey::of(&t.deployment.metadata);
+        let key = ObjectKey::of(&t.controller.metadata);
         let record = t.record.clone();
-        if t.deployment.annotations().contains_key(RECORD_ANNOTATION) {
+        if annotation(&t.controller.metadata, RECORD_ANNOTATION).is_some() {
             // Someone else's data must never choose what crosstrace writes or deletes: report, ignore.
             plan.report.problems.push(super::Problem {
                 reason: reasons::FORGED_RECORD,
                 message: format!(
-                    "Deployment {key} carries a {RECORD_ANNOTATION} record crosstrace did not write; it is ignored (crosstrace keeps its records in its own namespace, ConfigMap {LEDGER})"
+                    "{:?} {key} carries a {RECORD_ANNOTATION} record crosstrace did not write; it is ignored (crosstrace keeps its records in its own namespace, ConfigMap {LEDGER})",
+                    t.controller.kind
                 ),
                 degraded: true,
             });
         }
         let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
-        let marked = t
-            .deployment
-            .annotations()
-            .get(ROLLED_BACK_ANNOTATION)
+        let marked = annotation(&t.controller.metadata, ROLLED_BACK_ANNOTATION)
             .is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
         if !(active && t.selected) {
             if ours || marked {
-                let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
-                plan.actions.extend(revert(&key, &uid, record.ok().flatten().as_ref(), None));
+                let uid = t.controller.metadata.uid.clone().unwrap_or_default();
+                plan.actions.extend(revert(t.controller.kind, &key, &uid, record.ok().flatten().as_ref(), None));
             }
             continue;
         }
         plan.report.selected += 1;
-        per_target.push((key, forward(policy, t, record, now_secs)));
+        per_target.push((key, forward(policy, t, record, now_secs, &mut plan.drifted)));
     }
 
     plan.actions.extend(super::schedule(
@@ -274,21 +338,47 @@ pub fn plan(policy: PolicyView<'_>, observed: &[Observed], now_secs: i64) -> Pla
         &policy.spec.rollout,
         &mut plan.report,
     ));
-    for t in &targets {
-        if t.selected
-            && let Some(image) = config_map_ref(&t.deployment).and_then(|(c, _)| c.image.clone())
-            && let Some(warning) = version_warning(&image)
-        {
-            plan.report.warnings.push(format!("{}: {warning}", ObjectKey::of(&t.deployment.metadata)));
+    for t in targets.iter().filter(|t| active && t.selected) {
+        let Some((container, _)) = config_map_ref(&t.controller) else { continue };
+        let key = ObjectKey::of(&t.controller.metadata);
+        let image_warning = container.image.as_deref().and_then(version_warning);
+        for warning in image_warning.into_iter().chain(env_override(container, &policy.spec.collector)) {
+            plan.report.warnings.push(format!("{key}: {warning}"));
         }
     }
     plan
 }
 
+/// The OpenTelemetry SDK in the controller reads `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` before the
+/// ConfigMap's `otlp-collector-host`: set on the controller's container, it sends the spans elsewhere.
+/// That is the owner's setting; it is reported, never changed.
+fn env_override(container: &Container, collector: &Option<CollectorSpec>) -> Option<String> {
+    let env = container.env.iter().flatten();
+    let set = env
+        .filter(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT" || e.name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .min_by(|a, b| b.name.cmp(&a.name))?;
+    let value = match (&set.value, &set.value_from) {
+        (Some(v), _) => format!("{v:?}"),
+        (None, Some(_)) => "a value from elsewhere (valueFrom)".into(),
+        (None, None) => return None,
+    };
+    let wanted = collector.clone().unwrap_or_default().endpoint;
+    Some(format!(
+        "its container {} sets {}={value}, which overrides otlp-collector-host: spans go there, not to {wanted}",
+        container.name, set.name
+    ))
+}
+
 /// The forward plan for one selected controller.
-fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, String>, now: i64) -> TargetPlan {
-    let key = ObjectKey::of(&t.deployment.metadata);
-    let uid = t.deployment.metadata.uid.clone().unwrap_or_default();
+fn forward(
+    policy: PolicyView<'_>,
+    t: &Observed,
+    record: Result<Option<Record>, String>,
+    now: i64,
+    drifted: &mut Vec<ObjectKey>,
+) -> TargetPlan {
+    let (kind, key) = (t.controller.kind, t.controller.key());
+    let uid = t.controller.metadata.uid.clone().unwrap_or_default();
     let spec = policy.spec;
     let ingress = spec.ingress.as_ref().expect("forward is only planned with spec.ingress");
     let (record, inherited) =
@@ -299,7 +389,7 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
             Ok(super::Claim::Inherited(record)) => (Some(Record { policy: policy.name.to_string(), ..record }), true),
             Err(held) => return held,
         };
-    let Some((container, cm_key)) = config_map_ref(&t.deployment) else {
+    let Some((container, cm_key)) = config_map_ref(&t.controller) else {
         return TargetPlan::problem(
             Progress::Held,
             reasons::CONFIG_MAP_ARGUMENT_MISSING,
@@ -321,17 +411,22 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     }
     let marker = format!("{}/{}", policy.name, policy.generation);
     let what = format!("ingress controller {key}");
-    if record.is_none() && t.deployment.annotations().get(ROLLED_BACK_ANNOTATION) == Some(&marker) {
+    if record.is_none() && annotation(&t.controller.metadata, ROLLED_BACK_ANNOTATION) == Some(&marker) {
         return super::held_rolled_back(&what);
     }
 
     let collector = spec.collector.clone().unwrap_or_default();
     let desired = otel_config(&collector, &spec.sampling, ingress);
     let current_data = t.config_map.as_ref().and_then(|cm| cm.data.clone()).unwrap_or_default();
-    let config_converged = t.config_map.as_ref().is_some_and(|cm| {
+    let hash = config_hash(&desired);
+    let applied = t.config_map.as_ref().is_some_and(|cm| {
         cm.labels().get(POLICY_LABEL).map(String::as_str) == Some(policy.name)
-            && desired.iter().all(|(k, v)| current_data.get(k) == Some(v))
+            && cm.annotations().get(CONFIG_ANNOTATION) == Some(&hash)
     });
+    let config_converged = applied && desired.iter().all(|(k, v)| current_data.get(k) == Some(v));
+    if applied && !config_converged && record.is_some() {
+        drifted.push(key.clone());
+    }
     let current_image = container.image.clone().unwrap_or_default();
     let want_image = (!ingress.image.is_empty()).then_some(ingress.image.as_str());
 
@@ -339,13 +434,14 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
     let mut record = match record {
         Some(r) => {
             if inherited {
-                actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: r.clone() });
+                actions.push(Action::Record { controller: key.clone(), uid: uid.clone(), record: r.clone() });
             }
             r
         }
         None => {
             let record = Record {
                 policy: policy.name.to_string(),
+                kind,
                 deployment: key.clone(),
                 config_map: cm_key.clone(),
                 config_map_existed: t.config_map.is_some(),
@@ -356,21 +452,21 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
                 image_converged: false,
                 yielded_image: None,
             };
-            actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record: record.clone() });
+            actions.push(Action::Record { controller: key.clone(), uid: uid.clone(), record: record.clone() });
             record
         }
     };
     // The label comes right after the record: a new or taken-over controller, or one recorded by a run
     // that stopped before labelling it. (Later record updates leave the label as it is.)
-    if t.deployment.labels().get(POLICY_LABEL).map(String::as_str) != Some(policy.name) {
-        actions.push(Action::Label { deployment: key.clone(), policy: policy.name.to_string() });
+    if label(&t.controller.metadata, POLICY_LABEL).map(String::as_str) != Some(policy.name) {
+        actions.push(Action::Label { kind, controller: key.clone(), policy: policy.name.to_string() });
     }
     if !config_converged {
         actions.push(Action::ApplyConfig { config_map: cm_key, data: desired, policy: policy.name.to_string() });
     }
     match want_image {
         Some(image) => {
-            let image_plan = image_rollout(policy, &t.deployment, &what, container, &record, image, marker, now);
+            let image_plan = image_rollout(policy, &t.controller, &what, container, &record, image, marker, now);
             if let Some(mut plan) = image_plan {
                 // The ConfigMap goes first whatever the image does (a rollback reverts it too).
                 if !plan.rolled_back {
@@ -382,8 +478,9 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
         None => {
             if let Some(original) = record.original_image.take() {
                 record = Record { rollout_started: None, applied_image: None, image_converged: false, ..record };
-                actions.push(Action::RestoreDeployment {
-                    deployment: key.clone(),
+                actions.push(Action::RestoreController {
+                    kind,
+                    controller: key.clone(),
                     uid: uid.clone(),
                     image: (original.image != current_image).then_some(original),
                     keep: Some(record),
@@ -391,12 +488,12 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
                 });
             } else if record.yielded_image.is_some() {
                 record.yielded_image = None;
-                actions.push(Action::Record { deployment: key.clone(), uid: uid.clone(), record });
+                actions.push(Action::Record { controller: key.clone(), uid: uid.clone(), record });
             }
         }
     }
     if actions.is_empty() {
-        if t.deployment.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0 {
+        if t.controller.available {
             TargetPlan::state(Progress::Ready)
         } else {
             TargetPlan::problem(
@@ -417,7 +514,7 @@ fn forward(policy: PolicyView<'_>, t: &Observed, record: Result<Option<Record>, 
 #[allow(clippy::too_many_arguments)]
 fn image_rollout(
     policy: PolicyView<'_>,
-    deployment: &Deployment,
+    controller: &Workload,
     what: &str,
     container: &Container,
     record: &Record,
@@ -425,8 +522,8 @@ fn image_rollout(
     marker: String,
     now: i64,
 ) -> Option<TargetPlan> {
-    let key = ObjectKey::of(&deployment.metadata);
-    let uid = deployment.metadata.uid.clone().unwrap_or_default();
+    let (kind, key) = (controller.kind, controller.key());
+    let uid = controller.metadata.uid.clone().unwrap_or_default();
     let current_image = container.image.clone().unwrap_or_default();
     // Records written before `appliedImage` existed: the image crosstrace wrote is the policy's.
     let applied = record.applied_image.clone().or_else(|| record.original_image.as_ref().map(|_| image.to_string()));
@@ -448,7 +545,7 @@ fn image_rollout(
             yielded_image: Some(image.to_string()),
             ..record.clone()
         };
-        return Some(held.with_actions(vec![Action::Record { deployment: key, uid, record: yielded }]));
+        return Some(held.with_actions(vec![Action::Record { controller: key, uid, record: yielded }]));
     }
     let written = applied.as_ref().map(|a| Written {
         current: a == image,
@@ -458,7 +555,7 @@ fn image_rollout(
     });
     let step = rollout::judge(
         written,
-        &controller_health(deployment),
+        &controller.health("the image"),
         now,
         i64::from(policy.spec.rollout.progress_deadline_seconds),
     );
@@ -474,7 +571,7 @@ fn image_rollout(
             let mut next = record.clone();
             if converged {
                 next.image_converged = true;
-                return vec![Action::Record { deployment: key.clone(), uid: uid.clone(), record: next }];
+                return vec![Action::Record { controller: key.clone(), uid: uid.clone(), record: next }];
             }
             next.original_image
                 .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
@@ -483,9 +580,9 @@ fn image_rollout(
             next.image_converged = false;
             next.yielded_image = None;
             let image = ContainerImage { container: container.name.clone(), image: image.to_string() };
-            vec![Action::ApplyImage { deployment: key.clone(), uid: uid.clone(), image, record: next }]
+            vec![Action::ApplyImage { kind, controller: key.clone(), uid: uid.clone(), image, record: next }]
         },
-        || revert(&key, &uid, Some(record), Some(marker)),
+        || revert(kind, &key, &uid, Some(record), Some(marker)),
     );
     let plan = match &plan.problem {
         Some(p) if plan.rolled_back => {
@@ -498,23 +595,23 @@ fn image_rollout(
     Some(plan)
 }
 
-/// How the controller's Deployment rolls out, for the engine.
-fn controller_health(d: &Deployment) -> Health {
-    if health::deployment_rolled_out(d) {
-        Health::Healthy
-    } else if health::deployment_paused(d) {
-        Health::Waiting {
-            reason: reasons::DEPLOYMENT_PAUSED,
-            message: "its owner paused it; the image rolls out when it is resumed".into(),
-        }
-    } else {
-        Health::Progressing { resumed_at: health::deployment_resumed_at(d) }
-    }
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.annotations.as_ref()?.get(key)
 }
 
-/// Everything that puts one controller back as recorded: ConfigMap first, then the Deployment, whose
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.labels.as_ref()?.get(key)
+}
+
+/// Everything that puts one controller back as recorded: ConfigMap first, then the controller, whose
 /// record goes last so that a crash halfway leaves enough to finish the job.
-fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_back: Option<String>) -> Vec<Action> {
+fn revert(
+    kind: WorkloadKind,
+    controller: &ObjectKey,
+    uid: &str,
+    record: Option<&Record>,
+    rolled_back: Option<String>,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     if let Some(record) = record {
         actions.push(Action::RestoreConfig {
@@ -523,8 +620,9 @@ fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_bac
             delete: !record.config_map_existed,
         });
     }
-    actions.push(Action::RestoreDeployment {
-        deployment: deployment.clone(),
+    actions.push(Action::RestoreController {
+        kind,
+        controller: controller.clone(),
         uid: uid.to_string(),
         image: record.and_then(|r| r.original_image.clone()),
         keep: None,
@@ -533,62 +631,97 @@ fn revert(deployment: &ObjectKey, uid: &str, record: Option<&Record>, rolled_bac
     actions
 }
 
-/// The Deployments the edge layer must look at for a policy: those its `spec.ingress` selects, those
-/// it changed before (labelled with its name), which may have left the selection, and those its ledger
-/// entries name; each with its record from the ledger in `operator_namespace`.
+/// The controllers (Deployments and DaemonSets) the edge layer must look at for a policy: those its
+/// `spec.ingress` selects, those it changed before (labelled with its name), which may have left the
+/// selection, and those its ledger entries name; each with its record from the ledger in
+/// `operator_namespace`.
 pub async fn observe(
     client: &Client,
     policy: PolicyView<'_>,
     operator_namespace: &str,
     protected: impl Fn(&str) -> bool,
-    claimant: impl Fn(&Deployment) -> Option<String>,
+    claimant: impl Fn(&Workload) -> Option<String>,
 ) -> Result<Vec<Observed>, super::ObserveError> {
-    let mut found: BTreeMap<ObjectKey, Observed> = BTreeMap::new();
+    let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
+    let add = |found: &mut BTreeMap<_, Observed>, controller: Workload, selected: bool| {
+        let claimed_by = if selected { claimant(&controller) } else { None };
+        let target = Observed { controller, selected, claimed_by, ..Default::default() };
+        found.entry((target.controller.key(), target.controller.kind)).or_insert(target);
+    };
     if let Some(ingress) = policy.spec.ingress.as_ref().filter(|_| !policy.deleting) {
-        let api: Api<Deployment> = if ingress.namespace.is_empty() {
-            Api::all(client.clone())
-        } else {
-            Api::namespaced(client.clone(), &ingress.namespace)
-        };
         let selector = ingress_selector(ingress).map_err(super::ObserveError::selector("spec.ingress.selector"))?;
+        let params = ListParams::default().labels_from(&selector);
         // Never a controller in a protected namespace (`spec.ingress.namespace` empty selects everywhere).
-        let listed = api.list(&ListParams::default().labels_from(&selector)).await?;
-        for d in listed.into_iter().filter(|d| !protected(d.metadata.namespace.as_deref().unwrap_or_default())) {
-            let claimed_by = claimant(&d);
-            found.insert(
-                ObjectKey::of(&d.metadata),
-                Observed { deployment: d, selected: true, claimed_by, ..Default::default() },
-            );
+        let allowed = |w: &Workload| !protected(w.metadata.namespace.as_deref().unwrap_or_default());
+        for w in list::<Deployment>(client, &ingress.namespace, &params).await? {
+            let w = Workload::from_deployment(w);
+            if allowed(&w) {
+                add(&mut found, w, true);
+            }
+        }
+        for w in list::<DaemonSet>(client, &ingress.namespace, &params).await? {
+            let w = Workload::from_daemonset(w);
+            if allowed(&w) {
+                add(&mut found, w, true);
+            }
         }
     }
     let labelled = ListParams::default().labels_from(&super::label_equals(POLICY_LABEL, policy.name));
-    for d in Api::<Deployment>::all(client.clone()).list(&labelled).await? {
-        found.entry(ObjectKey::of(&d.metadata)).or_insert(Observed { deployment: d, ..Default::default() });
+    for d in list::<Deployment>(client, "", &labelled).await? {
+        add(&mut found, Workload::from_deployment(d), false);
+    }
+    for d in list::<DaemonSet>(client, "", &labelled).await? {
+        add(&mut found, Workload::from_daemonset(d), false);
     }
     let ledger = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace).get_opt(LEDGER).await?;
     let mut entries = ledger_entries(ledger.as_ref());
     // Controllers this policy recorded that carry its label no more (a revert that stopped halfway).
     for record in entries.values().flatten().filter(|r| r.policy == policy.name) {
-        if !found.contains_key(&record.deployment) {
-            let api = Api::<Deployment>::namespaced(client.clone(), &record.deployment.namespace);
-            if let Some(d) = api.get_opt(&record.deployment.name).await? {
-                found.insert(record.deployment.clone(), Observed { deployment: d, ..Default::default() });
-            }
+        if found.contains_key(&(record.deployment.clone(), record.kind)) {
+            continue;
+        }
+        let (namespace, name) = (&record.deployment.namespace, &record.deployment.name);
+        let controller = match record.kind {
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::from_daemonset),
+            _ => Api::<Deployment>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Workload::from_deployment),
+        };
+        if let Some(controller) = controller {
+            add(&mut found, controller, false);
         }
     }
-    for (key, target) in found.iter_mut() {
-        // The entry of this very Deployment: same UID, and recorded for the same namespace and name.
-        let uid = target.deployment.metadata.uid.clone().unwrap_or_default();
+    for ((key, kind), target) in found.iter_mut() {
+        // The entry of this very controller: same UID, and recorded for the same kind, namespace and name.
+        let uid = target.controller.metadata.uid.clone().unwrap_or_default();
         target.record = match entries.remove(&uid) {
-            Some(Ok(record)) if record.deployment == *key => Ok(Some(record)),
+            Some(Ok(record)) if record.deployment == *key && record.kind == *kind => Ok(Some(record)),
             Some(Ok(_)) | None => Ok(None),
             Some(Err(e)) => Err(e),
         };
-        if let Some((_, cm)) = config_map_ref(&target.deployment).filter(|(_, cm)| cm.namespace == key.namespace) {
+        if let Some((_, cm)) = config_map_ref(&target.controller).filter(|(_, cm)| cm.namespace == key.namespace) {
             target.config_map = Api::<ConfigMap>::namespaced(client.clone(), &cm.namespace).get_opt(&cm.name).await?;
         }
     }
     Ok(found.into_values().collect())
+}
+
+/// Lists objects of one kind in `namespace` (empty: every namespace).
+async fn list<K>(client: &Client, namespace: &str, params: &ListParams) -> kube::Result<Vec<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> =
+        if namespace.is_empty() { Api::all(client.clone()) } else { Api::namespaced(client.clone(), namespace) };
+    Ok(api.list(params).await?.items)
 }
 
 /// The selector of `spec.ingress`, defaulting to the ingress-nginx controller labels.
@@ -601,10 +734,10 @@ pub fn ingress_selector(ingress: &IngressSpec) -> Result<kube::core::Selector, S
     }
 }
 
-/// Does `spec.ingress` of a policy select this Deployment?
-pub fn selects(ingress: &IngressSpec, deployment: &ObjectMeta) -> bool {
-    (ingress.namespace.is_empty() || deployment.namespace.as_deref() == Some(ingress.namespace.as_str()))
-        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, deployment.labels.as_ref()))
+/// Does `spec.ingress` of a policy select this controller?
+pub fn selects(ingress: &IngressSpec, controller: &ObjectMeta) -> bool {
+    (ingress.namespace.is_empty() || controller.namespace.as_deref() == Some(ingress.namespace.as_str()))
+        && ingress_selector(ingress).is_ok_and(|s| super::matches(&s, controller.labels.as_ref()))
 }
 
 #[cfg(test)]
@@ -664,7 +797,7 @@ mod tests {
     }
 
     fn observed(d: Deployment, cm: Option<ConfigMap>) -> Observed {
-        Observed { deployment: d, config_map: cm, selected: true, ..Default::default() }
+        Observed { controller: Workload::from_deployment(d), config_map: cm, selected: true, ..Default::default() }
     }
 
     /// The state after the plan's actions took effect, as the API server would hold it.
@@ -673,16 +806,17 @@ mod tests {
             match action {
                 Action::Record { record, .. } => t.record = Ok(Some(record.clone())),
                 Action::Label { policy, .. } => {
-                    t.deployment.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
+                    t.controller.metadata.labels.get_or_insert_default().insert(POLICY_LABEL.into(), policy.clone());
                 }
                 Action::ApplyConfig { data, policy, .. } => {
                     let cm = t.config_map.get_or_insert_with(|| config_map(&[]));
                     cm.data.get_or_insert_default().extend(data.clone());
                     cm.labels_mut().insert(POLICY_LABEL.into(), policy.clone());
+                    cm.annotations_mut().insert(CONFIG_ANNOTATION.into(), config_hash(data));
                 }
                 Action::ApplyImage { image, record, .. } => {
                     t.record = Ok(Some(record.clone()));
-                    set_image(&mut t.deployment, &image.image);
+                    set_image(&mut t.controller, &image.image);
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -690,8 +824,8 @@ mod tests {
         t
     }
 
-    fn set_image(d: &mut Deployment, image: &str) {
-        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].image = Some(image.into());
+    fn set_image(w: &mut Workload, image: &str) {
+        w.template.spec.as_mut().unwrap().containers[0].image = Some(image.into());
     }
 
     #[test]
@@ -727,28 +861,119 @@ mod tests {
     #[test]
     fn finds_the_config_map_from_the_controller_argument() {
         let d = controller("c", "registry.k8s.io/ingress-nginx/controller:v1.12.1", true);
-        let (container, key) = config_map_ref(&d).unwrap();
+        let w = Workload::from_deployment(d.clone());
+        let (container, key) = config_map_ref(&w).unwrap();
         assert_eq!(container.name, "controller");
         assert_eq!(key, ObjectKey::new("ingress-nginx", "ingress-nginx-controller"));
 
         let mut split = d.clone();
         split.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args =
             Some(vec!["--configmap".into(), "edge-config".into()]);
-        assert_eq!(config_map_ref(&split).unwrap().1, ObjectKey::new("ingress-nginx", "edge-config"));
+        assert_eq!(
+            config_map_ref(&Workload::from_deployment(split)).unwrap().1,
+            ObjectKey::new("ingress-nginx", "edge-config")
+        );
 
         let mut none = d;
         none.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].args = None;
-        assert!(config_map_ref(&none).is_none());
+        assert!(config_map_ref(&Workload::from_deployment(none)).is_none());
     }
 
     #[test]
     fn warns_about_retired_and_vulnerable_versions() {
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.4@sha256:abc").is_some());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.12.0").is_some());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.9.6").is_some());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.11.5").is_none());
-        assert!(version_warning("registry.k8s.io/ingress-nginx/controller:v1.12.1").is_none());
-        assert!(version_warning("localhost:5000/controller").is_none());
+        let warned = |image: &str| version_warning(image).unwrap_or_default();
+        // Upstream: retired, every image exposed, whatever the version; older ones to CVE-2025-1974 too.
+        for image in [
+            "registry.k8s.io/ingress-nginx/controller:v1.15.1@sha256:abc",
+            "registry.k8s.io/ingress-nginx/controller-chroot:v1.14.3",
+            "registry.k8s.io/ingress-nginx/controller@sha256:abc",
+        ] {
+            assert!(warned(image).contains("CVE-2026-42945") && !warned(image).contains("1974"), "{image}");
+        }
+        for image in ["registry.k8s.io/ingress-nginx/controller:v1.12.0", "k8s.gcr.io/ingress-nginx/controller:v1.9.6"]
+        {
+            assert!(warned(image).contains("CVE-2026-42945") && warned(image).contains("CVE-2025-1974"), "{image}");
+        }
+        // Forks: up to the last upstream version it is upstream's code; later and calendar tags are theirs.
+        assert!(warned("cgr.example/chainguard/ingress-nginx:v1.15.1-chainguard").contains("its vendor"));
+        assert!(warned("localhost:5000/ingress-nginx/controller:v1.11.4").contains("CVE-2025-1974"));
+        for image in [
+            "cgr.example/chainguard/ingress-nginx:v1.15.5-chainguard",
+            "quay.example/fork/ingress-nginx:2026.04.1",
+            "quay.example/fork/ingress-nginx:20260401",
+            "localhost:5000/controller",
+            "localhost:5000/controller:latest",
+        ] {
+            assert_eq!(version_warning(image), None, "{image}");
+        }
+        assert_eq!(tag_of("v1.15.5-chainguard"), Tag::Semver((1, 15, 5), true));
+        assert_eq!(tag_of("2026.04.1"), Tag::Calendar);
+    }
+
+    #[test]
+    fn the_collector_host_keeps_ipv6_brackets_because_ingress_nginx_joins_host_and_port_as_text() {
+        let s = spec("");
+        let collector = CollectorSpec { endpoint: "[fd00::1]:4317".into(), ..Default::default() };
+        let config = otel_config(&collector, &s.sampling, s.ingress.as_ref().unwrap());
+        assert_eq!(config["otlp-collector-host"], "[fd00::1]");
+        assert_eq!(config["otlp-collector-port"], "4317");
+    }
+
+    #[test]
+    fn an_endpoint_set_on_the_controller_container_is_reported() {
+        let s = spec("");
+        let mut d = controller("c", "controller:v1.15.5-fork", true);
+        let container = &mut d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0];
+        container.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            value: Some("http://elsewhere:4317".into()),
+            ..Default::default()
+        }]);
+        let t = observed(d, Some(config_map(&[])));
+        let plan = plan(view(&s), std::slice::from_ref(&t), NOW);
+        assert_eq!(plan.report.warnings.len(), 1, "{:?}", plan.report.warnings);
+        let warning = &plan.report.warnings[0];
+        assert!(
+            warning.contains("OTEL_EXPORTER_OTLP_ENDPOINT=\"http://elsewhere:4317\"") && warning.contains("overrides")
+        );
+    }
+
+    #[test]
+    fn tracing_config_changed_by_someone_else_is_drift_and_applied_again() {
+        let s = spec("");
+        let collector = s.collector.clone().unwrap();
+        let desired = otel_config(&collector, &s.sampling, s.ingress.as_ref().unwrap());
+        let mut cm = config_map(&desired.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+        cm.metadata.labels = Some([(POLICY_LABEL.to_string(), "storefront".to_string())].into());
+        cm.metadata.annotations = Some([(CONFIG_ANNOTATION.to_string(), config_hash(&desired))].into());
+        let mut t = observed(controller("c", "controller:v1.15.5-fork", true), Some(cm.clone()));
+        t.controller.metadata.labels.get_or_insert_default().insert(POLICY_LABEL.into(), "storefront".into());
+        t.record = Ok(Some(Record {
+            policy: "storefront".into(),
+            kind: WorkloadKind::Deployment,
+            deployment: t.controller.key(),
+            config_map: ObjectKey::new("ingress-nginx", "ingress-nginx-controller"),
+            config_map_existed: true,
+            original_data: BTreeMap::new(),
+            original_image: None,
+            rollout_started: None,
+            applied_image: None,
+            image_converged: false,
+            yielded_image: None,
+        }));
+        let settled = plan(view(&s), std::slice::from_ref(&t), NOW);
+        assert!(settled.actions.is_empty() && settled.drifted.is_empty(), "{settled:?}");
+
+        cm.data.as_mut().unwrap().insert("otel-sampler-ratio".into(), "1".into());
+        t.config_map = Some(cm);
+        let fix = plan(view(&s), std::slice::from_ref(&t), NOW);
+        assert_eq!(fix.drifted, vec![t.controller.key()]);
+        assert!(matches!(fix.actions.as_slice(), [Action::ApplyConfig { .. }]), "{:?}", fix.actions);
+
+        // A new spec is not drift, though the data differs too.
+        let mut changed = s.clone();
+        changed.sampling.ratio = "0.5".into();
+        assert!(plan(view(&changed), std::slice::from_ref(&t), NOW).drifted.is_empty());
     }
 
     #[test]
@@ -792,7 +1017,8 @@ mod tests {
 
         // The new pods never become available.
         let mut rolling = applied(t, &first.actions);
-        rolling.deployment.metadata.generation = Some(2);
+        // Its new generation is not rolled out.
+        rolling.controller.rolled_out = false;
         let waiting = plan(view(&s), std::slice::from_ref(&rolling), NOW + 30);
         assert!(waiting.actions.is_empty());
         assert_eq!(waiting.report.in_flight, 1);
@@ -804,7 +1030,7 @@ mod tests {
         match &failed.actions[..] {
             [
                 Action::RestoreConfig { delete: false, .. },
-                Action::RestoreDeployment { image: Some(image), keep: None, rolled_back: Some(marker), .. },
+                Action::RestoreController { image: Some(image), keep: None, rolled_back: Some(marker), .. },
             ] => {
                 assert_eq!(image.image, "controller:v1.12.1");
                 assert_eq!(marker, "storefront/2");
@@ -836,7 +1062,7 @@ mod tests {
         match &revert.actions[..] {
             [
                 Action::RestoreConfig { data, delete: false, .. },
-                Action::RestoreDeployment { image: Some(image), keep: None, rolled_back: None, .. },
+                Action::RestoreController { image: Some(image), keep: None, rolled_back: None, .. },
             ] => {
                 assert_eq!(data["otel-sampler-ratio"], Some("0.5".into()));
                 assert_eq!(data["enable-opentelemetry"], None);
@@ -906,7 +1132,7 @@ mod tests {
         let without_image = spec("");
         let restore = plan(view(&without_image), std::slice::from_ref(&after), NOW);
         match &restore.actions[..] {
-            [Action::RestoreDeployment { image: Some(image), keep: Some(record), .. }] => {
+            [Action::RestoreController { image: Some(image), keep: Some(record), .. }] => {
                 assert_eq!(image.image, "controller:v1.12.1");
                 assert!(record.original_image.is_none(), "the kept record no longer claims the image");
             }
@@ -918,7 +1144,7 @@ mod tests {
         assert_eq!(revert.report.selected, 0);
         assert!(matches!(
             revert.actions[..],
-            [Action::RestoreConfig { .. }, Action::RestoreDeployment { keep: None, .. }]
+            [Action::RestoreConfig { .. }, Action::RestoreController { keep: None, .. }]
         ));
     }
 
@@ -937,7 +1163,7 @@ mod tests {
     fn a_converged_controller_scaled_by_its_owner_is_reported_not_rolled_back() {
         let s = spec("controller:v1.12.1-otel");
         let mut scaled = instrumented(&s);
-        scaled.deployment.status.as_mut().unwrap().available_replicas = Some(0);
+        (scaled.controller.rolled_out, scaled.controller.available) = (false, false);
         let p = plan(view(&s), &[scaled], NOW + 3600);
         assert!(p.actions.is_empty(), "{:?}", p.actions);
         assert_eq!((p.report.unhealthy, p.report.rolled_back), (1, 0));
@@ -948,7 +1174,7 @@ mod tests {
     fn the_owners_new_image_stays_and_is_what_a_revert_leaves() {
         let s = spec("controller:v1.12.1-otel");
         let mut upgraded = instrumented(&s);
-        set_image(&mut upgraded.deployment, "controller:v1.13.0");
+        set_image(&mut upgraded.controller, "controller:v1.13.0");
         let p = plan(view(&s), std::slice::from_ref(&upgraded), NOW + 100);
         assert_eq!(p.report.problems[0].reason, reasons::CHANGED_BY_OWNER);
         let [Action::Record { record, .. }] = &p.actions[..] else { panic!("{:?}", p.actions) };
@@ -960,7 +1186,7 @@ mod tests {
         let deleting = PolicyView { deleting: true, ..view(&s) };
         let revert = plan(deleting, &[yielded], NOW + 102);
         assert!(
-            revert.actions.iter().all(|a| !matches!(a, Action::RestoreDeployment { image: Some(_), .. })),
+            revert.actions.iter().all(|a| !matches!(a, Action::RestoreController { image: Some(_), .. })),
             "{:?}",
             revert.actions
         );
@@ -977,7 +1203,7 @@ mod tests {
         fake.annotations_mut().insert(RECORD_ANNOTATION.into(), forged.to_string());
         fake.labels_mut().insert(POLICY_LABEL.into(), "storefront".into());
         // Labelled with the policy's name but not selected, and no ledger entry of its own.
-        let t = Observed { deployment: fake, ..Default::default() };
+        let t = Observed { controller: Workload::from_deployment(fake), ..Default::default() };
         let p = plan(view(&s), &[t], NOW);
         assert!(
             p.actions.iter().all(|a| !matches!(a, Action::RestoreConfig { .. } | Action::ApplyConfig { .. })),

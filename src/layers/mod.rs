@@ -1,6 +1,7 @@
 //! One module per layer. Each selects its targets, plans (purely) what must change on them, and judges
 //! their health; the controller runs the plan and turns the layer's [`LayerReport`] into status.
 
+pub mod debug;
 pub mod health;
 pub mod ingress;
 pub mod network;
@@ -164,11 +165,39 @@ pub struct LayerReport {
     pub unhealthy: usize,
     /// Targets whose owner holds crosstrace's change (OnDelete, a paused Deployment).
     pub waiting: usize,
+    /// Targets held by a conflict or a broken object, not rolled back: nothing to do until something changes.
+    pub blocked: usize,
     /// A failed batch stopped the rollout for this generation.
     pub stopped: bool,
     pub problems: Vec<Problem>,
     /// Notes for the layer's Ready condition that are not problems (e.g. a vulnerable controller version).
     pub warnings: Vec<String>,
+}
+
+/// FNV-1a of a value's JSON: stable across builds, so what one version of the operator wrote (a
+/// workload's injection hash, an edge ConfigMap's config hash) is understood by the next.
+pub fn hash_of(value: &serde_json::Value) -> String {
+    let hash = value
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+impl LayerReport {
+    /// Every selected target in exactly one state, so that the counts add up to `selected` (the
+    /// `crosstrace_targets` gauge can be summed over `state`).
+    pub fn states(&self) -> [(&'static str, usize); 7] {
+        [
+            ("ready", self.ready),
+            ("inFlight", self.in_flight),
+            ("pending", self.pending),
+            ("unhealthy", self.unhealthy),
+            ("waiting", self.waiting),
+            ("rolledBack", self.rolled_back),
+            ("blocked", self.blocked),
+        ]
+    }
 }
 
 /// Where a target stands, as far as rollout batching is concerned.
@@ -258,7 +287,7 @@ pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &
                 report.pending += 1;
                 continue;
             }
-            Progress::Held => {}
+            Progress::Held => report.blocked += usize::from(!target.rolled_back),
             Progress::Unhealthy => report.unhealthy += 1,
             Progress::Waiting => report.waiting += 1,
         }
@@ -411,6 +440,28 @@ mod tests {
         };
         assert!(validate(&spec).unwrap_err().starts_with("spec.ingress.selector: "));
         assert!(validate(&TracingPolicySpec::default()).is_ok());
+    }
+
+    #[test]
+    fn every_selected_target_is_in_exactly_one_reported_state() {
+        let held = |rolled_back| TargetPlan::<()> { rolled_back, ..TargetPlan::state(Progress::Held) };
+        let targets = vec![
+            TargetPlan::state(Progress::Ready),
+            TargetPlan::state(Progress::InFlight),
+            TargetPlan::state(Progress::Pending),
+            TargetPlan::state(Progress::Pending),
+            TargetPlan::state(Progress::Unhealthy),
+            TargetPlan::state(Progress::Waiting),
+            held(true),
+            held(false),
+        ];
+        let selected = targets.len();
+        let rollout = RolloutSpec { max_concurrent: 2, ..Default::default() };
+        let mut report = LayerReport { selected, ..Default::default() };
+        let _ = schedule(targets, &rollout, &mut report);
+        let states = report.states();
+        assert_eq!(states.iter().map(|(_, n)| n).sum::<usize>(), selected, "{states:?}");
+        assert!(states.iter().all(|(_, n)| *n == 1 || *n == 2), "{states:?}");
     }
 
     #[test]

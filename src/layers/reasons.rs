@@ -51,3 +51,7 @@ pub const INVALID_OBJECT: &str = "InvalidObject";
 /// Events.
 pub const DRIFT_CORRECTED: &str = "DriftCorrected";
 pub const REVERTED: &str = "Reverted";
+/// A debug session raised the sampling (Event).
+pub const DEBUG_SESSION_STARTED: &str = "DebugSessionStarted";
+/// A debug session ended and the policy's own sampling is back (Event).
+pub const DEBUG_SESSION_ENDED: &str = "DebugSessionEnded";

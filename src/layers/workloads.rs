@@ -99,6 +99,8 @@ pub struct Workload {
     pub on_delete: bool,
     /// Why a pod of crosstrace's revision cannot start (filled in by [`observe`] for rollouts in flight).
     pub failing: Option<String>,
+    /// At least one pod is available (for the edge layer: a controller that serves).
+    pub available: bool,
 }
 
 impl Workload {
@@ -110,6 +112,7 @@ impl Workload {
         let rolled_out = health::deployment_rolled_out(&d);
         let resumed_at = health::deployment_resumed_at(&d);
         let paused = health::deployment_paused(&d);
+        let available = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
         let spec = d.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::Deployment,
@@ -119,6 +122,7 @@ impl Workload {
             selector: Some(spec.selector),
             paused,
             resumed_at,
+            available,
             ..Default::default()
         }
     }
@@ -126,6 +130,7 @@ impl Workload {
     pub fn from_statefulset(s: StatefulSet) -> Self {
         let rolled_out = health::statefulset_rolled_out(&s);
         let on_delete = health::statefulset_on_delete(&s);
+        let available = s.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
         let spec = s.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::StatefulSet,
@@ -134,12 +139,14 @@ impl Workload {
             rolled_out,
             selector: Some(spec.selector),
             on_delete,
+            available,
             ..Default::default()
         }
     }
 
     pub fn from_daemonset(d: DaemonSet) -> Self {
         let rolled_out = health::daemonset_rolled_out(&d);
+        let available = d.status.as_ref().and_then(|s| s.number_available).unwrap_or(0) > 0;
         let spec = d.spec.unwrap_or_default();
         let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
@@ -149,12 +156,14 @@ impl Workload {
             rolled_out,
             selector: Some(spec.selector),
             on_delete,
+            available,
             ..Default::default()
         }
     }
 
-    /// How the workload's rollout looks to the engine.
-    pub fn health(&self) -> Health {
+    /// How the workload's rollout of crosstrace's `change` (e.g. "the collector sidecar") looks to the
+    /// engine.
+    pub fn health(&self, change: &str) -> Health {
         if self.rolled_out {
             Health::Healthy
         } else if let Some(why) = &self.failing {
@@ -162,13 +171,12 @@ impl Workload {
         } else if self.paused {
             Health::Waiting {
                 reason: reasons::DEPLOYMENT_PAUSED,
-                message: "its owner paused it; the collector sidecar rolls out when it is resumed".into(),
+                message: format!("its owner paused it; {change} rolls out when it is resumed"),
             }
         } else if self.on_delete {
             Health::Waiting {
                 reason: reasons::WAITING_FOR_RESTART,
-                message: "updateStrategy OnDelete: the collector sidecar reaches its pods when they are recreated"
-                    .into(),
+                message: format!("updateStrategy OnDelete: {change} reaches its pods when they are recreated"),
             }
         } else {
             Health::Progressing { resumed_at: self.resumed_at }
@@ -231,11 +239,24 @@ fn kind_key(kind: WorkloadKind) -> &'static str {
 /// The collector configuration, one file per workload kind so that the resource attribute follows
 /// the semantic conventions (`k8s.deployment.name`, ...). Pod, namespace and node come from the
 /// downward API through the sidecar's env.
+///
+/// Written for the collector release of [`crate::controller::DEFAULT_SIDECAR_IMAGE`]: the OTLP
+/// exporters under their current names (`otlp_grpc`, `otlp_http`), batching in the exporter's sending
+/// queue instead of the retired batch processor. `tests/collector_config.rs` runs every variant through
+/// that release's `otelcol-k8s validate`.
 pub fn collector_config(spec: &TracingPolicySpec) -> BTreeMap<String, String> {
     let collector = spec.collector.clone().unwrap_or_default();
+    // The batch processor's former settings (512 spans or 5 s, whichever comes first), now with an upper
+    // bound so that a burst leaves as several requests of a sane size.
+    let sending_queue = json!({"batch": {"sizer": "items", "min_size": 512, "max_size": 2048, "flush_timeout": "5s"}});
     let (exporter, exporter_config) = match collector.protocol {
-        OtlpProtocol::Grpc => ("otlp", json!({"endpoint": collector.endpoint, "tls": {"insecure": true}})),
-        OtlpProtocol::Http => ("otlphttp", json!({"endpoint": format!("http://{}", collector.endpoint)})),
+        OtlpProtocol::Grpc => (
+            "otlp_grpc",
+            json!({"endpoint": collector.endpoint, "tls": {"insecure": true}, "sending_queue": sending_queue}),
+        ),
+        OtlpProtocol::Http => {
+            ("otlp_http", json!({"endpoint": format!("http://{}", collector.endpoint), "sending_queue": sending_queue}))
+        }
     };
     [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet]
         .into_iter()
@@ -256,14 +277,13 @@ pub fn collector_config(spec: &TracingPolicySpec) -> BTreeMap<String, String> {
                         attribute("k8s.node.name", "K8S_NODE_NAME"),
                         attribute(&format!("k8s.{}.name", kind_key(kind)), "K8S_WORKLOAD_NAME"),
                     ]},
-                    "batch": {"send_batch_size": 512, "timeout": "5s"},
                 },
                 "exporters": {exporter: exporter_config},
                 "service": {
                     "extensions": ["health_check"],
                     "pipelines": {"traces": {
                         "receivers": ["otlp"],
-                        "processors": ["memory_limiter", "resource", "batch"],
+                        "processors": ["memory_limiter", "resource"],
                         "exporters": [exporter],
                     }},
                 },
@@ -364,16 +384,6 @@ pub fn removal_patch(kind: WorkloadKind, workload: &ObjectKey, rolled_back: Opti
     patch
 }
 
-/// FNV-1a of the injection's JSON: stable across builds, so records written by one version of the
-/// operator are understood by the next.
-fn hash_of(value: &Value) -> String {
-    let hash = value
-        .to_string()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("{hash:016x}")
-}
-
 fn record_json(record: &Record) -> String {
     serde_json::to_string(record).expect("a record always serializes")
 }
@@ -440,7 +450,7 @@ fn injection(
     } else {
         pod_spec["containers"].as_array_mut().expect("containers is a list").push(sidecar);
     }
-    let hash = hash_of(&pod_spec);
+    let hash = super::hash_of(&pod_spec);
     let record = Record {
         policy: policy.name.to_string(),
         generation: policy.generation,
@@ -584,7 +594,12 @@ fn forward(
         converged: converged(&w.metadata, r),
         since: r.rollout_started,
     });
-    let step = rollout::judge(written, &w.health(), now, i64::from(policy.spec.rollout.progress_deadline_seconds));
+    let step = rollout::judge(
+        written,
+        &w.health("the collector sidecar"),
+        now,
+        i64::from(policy.spec.rollout.progress_deadline_seconds),
+    );
     if step == rollout::Step::Reapply {
         drifted.push(key.clone());
     }
@@ -879,7 +894,7 @@ mod tests {
 
     fn defaults() -> Defaults {
         Defaults {
-            sidecar_image: "otel/opentelemetry-collector-k8s:0.115.1".into(),
+            sidecar_image: crate::controller::DEFAULT_SIDECAR_IMAGE.into(),
             sidecar_resources: crate::controller::default_sidecar_resources(),
             native_sidecars: true,
             operator_namespace: "crosstrace-system".into(),
@@ -963,6 +978,26 @@ mod tests {
         snapshot("collector-deployment.yaml", &config["deployment.yaml"]);
         assert!(config["statefulset.yaml"].contains("k8s.statefulset.name"));
         assert!(config["daemonset.yaml"].contains("k8s.daemonset.name"));
+    }
+
+    /// The collector refuses an empty resource attribute, so every `${env:...}` the configuration reads
+    /// must be set on the sidecar container.
+    #[test]
+    fn every_env_the_collector_config_reads_is_set_on_the_sidecar() {
+        let s = spec();
+        let workload = ObjectKey { namespace: "shop".into(), name: "cart".into() };
+        let reference = regex::Regex::new(r"\$\{env:([A-Z0-9_]+)\}").unwrap();
+        for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
+            let container = sidecar(s.workloads.as_ref().unwrap(), &defaults(), kind, &workload);
+            let set: Vec<&str> =
+                container["env"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+            let config = &collector_config(&s)[&format!("{}.yaml", kind_key(kind))];
+            let read: Vec<&str> = reference.captures_iter(config).map(|c| c.get(1).unwrap().as_str()).collect();
+            assert_eq!(read.len(), 4, "{kind:?}: {config}");
+            for name in read {
+                assert!(set.contains(&name), "{kind:?}: the config reads ${{env:{name}}}, the sidecar sets {set:?}");
+            }
+        }
     }
 
     #[test]
