@@ -62,7 +62,9 @@ source_url="${CROSSTRACE_IMAGE_SOURCE:-https://github.com/crosstrace/crosstrace}
 # artifacts, never build scripts and proc macros, which stay dynamic host programs. The remaps keep this
 # machine's paths (checkout, cargo home, target dir) out of the binary, so it does not depend on them.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
-export RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$root=/crosstrace --remap-path-prefix=$cargo_home=/cargo --remap-path-prefix=$target_dir=/target"
+rustflags=(-C target-feature=+crt-static --remap-path-prefix="$root=/crosstrace"
+  --remap-path-prefix="$cargo_home=/cargo" --remap-path-prefix="$target_dir=/target")
+export RUSTFLAGS="${rustflags[*]}"
 binaries=()
 IFS=, read -ra platform_list <<<"$platforms"
 for platform in "${platform_list[@]}"; do

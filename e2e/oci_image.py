@@ -2,12 +2,12 @@
 """Writes the crosstrace container image as an OCI image layout, without a container engine, deterministically.
 
 The same binaries and the same arguments give the same bytes, hence the same digest: every tar entry has
-a fixed owner (0:0), mode and mtime (the commit time) in a fixed order; gzip writes no name and mtime 0; the
-JSON documents have sorted keys and no spaces; nothing reads the clock or the machine. One layer per
-image: the static binary at /crosstrace, /etc/passwd and /etc/group naming the non-root user 65532, and
-/tmp. One platform gives an image manifest; several give an image index of one manifest per platform.
-Either is the single entry of the layout's index.json, tagged with the version, which is what
-`crane push DIR REF` pushes.
+a fixed owner, mode and mtime (the commit time) in a fixed order; gzip writes no name and mtime 0; the JSON
+documents have sorted keys and no spaces; nothing reads the clock or the machine. One layer per image: the
+static binary at /crosstrace; /etc/passwd, /etc/group and /home/nonroot for the non-root user 65532 it runs
+as; /etc/nsswitch.conf, which has the binary's built-in glibc read /etc/hosts before DNS; and /tmp. One
+platform gives an image manifest; several give an image index of one manifest per platform. Either is the
+single entry of the layout's index.json, tagged with the version, which is what `crane push DIR REF` pushes.
 
     e2e/oci_image.py --out DIR [--tar FILE] --binary linux/amd64=PATH [--binary linux/arm64=PATH ...]
         --version 0.1.0 --revision 1a2b3c4d5e6f --created-epoch 1764540000 --source https://...
@@ -44,6 +44,9 @@ PLATFORMS = {
 
 PASSWD = b"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
 GROUP = b"root:x:0:\nnonroot:x:65532:\n"
+# glibc's default without this file is "dns [!UNAVAIL=return] files": /etc/hosts (the pod's host aliases)
+# would be read only when no DNS server answers.
+NSSWITCH = b"hosts: files dns\n"
 
 
 def canonical_json(value):
@@ -84,6 +87,7 @@ def layer_tar(binary, mtime):
         files = {
             "crosstrace": (0o755, program),
             "etc/group": (0o644, GROUP),
+            "etc/nsswitch.conf": (0o644, NSSWITCH),
             "etc/passwd": (0o644, PASSWD),
         }
         dirs = {"etc/": (0o755, 0), "home/": (0o755, 0), "home/nonroot/": (0o700, 65532), "tmp/": (0o1777, 0)}
@@ -118,7 +122,7 @@ def write_image(blobs, platform, binary, labels, created, mtime):
             "Labels": labels,
         },
         "rootfs": {"type": "layers", "diff_ids": [sha256(tar)]},
-        "history": [{"created": created, "created_by": "e2e/oci_image.py: /crosstrace, /etc/passwd, /etc/group"}],
+        "history": [{"created": created, "created_by": "e2e/oci_image.py"}],
     }
     manifest = {
         "schemaVersion": 2,
@@ -177,7 +181,7 @@ def main():
     created = datetime.datetime.fromtimestamp(args.created_epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = {
         "org.opencontainers.image.created": created,
-        "org.opencontainers.image.description": "crosstrace: cross-layer tracing for Kubernetes (controller and node agent)",
+        "org.opencontainers.image.description": "Cross-layer tracing for Kubernetes: the operator and its node agent",
         "org.opencontainers.image.licenses": LICENSE,
         "org.opencontainers.image.revision": args.revision,
         "org.opencontainers.image.source": args.source,

@@ -82,7 +82,8 @@ trap cleanup EXIT
 # Offline: the chart's image reference
 
 versions_agree() {
-  [ "$version" = "$app_version" ] || { echo "Cargo.toml version $version, Chart.yaml appVersion $app_version"; return 1; }
+  [ "$version" = "$app_version" ] ||
+    { echo "Cargo.toml version $version, Chart.yaml appVersion $app_version"; return 1; }
 }
 check "the crate version is the chart's appVersion ($version)" versions_agree
 
@@ -198,22 +199,23 @@ kubectl label namespace "$ns" --overwrite pod-security.kubernetes.io/enforce=res
 install_from_oci() {
   helm install "$release" "oci://$registry/charts/crosstrace" --version "$chart_version" --plain-http \
     -n "$ns" --set image.repository="$registry/crosstrace" --wait=false >/dev/null &&
-    kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null &&
+    kubectl -n "$ns" rollout status deployment/crosstrace-controller --timeout=120s >/dev/null || return 1
+  # The agent, when the chart's values enable it.
+  if kubectl -n crosstrace-agent get daemonset crosstrace-agent >/dev/null 2>&1; then
     kubectl -n crosstrace-agent rollout status daemonset/crosstrace-agent --timeout=120s >/dev/null
+  fi
 }
 check "helm install from oci://$registry/charts/crosstrace --version $chart_version" install_from_oci
 helm status "$release" -n "$ns" >/dev/null 2>&1 && installed=1
 
 pods_use_image() {
   local images
-  images="$({
-    kubectl -n "$ns" get pods -l app.kubernetes.io/component=controller -o jsonpath='{range .items[*]}{.spec.containers[*].image}{"\n"}{end}'
-    kubectl -n crosstrace-agent get pods -l app.kubernetes.io/component=agent -o jsonpath='{range .items[*]}{.spec.containers[*].image}{"\n"}{end}'
-  } | sort | uniq -c)"
+  images="$(kubectl get pods -A -l app.kubernetes.io/name=crosstrace \
+    -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name} {.spec.containers[*].image}{"\n"}{end}')"
   echo "$images"
-  [ "$(awk '{print $2}' <<<"$images")" = "$ref" ] && [ "$(awk '{s += $1} END {print s}' <<<"$images")" -ge 3 ]
+  grep -q "^$ns/crosstrace-controller-" <<<"$images" && ! awk -v ref="$ref" '$2 != ref' <<<"$images" | grep -q .
 }
-check "the controller and agent pods run $ref" pods_use_image
+check "the chart's pods (controller, and agents when enabled) run $ref" pods_use_image
 
 # ----------------------------------------------------------------------------------------------------------
 # The binary, pulled back out of the pushed image
@@ -224,6 +226,13 @@ binary_pulled() {
     [ -x "$tmp/pulled/crosstrace" ] && file -b "$tmp/pulled/crosstrace" | grep -Eq 'static(-pie)? linked'
 }
 check "crane export: /crosstrace in the image is a static executable" binary_pulled
+
+image_files() {
+  local got want="crosstrace etc etc/group etc/nsswitch.conf etc/passwd home home/nonroot tmp"
+  got="$("$ggcr/crane" export "$ref" - | tar -t | sed 's#/$##' | sort | tr '\n' ' ')"
+  [ "$got" = "$want " ] || { echo "files: $got; want: $want"; return 1; }
+}
+check "the image holds /crosstrace, /etc/{group,nsswitch.conf,passwd}, /home/nonroot and /tmp, nothing else" image_files
 
 version_matches() {
   local got built
@@ -298,7 +307,8 @@ spec:
   rollout: {progressDeadlineSeconds: 60}
 EOF
   kubectl wait --for=condition=Ready "tracingpolicy/$policy" --timeout=90s >/dev/null || {
-    kubectl get tracingpolicy "$policy" -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'
+    kubectl get tracingpolicy "$policy" \
+      -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'
     tail -n 20 "$tmp/controller.log"
     return 1
   }
