@@ -11,6 +11,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod build;
+pub mod canary;
 pub mod clients;
 pub mod controller;
 pub mod crashpoint;

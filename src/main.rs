@@ -78,6 +78,10 @@ struct ControllerArgs {
     /// policies beyond them are reported and nothing of them is written.
     #[arg(long, env = "CROSSTRACE_ADMIN_LIMITS")]
     admin_limits: Option<std::path::PathBuf>,
+    /// Seconds between canary spans sent to each policy's collector (the CollectorReachable
+    /// condition); 0 = none.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    canary_interval_seconds: u64,
 }
 
 async fn shutdown_signal() {
@@ -128,6 +132,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         write_concurrency: usize::from(args.write_concurrency),
         write_budget: Duration::from_millis(args.write_budget_ms),
         admin_limits: args.admin_limits,
+        canary_every: (args.canary_interval_seconds > 0).then(|| Duration::from_secs(args.canary_interval_seconds)),
         ..Settings::default()
     };
     settings.workloads.sidecar_image = args.sidecar_image;

@@ -98,6 +98,7 @@ fn context(policy: &TracingPolicy, world: World, settings: Settings) -> (Arc<Con
         settings,
         written: Mutex::default(),
         retries: Default::default(),
+        canaries: Default::default(),
     };
     (Arc::new(context), writes)
 }

@@ -344,3 +344,4 @@ where
     let _ = api.delete(name, &DeleteParams::default()).await;
 }
 pub mod agents;
+pub mod otelcol;

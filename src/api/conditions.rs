@@ -9,6 +9,7 @@ pub const WORKLOADS_READY: &str = "WorkloadsReady";
 pub const NETWORK_READY: &str = "NetworkReady";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+pub const COLLECTOR_REACHABLE: &str = "CollectorReachable";
 
 /// Condition status values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -59,7 +59,13 @@ pub struct Settings {
     /// Where the chart mounts its admin limits (`--admin-limits`): read on every reconcile, so that a
     /// changed limit applies without a restart. `None`: no limits beyond the built-in ones.
     pub admin_limits: Option<std::path::PathBuf>,
+    /// How often a canary span asks each policy's collector whether it accepts spans
+    /// (`CollectorReachable`); `None`: never (the condition is left out).
+    pub canary_every: Option<Duration>,
 }
+
+/// How long a canary waits for the collector's answer.
+pub const CANARY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
@@ -86,6 +92,7 @@ impl Default for Settings {
             write_concurrency: DEFAULT_WRITE_CONCURRENCY,
             write_budget: DEFAULT_WRITE_BUDGET,
             admin_limits: None,
+            canary_every: None,
         }
     }
 }
@@ -121,6 +128,8 @@ pub struct Context {
     pub written: Mutex<HashMap<String, TracingPolicyStatus>>,
     /// Failure streaks per policy uid: how long a failed reconcile waits.
     pub retries: backoff::RetryBackoff,
+    /// The last collector canary per collector.
+    pub canaries: crate::canary::Canaries,
 }
 
 /// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
@@ -238,6 +247,7 @@ pub async fn run(
         settings,
         written: Mutex::default(),
         retries: backoff::RetryBackoff::default(),
+        canaries: Default::default(),
     });
     // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
     // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing

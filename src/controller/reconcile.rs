@@ -297,7 +297,15 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     let floor = limits.as_ref().map_or(crate::api::SAMPLING_FLOOR, |l| l.min_sampling);
     let session = debug::session(&policy.spec, previous.debug.as_ref(), Timestamp::now(), floor);
     let effective = TracingPolicy { spec: session.effective, ..policy.clone() };
-    let (reports, finished) = run_layers(&effective, name, ctx, false, limits.as_ref()).await?;
+    // The collector canary goes out while the layers are looked at (it never delays them).
+    let canary = async {
+        let spec = &policy.spec;
+        let every = ctx.settings.canary_every?;
+        let collector = spec.collector.as_ref().filter(|_| spec.ingress.is_some() || spec.workloads.is_some())?;
+        Some((collector.endpoint.clone(), ctx.canaries.get(collector, every, super::CANARY_TIMEOUT).await))
+    };
+    let (layers, canary) = tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary);
+    let (reports, finished) = layers?;
     drop(effective);
     for (layer, report) in
         [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
@@ -309,6 +317,8 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         }
     }
     let mut next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
+    let canary_found = canary.as_ref().map(|(e, p)| (e.as_str(), p));
+    status::collector_reachable(&mut next, &previous.conditions, canary_found, generation, Timestamp::now());
     next.debug = session.status;
     let debug_was = previous.debug.as_ref().map(|d| (d.active, d.session.clone()));
     let debug_is = next.debug.as_ref().map(|d| (d.active, d.session.clone()));
@@ -337,7 +347,12 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         _ if busy => ctx.settings.poll,
         _ => ctx.settings.resync,
     };
-    // A running debug session is looked at again when it ends (a second late rather than early).
+    // A collector is asked again after the canary interval; a running debug session is looked at again
+    // when it ends (a second late rather than early).
+    let next_look = match (canary, ctx.settings.canary_every) {
+        (Some(_), Some(every)) => next_look.min(every),
+        _ => next_look,
+    };
     let until_end = session.ends_at.map(|end| {
         let left = end.duration_since(Timestamp::now()).as_secs().max(0);
         Duration::from_secs(u64::try_from(left).unwrap_or(0) + 1)

@@ -1,10 +1,12 @@
 //! Report: turns the layers' reports into `TracingPolicy.status` (pure), and decides whether a write is
 //! needed at all (never for a timestamp alone).
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{
-    self, DEGRADED, Desired, INGRESS_READY, NETWORK_READY, PROGRESSING, READY, Status, WORKLOADS_READY,
+    self, COLLECTOR_REACHABLE, DEGRADED, Desired, INGRESS_READY, NETWORK_READY, PROGRESSING, READY, Status,
+    WORKLOADS_READY,
 };
 use crate::api::{LayerStatus, TracingPolicySpec, TracingPolicyStatus};
 use crate::layers::{LayerReport, reasons};
@@ -115,6 +117,45 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
     out.push(progressing);
     out.push(degraded_condition);
     out
+}
+
+/// Puts the canary's finding into `status` as `CollectorReachable` (left out without a canary). The
+/// message names the canary's trace id; while the finding stays the same, the message of the canary
+/// that found it stays too, so that a converged policy's status is not rewritten for every canary.
+pub fn collector_reachable(
+    status: &mut TracingPolicyStatus,
+    before: &[Condition],
+    canary: Option<(&str, &crate::canary::Probe)>,
+    generation: i64,
+    now: Timestamp,
+) {
+    let previous = before.iter().find(|c| c.type_ == COLLECTOR_REACHABLE).cloned();
+    status.conditions.retain(|c| c.type_ != COLLECTOR_REACHABLE);
+    let Some((endpoint, probe)) = canary else { return };
+    let trace = &probe.trace_id;
+    let mut desired = match &probe.outcome {
+        Ok(()) => Desired::new(
+            COLLECTOR_REACHABLE,
+            Status::True,
+            reasons::CANARY_ACCEPTED,
+            format!("canary span of trace {trace} accepted by {endpoint}: look it up in your tracing backend"),
+        ),
+        Err(error) => Desired::new(
+            COLLECTOR_REACHABLE,
+            Status::False,
+            reasons::CANARY_NOT_ACCEPTED,
+            format!("canary span of trace {trace} not accepted by {endpoint}: {error}"),
+        ),
+    };
+    if let Some(p) = &previous
+        && p.status == desired.status.as_str()
+        && p.reason == desired.reason
+        && p.message.contains(endpoint)
+    {
+        desired.message = p.message.clone();
+    }
+    let previous: Vec<_> = previous.into_iter().collect();
+    status.conditions.extend(conditions::merge(&previous, &[desired], generation, now));
 }
 
 fn counts(r: &Option<LayerReport>) -> Option<LayerStatus> {

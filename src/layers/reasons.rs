@@ -55,3 +55,7 @@ pub const REVERTED: &str = "Reverted";
 pub const DEBUG_SESSION_STARTED: &str = "DebugSessionStarted";
 /// A debug session ended and the policy's own sampling is back (Event).
 pub const DEBUG_SESSION_ENDED: &str = "DebugSessionEnded";
+/// The collector took the canary span (CollectorReachable=True).
+pub const CANARY_ACCEPTED: &str = "CanaryAccepted";
+/// The collector did not take the canary span: unreachable, refused or too slow (CollectorReachable=False).
+pub const CANARY_NOT_ACCEPTED: &str = "CanaryNotAccepted";
