@@ -20,10 +20,22 @@ build:
 crds:
     cargo run --locked --quiet -- crds --out-dir crds --chart-dir helm/crosstrace/templates/crds
 
-# Formatting and lints, warnings are errors.
+# Formatting and lints, warnings are errors; actionlint for .github/workflows (pinned, built once).
 lint:
     cargo fmt --all -- --check
     cargo clippy --locked --all-targets --features e2e -- -D warnings
+    "$(e2e/build.sh actionlint)/actionlint"
+
+# e2e/image.sh: a static release binary, non-root, as an OCI layout under $CARGO_TARGET_DIR/image; prints
+# its digest (the same commit gives the same digest). `just image push=REGISTRY/crosstrace[:TAG]` pushes it
+# too (TAG defaults to the version).
+# Build the container image without a container engine (push=REGISTRY/crosstrace[:TAG] to push it).
+image push=env("CROSSTRACE_IMAGE_PUSH", ""):
+    #!/usr/bin/env bash
+    set -euo pipefail
+    push={{ quote(push) }}
+    push="${push#push=}"
+    exec e2e/image.sh ${push:+--push "$push"}
 
 # Pure and mocked-API tests, the CRD drift check, and every sidecar configuration checked by the real
 # collector of the default sidecar's release (built once by e2e/build.sh, cached).
@@ -58,6 +70,7 @@ e2e:
     bash e2e/tests/cluster_test.sh
     e2e/install-chart.sh --remove
     bash e2e/tests/helm_test.sh
+    bash e2e/tests/registry_test.sh
     e2e/install-chart.sh
     export CROSSTRACE_E2E_CONTROLLER_KUBECONFIG="$CROSSTRACE_E2E_STATE/controller.kubeconfig"
     cargo test --locked --features e2e --test 'e2e_*' -- --test-threads=1

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds (once) every binary the local cluster needs, from the Go module proxy and crates.io, and caches
-# it by version outside the repository. Safe to run again: a cached binary is never rebuilt.
+# Builds (once) every binary the local cluster and its tests need, from the Go module proxy and the crate
+# registry, and caches it by version outside the repository. Safe to run again: a cached binary is never rebuilt.
 #
 #   e2e/build.sh            build what is missing, print the bin directories
 #   e2e/build.sh --print    only print the bin directories (exits 1 when something is missing)
 #   e2e/build.sh otelcol    only the OpenTelemetry Collector (what `just unit` needs), print its bin directory
+#   e2e/build.sh go-containerregistry | actionlint | helm   only that one (crane and registry, actionlint,
+#                           helm: what `just image`, `just lint` and the release workflow need), likewise
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=e2e/versions.env
@@ -21,7 +23,10 @@ kwok_dir="$cache/kwok-$KWOK_VERSION"
 helm_dir="$cache/helm-$HELM_VERSION"
 just_dir="$cache/just-$JUST_VERSION"
 otelcol_dir="$cache/otelcol-$OTELCOL_VERSION"
-bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin" "$otelcol_dir/bin")
+ggcr_dir="$cache/go-containerregistry-$GO_CONTAINERREGISTRY_VERSION"
+actionlint_dir="$cache/actionlint-$ACTIONLINT_VERSION"
+bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin" "$otelcol_dir/bin"
+  "$ggcr_dir/bin" "$actionlint_dir/bin")
 
 have() { [ -x "$1/bin/$2" ]; }
 
@@ -112,6 +117,27 @@ build_helm() {
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || die "building helm $HELM_VERSION failed"
 }
 
+# crane pushes the image and reads it back; registry is a local OCI registry (in memory) for the e2e test.
+build_go_containerregistry() {
+  have "$ggcr_dir" crane && have "$ggcr_dir" registry && return
+  need_go
+  log "go-containerregistry $GO_CONTAINERREGISTRY_VERSION: crane, registry"
+  local m=github.com/google/go-containerregistry
+  GOBIN="$ggcr_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X $m/cmd/crane/cmd.Version=$GO_CONTAINERREGISTRY_VERSION" \
+    "$m/cmd/crane@$GO_CONTAINERREGISTRY_VERSION" "$m/cmd/registry@$GO_CONTAINERREGISTRY_VERSION" ||
+    die "building go-containerregistry $GO_CONTAINERREGISTRY_VERSION failed"
+}
+
+build_actionlint() {
+  have "$actionlint_dir" actionlint && return
+  need_go
+  log "actionlint $ACTIONLINT_VERSION"
+  GOBIN="$actionlint_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION" \
+    "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" || die "building actionlint $ACTIONLINT_VERSION failed"
+}
+
 build_just() {
   have "$just_dir" just && return
   command -v cargo >/dev/null || die "cargo is not installed; install Rust with rustup first"
@@ -183,12 +209,16 @@ if [ "${1:-}" = "--print" ]; then
   exit 0
 fi
 
-steps=(build_just build_helm build_kwok build_etcd build_kubernetes build_otelcol)
-if [ "${1:-}" = otelcol ]; then
-  steps=(build_otelcol) bin_dirs=("$otelcol_dir/bin")
-elif [ -n "${1:-}" ]; then
-  die "unknown argument $1 (see the top of $0)"
-fi
+steps=(build_just build_helm build_kwok build_go_containerregistry build_actionlint build_etcd build_kubernetes
+  build_otelcol)
+case "${1:-}" in
+"") ;;
+otelcol) steps=(build_otelcol) bin_dirs=("$otelcol_dir/bin") ;;
+go-containerregistry) steps=(build_go_containerregistry) bin_dirs=("$ggcr_dir/bin") ;;
+actionlint) steps=(build_actionlint) bin_dirs=("$actionlint_dir/bin") ;;
+helm) steps=(build_helm) bin_dirs=("$helm_dir/bin") ;;
+*) die "unknown argument $1 (see the top of $0)" ;;
+esac
 
 # One build at a time: a second caller (e.g. cluster.sh up while a background build runs) waits for the
 # first and then finds everything cached.

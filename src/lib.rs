@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod build;
 pub mod canary;
 pub mod check;
 pub mod clients;

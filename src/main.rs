@@ -18,7 +18,7 @@ use crosstrace::telemetry::{self, LogFormat};
 use futures::FutureExt;
 
 #[derive(Parser)]
-#[command(name = "crosstrace", version, about = "Cross-layer tracing for Kubernetes, rolled out by an operator")]
+#[command(name = "crosstrace", version = crosstrace::build::VERSION_LINE, about = "Cross-layer tracing for Kubernetes, rolled out by an operator")]
 struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CROSSTRACE_LOG_FORMAT")]

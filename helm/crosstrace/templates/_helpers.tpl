@@ -18,8 +18,14 @@ crosstrace-agent
 {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end -}}
 
+{{/* repository:tag (tag defaults to appVersion); with a digest, repository@digest or repository:tag@digest. */}}
 {{- define "crosstrace.image" -}}
-{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- $image := .Values.image -}}
+{{- if $image.digest -}}
+{{ $image.repository }}{{ with $image.tag }}:{{ . }}{{ end }}@{{ $image.digest }}
+{{- else -}}
+{{ printf "%s:%s" $image.repository ($image.tag | default .Chart.AppVersion) }}
+{{- end -}}
 {{- end -}}
 
 {{/* Labels that select pods: stable across upgrades. Pass (dict "ctx" $ "component" "controller"). */}}
