@@ -33,6 +33,20 @@ pub struct LayerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub revision: String,
+}
+
+/// `crosstrace_build_info{version, revision} 1`: which build a process runs (every role has it).
+fn register_build_info(registry: &mut Registry) {
+    let info = Family::<BuildLabels, Gauge>::default();
+    let labels = BuildLabels { version: crate::build::VERSION.into(), revision: crate::build::REVISION.into() };
+    info.get_or_create(&labels).set(1);
+    registry.register("build_info", "The version and git revision this process was built from", info);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BridgeLabels {
     pub bridge: String,
     pub state: String,
@@ -56,6 +70,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("crosstrace");
+        register_build_info(&mut registry);
         let reconciles = Counter::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
@@ -95,6 +110,7 @@ impl Metrics {
     /// the state of each bridge's export (what a PodMonitor scrapes to see every node's health).
     pub fn agent() -> Self {
         let mut registry = Registry::with_prefix("crosstrace");
+        register_build_info(&mut registry);
         let controller = Self::default();
         let (api_writes, drift_corrections) = (controller.api_writes.clone(), controller.drift_corrections.clone());
         let (ovsdb_connected, bridges) = (Gauge::default(), Family::<BridgeLabels, Gauge>::default());
@@ -176,5 +192,13 @@ mod tests {
         assert!(!text.contains("pending"), "a bridge has one state: {text}");
         assert!(!text.contains("crosstrace_reconciles"), "no controller families on an agent: {text}");
         assert!(!Metrics::default().encode().contains("crosstrace_agent_"), "no agent families on the controller");
+        for text in [text, Metrics::default().encode()] {
+            let info = format!(
+                "crosstrace_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+                crate::build::VERSION,
+                crate::build::REVISION
+            );
+            assert!(text.contains(&info), "{text}");
+        }
     }
 }

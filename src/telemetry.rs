@@ -47,6 +47,7 @@ pub fn init(format: LogFormat, service: &'static str) -> anyhow::Result<Guard> {
     };
     let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
     Registry::default().with(filter).with(fmt).with(otel).try_init()?;
+    tracing::info!(version = crate::build::VERSION, revision = crate::build::REVISION, "{service} starting");
     Ok(Guard(provider))
 }
 
