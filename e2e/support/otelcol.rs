@@ -32,7 +32,7 @@ impl Otelcol {
         let spans = dir.join("spans.json");
         let config = format!(
             "receivers:\n  otlp:\n    protocols:\n      grpc: {{endpoint: \"127.0.0.1:{grpc_port}\"}}\n      http: {{endpoint: \"127.0.0.1:{http_port}\"}}\n\
-             exporters:\n  file: {{path: \"{}\", flush_interval: 200ms}}\n\
+             exporters:\n  file: {{path: \"{}\", flush_interval: 100ms}}\n\
              service:\n  telemetry: {{metrics: {{level: none}}}}\n  pipelines:\n    traces: {{receivers: [otlp], exporters: [file]}}\n",
             spans.display()
         );
@@ -60,9 +60,24 @@ impl Otelcol {
         collector
     }
 
-    /// Every span the collector wrote so far (its file exporter's JSON lines).
-    pub fn spans(&self) -> String {
-        std::fs::read_to_string(self.dir.join("spans.json")).unwrap_or_default()
+    /// `host:port` of its OTLP/gRPC receiver.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Every span the collector wrote so far (its file exporter writes one OTLP/JSON `TracesData` per line).
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("spans.json")).unwrap_or_default();
+        let mut spans = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let Ok(data) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            for resource in data["resourceSpans"].as_array().into_iter().flatten() {
+                for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                    spans.extend(scope["spans"].as_array().into_iter().flatten().cloned());
+                }
+            }
+        }
+        spans
     }
 
     /// The collector's own log (the last lines), for failure messages.

@@ -23,83 +23,13 @@ use crosstrace::api::NodeTracing;
 use kube::Api;
 use serde_json::{Value, json};
 use support::agents::*;
+use support::otelcol::Otelcol;
 use support::*;
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const PARENT: &str = "b7ad6b7169203331";
 /// How long the spans may take to reach the collector's file once the packets are in.
 const SPAN_PATIENCE: Duration = Duration::from_secs(30);
-
-/// The `otelcol-k8s` binary: `CROSSTRACE_OTELCOL`, or the one `e2e/build.sh otelcol` builds (cached).
-fn otelcol_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CROSSTRACE_OTELCOL") {
-        return PathBuf::from(path);
-    }
-    let out = Command::new(repo("e2e/build.sh")).arg("otelcol").output().expect("e2e/build.sh otelcol runs");
-    assert!(out.status.success(), "e2e/build.sh otelcol: {}", String::from_utf8_lossy(&out.stderr));
-    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
-    Path::new(&dir).join("otelcol-k8s")
-}
-
-/// A real OpenTelemetry Collector on loopback: OTLP/gRPC in, JSON lines in a file out.
-struct Otelcol {
-    child: Child,
-    pub endpoint: String,
-    pub file: PathBuf,
-    dir: PathBuf,
-}
-
-impl Otelcol {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("crosstrace-e2e-flows-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let endpoint = format!("127.0.0.1:{}", free_port());
-        let file = dir.join("spans.json");
-        let config = format!(
-            "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: {endpoint}\n\
-             exporters:\n  file:\n    path: {}\n    flush_interval: 100ms\n\
-             service:\n  telemetry:\n    metrics:\n      level: none\n  \
-             pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [file]\n",
-            file.display()
-        );
-        let config_path = dir.join("otelcol.yaml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.join("otelcol.log")).unwrap();
-        let child = Command::new(otelcol_binary())
-            .arg(format!("--config={}", config_path.display()))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start otelcol-k8s");
-        Self { child, endpoint, file, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("otelcol.log")).unwrap_or_default()
-    }
-
-    /// Every span in the file so far (one OTLP/JSON `TracesData` per line).
-    fn spans(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
-        let mut spans = Vec::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let Ok(data) = serde_json::from_str::<Value>(line) else { continue };
-            for resource in data["resourceSpans"].as_array().into_iter().flatten() {
-                for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
-                    spans.extend(scope["spans"].as_array().into_iter().flatten().cloned());
-                }
-            }
-        }
-        spans
-    }
-}
-
-impl Drop for Otelcol {
-    fn drop(&mut self) {
-        stop(&mut self.child);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A `crosstrace flows` host process, stopped by its PID when dropped.
 struct FlowsProcess {
@@ -237,13 +167,13 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
     let node = node_name(0);
     ensure_br_int(0);
 
-    let collector = Otelcol::start();
-    let release = FlowsRelease::enable(&collector.endpoint);
+    let collector = Otelcol::start().await;
+    let release = FlowsRelease::enable(&collector.endpoint());
     let (ok, _, err) =
         kubectl(&["-n", "crosstrace-system", "rollout", "status", "deployment/crosstrace-flows", "--timeout=90s"]);
     assert!(ok, "the chart's crosstrace-flows Deployment (restricted Pod Security) does not roll out: {err}");
     let receiver = format!("127.0.0.1:{}", free_udp_port());
-    let flows = FlowsProcess::start(&flows_kubeconfig(), &receiver, &collector.endpoint);
+    let flows = FlowsProcess::start(&flows_kubeconfig(), &receiver, &collector.endpoint());
     let controller = ControllerProcess::start_with_args(
         free_port(),
         &controller_kubeconfig(),

@@ -82,20 +82,7 @@ check "schema refuses write pacing out of bounds naming the field" \
 # ----------------------------------------------------------------------------------------------------------
 # On the cluster
 
-if [ -z "${KUBECONFIG:-}" ]; then
-  env_out="$("$root/e2e/cluster.sh" env 2>&1)" || {
-    not_ok "cluster env (is the cluster up? run e2e/cluster.sh up)" "$env_out"
-    summary
-    exit 1
-  }
-  eval "$env_out"
-fi
-
-if helm status "$release" -n "$ns" >/dev/null 2>&1; then
-  not_ok "no release $release in $ns before the test (is the demo running? leaving it alone)"
-  summary
-  exit 1
-fi
+on_cluster "$root" "$release" "$ns"
 
 installed=0
 ns_created=0
@@ -335,17 +322,7 @@ EOT
 check "a Deployment to instrument" shop_created
 policy_injected() {
   local i
-  kubectl apply -f - >/dev/null <<EOT || return 1
-apiVersion: crosstrace.dev/v1alpha1
-kind: TracingPolicy
-metadata: {name: $policy}
-spec:
-  collector: {endpoint: "otel-gateway.observability.svc:4317"}
-  sampling: {ratio: "0.5"}
-  workloads:
-    namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: $shop_ns}}
-    selector: {matchLabels: {app.kubernetes.io/part-of: helm-test}}
-EOT
+  workloads_policy "$policy" "kubernetes.io/metadata.name: $shop_ns" "app.kubernetes.io/part-of: helm-test" || return 1
   for ((i = 0; i < 300; i++)); do
     kubectl get tracingpolicy "$policy" -o json |
       jq -e '.status.conditions[]? | select(.type == "Ready" and .status == "True")' >/dev/null 2>&1 && break
@@ -761,15 +738,7 @@ kubectl -n "$ns" delete pod crosstrace-check --ignore-not-found >/dev/null 2>&1 
 stuck_policy() {
   local i
   start_controller || return 1
-  kubectl apply -f - >/dev/null <<EOT || return 1
-apiVersion: crosstrace.dev/v1alpha1
-kind: TracingPolicy
-metadata: {name: $stuck}
-spec:
-  collector: {endpoint: "otel-gateway.observability.svc:4317"}
-  workloads:
-    namespaceSelector: {matchLabels: {helm-test: none}}
-EOT
+  workloads_policy "$stuck" "helm-test: none" || return 1
   for ((i = 0; i < 150; i++)); do
     kubectl get tracingpolicy "$stuck" -o jsonpath='{.metadata.finalizers}' | grep -q crosstrace.dev/cleanup && break
     sleep 0.2

@@ -24,19 +24,7 @@ ns=crosstrace-system
 # shellcheck source=e2e/tests/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [ -z "${KUBECONFIG:-}" ]; then
-  env_out="$("$root/e2e/cluster.sh" env 2>&1)" || {
-    not_ok "cluster env (is the cluster up? run e2e/cluster.sh up)" "$env_out"
-    summary
-    exit 1
-  }
-  eval "$env_out"
-fi
-if helm status "$release" -n "$ns" >/dev/null 2>&1; then
-  not_ok "no release $release in $ns before the test (is the demo running? leaving it alone)"
-  summary
-  exit 1
-fi
+on_cluster "$root" "$release" "$ns"
 
 ggcr="$("$root/e2e/build.sh" go-containerregistry)"
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -n1)"
@@ -294,18 +282,8 @@ EOF
 check "a Deployment to instrument, rolled out in $app_ns" workload_created
 
 policy_ready() {
-  kubectl apply -f - >/dev/null <<EOF
-apiVersion: crosstrace.dev/v1alpha1
-kind: TracingPolicy
-metadata: {name: $policy}
-spec:
-  collector: {endpoint: "otel-gateway.observability.svc:4317"}
-  sampling: {ratio: "0.5"}
-  workloads:
-    namespaceSelector: {matchLabels: {crosstrace-registry-test: "$$"}}
-    selector: {matchLabels: {app.kubernetes.io/part-of: registry-test}}
-  rollout: {progressDeadlineSeconds: 60}
-EOF
+  workloads_policy "$policy" "crosstrace-registry-test: \"$$\"" "app.kubernetes.io/part-of: registry-test" \
+    "  rollout: {progressDeadlineSeconds: 60}"
   kubectl wait --for=condition=Ready "tracingpolicy/$policy" --timeout=90s >/dev/null || {
     kubectl get tracingpolicy "$policy" \
       -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'

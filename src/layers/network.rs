@@ -352,6 +352,18 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The status an agent reports for policy `fabric`'s export on br-int, applied and verified at generation 1.
+    fn verified_fabric() -> BridgeStatus {
+        BridgeStatus {
+            bridge: "br-int".into(),
+            policy: "fabric".into(),
+            applied_generation: 1,
+            applied: true,
+            verified: true,
+            ..Default::default()
+        }
+    }
     use crate::api::node_tracing::{NodeTracingSpec, NodeTracingStatus};
     use crate::api::{RolloutSpec, SflowSpec, TracingPolicySpec};
     use k8s_openapi::api::core::v1::NodeAddress;
@@ -421,14 +433,7 @@ mod tests {
             requested_at: Some(Time(at(0))),
             ..desired(view, s.network.as_ref().unwrap(), None, &Correlation::default())
         };
-        let ok_status = || BridgeStatus {
-            bridge: "br-int".into(),
-            policy: "fabric".into(),
-            applied_generation: 1,
-            applied: true,
-            verified: true,
-            ..Default::default()
-        };
+        let ok_status = verified_fabric;
         let ok = ok_status();
         let plan = plan(
             view,
@@ -624,14 +629,7 @@ mod tests {
         let want = desired(view, s.network.as_ref().unwrap(), Some("10.0.0.10"), &c);
         assert_eq!(want.sflow.as_ref().unwrap().targets.len(), 2);
         let converged = BridgeExport { requested_at: Some(Time(at(0))), converged: true, ..want };
-        let ok = BridgeStatus {
-            bridge: "br-int".into(),
-            policy: "fabric".into(),
-            applied_generation: 1,
-            applied: true,
-            verified: true,
-            ..Default::default()
-        };
+        let ok = verified_fabric();
         let t = Observed {
             address: Some("10.0.0.10".into()),
             ..node("n0", Some(tracing_with("n0", vec![converged], vec![ok])))
