@@ -85,6 +85,7 @@ fn record() -> Record {
         original_image: Some(ContainerImage { container: "controller".into(), image: "controller:v1.12.1".into() }),
         rollout_started: Some(1),
         applied_image: Some("controller:v1.12.1-otel".into()),
+        applied_at_generation: None,
         image_converged: false,
         yielded_image: None,
     }

@@ -66,6 +66,11 @@ pub struct Record {
     /// The image crosstrace wrote: a different one running means its owner changed it since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_image: Option<String>,
+    /// The controller's `metadata.generation` when this record of `applied_image` was written, right
+    /// before the image itself: still that generation means the image write never landed (a controller
+    /// stopped between the two writes), not that the owner changed the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at_generation: Option<i64>,
     /// The image crosstrace wrote was seen rolled out and healthy (from then on the controller's health
     /// is its owner's business).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -449,6 +454,7 @@ fn forward(
                 original_image: None,
                 rollout_started: None,
                 applied_image: None,
+                applied_at_generation: None,
                 image_converged: false,
                 yielded_image: None,
             };
@@ -477,7 +483,13 @@ fn forward(
         }
         None => {
             if let Some(original) = record.original_image.take() {
-                record = Record { rollout_started: None, applied_image: None, image_converged: false, ..record };
+                record = Record {
+                    rollout_started: None,
+                    applied_image: None,
+                    applied_at_generation: None,
+                    image_converged: false,
+                    ..record
+                };
                 actions.push(Action::RestoreController {
                     kind,
                     controller: key.clone(),
@@ -527,7 +539,10 @@ fn image_rollout(
     let current_image = container.image.clone().unwrap_or_default();
     // Records written before `appliedImage` existed: the image crosstrace wrote is the policy's.
     let applied = record.applied_image.clone().or_else(|| record.original_image.as_ref().map(|_| image.to_string()));
-    let changed_by_owner = applied.as_deref().is_some_and(|a| a != current_image);
+    // The record of the image is written before the image: a controller unchanged since then never got it.
+    let never_landed =
+        record.applied_at_generation.is_some() && record.applied_at_generation == controller.metadata.generation;
+    let changed_by_owner = applied.as_deref().is_some_and(|a| a != current_image) && !never_landed;
     if changed_by_owner || record.yielded_image.as_deref() == Some(image) {
         let message = format!(
             "{what}: its owner changed the image to {current_image} after crosstrace set {image}; the owner's image stays (change spec.ingress.image to roll out another)"
@@ -541,6 +556,7 @@ fn image_rollout(
             original_image: None,
             rollout_started: None,
             applied_image: None,
+            applied_at_generation: None,
             image_converged: false,
             yielded_image: Some(image.to_string()),
             ..record.clone()
@@ -549,7 +565,7 @@ fn image_rollout(
     }
     let written = applied.as_ref().map(|a| Written {
         current: a == image,
-        intact: true,
+        intact: applied.as_deref() == Some(current_image.as_str()),
         converged: record.image_converged,
         since: record.rollout_started.unwrap_or(now),
     });
@@ -577,6 +593,7 @@ fn image_rollout(
                 .get_or_insert(ContainerImage { container: container.name.clone(), image: current_image });
             next.applied_image = Some(image.to_string());
             next.rollout_started = Some(now);
+            next.applied_at_generation = controller.metadata.generation;
             next.image_converged = false;
             next.yielded_image = None;
             let image = ContainerImage { container: container.name.clone(), image: image.to_string() };
@@ -817,6 +834,8 @@ mod tests {
                 Action::ApplyImage { image, record, .. } => {
                     t.record = Ok(Some(record.clone()));
                     set_image(&mut t.controller, &image.image);
+                    // A new template is a new generation.
+                    *t.controller.metadata.generation.get_or_insert(0) += 1;
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -958,6 +977,7 @@ mod tests {
             original_image: None,
             rollout_started: None,
             applied_image: None,
+            applied_at_generation: None,
             image_converged: false,
             yielded_image: None,
         }));
@@ -1146,6 +1166,33 @@ mod tests {
             revert.actions[..],
             [Action::RestoreConfig { .. }, Action::RestoreController { keep: None, .. }]
         ));
+    }
+
+    #[test]
+    fn an_image_recorded_but_never_written_is_written_again_not_taken_for_the_owners() {
+        let s = spec("controller:v1.12.1-otel");
+        let t = observed(controller("c", "controller:v1.12.1", true), Some(config_map(&[])));
+        let first = plan(view(&s), std::slice::from_ref(&t), NOW);
+        let (Some(Action::ApplyImage { record, .. }), rest) =
+            first.actions.split_last().map_or((None, &[][..]), |(l, r)| (Some(l), r))
+        else {
+            panic!("{:?}", first.actions)
+        };
+        // The controller stopped after the ledger write of the image's record, before the image itself.
+        let mut stopped = applied(t, rest);
+        stopped.record = Ok(Some(record.clone()));
+        let next = plan(view(&s), std::slice::from_ref(&stopped), NOW + 5);
+        assert!(next.report.problems.iter().all(|p| p.reason != reasons::CHANGED_BY_OWNER), "{:?}", next.report);
+        assert!(
+            matches!(next.actions.last(), Some(Action::ApplyImage { image, .. }) if image.image == "controller:v1.12.1-otel"),
+            "{:?}",
+            next.actions
+        );
+
+        // The same record, but the controller changed since (a new generation): that is the owner's doing.
+        stopped.controller.metadata.generation = Some(2);
+        let owners = plan(view(&s), std::slice::from_ref(&stopped), NOW + 5);
+        assert_eq!(owners.report.problems[0].reason, reasons::CHANGED_BY_OWNER);
     }
 
     /// A controller whose instrumented image rolled out and whose convergence is recorded.
