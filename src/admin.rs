@@ -593,10 +593,12 @@ mod tests {
     }
 
     #[test]
-    fn the_controller_configmap_policy_lets_it_write_its_ledger() {
+    fn the_controller_configmap_policy_lets_it_write_its_ledgers() {
         let template = include_str!("../helm/crosstrace/templates/controller-configmap-policy.yaml");
-        let ledger = format!("request.name == '{}'", crate::layers::ingress::LEDGER);
-        assert!(template.contains(&ledger), "controller-configmap-policy.yaml does not name the ledger ({ledger})");
+        for name in [crate::layers::ingress::LEDGER, crate::layers::gateway::LEDGER] {
+            let ledger = format!("request.name == '{name}'");
+            assert!(template.contains(&ledger), "controller-configmap-policy.yaml does not name the ledger ({ledger})");
+        }
     }
 
     #[test]

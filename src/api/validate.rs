@@ -52,6 +52,14 @@ pub fn unsafe_values(spec: &TracingPolicySpec) -> Vec<UnsafeValue> {
         );
         check(ingress.image.is_empty() || IMAGE_RE.is_match(&ingress.image), "spec.ingress.image".into(), IMAGE);
     }
+    if let Some(gateway) = &spec.gateway {
+        check(SERVICE_NAME_RE.is_match(&gateway.service_name), "spec.gateway.serviceName".into(), SERVICE);
+        check(
+            gateway.namespace.is_empty() || DNS_LABEL_RE.is_match(&gateway.namespace),
+            "spec.gateway.namespace".into(),
+            NAMESPACE,
+        );
+    }
     if let Some(workloads) = &spec.workloads {
         let image = &workloads.sidecar.image;
         check(image.is_empty() || IMAGE_RE.is_match(image), "spec.workloads.sidecar.image".into(), IMAGE);
