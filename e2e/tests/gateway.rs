@@ -164,8 +164,16 @@ async fn report_gateways(client: &Client, ns: &str) {
         if reported {
             continue;
         }
-        let status =
-            json!({"status": {"conditions": [condition("Accepted", generation), condition("Programmed", generation)]}});
+        // A Gateway annotated `e2e/refuse-parameters` is refused by its controller once it names parameters.
+        let refused = g.annotations().contains_key("e2e/refuse-parameters")
+            && g.data["spec"]["infrastructure"].get("parametersRef").is_some();
+        let accepted = if refused {
+            json!({"type": "Accepted", "status": "False", "reason": "InvalidParameters", "message": "the parameters are refused",
+                "observedGeneration": generation, "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        } else {
+            condition("Accepted", generation)
+        };
+        let status = json!({"status": {"conditions": [accepted, condition("Programmed", generation)]}});
         let _ = gateways.patch_status(&g.name_any(), &PatchParams::default(), &Patch::Merge(&status)).await;
     }
 }
@@ -222,7 +230,7 @@ fn gateway_policy(name: &str, ns: &str, extra: Value) -> Value {
 
 fn controller() -> ControllerProcess {
     ControllerProcess::start_with_args(
-        18091,
+        18151,
         &controller_kubeconfig(),
         &[],
         &["--istio-tracing-provider", "otel-tracing"],
@@ -560,4 +568,74 @@ async fn a_migration_in_progress_traces_both_edges() {
     let gateway_after = api(&client, Kind::Gateway, &ns.name).get("eg").await.unwrap();
     assert_eq!(owned_view(&gateway_after), gateway_before);
     drop(controller);
+}
+
+#[tokio::test]
+async fn a_change_the_gateways_controller_refuses_is_rolled_back_exactly() {
+    let Some(crds) = upstream() else { return };
+    let client = client().await;
+    install_crds();
+    install_upstream(&crds);
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-gw-refused", json!({})).await;
+    let class = format!("envoy-refused-{}", suffix());
+    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, None).await;
+    gateway(&client, &ns.name, "eg", &class, None).await;
+    let gateways = api(&client, Kind::Gateway, &ns.name);
+    let refuse = json!({"metadata": {"annotations": {"e2e/refuse-parameters": "true"}}});
+    gateways.patch("eg", &PatchParams::default(), &Patch::Merge(&refuse)).await.unwrap();
+    let before = owned_view(&gateways.get("eg").await.unwrap());
+    let _provider = Provider::start(&client, &ns.name);
+    let controller = controller();
+
+    let name = format!("{}-policy", ns.name);
+    apply_policy(&client, &gateway_policy(&name, &ns.name, json!({}))).await;
+    let p = wait_reason(&client, &name, "Degraded", "RolledBack").await;
+    let message = condition_of(&p, "Degraded").1;
+    assert!(message.contains("not Accepted") && message.contains("InvalidParameters"), "{message}");
+    assert_eq!(condition_of(&p, "GatewayReady").0, "False");
+    assert_eq!(owned_view(&gateways.get("eg").await.unwrap()), before, "the Gateway is as before");
+    let proxies = api(&client, Kind::EnvoyProxy, &ns.name);
+    assert!(proxies.get_opt("crosstrace-eg").await.unwrap().is_none(), "crosstrace's EnvoyProxy is gone");
+
+    // Not retried for this generation: no new write while the policy stays as it is.
+    let writes = tracing_writes(&controller).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(tracing_writes(&controller).await, writes, "a rolled-back generation is not retried");
+
+    delete_policy_and_wait(&client, &name).await;
+    assert_eq!(owned_view(&gateways.get("eg").await.unwrap()), before);
+    drop(controller);
+}
+
+/// Removes the Gateway CRD for a while (every other test installs it again, and so does this one at its end).
+#[tokio::test]
+async fn a_cluster_without_the_gateway_api_is_told_so_and_the_other_layers_work() {
+    let Some(crds) = upstream() else { return };
+    let client = client().await;
+    install_crds();
+    install_upstream(&crds);
+    ensure_namespace(&client, "crosstrace-system").await;
+    let (ok, _, err) = kubectl(&["delete", "crd", "gateways.gateway.networking.k8s.io", "--wait=true"]);
+    assert!(ok, "deleting the Gateway CRD: {err}");
+    eventually("the Gateway API to be gone from discovery", || async {
+        let served = crosstrace::layers::gateway::served(&client, Kind::Gateway).await.ok()?;
+        (!served).then_some(())
+    })
+    .await;
+    let ns = TestNamespace::create(&client, "e2e-gw-none", json!({})).await;
+    ingress_nginx(&client, &ns.name).await;
+    let controller = controller();
+
+    let name = format!("{}-policy", ns.name);
+    let ingress = json!({"ingress": {"namespace": ns.name, "serviceName": "edge"}});
+    apply_policy(&client, &gateway_policy(&name, &ns.name, ingress)).await;
+    let p = wait_reason(&client, &name, "GatewayReady", "GatewayAPINotInstalled").await;
+    assert!(condition_of(&p, "GatewayReady").1.contains("not installed"));
+    let p = wait_condition(&client, &name, "IngressReady", "True").await;
+    assert_eq!(p.status.as_ref().unwrap().gateway.as_ref().unwrap().summary, "0/0");
+    assert!(!controller.log().contains("panicked"));
+    delete_policy_and_wait(&client, &name).await;
+    drop(controller);
+    install_upstream(&crds);
 }

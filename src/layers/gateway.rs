@@ -216,6 +216,9 @@ pub struct Record {
     /// The policy generation whose revision was rolled back: not retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<i64>,
+    /// Why it was rolled back, for the condition that reports it while it is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 impl super::Owned for Record {
@@ -236,6 +239,7 @@ impl Record {
             merged: vec![],
             infrastructure: None,
             rolled_back: None,
+            failure: None,
         }
     }
 }
@@ -600,8 +604,12 @@ fn forward(
         Ok(super::Claim::Inherited(r)) => Some(Record { policy: policy.name.to_string(), ..r }),
         Err(held) => return held,
     };
-    if record.as_ref().is_some_and(|r| r.revision.is_none() && r.rolled_back == Some(policy.generation)) {
-        return super::held_rolled_back(&what);
+    if let Some(r) = record.as_ref().filter(|r| r.revision.is_none() && r.rolled_back == Some(policy.generation)) {
+        let mut held = super::held_rolled_back(&what);
+        if let (Some(problem), Some(failure)) = (held.problem.as_mut(), &r.failure) {
+            problem.message = format!("{failure}; change the policy to retry");
+        }
+        return held;
     }
     let gateway = t.gateway.as_ref().expect("a selected target has its Gateway");
     let Some(class) = &t.class else {
@@ -694,6 +702,15 @@ fn forward(
         },
         || revert(t, &base, Some(policy.generation)),
     );
+    if target_plan.rolled_back {
+        // The marker keeps why, for the condition while the rollback holds.
+        let why = target_plan.problem.as_ref().map(|p| p.message.clone());
+        for action in &mut target_plan.actions {
+            if let Action::Record { record: Some(marker), .. } = action {
+                marker.failure = why.clone();
+            }
+        }
+    }
     if inherited && target_plan.actions.is_empty() {
         target_plan.actions.push(Action::Record { uid: t.uid.clone(), record: Some(base) });
     }
@@ -1028,6 +1045,7 @@ fn revert(t: &Observed, record: &Record, rolled_back: Option<i64>) -> Vec<Action
         merged: vec![],
         infrastructure: None,
         rolled_back: Some(generation),
+        failure: None,
         ..record.clone()
     });
     if keep.is_some() || t.record.as_ref().is_ok_and(Option::is_some) {
@@ -1775,6 +1793,8 @@ mod tests {
         let held = run(&s, &rolled_back, NOW + 61);
         assert!(held.actions.is_empty());
         assert_eq!(held.report.problems[0].reason, reasons::ROLLED_BACK);
+        let message = &held.report.problems[0].message;
+        assert!(message.contains("did not become healthy within 60s") && message.contains("retry"), "{message}");
         // A new generation retries.
         let retry = plan(PolicyView { generation: 3, ..view(&s) }, &Config::default(), &[rolled_back], NOW + 62);
         assert!(!retry.actions.is_empty());
