@@ -256,6 +256,16 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
         before.insert(name, owned_view(&g));
     }
     http_route(&client, &ns.name, "web", "ngf").await;
+    // The mesh team's own Telemetry on the Istio Gateway (GEP-713): reported, never touched.
+    let theirs = json!({
+        "apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+        "metadata": {"name": "mesh-team", "namespace": ns.name},
+        "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "istio"}],
+            "accessLogging": [{"providers": [{"name": "envoy"}]}]},
+    });
+    let telemetries = api(&client, Kind::Telemetry, &ns.name);
+    let theirs_before =
+        telemetries.patch("mesh-team", &PatchParams::apply("mesh-team"), &Patch::Apply(&theirs)).await.unwrap();
     let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
 
@@ -263,7 +273,12 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     apply_policy(&client, &gateway_policy(&name, &ns.name, json!({}))).await;
     let p = wait_condition(&client, &name, "Ready", "True").await;
     assert_eq!(p.status.as_ref().unwrap().gateway.as_ref().unwrap().summary, "3/3");
-    assert_eq!(condition_of(&p, "GatewayReady").0, "True");
+    let (status, message) = condition_of(&p, "GatewayReady");
+    assert_eq!(status, "True");
+    assert!(
+        message.contains("Telemetry") && message.contains("mesh-team") && message.contains("not fought"),
+        "{message}"
+    );
 
     // Envoy Gateway: its own EnvoyProxy with the exact fraction, the Gateway pointed at it.
     let envoy = api(&client, Kind::EnvoyProxy, &ns.name).get("crosstrace-eg").await.expect("crosstrace's EnvoyProxy");
@@ -319,8 +334,11 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     }
     for kind in [Kind::EnvoyProxy, Kind::NginxProxy, Kind::ObservabilityPolicy, Kind::Telemetry] {
         let left = api(&client, kind, &ns.name).list(&ListParams::default()).await.unwrap().items;
-        assert!(left.is_empty(), "{kind:?} left behind: {:?}", left.iter().map(|o| o.name_any()).collect::<Vec<_>>());
+        let left: Vec<String> = left.iter().map(|o| o.name_any()).filter(|n| n != "mesh-team").collect();
+        assert!(left.is_empty(), "{kind:?} left behind: {left:?}");
     }
+    let theirs_after = telemetries.get("mesh-team").await.expect("the mesh team's Telemetry stays");
+    assert_eq!(owned_view(&theirs_after), owned_view(&theirs_before), "and is untouched");
     drop(controller);
 }
 

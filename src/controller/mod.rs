@@ -186,21 +186,18 @@ fn policies_with_gateway(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingP
 /// The kinds of the gateway layer this cluster serves now (none without the Gateway API).
 async fn served_gateway_kinds(client: &Client) -> Vec<gateway::Kind> {
     use gateway::Kind::*;
-    let mut served = Vec::new();
-    for kind in [Gateway, HTTPRoute, GRPCRoute, EnvoyProxy, NginxProxy, ObservabilityPolicy, Telemetry] {
-        match gateway::served(client, kind).await {
-            Ok(true) => served.push(kind),
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(%error, ?kind, "cannot tell whether the cluster serves this kind; not watched")
-            }
-        }
-        if kind == Gateway && served.is_empty() {
+    let kinds = [Gateway, HTTPRoute, GRPCRoute, EnvoyProxy, NginxProxy, ObservabilityPolicy, Telemetry];
+    match gateway::served_of(client, &kinds).await {
+        Ok(served) if served.contains(&Gateway) => served.into_iter().collect(),
+        Ok(_) => {
             tracing::info!("the Gateway API is not installed: the gateway layer watches nothing");
-            break;
+            Vec::new()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell whether the cluster serves the Gateway API; the gateway layer watches nothing");
+            Vec::new()
         }
     }
-    served
 }
 
 /// The policies a NodeTracing concerns: those with an entry in it or a rollback marker on it.

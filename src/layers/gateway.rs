@@ -1079,11 +1079,25 @@ pub fn ledger_entries(ledger: Option<&ConfigMap>) -> BTreeMap<String, Result<Rec
 /// Is this kind served by the API server? A missing API group or version is not an error: the
 /// layer reports it.
 pub async fn served(client: &Client, kind: Kind) -> Result<bool, kube::Error> {
-    match client.list_api_group_resources(&kind.api_version()).await {
-        Ok(list) => Ok(list.resources.iter().any(|r| r.name == kind.plural())),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-        Err(e) => Err(e),
+    Ok(served_of(client, &[kind]).await?.contains(&kind))
+}
+
+/// Which of `kinds` the API server serves, with one discovery request per group version.
+pub async fn served_of(client: &Client, kinds: &[Kind]) -> Result<BTreeSet<Kind>, kube::Error> {
+    let mut by_version: BTreeMap<String, Vec<Kind>> = BTreeMap::new();
+    for kind in kinds {
+        by_version.entry(kind.api_version()).or_default().push(*kind);
     }
+    let mut served = BTreeSet::new();
+    for (api_version, kinds) in by_version {
+        let resources = match client.list_api_group_resources(&api_version).await {
+            Ok(list) => list.resources,
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => return Err(e),
+        };
+        served.extend(kinds.into_iter().filter(|k| resources.iter().any(|r| r.name == k.plural())));
+    }
+    Ok(served)
 }
 
 fn api(client: &Client, kind: Kind, namespace: &str) -> Api<DynamicObject> {
@@ -1123,7 +1137,11 @@ pub async fn observe(
     if wanted.is_none() && mine.is_empty() {
         return Ok(Observation::default());
     }
-    if !served(client, Kind::Gateway).await? {
+    use Kind::*;
+    let installed =
+        served_of(client, &[Gateway, HTTPRoute, GRPCRoute, EnvoyProxy, NginxProxy, ObservabilityPolicy, Telemetry])
+            .await?;
+    if !installed.contains(&Gateway) {
         // No Gateway API: nothing can be selected, and nothing recorded can be reverted but the ledger.
         let targets = mine
             .iter()
@@ -1135,12 +1153,6 @@ pub async fn observe(
             })
             .collect();
         return Ok(Observation { targets, not_installed: wanted.is_some() });
-    }
-    let mut installed = BTreeSet::new();
-    for kind in [Kind::EnvoyProxy, Kind::NginxProxy, Kind::ObservabilityPolicy, Kind::Telemetry] {
-        if served(client, kind).await? {
-            installed.insert(kind);
-        }
     }
     let mut found: BTreeMap<String, Observed> = BTreeMap::new();
     if let Some(spec) = wanted {
@@ -1211,7 +1223,7 @@ pub async fn observe(
                 if routes.is_none() {
                     let mut all = Vec::new();
                     for kind in [Kind::HTTPRoute, Kind::GRPCRoute] {
-                        if served(client, kind).await? {
+                        if installed.contains(&kind) {
                             let items = api(client, kind, "").list(&ListParams::default()).await?.items;
                             all.extend(items.into_iter().map(|r| (kind, r)));
                         }
