@@ -934,6 +934,11 @@ fn write(t: &Observed, base: &Record, desired: &Desired, revision: String, now: 
         });
     }
     let gateway = t.gateway.as_ref().map(|g| &g.data);
+    if desired.point.is_none() {
+        // crosstrace no longer points the Gateway anywhere (its owner named parameters of their own):
+        // nothing of the Gateway is crosstrace's to restore.
+        record.infrastructure = None;
+    }
     if desired.point.is_some() && record.infrastructure.is_none() {
         let infrastructure = gateway.and_then(|g| at(g, &["spec", "infrastructure"]));
         record.infrastructure = Some(OriginalInfrastructure {
@@ -988,9 +993,18 @@ fn revert(t: &Observed, record: &Record, rolled_back: Option<i64>) -> Vec<Action
     if let (Some(original), Some(g)) = (&record.infrastructure, gateway) {
         let infrastructure = at(g, &["spec", "infrastructure"]);
         let current = infrastructure.and_then(|i| i.get("parametersRef"));
+        // Only while the Gateway still names crosstrace's object: a parametersRef its owner set since is theirs.
+        let names_ours = current.and_then(|r| r.get("name")).and_then(Value::as_str).is_some_and(|name| {
+            record
+                .created
+                .iter()
+                .any(|c| c.name == name && c.namespace == t.key.namespace && c.kind != Kind::ObservabilityPolicy)
+        });
         let only_ref =
             infrastructure.and_then(Value::as_object).is_some_and(|i| i.keys().all(|k| k == "parametersRef"));
-        let patch = if !original.existed && only_ref {
+        let patch = if !names_ours {
+            None
+        } else if !original.existed && only_ref {
             Some(json!({"spec": {"infrastructure": null}}))
         } else if current != original.parameters_ref.as_ref() {
             let patch = merge_patch(current, original.parameters_ref.as_ref());
@@ -1846,6 +1860,38 @@ mod tests {
         let p = run(&s, &edited, NOW + 4);
         assert!(p.actions.is_empty() && p.drifted.is_empty(), "{:?}", p.actions);
         assert_eq!(p.report.rolled_back, 0);
+    }
+
+    #[test]
+    fn parameters_the_owner_names_after_crosstrace_pointed_the_gateway_are_theirs() {
+        let s = spec("0.25");
+        let t = target(ENVOY_GATEWAY, gateway("public", None));
+        let written = healthy(applied(t.clone(), &run(&s, &t, NOW).actions));
+        let converged = applied(written.clone(), &run(&s, &written, NOW + 1).actions);
+        // The owner points the Gateway at an EnvoyProxy of their own.
+        let mut repointed = with_object(converged, object(Kind::EnvoyProxy, "infra", "mine", json!({"spec": {}})));
+        let g = repointed.gateway.as_mut().unwrap();
+        g.data["spec"]["infrastructure"] =
+            json!({"parametersRef": {"group": "gateway.envoyproxy.io", "kind": "EnvoyProxy", "name": "mine"}});
+        g.metadata.generation = Some(g.metadata.generation.unwrap() + 1);
+        let repointed = healthy(repointed);
+        let p = run(&s, &repointed, NOW + 2);
+        let gateway_patches =
+            p.actions.iter().filter(|a| matches!(a, Action::Patch { target, .. } if target.kind == Kind::Gateway));
+        assert_eq!(gateway_patches.count(), 0, "the owner's parametersRef stays: {:#?}", p.actions);
+        assert!(
+            p.actions.iter().any(|a| matches!(a, Action::Patch { target, .. } if target.name == "mine")),
+            "merged into theirs"
+        );
+        assert!(p.actions.iter().any(|a| matches!(a, Action::Delete { target } if target.name == "crosstrace-public")));
+        let moved = applied(repointed, &p.actions);
+        let Ok(Some(record)) = &moved.record else { panic!() };
+        assert!(record.infrastructure.is_none() && record.created.is_empty(), "{record:?}");
+        let revert =
+            plan(PolicyView { deleting: true, ..view(&s) }, &Config::default(), std::slice::from_ref(&moved), NOW + 3);
+        let reverted = applied(moved, &revert.actions);
+        assert_eq!(reverted.gateway.unwrap().data["spec"]["infrastructure"]["parametersRef"]["name"], "mine");
+        assert!(reverted.objects[&Ref::new(Kind::EnvoyProxy, "infra", "mine")].data["spec"].get("telemetry").is_none());
     }
 
     #[test]
