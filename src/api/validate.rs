@@ -158,6 +158,11 @@ mod tests {
                 image: "evil image".into(),
                 ..Default::default()
             }),
+            gateway: Some(crate::api::GatewaySpec {
+                namespace: "Infra".into(),
+                service_name: "edge\"; otel_exporter {".into(),
+                selector: None,
+            }),
             network: Some(NetworkSpec {
                 node_selector: None,
                 bridge: "br/int".into(),
@@ -185,6 +190,8 @@ mod tests {
                 "spec.ingress.serviceName",
                 "spec.ingress.namespace",
                 "spec.ingress.image",
+                "spec.gateway.serviceName",
+                "spec.gateway.namespace",
                 "spec.network.bridge",
                 "spec.network.sflow.agent",
                 "spec.network.sflow.targets[1]",
@@ -195,7 +202,7 @@ mod tests {
 
     #[test]
     fn the_samples_policies_are_safe() {
-        for sample in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml"] {
+        for sample in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml", "migration.yaml"] {
             let path = format!("{}/config/samples/{sample}", env!("CARGO_MANIFEST_DIR"));
             let policy: crate::api::TracingPolicy =
                 serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
