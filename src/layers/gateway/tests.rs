@@ -589,3 +589,35 @@ fn routes_attach_by_parent_refs() {
     assert!(!attached(&route(json!([{"name": "public"}])), &gw), "a parentRef without namespace is the route's");
     assert!(!attached(&route(json!([{"name": "public", "namespace": "infra", "kind": "Service", "group": ""}])), &gw));
 }
+
+#[test]
+fn gateways_change_in_batches_of_max_concurrent_and_pause_holds_them() {
+    let mut s = spec("0.25");
+    s.rollout.max_concurrent = 2;
+    let targets: Vec<Observed> = (0..3)
+        .map(|i| target(ENVOY_GATEWAY, gateway(&format!("g{i}"), None)))
+        .map(|mut t| {
+            t.uid = format!("uid-{}", t.key.name);
+            t
+        })
+        .collect();
+    let first = plan(view(&s), &Config::default(), &targets, NOW);
+    assert_eq!((first.report.in_flight, first.report.pending), (2, 1));
+    let records = first.actions.iter().filter(|a| matches!(a, Action::Record { .. })).count();
+    assert_eq!(records, 2, "only the batch is written: {:#?}", first.actions);
+
+    s.rollout.paused = true;
+    let paused = plan(view(&s), &Config::default(), &targets, NOW);
+    assert!(paused.actions.is_empty());
+    assert_eq!(paused.report.pending, 3);
+}
+
+#[test]
+fn another_tracing_policy_on_the_same_gateway_is_reported_not_fought() {
+    let s = spec("0.25");
+    let mut t = target(ISTIO, gateway("public", None));
+    t.others = vec![Ref::new(Kind::Telemetry, "infra", "mesh-team")];
+    let p = run(&s, &t, NOW);
+    assert!(p.actions.iter().all(|a| !matches!(a, Action::Delete { .. } | Action::Patch { .. })), "{:?}", p.actions);
+    assert!(p.report.warnings[0].contains("Telemetry infra/mesh-team") && p.report.warnings[0].contains("not fought"));
+}
