@@ -657,3 +657,40 @@ async fn a_cluster_without_the_gateway_api_is_told_so_and_the_other_layers_work(
     drop(controller);
     install_upstream(&crds);
 }
+
+#[tokio::test]
+async fn a_gateway_an_older_policy_traces_stays_that_policys() {
+    let Some(crds) = upstream() else { return };
+    let client = client().await;
+    install_crds();
+    install_upstream(&crds);
+    ensure_namespace(&client, "crosstrace-system").await;
+    let ns = TestNamespace::create(&client, "e2e-gw-senior", json!({})).await;
+    let class = format!("istio-senior-{}", suffix());
+    let _class = GatewayClass::create(&client, &class, ISTIO, None).await;
+    gateway(&client, &ns.name, "edge", &class, None).await;
+    let _provider = Provider::start(&client, &ns.name);
+    let controller = controller();
+
+    let older = format!("{}-older", ns.name);
+    apply_policy(&client, &gateway_policy(&older, &ns.name, json!({}))).await;
+    wait_condition(&client, &older, "Ready", "True").await;
+    let newer = format!("{}-newer", ns.name);
+    apply_policy(&client, &gateway_policy(&newer, &ns.name, json!({"sampling": {"ratio": "1"}}))).await;
+    let p = wait_reason(&client, &newer, "Degraded", "Conflict").await;
+    assert!(condition_of(&p, "Degraded").1.contains(&older), "names the older policy");
+    let telemetry = api(&client, Kind::Telemetry, &ns.name).get("crosstrace-edge").await.unwrap();
+    assert_eq!(
+        telemetry.data["spec"]["tracing"][0]["randomSamplingPercentage"], 25,
+        "the older policy's sampling stays"
+    );
+
+    // The older one goes: its revert done, the newer takes the Gateway.
+    delete_policy_and_wait(&client, &older).await;
+    wait_condition(&client, &newer, "Ready", "True").await;
+    let telemetry = api(&client, Kind::Telemetry, &ns.name).get("crosstrace-edge").await.unwrap();
+    assert_eq!(telemetry.data["spec"]["tracing"][0]["randomSamplingPercentage"], 100);
+    delete_policy_and_wait(&client, &newer).await;
+    assert!(api(&client, Kind::Telemetry, &ns.name).get_opt("crosstrace-edge").await.unwrap().is_none());
+    drop(controller);
+}
