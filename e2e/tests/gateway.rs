@@ -266,6 +266,16 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     let telemetries = api(&client, Kind::Telemetry, &ns.name);
     let theirs_before =
         telemetries.patch("mesh-team", &PatchParams::apply("mesh-team"), &Patch::Apply(&theirs)).await.unwrap();
+    let their_policy = json!({
+        "apiVersion": "gateway.nginx.org/v1alpha2", "kind": "ObservabilityPolicy",
+        "metadata": {"name": "mesh-team", "namespace": ns.name},
+        "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "web"}],
+            "tracing": {"strategy": "parent"}},
+    });
+    api(&client, Kind::ObservabilityPolicy, &ns.name)
+        .patch("mesh-team", &PatchParams::apply("mesh-team"), &Patch::Apply(&their_policy))
+        .await
+        .unwrap();
     let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
 
@@ -279,6 +289,7 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
         message.contains("Telemetry") && message.contains("mesh-team") && message.contains("not fought"),
         "{message}"
     );
+    assert!(message.contains("ObservabilityPolicy") && message.contains("/mesh-team"), "{message}");
 
     // Envoy Gateway: its own EnvoyProxy with the exact fraction, the Gateway pointed at it.
     let envoy = api(&client, Kind::EnvoyProxy, &ns.name).get("crosstrace-eg").await.expect("crosstrace's EnvoyProxy");
@@ -339,6 +350,7 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     }
     let theirs_after = telemetries.get("mesh-team").await.expect("the mesh team's Telemetry stays");
     assert_eq!(owned_view(&theirs_after), owned_view(&theirs_before), "and is untouched");
+    assert!(api(&client, Kind::ObservabilityPolicy, &ns.name).get_opt("mesh-team").await.unwrap().is_some());
     drop(controller);
 }
 

@@ -184,6 +184,26 @@ pub async fn observe(
                         &owned_name(&route.key.name),
                     ));
                 }
+                // Others' ObservabilityPolicies on the same routes (GEP-713): reported, never fought.
+                let namespaces: BTreeSet<&str> = target.routes.iter().map(|r| r.key.namespace.as_str()).collect();
+                for namespace in namespaces {
+                    let names: BTreeSet<(String, &str)> = target
+                        .routes
+                        .iter()
+                        .filter(|r| r.key.namespace == namespace)
+                        .map(|r| (format!("{:?}", r.kind), r.key.name.as_str()))
+                        .collect();
+                    let found = others(client, Kind::ObservabilityPolicy, namespace, |p| {
+                        at(&p.data, &["spec", "targetRefs"]).and_then(Value::as_array).is_some_and(|refs| {
+                            refs.iter().any(|r| {
+                                let kind = string_at(r, &["kind"]).unwrap_or_default().to_string();
+                                names.contains(&(kind, string_at(r, &["name"]).unwrap_or_default()))
+                            })
+                        })
+                    })
+                    .await?;
+                    target.others.extend(found);
+                }
             }
             if provider == Some(Provider::Istio) && installed.contains(&Kind::Telemetry) {
                 target.others = others(client, Kind::Telemetry, &target.key.namespace, |t| {
