@@ -684,10 +684,11 @@ async fn a_gateway_an_older_policy_traces_stays_that_policys() {
     let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
 
-    let older = format!("{}-older", ns.name);
+    // Seniority is creation time, then name: the names agree with the order, whatever the clock's second.
+    let older = format!("{}-a-older", ns.name);
     apply_policy(&client, &gateway_policy(&older, &ns.name, json!({}))).await;
     wait_condition(&client, &older, "Ready", "True").await;
-    let newer = format!("{}-newer", ns.name);
+    let newer = format!("{}-b-newer", ns.name);
     apply_policy(&client, &gateway_policy(&newer, &ns.name, json!({"sampling": {"ratio": "1"}}))).await;
     let p = wait_reason(&client, &newer, "Degraded", "Conflict").await;
     assert!(condition_of(&p, "Degraded").1.contains(&older), "names the older policy");
