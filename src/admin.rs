@@ -253,6 +253,15 @@ pub fn check(spec: &TracingPolicySpec, limits: &AdminLimits) -> Result<(), Viola
             });
         }
     }
+    if let Some(gateway) = &spec.gateway
+        && !gateway.namespace.is_empty()
+        && limits.is_protected(&gateway.namespace)
+    {
+        return Err(Violation::ProtectedNamespace {
+            field: "spec.gateway.namespace",
+            namespace: gateway.namespace.clone(),
+        });
+    }
     if let Some(workloads) = &spec.workloads
         && let Some(namespace) = named_namespaces(&workloads.namespace_selector).find(|n| limits.is_protected(n))
     {
@@ -456,6 +465,13 @@ mod tests {
         assert_eq!(field_of(&ingress("", "registry.k8s.io/ingress-nginx/controller-chroot:v1.12.1")), None);
         assert_eq!(field_of(&ingress("ingress-nginx", "x:broken")), Some("spec.ingress.image"));
         assert_eq!(field_of(&ingress("kube-system", "")), Some("spec.ingress.namespace"));
+        let gateway = |namespace: &str| TracingPolicySpec {
+            gateway: Some(crate::api::GatewaySpec { namespace: namespace.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(field_of(&gateway("kube-system")), Some("spec.gateway.namespace"));
+        assert_eq!(field_of(&gateway("infra")), None);
+        assert_eq!(field_of(&gateway("")), None);
         let limits = AdminLimits { protected_namespaces: vec!["vault".into()], ..Default::default() };
         let violation = check(&ingress("vault", ""), &limits).unwrap_err();
         assert_eq!(
@@ -594,10 +610,12 @@ mod tests {
     }
 
     #[test]
-    fn the_controller_configmap_policy_lets_it_write_its_ledger() {
+    fn the_controller_configmap_policy_lets_it_write_its_ledgers() {
         let template = include_str!("../helm/crosstrace/templates/controller-configmap-policy.yaml");
-        let ledger = format!("request.name == '{}'", crate::layers::ingress::LEDGER);
-        assert!(template.contains(&ledger), "controller-configmap-policy.yaml does not name the ledger ({ledger})");
+        for name in [crate::layers::ingress::LEDGER, crate::layers::gateway::LEDGER] {
+            let ledger = format!("request.name == '{name}'");
+            assert!(template.contains(&ledger), "controller-configmap-policy.yaml does not name the ledger ({ledger})");
+        }
     }
 
     #[test]

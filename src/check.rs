@@ -73,6 +73,20 @@ pub const CONTROLLER_ACCESS: &[(&str, &str, &[&str], Scope)] = &[
     ("", "nodes", &["list", "watch"], Scope::Cluster),
     ("", "pods", &["list"], Scope::Cluster),
     ("events.k8s.io", "events", &["create", "patch"], Scope::Cluster),
+    // The gateway layer (granted whether or not the Gateway API is installed; used only where it is).
+    ("gateway.networking.k8s.io", "gateways", &["get", "list", "watch", "patch"], Scope::Cluster),
+    ("gateway.networking.k8s.io", "gatewayclasses", &["get"], Scope::Cluster),
+    ("gateway.networking.k8s.io", "httproutes", &["list", "watch"], Scope::Cluster),
+    ("gateway.networking.k8s.io", "grpcroutes", &["list", "watch"], Scope::Cluster),
+    ("gateway.envoyproxy.io", "envoyproxies", &["get", "list", "watch", "create", "patch", "delete"], Scope::Cluster),
+    ("gateway.nginx.org", "nginxproxies", &["get", "list", "watch", "create", "patch", "delete"], Scope::Cluster),
+    (
+        "gateway.nginx.org",
+        "observabilitypolicies",
+        &["get", "list", "watch", "create", "patch", "delete"],
+        Scope::Cluster,
+    ),
+    ("telemetry.istio.io", "telemetries", &["get", "list", "watch", "create", "patch", "delete"], Scope::Cluster),
     ("coordination.k8s.io", "leases", &["create"], Scope::OwnNamespace),
     ("coordination.k8s.io", "leases", &["get", "update"], Scope::OwnLease),
 ];

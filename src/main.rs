@@ -99,6 +99,17 @@ struct ControllerArgs {
     /// `crosstrace-flows.crosstrace-system.svc:6343`): such policies add its address to their sFlow targets.
     #[arg(long, env = "CROSSTRACE_FLOWS_RECEIVER", value_parser = controller::parse_flows_receiver)]
     flows_receiver: Option<String>,
+    /// The Istio tracing provider (a MeshConfig `extensionProviders` name, the mesh admin's) that the
+    /// gateway layer's Telemetry objects name for Istio gateways; unset: Istio gateways are reported,
+    /// not traced.
+    #[arg(long, env = "CROSSTRACE_ISTIO_TRACING_PROVIDER", value_parser = istio_provider)]
+    istio_tracing_provider: Option<String>,
+}
+
+/// A provider name as Istio's MeshConfig takes it: non-empty, short, no whitespace or control characters.
+fn istio_provider(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty() && value.len() <= 253 && value.chars().all(|c| c.is_ascii_graphic());
+    if ok { Ok(value.to_string()) } else { Err("must be 1-253 printable ASCII characters without spaces".into()) }
 }
 
 async fn shutdown_signal() {
@@ -154,6 +165,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         ..Settings::default()
     };
     settings.workloads.sidecar_image = args.sidecar_image;
+    settings.gateway.istio_provider = args.istio_tracing_provider;
     settings.workloads.native_sidecars = native_sidecars;
     settings.workloads.operator_namespace = args.namespace.clone();
     settings.namespace = args.namespace;

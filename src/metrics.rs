@@ -160,7 +160,7 @@ impl Metrics {
 
     /// Forgets a deleted policy's target gauges so that they do not linger.
     pub fn forget_policy(&self, policy: &str) {
-        for layer in ["ingress", "workloads", "network"] {
+        for layer in ["ingress", "gateway", "workloads", "network"] {
             for (state, _) in crate::layers::LayerReport::default().states() {
                 self.targets.remove(&TargetLabels { policy: policy.into(), layer: layer.into(), state: state.into() });
             }

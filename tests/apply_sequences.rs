@@ -510,3 +510,142 @@ async fn no_retry_goes_out_once_the_fence_has_closed_during_a_retry_after() {
         "the retry was never sent"
     );
 }
+
+mod gateway_layer {
+    //! The gateway layer's writes: its record first, crosstrace's own objects applied, others' objects
+    //! merge-patched only at the version observed, the Gateway patched in its parametersRef alone.
+
+    use super::*;
+    use crosstrace::layers::gateway::{Action, Kind, Ref};
+
+    const GATEWAY_LEDGER: &str = "/api/v1/namespaces/crosstrace-system/configmaps/crosstrace-gateway-records";
+    const GATEWAY: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/infra/gateways/public";
+
+    fn object(kind: &str, name: &str) -> Value {
+        let api_version = if kind == "ConfigMap" { "v1" } else { "x/v1" };
+        json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": "infra"}})
+    }
+
+    fn record() -> crosstrace::layers::gateway::Record {
+        serde_json::from_value(json!({"policy": "edge", "gateway": {"namespace": "infra", "name": "public"}, "revision": "r1", "since": 1}))
+            .unwrap()
+    }
+
+    async fn run(actions: &[Action], expected: Vec<Expect>) -> Vec<Value> {
+        let (writer, handle, _) = mocked();
+        let server = tokio::spawn(serve(handle, expected));
+        tokio::time::timeout(Duration::from_secs(1), apply::gateway(&writer, actions, "crosstrace-system"))
+            .await
+            .expect("in time")
+            .expect("written");
+        tokio::time::timeout(Duration::from_secs(1), server).await.expect("in time").expect("as expected")
+    }
+
+    #[tokio::test]
+    async fn a_revision_is_recorded_then_applied_merged_and_pointed_at() {
+        let own = Ref::new(Kind::EnvoyProxy, "infra", "crosstrace-public");
+        let owners = Ref::new(Kind::EnvoyProxy, "infra", "custom");
+        let actions = vec![
+            Action::Record { uid: "uid-public".into(), record: Some(record()) },
+            Action::Apply {
+                target: own,
+                body: json!({"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "EnvoyProxy", "spec": {}}),
+            },
+            Action::Patch {
+                target: owners,
+                patch: json!({"spec": {"telemetry": {"tracing": {"samplingRate": null}}}}),
+                resource_version: Some("42".into()),
+            },
+            Action::Patch {
+                target: Ref::new(Kind::Gateway, "infra", "public"),
+                patch: json!({"spec": {"infrastructure": {"parametersRef": {"name": "crosstrace-public"}}}}),
+                resource_version: None,
+            },
+        ];
+        let merge = "application/merge-patch+json";
+        let bodies = run(
+            &actions,
+            vec![
+                Expect {
+                    method: Method::GET,
+                    path: GATEWAY_LEDGER,
+                    query: "",
+                    content_type: "",
+                    reply: object("ConfigMap", "l"),
+                },
+                Expect {
+                    method: Method::PATCH,
+                    path: GATEWAY_LEDGER,
+                    query: "fieldManager=crosstrace",
+                    content_type: merge,
+                    reply: object("ConfigMap", "l"),
+                },
+                Expect {
+                    method: Method::PATCH,
+                    path: "/apis/gateway.envoyproxy.io/v1alpha1/namespaces/infra/envoyproxies/crosstrace-public",
+                    query: "force=true",
+                    content_type: "application/apply-patch+yaml",
+                    reply: object("EnvoyProxy", "crosstrace-public"),
+                },
+                Expect {
+                    method: Method::PATCH,
+                    path: "/apis/gateway.envoyproxy.io/v1alpha1/namespaces/infra/envoyproxies/custom",
+                    query: "fieldManager=crosstrace",
+                    content_type: merge,
+                    reply: object("EnvoyProxy", "custom"),
+                },
+                Expect {
+                    method: Method::PATCH,
+                    path: GATEWAY,
+                    query: "fieldManager=crosstrace",
+                    content_type: merge,
+                    reply: object("Gateway", "public"),
+                },
+            ],
+        )
+        .await;
+        let recorded: crosstrace::layers::gateway::Record =
+            serde_json::from_str(bodies[1]["data"]["uid-public"].as_str().unwrap()).unwrap();
+        assert_eq!(recorded, record(), "the record goes to the gateway ledger, keyed by UID, first");
+        assert_eq!(bodies[3]["metadata"]["resourceVersion"], "42", "the owner's object only as observed");
+        assert_eq!(bodies[3]["spec"]["telemetry"]["tracing"]["samplingRate"], Value::Null);
+        assert!(bodies[4].get("metadata").is_none(), "the Gateway's patch carries its parametersRef alone");
+        assert_eq!(bodies[4]["spec"]["infrastructure"]["parametersRef"]["name"], "crosstrace-public");
+    }
+
+    #[tokio::test]
+    async fn a_revert_deletes_what_crosstrace_created_and_removes_the_record_last() {
+        let actions = vec![
+            Action::Delete { target: Ref::new(Kind::EnvoyProxy, "infra", "crosstrace-public") },
+            Action::Record { uid: "uid-public".into(), record: None },
+        ];
+        let bodies = run(
+            &actions,
+            vec![
+                Expect {
+                    method: Method::DELETE,
+                    path: "/apis/gateway.envoyproxy.io/v1alpha1/namespaces/infra/envoyproxies/crosstrace-public",
+                    query: "",
+                    content_type: "",
+                    reply: json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                },
+                Expect {
+                    method: Method::GET,
+                    path: GATEWAY_LEDGER,
+                    query: "",
+                    content_type: "",
+                    reply: object("ConfigMap", "l"),
+                },
+                Expect {
+                    method: Method::PATCH,
+                    path: GATEWAY_LEDGER,
+                    query: "fieldManager=crosstrace",
+                    content_type: "application/merge-patch+json",
+                    reply: object("ConfigMap", "l"),
+                },
+            ],
+        )
+        .await;
+        assert_eq!(bodies[2], json!({"data": {"uid-public": null}}));
+    }
+}

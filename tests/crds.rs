@@ -112,7 +112,13 @@ fn every_label_selector_is_checked_like_the_api_servers() {
         });
     }
     let spec = "tracingpolicies.crosstrace.dev.yaml.spec";
-    for field in [".ingress.selector", ".workloads.namespaceSelector", ".workloads.selector", ".network.nodeSelector"] {
+    for field in [
+        ".ingress.selector",
+        ".gateway.selector",
+        ".workloads.namespaceSelector",
+        ".workloads.selector",
+        ".network.nodeSelector",
+    ] {
         assert!(selectors.contains(&format!("{spec}{field}")), "{field} is a selector: {selectors:?}");
     }
     assert!(unchecked.is_empty(), "selectors without the API server's checks: {unchecked:#?}");

@@ -89,6 +89,11 @@ async fn policies_beyond_the_admin_limits_are_refused_naming_the_field() {
         ("ingress-kube-system", ingress("kube-system", ""), "spec.ingress.namespace: kube-system is protected"),
         ("ingress-own", ingress(RELEASE_NAMESPACE, ""), "spec.ingress.namespace: crosstrace-system is protected"),
         (
+            "gateway-kube-system",
+            json!({"collector": collector(), "gateway": {"namespace": "kube-system"}}),
+            "spec.gateway.namespace: kube-system is protected",
+        ),
+        (
             "selector-kube-system",
             json!({"collector": collector(), "workloads": {"namespaceSelector": {"matchExpressions": [
                 {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop", "kube-system"]}]}}}),
@@ -116,6 +121,7 @@ async fn policies_beyond_the_admin_limits_are_refused_naming_the_field() {
             sidecar("ghcr.io/open-telemetry/opentelemetry-collector-releases/opentelemetry-collector-k8s:0.165.0"),
         ),
         ("official-ingress", ingress("ingress-nginx", "registry.k8s.io/ingress-nginx/controller:v1.12.1")),
+        ("gateways", json!({"collector": collector(), "gateway": {"namespace": "infra"}})),
         ("private-flows", sflow(&["127.0.0.1:6343", "10.0.0.5:6343", "[fd00::5]:6343"], 64, 128)),
     ];
     for (case, spec) in &accepted {

@@ -110,7 +110,7 @@ async fn bad_policies_are_refused_naming_the_field() {
         checked >= 30,
         "one bad sample per class (selectors, addresses, quantities, OVS names, namespaces, images, bounds...), found {checked}"
     );
-    for good in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml", "flows.yaml"] {
+    for good in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml", "flows.yaml", "migration.yaml"] {
         let (ok, _, err) = kubectl(&["apply", "--dry-run=server", "-f", &repo(&format!("config/samples/{good}"))]);
         assert!(ok, "{good} is refused: {err}");
     }
@@ -205,9 +205,9 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
     assert!(ok);
     let columns = printed_columns(&table);
     let names: Vec<&str> = columns.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["NAME", "READY", "INGRESS", "WORKLOADS", "NODES", "SAMPLING", "AGE"]);
+    assert_eq!(names, ["NAME", "READY", "INGRESS", "GATEWAYS", "WORKLOADS", "NODES", "SAMPLING", "AGE"]);
     let values: Vec<&str> = columns.iter().map(|(_, value)| value.as_str()).collect();
-    assert_eq!(&values[1..6], ["True", "1/1", "", "", "0.25"], "{table}");
+    assert_eq!(&values[1..7], ["True", "1/1", "", "", "", "0.25"], "{table}");
 
     // Converged: wake the policy up through a watched object and count writes.
     let writes = controller.counter("crosstrace_api_writes_total").await;

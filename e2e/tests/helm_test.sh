@@ -522,6 +522,21 @@ check "controller may list namespaces" can yes list namespaces "$controller_sa"
 check "controller may not get namespaces" can no get namespaces "$controller_sa"
 check "controller may not get nodes" can no get nodes "$controller_sa"
 check "controller may not update nodetracings" can no update nodetracings "$controller_sa"
+check "controller may patch gateways" can yes patch gateways.gateway.networking.k8s.io "$controller_sa" -A
+check "controller may not update (replace) gateways" can no update gateways.gateway.networking.k8s.io "$controller_sa" -n default
+check "controller may not create gateways" can no create gateways.gateway.networking.k8s.io "$controller_sa" -n default
+check "controller may not delete gateways" can no delete gateways.gateway.networking.k8s.io "$controller_sa" -n default
+check "controller may get gatewayclasses" can yes get gatewayclasses.gateway.networking.k8s.io "$controller_sa"
+check "controller may not patch gatewayclasses" can no patch gatewayclasses.gateway.networking.k8s.io "$controller_sa"
+check "controller may watch httproutes" can yes watch httproutes.gateway.networking.k8s.io "$controller_sa" -A
+check "controller may not patch httproutes" can no patch httproutes.gateway.networking.k8s.io "$controller_sa" -n default
+check "controller may not patch grpcroutes" can no patch grpcroutes.gateway.networking.k8s.io "$controller_sa" -n default
+check "controller may create envoyproxies" can yes create envoyproxies.gateway.envoyproxy.io "$controller_sa" -n default
+check "controller may delete observabilitypolicies" can yes delete observabilitypolicies.gateway.nginx.org "$controller_sa" -n default
+check "controller may patch nginxproxies" can yes patch nginxproxies.gateway.nginx.org "$controller_sa" -n default
+check "controller may create telemetries" can yes create telemetries.telemetry.istio.io "$controller_sa" -n default
+check "controller may not update telemetries" can no update telemetries.telemetry.istio.io "$controller_sa" -n default
+check "controller may not touch other Envoy Gateway kinds" can no patch backendtrafficpolicies.gateway.envoyproxy.io "$controller_sa" -n default
 check "agent may patch nodetracings/status" can yes patch nodetracings "$agent_sa" --subresource=status
 check "agent may not delete nodetracings" can no delete nodetracings "$agent_sa"
 check "agent may not patch nodetracings (spec)" can no patch nodetracings "$agent_sa"

@@ -5,6 +5,7 @@ use k8s_openapi::jiff::Timestamp;
 
 pub const READY: &str = "Ready";
 pub const INGRESS_READY: &str = "IngressReady";
+pub const GATEWAY_READY: &str = "GatewayReady";
 pub const WORKLOADS_READY: &str = "WorkloadsReady";
 pub const NETWORK_READY: &str = "NetworkReady";
 pub const PROGRESSING: &str = "Progressing";
@@ -111,7 +112,8 @@ pub fn is_bad(c: &Condition) -> bool {
 /// policy Ready is one Normal Event (`Ready`), not one per layer that got there with it.
 pub fn events<'a>(previous: &[Condition], current: &'a [Condition]) -> Vec<(bool, &'a Condition)> {
     let changed = transitions(previous, current);
-    let layer = |c: &&Condition| [INGRESS_READY, WORKLOADS_READY, NETWORK_READY].contains(&c.type_.as_str());
+    let layer =
+        |c: &&Condition| [INGRESS_READY, GATEWAY_READY, WORKLOADS_READY, NETWORK_READY].contains(&c.type_.as_str());
     let (bad, good): (Vec<&Condition>, Vec<&Condition>) = changed.into_iter().partition(|c| is_bad(c));
     let mut out: Vec<(bool, &Condition)> = Vec::new();
     let layers_bad: Vec<&Condition> = bad.iter().copied().filter(layer).collect();

@@ -24,9 +24,10 @@ pub const SAMPLING_FLOOR: u32 = 64;
     shortname = "tp",
     category = "crosstrace",
     status = "TracingPolicyStatus",
-    doc = "TracingPolicy turns on tracing at the edge (ingress-nginx), in workloads (OpenTelemetry sidecars) and in the network (Open vSwitch sFlow/IPFIX), rolled out in health-gated batches and reverted exactly on delete.",
+    doc = "TracingPolicy turns on tracing at the edge (ingress-nginx and Gateway API gateways), in workloads (OpenTelemetry sidecars) and in the network (Open vSwitch sFlow/IPFIX), rolled out in health-gated batches and reverted exactly on delete.",
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Ingress", type_ = "string", json_path = ".status.ingress.summary"),
+    printcolumn(name = "Gateways", type_ = "string", json_path = ".status.gateway.summary"),
     printcolumn(name = "Workloads", type_ = "string", json_path = ".status.workloads.summary"),
     printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes.summary"),
     printcolumn(name = "Sampling", type_ = "string", json_path = ".spec.sampling.ratio"),
@@ -36,9 +37,10 @@ pub const SAMPLING_FLOOR: u32 = 64;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("has(self.ingress) || has(self.workloads) || has(self.network)").message("at least one of spec.ingress, spec.workloads, spec.network must be set"),
-    validation = Rule::new("!(has(self.ingress) || has(self.workloads)) || (has(self.collector) && size(self.collector.endpoint) > 0)").message("spec.collector.endpoint is required when spec.ingress or spec.workloads is set"),
-    validation = Rule::new("!has(self.ingress) || !has(self.collector) || self.collector.protocol == 'grpc'").message("spec.collector.protocol must be grpc when spec.ingress is set: ingress-nginx exports OTLP over gRPC only")
+    validation = Rule::new("has(self.ingress) || has(self.workloads) || has(self.network) || has(self.gateway)").message("at least one of spec.ingress, spec.workloads, spec.network, spec.gateway must be set"),
+    validation = Rule::new("!(has(self.ingress) || has(self.workloads) || has(self.gateway)) || (has(self.collector) && size(self.collector.endpoint) > 0)").message("spec.collector.endpoint is required when spec.ingress, spec.workloads or spec.gateway is set"),
+    validation = Rule::new("!has(self.ingress) || !has(self.collector) || self.collector.protocol == 'grpc'").message("spec.collector.protocol must be grpc when spec.ingress is set: ingress-nginx exports OTLP over gRPC only"),
+    validation = Rule::new("!has(self.gateway) || !has(self.collector) || self.collector.protocol == 'grpc'").message("spec.collector.protocol must be grpc when spec.gateway is set: Envoy Gateway, NGINX Gateway Fabric and Istio export OTLP over gRPC")
 )]
 pub struct TracingPolicySpec {
     /// Where the edge and workload layers send OTLP.
@@ -50,6 +52,9 @@ pub struct TracingPolicySpec {
     /// Edge layer (ingress-nginx); absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
+    /// Gateway API edge layer (Envoy Gateway, NGINX Gateway Fabric, Istio gateways); absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
     /// Workload layer (collector sidecars and OTEL_* env); absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workloads: Option<WorkloadsSpec>,
@@ -167,6 +172,31 @@ pub struct IngressSpec {
 
 fn default_ingress_service_name() -> String {
     "ingress-nginx".into()
+}
+
+/// The Gateway API edge layer: every selected `gateway.networking.k8s.io/v1` Gateway gets its
+/// provider's tracing (the provider is its GatewayClass's `spec.controllerName`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Namespace of the Gateways; empty = every namespace.
+    #[serde(default)]
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = rules::namespace_or_empty())]
+    pub namespace: String,
+    /// Labels of the Gateways; absent = every Gateway in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rules::optional_label_selector")]
+    pub selector: Option<LabelSelector>,
+    /// The service name the gateways report their spans under.
+    #[serde(default = "default_gateway_service_name")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::service_name())]
+    pub service_name: String,
+}
+
+fn default_gateway_service_name() -> String {
+    "gateway".into()
 }
 
 /// The workload layer.
@@ -386,7 +416,7 @@ pub struct TracingPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = super::MAX_GENERATION))]
     pub observed_generation: Option<i64>,
-    /// Ready, IngressReady, WorkloadsReady, NetworkReady, Progressing, Degraded.
+    /// Ready, IngressReady, GatewayReady, WorkloadsReady, NetworkReady, Progressing, Degraded.
     #[serde(default)]
     #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
@@ -399,6 +429,9 @@ pub struct TracingPolicyStatus {
     /// Network layer counts; absent when the layer is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<LayerStatus>,
+    /// Gateway API edge layer counts; absent when the layer is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<LayerStatus>,
     /// The debug session of `spec.debug`; absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug: Option<DebugStatus>,

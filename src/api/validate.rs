@@ -52,6 +52,14 @@ pub fn unsafe_values(spec: &TracingPolicySpec) -> Vec<UnsafeValue> {
         );
         check(ingress.image.is_empty() || IMAGE_RE.is_match(&ingress.image), "spec.ingress.image".into(), IMAGE);
     }
+    if let Some(gateway) = &spec.gateway {
+        check(SERVICE_NAME_RE.is_match(&gateway.service_name), "spec.gateway.serviceName".into(), SERVICE);
+        check(
+            gateway.namespace.is_empty() || DNS_LABEL_RE.is_match(&gateway.namespace),
+            "spec.gateway.namespace".into(),
+            NAMESPACE,
+        );
+    }
     if let Some(workloads) = &spec.workloads {
         let image = &workloads.sidecar.image;
         check(image.is_empty() || IMAGE_RE.is_match(image), "spec.workloads.sidecar.image".into(), IMAGE);
@@ -150,6 +158,11 @@ mod tests {
                 image: "evil image".into(),
                 ..Default::default()
             }),
+            gateway: Some(crate::api::GatewaySpec {
+                namespace: "Infra".into(),
+                service_name: "edge\"; otel_exporter {".into(),
+                selector: None,
+            }),
             network: Some(NetworkSpec {
                 node_selector: None,
                 bridge: "br/int".into(),
@@ -178,6 +191,8 @@ mod tests {
                 "spec.ingress.serviceName",
                 "spec.ingress.namespace",
                 "spec.ingress.image",
+                "spec.gateway.serviceName",
+                "spec.gateway.namespace",
                 "spec.network.bridge",
                 "spec.network.sflow.agent",
                 "spec.network.sflow.targets[1]",
@@ -188,7 +203,7 @@ mod tests {
 
     #[test]
     fn the_samples_policies_are_safe() {
-        for sample in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml"] {
+        for sample in ["edge.yaml", "workloads.yaml", "network.yaml", "storefront.yaml", "migration.yaml"] {
             let path = format!("{}/config/samples/{sample}", env!("CARGO_MANIFEST_DIR"));
             let policy: crate::api::TracingPolicy =
                 serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

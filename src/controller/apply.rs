@@ -13,7 +13,7 @@ use futures::stream::FuturesUnordered;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectReference};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, Recorder};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 
 use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
 use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
-use crate::layers::{ObjectKey, network, workloads};
+use crate::layers::{ObjectKey, gateway, network, workloads};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::Metrics;
 
@@ -183,15 +183,26 @@ async fn ledger_entry(
     uid: &str,
     record: Option<&ingress::Record>,
 ) -> Result<()> {
-    let value = record.map(record_json);
-    if ledger.get_opt(LEDGER).await?.is_some() {
-        return writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await.map(drop);
+    write_ledger(writer, ledger, (LEDGER, LEDGER_LABEL), uid, record.map(record_json)).await
+}
+
+/// Writes (`Some`) or removes (`None`) one entry of the ledger ConfigMap `name` (labelled `label`): see
+/// [`ledger_entry`].
+async fn write_ledger(
+    writer: &Writer,
+    ledger: &Api<ConfigMap>,
+    (name, label): (&str, &str),
+    uid: &str,
+    value: Option<String>,
+) -> Result<()> {
+    if ledger.get_opt(name).await?.is_some() {
+        return writer.merge(ledger, name, json!({"data": {uid: value}})).await.map(drop);
     }
     let Some(value) = value else {
         return Ok(());
     };
     let created: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": LEDGER, "labels": {LEDGER_LABEL: "true"}},
+        "metadata": {"name": name, "labels": {label: "true"}},
         "data": {uid: value},
     }))
     .expect("a ConfigMap");
@@ -199,9 +210,59 @@ async fn ledger_entry(
     match writer.send("create", "configmaps", ledger.create(&params, &created)).await {
         // Another policy created it meanwhile: add the entry to it.
         Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
-            writer.merge(ledger, LEDGER, json!({"data": {uid: value}})).await.map(drop)
+            writer.merge(ledger, name, json!({"data": {uid: value}})).await.map(drop)
         }
         other => other.map(drop),
+    }
+}
+
+/// Runs the gateway layer's actions in order; the first failure stops the rest (the next reconcile
+/// picks up from what is observed then). Records go to the ledger in `operator_namespace`.
+pub async fn gateway(writer: &Writer, actions: &[gateway::Action], operator_namespace: &str) -> Result<()> {
+    let ledger = Api::<ConfigMap>::namespaced(writer.client.clone(), operator_namespace);
+    for action in actions {
+        gateway_action(writer, &ledger, action).await?;
+    }
+    Ok(())
+}
+
+async fn gateway_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &gateway::Action) -> Result<()> {
+    let api = |target: &gateway::Ref| {
+        Api::<DynamicObject>::namespaced_with(writer.client.clone(), &target.namespace, &target.kind.api_resource())
+    };
+    match action {
+        gateway::Action::Record { uid, record } => {
+            let value = record.as_ref().map(|r| serde_json::to_string(r).expect("a record always serializes"));
+            write_ledger(writer, ledger, (gateway::LEDGER, gateway::LEDGER_LABEL), uid, value).await
+        }
+        gateway::Action::Apply { target, body } => {
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let api = api(target);
+            writer
+                .send("apply", target.kind.plural(), api.patch(&target.name, &params, &Patch::Apply(body)))
+                .await
+                .map(drop)
+        }
+        gateway::Action::Patch { target, patch, resource_version } => {
+            let mut patch = patch.clone();
+            if let Some(rv) = resource_version {
+                patch["metadata"] = json!({"resourceVersion": rv});
+            }
+            let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+            let api = api(target);
+            writer
+                .send("patch", target.kind.plural(), api.patch(&target.name, &params, &Patch::Merge(&patch)))
+                .await
+                .map(drop)
+        }
+        gateway::Action::Delete { target } => {
+            let api = api(target);
+            match writer.send("delete", target.kind.plural(), api.delete(&target.name, &DeleteParams::default())).await
+            {
+                Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
+                other => other.map(drop),
+            }
+        }
     }
 }
 

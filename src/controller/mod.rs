@@ -19,6 +19,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DynamicObject, PartialObjectMeta};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -28,7 +29,7 @@ use kube::{Api, Client, ResourceExt};
 use crate::api::TracingPolicy;
 use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
 use crate::clients::Clients;
-use crate::layers::{ingress, matches, network, selector, workloads};
+use crate::layers::{gateway, ingress, matches, network, selector, workloads};
 use crate::leader::Fence;
 use crate::lean::Meta;
 use crate::lenient;
@@ -65,6 +66,8 @@ pub struct Settings {
     /// The `crosstrace flows` receiver that policies with `spec.network.correlate` export sFlow to
     /// (`--flows-receiver`); `None`: none is deployed.
     pub flows_receiver: Option<FlowsReceiver>,
+    /// What the gateway layer takes from the operator's configuration (the Istio tracing provider).
+    pub gateway: gateway::Config,
 }
 
 /// The `crosstrace flows` receiver (`--flows-receiver`, `host:port`) and the address it last resolved to.
@@ -153,6 +156,7 @@ impl Default for Settings {
             admin_limits: None,
             canary_every: None,
             flows_receiver: None,
+            gateway: gateway::Config::default(),
         }
     }
 }
@@ -243,6 +247,28 @@ fn policies_with_network(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingP
     store.state().iter().filter(|p| p.spec.network.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
 }
 
+/// Every policy with a Gateway API edge layer (a Gateway, a route or a provider's object changed).
+fn policies_with_gateway(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
+    store.state().iter().filter(|p| p.spec.gateway.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+}
+
+/// The kinds of the gateway layer this cluster serves now (none without the Gateway API).
+async fn served_gateway_kinds(client: &Client) -> Vec<gateway::Kind> {
+    use gateway::Kind::*;
+    let kinds = [Gateway, HTTPRoute, GRPCRoute, EnvoyProxy, NginxProxy, ObservabilityPolicy, Telemetry];
+    match gateway::served_of(client, &kinds).await {
+        Ok(served) if served.contains(&Gateway) => served.into_iter().collect(),
+        Ok(_) => {
+            tracing::info!("the Gateway API is not installed: the gateway layer watches nothing");
+            Vec::new()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell whether the cluster serves the Gateway API; the gateway layer watches nothing");
+            Vec::new()
+        }
+    }
+}
+
 /// The policies a NodeTracing concerns: those with an entry in it or a rollback marker on it.
 fn policies_of_node_tracing(t: NodeTracing) -> Vec<ObjectRef<TracingPolicy>> {
     let marked: Vec<String> = t
@@ -298,6 +324,7 @@ pub async fn run(
     let daemonset_store = store.clone();
     let namespace_store = store.clone();
     let node_store = store.clone();
+    let gateway_store = store.clone();
     let context = Arc::new(Context {
         writer,
         recorder,
@@ -315,7 +342,11 @@ pub async fn run(
     // paged and read at the latest version: a list at "any" version comes from the API server's cache
     // in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
-    let reconciling = controller
+    // The Gateway API and its providers' kinds are watched only where the cluster serves them (a watch
+    // on a resource the API server does not know fails on every retry); a kind installed later is seen
+    // by the policies' periodic resync, and watched after a restart.
+    let gateway_kinds = served_gateway_kinds(&context.client).await;
+    let mut controller = controller
         .watches_stream(
             triggers::relevant(watcher(Api::<Meta<Deployment>>::all(client.clone()), meta.clone())),
             move |d| policies_for_controller(&deployment_store, WorkloadKind::Deployment, &d.metadata),
@@ -340,12 +371,23 @@ pub async fn run(
         })
         // Nodes: only label changes matter (heartbeats would wake every network policy all the time).
         .watches_stream(
-            watcher(Api::<Meta<Node>>::all(client.clone()), meta)
+            watcher(Api::<Meta<Node>>::all(client.clone()), meta.clone())
                 .touched_objects()
                 .predicate_filter(predicates::labels, Default::default()),
             move |_| policies_with_network(&node_store),
         )
-        .watches_stream(node_tracings, policies_of_node_tracing)
+        .watches_stream(node_tracings, policies_of_node_tracing);
+    for kind in gateway_kinds {
+        let store = gateway_store.clone();
+        let resource = kind.api_resource();
+        let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &resource);
+        controller = controller.watches_stream_with(
+            triggers::relevant(watcher(api, meta.clone()).default_backoff()),
+            move |_| policies_with_gateway(&store),
+            resource,
+        );
+    }
+    let reconciling = controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

@@ -19,9 +19,9 @@ use super::apply::{Pace, Written};
 use super::status::{self, Reports};
 use crate::api::conditions;
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
-use crate::layers::ingress;
 use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
-use crate::layers::{debug, network, workloads};
+use crate::layers::{debug, gateway, ingress};
+use crate::layers::{network, workloads};
 use crate::lean::Meta;
 use crate::metrics::LayerLabels;
 use crate::telemetry;
@@ -200,6 +200,8 @@ async fn run_layers(
         drift_corrected(ctx, policy, "ingress", note).await;
     }
 
+    let gateway_report = gateway_layer(policy, ctx, view, &protected, now).await?;
+
     let labels = namespace_labels(ctx, policy).await?;
     let (observed, config_maps) = workloads::observe(&ctx.client, view, defaults, |w| {
         let ns_labels = w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
@@ -251,10 +253,47 @@ async fn run_layers(
     }
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
+        gateway: policy.spec.gateway.as_ref().map(|_| gateway_report),
         workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
     Ok((reports, written.complete()))
+}
+
+/// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no
+/// error: the layer reports it when the policy asks for `spec.gateway`, and has nothing to do otherwise.
+async fn gateway_layer(
+    policy: &TracingPolicy,
+    ctx: &Context,
+    view: PolicyView<'_>,
+    protected: &impl Fn(&str) -> bool,
+    now: i64,
+) -> Result<crate::layers::LayerReport, Error> {
+    let observation = gateway::observe(&ctx.client, view, &ctx.settings.namespace, protected, |g| {
+        older_claimant(ctx, policy, |p| p.spec.gateway.as_ref().is_some_and(|s| gateway::selects(s, &g.metadata)))
+    })
+    .await?;
+    let plan = gateway::plan(view, &ctx.settings.gateway, &observation.targets, now);
+    if !plan.actions.is_empty() {
+        info!(actions = plan.actions.len(), deleting = view.deleting, "changing the gateway layer");
+        super::apply::gateway(&ctx.writer, &plan.actions, &ctx.settings.namespace).await?;
+    }
+    for key in &plan.drifted {
+        let note = format!("the tracing of Gateway {key} was changed by someone else; applied it again");
+        drift_corrected(ctx, policy, "gateway", note).await;
+    }
+    let mut report = plan.report;
+    if observation.not_installed {
+        report.problems.push(crate::layers::Problem {
+            reason: reasons::GATEWAY_API_NOT_INSTALLED,
+            message: format!(
+                "spec.gateway: the Gateway API ({}) is not installed in this cluster; no Gateway is traced",
+                gateway::Kind::Gateway.api_version()
+            ),
+            degraded: false,
+        });
+    }
+    Ok(report)
 }
 
 fn pace(ctx: &Context) -> Pace {
@@ -318,9 +357,12 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     let (layers, canary) = tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary);
     let (reports, finished) = layers?;
     drop(effective);
-    for (layer, report) in
-        [("ingress", &reports.ingress), ("workloads", &reports.workloads), ("network", &reports.network)]
-    {
+    for (layer, report) in [
+        ("ingress", &reports.ingress),
+        ("gateway", &reports.gateway),
+        ("workloads", &reports.workloads),
+        ("network", &reports.network),
+    ] {
         if let Some(r) = report {
             for (state, count) in r.states() {
                 ctx.metrics.set_targets(name, layer, state, count);
@@ -346,13 +388,14 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         publish(ctx, policy, EventType::Normal, reason, note).await;
     }
 
-    let busy = [&reports.ingress, &reports.workloads, &reports.network].into_iter().flatten().any(|r| {
-        // Targets whose owner holds or moves them are watched too: their status alone wakes nothing.
-        r.in_flight > 0
-            || r.waiting > 0
-            || r.unhealthy > 0
-            || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
-    });
+    let busy =
+        [&reports.ingress, &reports.gateway, &reports.workloads, &reports.network].into_iter().flatten().any(|r| {
+            // Targets whose owner holds or moves them are watched too: their status alone wakes nothing.
+            r.in_flight > 0
+                || r.waiting > 0
+                || r.unhealthy > 0
+                || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
+        });
     let next_look = match () {
         _ if !finished => Duration::ZERO,
         _ if busy => ctx.settings.poll,

@@ -5,8 +5,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{
-    self, COLLECTOR_REACHABLE, DEGRADED, Desired, INGRESS_READY, NETWORK_READY, PROGRESSING, READY, Status,
-    WORKLOADS_READY,
+    self, COLLECTOR_REACHABLE, DEGRADED, Desired, GATEWAY_READY, INGRESS_READY, NETWORK_READY, PROGRESSING, READY,
+    Status, WORKLOADS_READY,
 };
 use crate::api::{LayerStatus, TracingPolicySpec, TracingPolicyStatus};
 use crate::layers::{LayerReport, reasons};
@@ -15,6 +15,7 @@ use crate::layers::{LayerReport, reasons};
 #[derive(Clone, Debug, Default)]
 pub struct Reports {
     pub ingress: Option<LayerReport>,
+    pub gateway: Option<LayerReport>,
     pub workloads: Option<LayerReport>,
     pub network: Option<LayerReport>,
 }
@@ -23,6 +24,7 @@ impl Reports {
     fn layers(&self) -> impl Iterator<Item = (&'static str, &'static str, &LayerReport)> {
         [
             (INGRESS_READY, "spec.ingress", self.ingress.as_ref()),
+            (GATEWAY_READY, "spec.gateway", self.gateway.as_ref()),
             (WORKLOADS_READY, "spec.workloads", self.workloads.as_ref()),
             (NETWORK_READY, "spec.network", self.network.as_ref()),
         ]
@@ -177,6 +179,7 @@ pub fn status(
         ingress: counts(&reports.ingress),
         workloads: counts(&reports.workloads),
         nodes: counts(&reports.network),
+        gateway: counts(&reports.gateway),
         debug: previous.and_then(|p| p.debug.clone()),
     }
 }

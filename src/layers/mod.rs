@@ -2,6 +2,7 @@
 //! their health; the controller runs the plan and turns the layer's [`LayerReport`] into status.
 
 pub mod debug;
+pub mod gateway;
 pub mod health;
 pub mod ingress;
 pub mod network;
@@ -377,6 +378,9 @@ pub fn validate(spec: &TracingPolicySpec) -> Result<(), String> {
     let check = |field: &str, s: &LabelSelector| selector(s).map(drop).map_err(|e| format!("{field}: {e}"));
     if let Some(ingress) = &spec.ingress {
         ingress::ingress_selector(ingress).map_err(|e| format!("spec.ingress.selector: {e}"))?;
+    }
+    if let Some(g) = &spec.gateway {
+        gateway::gateway_selector(g).map(drop).map_err(|e| format!("spec.gateway.selector: {e}"))?;
     }
     if let Some(w) = &spec.workloads {
         check("spec.workloads.namespaceSelector", &w.namespace_selector)?;

@@ -27,6 +27,25 @@ pub const CONFIG_MAP_OUTSIDE_NAMESPACE: &str = "ConfigMapOutsideNamespace";
 pub const FORGED_RECORD: &str = "ForgedRecord";
 /// The ingress controller has no available replica.
 pub const TARGET_NOT_AVAILABLE: &str = "TargetNotAvailable";
+/// A Gateway's GatewayClass names a controller crosstrace does not trace: nothing is written.
+pub const UNSUPPORTED_PROVIDER: &str = "UnsupportedProvider";
+/// The cluster does not serve a kind the Gateway's provider needs (its CRDs are not installed).
+pub const PROVIDER_NOT_INSTALLED: &str = "ProviderNotInstalled";
+/// `spec.gateway` is set and the cluster does not serve the Gateway API.
+pub const GATEWAY_API_NOT_INSTALLED: &str = "GatewayAPINotInstalled";
+/// A Gateway's `spec.infrastructure.parametersRef` names something its provider's tracing cannot go into.
+pub const PARAMETERS_UNSUPPORTED: &str = "ParametersRefUnsupported";
+/// A Gateway's `spec.infrastructure.parametersRef` names an object that does not exist.
+pub const PARAMETERS_MISSING: &str = "ParametersRefMissing";
+/// An object crosstrace would create exists and is not crosstrace's.
+pub const NAME_TAKEN: &str = "NameTaken";
+/// The provider cannot express what the policy asks (an address or name form it refuses).
+pub const PROVIDER_CANNOT_EXPRESS: &str = "ProviderCannotExpress";
+/// Istio gateways need a tracing provider from the operator's configuration, and there is none.
+pub const ISTIO_PROVIDER_MISSING: &str = "IstioTracingProviderMissing";
+/// The provider reports crosstrace's policy object in conflict with another policy on the same target
+/// (GEP-713): reported, not fought.
+pub const POLICY_CONFLICT: &str = "PolicyConflict";
 
 /// The policy asks for more than the admin limits allow (an image, a namespace, a flow target, a rate).
 pub const ADMIN_LIMIT: &str = "AdminLimit";
