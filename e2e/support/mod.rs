@@ -343,5 +343,34 @@ where
 {
     let _ = api.delete(name, &DeleteParams::default()).await;
 }
+/// Waits until `controller` counted a drift correction of `layer` and an Event `DriftCorrected` on
+/// `policy` mentions every one of `mentions` (the target it names).
+pub async fn drift_reported(
+    client: &Client,
+    controller: &ControllerProcess,
+    layer: &str,
+    policy: &str,
+    mentions: &[&str],
+) {
+    let drift = format!("crosstrace_drift_corrections_total{{layer=\"{layer}\"}}");
+    eventually(&format!("the {layer} drift metric"), || async {
+        (controller.counter(&drift).await >= 1.0).then_some(())
+    })
+    .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    eventually(&format!("a DriftCorrected Event on {policy} naming {mentions:?}"), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("DriftCorrected")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(policy)
+                    && e.note.as_deref().is_some_and(|n| mentions.iter().all(|m| n.contains(m)))
+            })
+            .then_some(())
+    })
+    .await;
+}
+
 pub mod agents;
 pub mod otelcol;

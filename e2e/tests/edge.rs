@@ -235,21 +235,7 @@ async fn edge_layer_is_applied_idle_when_converged_and_reverted_exactly() {
         (cm.data?.get("otel-sampler-ratio")?.as_str() == "0.25").then_some(())
     })
     .await;
-    let drift = r#"crosstrace_drift_corrections_total{layer="ingress"}"#;
-    eventually("the edge drift metric", || async { (controller.counter(drift).await >= 1.0).then_some(()) }).await;
-    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
-    eventually("a DriftCorrected Event naming the controller", || async {
-        let list = events.list(&Default::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("DriftCorrected")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
-                    && e.note.as_deref().is_some_and(|n| n.contains("ingress-nginx-controller"))
-            })
-            .then_some(())
-    })
-    .await;
+    drift_reported(&client, &controller, "ingress", &name, &["ingress-nginx-controller"]).await;
 
     delete_policy_and_wait(&client, &name).await;
     assert_restored(&client, &ns.name, &before_cm).await;

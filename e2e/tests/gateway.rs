@@ -484,21 +484,7 @@ async fn the_owner_acting_at_the_same_time_is_never_crosstraces_failure() {
             .then_some(())
     })
     .await;
-    let drift = r#"crosstrace_drift_corrections_total{layer="gateway"}"#;
-    eventually("the gateway drift metric", || async { (controller.counter(drift).await >= 1.0).then_some(()) }).await;
-    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
-    eventually("a DriftCorrected Event naming the Gateway", || async {
-        let list = events.list(&Default::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("DriftCorrected")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
-                    && e.note.as_deref().is_some_and(|n| n.contains("Gateway") && n.contains("/eg"))
-            })
-            .then_some(())
-    })
-    .await;
+    drift_reported(&client, &controller, "gateway", &name, &["Gateway", "/eg"]).await;
 
     delete_policy_and_wait(&client, &name).await;
     let proxy = proxies.get("custom").await.unwrap();
