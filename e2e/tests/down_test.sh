@@ -9,8 +9,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cluster="$here/cluster.sh"
 state="${CROSSTRACE_E2E_STATE:-$HOME/.cache/crosstrace/e2e-state}"
 # Must match the ports in e2e/cluster.sh: etcd client and peer, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok.
-ports=(12379 12380 16443 20257 20259 20247)
+# kube-scheduler, kwok (each plus CROSSTRACE_E2E_PORT_OFFSET, as there).
+offset="${CROSSTRACE_E2E_PORT_OFFSET:-0}"
+ports=()
+for port in 12379 12380 16443 20257 20259 20247; do ports+=($((port + offset))); done
 
 # shellcheck source=e2e/tests/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
