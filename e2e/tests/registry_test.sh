@@ -75,7 +75,8 @@ versions_agree() {
 }
 check "the crate version is the chart's appVersion ($version)" versions_agree
 
-rendered_image() { helm template "$release" "$chart" -n "$ns" "$@" -s templates/controller-deployment.yaml |
+kube_version=--kube-version=1.33.0 # helm template assumes 1.20 otherwise, below the chart's kubeVersion
+rendered_image() { helm template "$release" "$chart" -n "$ns" "$kube_version" "$@" -s templates/controller-deployment.yaml |
   sed -n 's/^ *image: "\(.*\)"$/\1/p'; }
 image_reference() {
   local d="sha256:$(printf '0%.0s' {1..64})" got
@@ -85,7 +86,7 @@ image_reference() {
   [ "$got" = "ghcr.io/crosstrace/crosstrace@$d" ] || { echo "digest: $got"; return 1; }
   got="$(rendered_image --set image.tag=1.2.3 --set image.digest="$d")"
   [ "$got" = "ghcr.io/crosstrace/crosstrace:1.2.3@$d" ] || { echo "tag and digest: $got"; return 1; }
-  if helm template "$release" "$chart" --set image.digest=sha256:abc >/dev/null 2>&1; then
+  if helm template "$release" "$chart" "$kube_version" --set image.digest=sha256:abc >/dev/null 2>&1; then
     echo "values.schema.json accepted image.digest=sha256:abc"
     return 1
   fi
