@@ -971,16 +971,10 @@ fn revert(t: &Observed, record: &Record, rolled_back: Option<i64>) -> Vec<Action
             resource_version: object.metadata.resource_version.clone(),
         });
     }
+    // What stays is the rollback marker alone: a fresh record of the same policy and Gateway.
     let keep = rolled_back.map(|generation| Record {
-        revision: None,
-        since: 0,
-        converged: false,
-        created: vec![],
-        merged: vec![],
-        infrastructure: None,
         rolled_back: Some(generation),
-        failure: None,
-        ..record.clone()
+        ..Record::new(&record.policy, record.gateway.clone())
     });
     if keep.is_some() || t.record.as_ref().is_ok_and(Option::is_some) {
         actions.push(Action::Record { uid: t.uid.clone(), record: keep });
