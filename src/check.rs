@@ -87,7 +87,7 @@ pub const CONTROLLER_ACCESS: &[(&str, &str, &[&str], Scope)] = &[
         Scope::Cluster,
     ),
     ("telemetry.istio.io", "telemetries", &["get", "list", "watch", "create", "patch", "delete"], Scope::Cluster),
-    ("coordination.k8s.io", "leases", &["create"], Scope::OwnNamespace),
+    ("coordination.k8s.io", "leases", &["create", "list"], Scope::OwnNamespace),
     ("coordination.k8s.io", "leases", &["get", "update"], Scope::OwnLease),
 ];
 

@@ -99,6 +99,7 @@ fn context(policy: &TracingPolicy, world: World, settings: Settings) -> (Arc<Con
         written: Mutex::default(),
         retries: Default::default(),
         canaries: Default::default(),
+        flow_reports: Default::default(),
     };
     (Arc::new(context), writes)
 }

@@ -17,7 +17,8 @@ fn binary() -> String {
 
 /// A running collector, stopped (by its PID) when dropped.
 pub struct Otelcol {
-    child: Child,
+    /// Behind a lock so that a test can stop it while its log is borrowed for failure messages.
+    child: std::sync::Mutex<Child>,
     pub grpc_port: u16,
     pub http_port: u16,
     dir: std::path::PathBuf,
@@ -45,7 +46,7 @@ impl Otelcol {
             .stderr(log)
             .spawn()
             .expect("start otelcol-k8s");
-        let collector = Self { child, grpc_port, http_port, dir };
+        let collector = Self { child: std::sync::Mutex::new(child), grpc_port, http_port, dir };
         super::eventually_with(
             "the collector to listen",
             || collector.log(),
@@ -86,14 +87,14 @@ impl Otelcol {
     }
 
     /// Stops the collector now (by its PID), as a collector going away would.
-    pub fn stop(&mut self) {
-        super::stop(&mut self.child);
+    pub fn stop(&self) {
+        super::stop(&mut self.child.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
 impl Drop for Otelcol {
     fn drop(&mut self) {
-        super::stop(&mut self.child);
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

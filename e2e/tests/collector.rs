@@ -16,7 +16,7 @@ async fn the_canary_reaches_a_real_collector_and_a_stopped_collector_is_reported
     install_crds();
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-canary", json!({})).await;
-    let mut collector = Otelcol::start().await;
+    let collector = Otelcol::start().await;
     let controller =
         ControllerProcess::start_with_args(18099, &controller_kubeconfig(), &[], &["--canary-interval-seconds", "2"]);
 

@@ -39,13 +39,17 @@ struct FlowsProcess {
 }
 
 impl FlowsProcess {
-    fn start(kubeconfig: &Path, listen: &str, collector: &str) -> Self {
+    /// As the chart's pod `pod` runs it: with its token, its name, namespace and uid.
+    fn start(pod: &FlowsPod, listen: &str, collector: &str) -> Self {
         let admin_port = free_port();
         let log = std::env::temp_dir().join(format!("crosstrace-flows-{}-{admin_port}.log", std::process::id()));
         let child = Command::new(env!("CARGO_BIN_EXE_crosstrace"))
             .args(["flows", "--listen", listen, "--collector", collector, "--export-delay-ms", "200"])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .env("KUBECONFIG", kubeconfig)
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}"), "--report-interval-seconds", "1"])
+            .env("KUBECONFIG", &pod.kubeconfig)
+            .env("POD_NAME", &pod.name)
+            .env("POD_NAMESPACE", "crosstrace-system")
+            .env("POD_UID", &pod.uid)
             .env("RUST_LOG", "info,crosstrace=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -116,16 +120,57 @@ fn helm_upgrade(values: &[&str]) {
     assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A kubeconfig of the chart's `crosstrace-flows` ServiceAccount.
-fn flows_kubeconfig() -> PathBuf {
+/// The chart's `crosstrace-flows` pod (kwok's: it runs nothing) that the host process plays.
+struct FlowsPod {
+    name: String,
+    uid: String,
+    /// Its ServiceAccount's token, bound to the pod as the kubelet would mount it.
+    kubeconfig: PathBuf,
+}
+
+fn sa_kubeconfig(file: &str, extra: &[&str]) -> PathBuf {
     let state = std::env::var("CROSSTRACE_E2E_STATE").expect("CROSSTRACE_E2E_STATE from cluster.sh env");
-    let path = Path::new(&state).join("flows.kubeconfig");
+    let path = Path::new(&state).join(file);
     let out = Command::new(repo("e2e/sa-kubeconfig.sh"))
         .args(["crosstrace-system", "crosstrace-flows", path.to_str().unwrap()])
+        .args(extra)
         .output()
         .expect("e2e/sa-kubeconfig.sh runs");
     assert!(out.status.success(), "sa-kubeconfig.sh crosstrace-flows: {}", String::from_utf8_lossy(&out.stderr));
     path
+}
+
+fn flows_pod() -> FlowsPod {
+    let (ok, out, err) = kubectl(&[
+        "-n",
+        "crosstrace-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/component=flows",
+        "-o",
+        "jsonpath={.items[0].metadata.name} {.items[0].metadata.uid}",
+    ]);
+    let (name, uid) = out.trim().split_once(' ').filter(|_| ok).unwrap_or_else(|| panic!("the flows pod: {out} {err}"));
+    let bound = ["--bound-object-kind", "Pod", "--bound-object-name", name];
+    FlowsPod { name: name.into(), uid: uid.into(), kubeconfig: sa_kubeconfig("flows.kubeconfig", &bound) }
+}
+
+/// `TracesFlowing` of a policy once it has `status` and `reason`: its message.
+async fn traces_flowing(
+    client: &kube::Client,
+    name: &str,
+    status: &str,
+    reason: &str,
+    logs: impl Fn() -> String,
+) -> String {
+    let what = format!("TracesFlowing={status} ({reason})");
+    eventually_with(&what, logs, || async {
+        let p = Api::<crosstrace::api::TracingPolicy>::all(client.clone()).get(name).await.ok()?;
+        let c = condition(&p, "TracesFlowing")?;
+        (c.status == status && c.reason == reason).then(|| c.message.clone())
+    })
+    .await
 }
 
 /// A free UDP port on loopback (bound, then released).
@@ -173,12 +218,13 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
         kubectl(&["-n", "crosstrace-system", "rollout", "status", "deployment/crosstrace-flows", "--timeout=90s"]);
     assert!(ok, "the chart's crosstrace-flows Deployment (restricted Pod Security) does not roll out: {err}");
     let receiver = format!("127.0.0.1:{}", free_udp_port());
-    let flows = FlowsProcess::start(&flows_kubeconfig(), &receiver, &collector.endpoint());
+    let pod = flows_pod();
+    let flows = FlowsProcess::start(&pod, &receiver, &collector.endpoint());
     let controller = ControllerProcess::start_with_args(
         free_port(),
         &controller_kubeconfig(),
         &[],
-        &["--flows-receiver", &receiver],
+        &["--flows-receiver", &receiver, "--canary-interval-seconds", "2"],
     );
     let agent = AgentProcess::start(0);
     let logs = || {
@@ -241,6 +287,8 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     eprintln!("the collector's span:\n{span:#}");
+    let message = traces_flowing(&client, &name, "True", "TraceLinkedSpansExported", logs).await;
+    assert!(message.contains(&node) && message.contains(&collector.endpoint()), "{message}");
     assert_eq!(span["parentSpanId"], PARENT, "{span:#}");
     assert_eq!(span["name"], format!("sampled on node {node}, bridge br-int"), "{span:#}");
     assert_eq!(span["kind"], 1, "internal: {span:#}");
@@ -299,13 +347,15 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
     .await;
     assert_eq!(sum_samples(&metrics, "crosstrace_flows_spans_total"), spans_before, "{metrics}");
 
-    // The chart's crosstrace-flows ServiceAccount may list and watch NodeTracings, and nothing else.
+    // The chart's crosstrace-flows ServiceAccount may list and watch NodeTracings, write Leases in its
+    // namespace (narrowed to its own below), and nothing else.
     let account = "system:serviceaccount:crosstrace-system:crosstrace-flows";
     for (verb, resource, allowed) in [
         ("list", "nodetracings.crosstrace.dev", true),
         ("watch", "nodetracings.crosstrace.dev", true),
         ("patch", "nodetracings.crosstrace.dev", false),
         ("patch", "nodetracings.crosstrace.dev/status", false),
+        ("get", "leases.coordination.k8s.io", false),
         ("list", "tracingpolicies.crosstrace.dev", false),
         ("list", "nodes", false),
         ("get", "secrets", false),
@@ -315,10 +365,54 @@ async fn a_sampled_request_with_a_traceparent_becomes_a_span_of_its_trace() {
         assert_eq!(out.trim() == "yes", allowed, "{account} {verb} {resource}: {out}");
     }
 
+    // Its report Lease: only its own. A token bound to the pod cannot write another Lease (the chart's
+    // admission policy), a token bound to nothing cannot write even its own.
+    let lease = |kubeconfig: &Path, lease: &str| {
+        let manifest = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": lease, "namespace": "crosstrace-system"}, "spec": {"holderIdentity": "x"}});
+        let path = std::env::temp_dir().join(format!("crosstrace-e2e-lease-{}.json", std::process::id()));
+        std::fs::write(&path, manifest.to_string()).unwrap();
+        let out = Command::new("kubectl")
+            .args(["--kubeconfig", kubeconfig.to_str().unwrap(), "create", "-f", path.to_str().unwrap()])
+            .output()
+            .expect("kubectl runs");
+        let _ = std::fs::remove_file(&path);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (created, err) = lease(&pod.kubeconfig, "crosstrace-controller-next");
+    assert!(!created && err.contains("may only write the Lease"), "another Lease: {err}");
+    let unbound = sa_kubeconfig("flows-unbound.kubeconfig", &[]);
+    let (created, err) = lease(&unbound, &pod.name);
+    assert!(!created && err.contains("bound to its pod"), "an unbound token: {err}");
+    let _ = std::fs::remove_file(&unbound);
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "crosstrace-system");
+    let own = leases.get(&pod.name).await.expect("the receiver's report Lease");
+    assert_eq!(own.metadata.owner_references.as_ref().map(|o| o[0].uid.clone()), Some(pod.uid.clone()));
+
+    // The collector stops: the next spans cannot go out, and the policy says so.
+    collector.stop();
+    let started = Instant::now();
+    let message = loop {
+        let p = Api::<crosstrace::api::TracingPolicy>::all(client.clone()).get(&name).await.unwrap();
+        if let Some(c) = condition(&p, "TracesFlowing").filter(|c| c.reason == "SpanExportFailing") {
+            assert_eq!(c.status, "False", "{c:?}");
+            break c.message.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "TracesFlowing did not turn False:\n{}", logs());
+        inject_frame(0, &traced, 64);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(message.contains(&collector.endpoint()), "{message}");
+
     cleanup.delete().await;
     drop(agent);
     drop(controller);
     drop(flows);
+    // Stopped, the receiver takes its report away.
+    eventually("the report Lease to be deleted", || async {
+        leases.get_opt(&pod.name).await.ok()?.is_none().then_some(())
+    })
+    .await;
     drop(release);
     drop(collector);
 }

@@ -11,6 +11,7 @@ pub const NETWORK_READY: &str = "NetworkReady";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const COLLECTOR_REACHABLE: &str = "CollectorReachable";
+pub const TRACES_FLOWING: &str = "TracesFlowing";
 
 /// Condition status values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -194,6 +194,8 @@ pub struct Context {
     pub retries: backoff::RetryBackoff,
     /// The last collector canary per collector.
     pub canaries: crate::canary::Canaries,
+    /// The flows receivers' last reports (`TracesFlowing`).
+    pub flow_reports: crate::flows::reporter::Reports,
 }
 
 /// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
@@ -335,6 +337,7 @@ pub async fn run(
         written: Mutex::default(),
         retries: backoff::RetryBackoff::default(),
         canaries: Default::default(),
+        flow_reports: Default::default(),
     });
     // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
     // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing

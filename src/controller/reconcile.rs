@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
@@ -17,7 +18,7 @@ use tracing::{Span, field, info, instrument, warn};
 use super::Context;
 use super::apply::{Pace, Written};
 use super::status::{self, Reports};
-use crate::api::conditions;
+use crate::api::conditions::{self, Status};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
 use crate::layers::{debug, gateway, ingress};
@@ -354,7 +355,23 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         let collector = spec.collector.as_ref().filter(|_| spec.ingress.is_some() || spec.workloads.is_some())?;
         Some((collector.endpoint.clone(), ctx.canaries.get(collector, every, super::CANARY_TIMEOUT).await))
     };
-    let (layers, canary) = tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary);
+    // Whether the network hop's spans flow, from the flows receivers' reports (`spec.network.correlate`).
+    let flowing = async {
+        ctx.settings.canary_every?;
+        ctx.settings.flows_receiver.as_ref()?;
+        policy.spec.network.as_ref().filter(|n| n.correlate)?;
+        let leases = Api::<Lease>::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+        Some(match ctx.flow_reports.get(&leases).await {
+            Ok(reports) => crate::flows::report::traces_flowing(name, &reports),
+            Err(error) => (
+                Status::Unknown,
+                reasons::FLOW_REPORTS_UNREADABLE,
+                format!("the flows receivers' reports (Leases in {}) cannot be read: {error}", ctx.settings.namespace),
+            ),
+        })
+    };
+    let (layers, canary, flowing) =
+        tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary, flowing);
     let (reports, finished) = layers?;
     drop(effective);
     for (layer, report) in [
@@ -372,6 +389,8 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     let mut next = status::status(Some(&previous), generation, &policy.spec, &reports, Timestamp::now());
     let canary_found = canary.as_ref().map(|(e, p)| (e.as_str(), p));
     status::collector_reachable(&mut next, &previous.conditions, canary_found, generation, Timestamp::now());
+    let looks_at_flows = flowing.is_some();
+    status::traces_flowing(&mut next, &previous.conditions, flowing, generation, Timestamp::now());
     next.debug = session.status;
     let debug_was = previous.debug.as_ref().map(|d| (d.active, d.session.clone()));
     let debug_is = next.debug.as_ref().map(|d| (d.active, d.session.clone()));
@@ -401,10 +420,10 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         _ if busy => ctx.settings.poll,
         _ => ctx.settings.resync,
     };
-    // A collector is asked again after the canary interval; a running debug session is looked at again
+    // A collector is asked again (and the flows reports read again) after the canary interval; a running debug session is looked at again
     // when it ends (a second late rather than early).
-    let next_look = match (canary, ctx.settings.canary_every) {
-        (Some(_), Some(every)) => next_look.min(every),
+    let next_look = match (canary.is_some() || looks_at_flows, ctx.settings.canary_every) {
+        (true, Some(every)) => next_look.min(every),
         _ => next_look,
     };
     let until_end = session.ends_at.map(|end| {

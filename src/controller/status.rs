@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conditions::{
     self, COLLECTOR_REACHABLE, DEGRADED, Desired, GATEWAY_READY, INGRESS_READY, NETWORK_READY, PROGRESSING, READY,
-    Status, WORKLOADS_READY,
+    Status, TRACES_FLOWING, WORKLOADS_READY,
 };
 use crate::api::{LayerStatus, TracingPolicySpec, TracingPolicyStatus};
 use crate::layers::{LayerReport, reasons};
@@ -156,6 +156,34 @@ pub fn collector_reachable(
     {
         desired.message = p.message.clone();
     }
+    put(status, previous, Some(desired), generation, now);
+}
+
+/// Puts `TracesFlowing` into `status`: what the flows receivers report of the policy's nodes, for a
+/// policy with `spec.network.correlate` (left out otherwise, or while the check is off).
+pub fn traces_flowing(
+    status: &mut TracingPolicyStatus,
+    before: &[Condition],
+    found: Option<(Status, &'static str, String)>,
+    generation: i64,
+    now: Timestamp,
+) {
+    let previous = before.iter().find(|c| c.type_ == TRACES_FLOWING).cloned();
+    status.conditions.retain(|c| c.type_ != TRACES_FLOWING);
+    let desired = found.map(|(s, reason, message)| Desired::new(TRACES_FLOWING, s, reason, message));
+    put(status, previous, desired, generation, now);
+}
+
+/// Adds a condition that is not a layer's (kept out when `desired` is `None`), with its transition time
+/// carried over from `previous`.
+fn put(
+    status: &mut TracingPolicyStatus,
+    previous: Option<Condition>,
+    desired: Option<Desired>,
+    generation: i64,
+    now: Timestamp,
+) {
+    let Some(desired) = desired else { return };
     let previous: Vec<_> = previous.into_iter().collect();
     status.conditions.extend(conditions::merge(&previous, &[desired], generation, now));
 }

@@ -9,10 +9,14 @@
 //!   `spec.network.correlate` the controller sets each node's own address as the sFlow agent of its
 //!   export, and `NodeTracing` objects say which node has which agent address on which bridges.
 //! - [`receiver`]: the IO: the UDP socket, the `NodeTracing` watch, the OTLP export, the metrics.
+//! - [`report`]: what the receiver tells the operator (pure), and the `TracesFlowing` condition made of it;
+//!   [`reporter`]: its IO (a Lease per receiver pod).
 
 pub mod origins;
 pub mod packet;
 pub mod receiver;
+pub mod report;
+pub mod reporter;
 pub mod request;
 pub mod sflow;
 

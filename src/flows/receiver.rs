@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer, TracerProvider as _,
 };
@@ -31,6 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::UdpSocket;
 
 use super::origins::{Origin, origins};
+use super::reporter::{Reporter, SharedTally, Tallied, lock, policies_by_node};
 use super::{SampleSpan, correlate, sflow};
 use crate::api::NodeTracing;
 use crate::lenient::{self, Seen};
@@ -53,6 +55,20 @@ pub struct FlowsArgs {
     /// Milliseconds the exporter waits to fill a batch of spans.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub export_delay_ms: u64,
+    /// The Lease this receiver reports to the operator in (samples, trace-linked spans and export
+    /// outcomes per node, for the `TracesFlowing` condition): its pod's name, from the chart. Without
+    /// it nothing is reported.
+    #[arg(long, env = "POD_NAME")]
+    pub report_lease: Option<String>,
+    /// The namespace of that Lease: its pod's, where the operator looks.
+    #[arg(long, default_value = "crosstrace-system", env = "POD_NAMESPACE")]
+    pub report_namespace: String,
+    /// The pod's uid: the Lease is owned by the pod, so that it goes with it.
+    #[arg(long, env = "POD_UID")]
+    pub report_pod_uid: Option<String>,
+    /// Seconds between reports (the Lease is renewed with each; it is stale after three missed).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub report_interval_seconds: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,13 +134,14 @@ fn endpoint_url(collector: &str) -> anyhow::Result<String> {
     }
 }
 
-fn provider(args: &FlowsArgs) -> anyhow::Result<SdkTracerProvider> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+fn provider(args: &FlowsArgs, shared: SharedTally) -> anyhow::Result<SdkTracerProvider> {
+    let inner = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint_url(&args.collector)?)
         .with_timeout(Duration::from_secs(10))
         .build()
         .with_context(|| format!("an OTLP exporter to {} (--collector)", args.collector))?;
+    let exporter = Tallied { inner, shared };
     let config = BatchConfigBuilder::default()
         .with_scheduled_delay(Duration::from_millis(args.export_delay_ms))
         .with_max_queue_size(8192)
@@ -207,9 +224,29 @@ pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output =
     let socket = UdpSocket::bind(args.listen)
         .await
         .with_context(|| format!("cannot receive sFlow on UDP {} (--listen / CROSSTRACE_FLOWS_LISTEN)", args.listen))?;
-    let provider = provider(&args)?;
+    let shared = SharedTally::default();
+    let provider = provider(&args, shared.clone())?;
     let tracer = provider.tracer("crosstrace-flows");
     let mut server = tokio::spawn(crate::http::serve(listener, admin));
+    let leases = Api::<Lease>::namespaced(client.clone(), &args.report_namespace);
+    let reporter = match &args.report_lease {
+        Some(name) => {
+            let reporter = Reporter {
+                api: leases.clone(),
+                name: name.clone(),
+                pod_uid: args.report_pod_uid.clone(),
+                every: Duration::from_secs(args.report_interval_seconds),
+                collector: args.collector.clone(),
+            };
+            Some(tokio::spawn(reporter.run(shared.clone())))
+        }
+        None => {
+            tracing::warn!(
+                "no --report-lease (POD_NAME): the operator's TracesFlowing will not hear from this receiver"
+            );
+            None
+        }
+    };
     let mut events = lenient::watch::<NodeTracing>(client, watcher::Config::default()).default_backoff().boxed();
     let listen = socket.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
     tracing::info!(%listen, collector = %args.collector, "flows receiver started");
@@ -226,13 +263,14 @@ pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output =
                 Some(Err(e)) => tracing::warn!(error = %e, "watching NodeTracing"),
                 Some(Ok(seen)) => {
                     known.observe(seen);
+                    lock(&shared).policies = policies_by_node(known.objects.values());
                     if known.synced && !ready.swap(true, Ordering::Relaxed) {
                         tracing::info!(agents = known.origins.len(), "NodeTracings listed; receiving");
                     }
                 }
             },
             received = socket.recv_from(&mut buffer) => match received {
-                Ok((n, _from)) => receive(&buffer[..n], &known, &flows, &tracer),
+                Ok((n, _from)) => receive(&buffer[..n], &known, &flows, &tracer, &shared),
                 Err(e) => {
                     // E.g. an ICMP error surfacing on the socket: go on, without spinning.
                     tracing::debug!(error = %e, "receiving a datagram");
@@ -242,13 +280,18 @@ pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output =
         }
     };
     server.abort();
+    // The report goes first: flushing to a collector that is not there can take the exporter's timeout.
+    if let (Some(task), Some(name)) = (reporter, &args.report_lease) {
+        task.abort();
+        Reporter::remove(&leases, name).await;
+    }
     if let Err(error) = provider.shutdown() {
         tracing::warn!(%error, "flushing the last spans");
     }
     result
 }
 
-fn receive(bytes: &[u8], known: &Known, flows: &FlowMetrics, tracer: &SdkTracer) {
+fn receive(bytes: &[u8], known: &Known, flows: &FlowMetrics, tracer: &SdkTracer, shared: &SharedTally) {
     if !known.synced {
         return flows.drop("not_ready", 1);
     }
@@ -268,6 +311,8 @@ fn receive(bytes: &[u8], known: &Known, flows: &FlowMetrics, tracer: &SdkTracer)
     if !outcome.spans.is_empty() {
         flows.spans.get_or_create(&node).inc_by(outcome.spans.len() as u64);
     }
+    let spans = outcome.spans.len() as u64;
+    lock(shared).tally.sampled(&origin.node, outcome.samples, spans, k8s_openapi::jiff::Timestamp::now());
     for span in outcome.spans {
         emit(tracer, span);
     }

@@ -78,3 +78,5 @@ pub const DEBUG_SESSION_ENDED: &str = "DebugSessionEnded";
 pub const CANARY_ACCEPTED: &str = "CanaryAccepted";
 /// The collector did not take the canary span: unreachable, refused or too slow (CollectorReachable=False).
 pub const CANARY_NOT_ACCEPTED: &str = "CanaryNotAccepted";
+/// The flows receivers' report Leases cannot be listed (TracesFlowing=Unknown).
+pub const FLOW_REPORTS_UNREADABLE: &str = "FlowReportsUnreadable";
