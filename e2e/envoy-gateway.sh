@@ -7,6 +7,7 @@
 #   e2e/envoy-gateway.sh start DIR NAMESPACE   start it (state, logs and PIDs in DIR, created), watching only
 #                                              NAMESPACE, which must exist; returns once it is ready
 #   e2e/envoy-gateway.sh stop DIR              stop exactly what start started (by recorded PID), remove DIR
+#   e2e/envoy-gateway.sh status DIR            exit 0 when the controller started in DIR still runs
 #
 # Needs the local cluster's environment (eval "$(e2e/cluster.sh env)": KUBECONFIG, CROSSTRACE_E2E_SERVER)
 # and root (a user with password-less sudo, like a CI runner's, runs this script through sudo): the controller listens on fixed wildcard ports (xDS 0.0.0.0:18000, health probe :8081,
@@ -207,12 +208,17 @@ stop)
   dir="$(realpath -m "$2")"
   cmd_stop
   ;;
+status)
+  [ $# = 2 ] || die "usage: $0 status DIR"
+  dir="$(realpath -m "$2")"
+  ours "$(cat "$dir/pids/envoy-gateway.pid" 2>/dev/null || true)"
+  ;;
 inside)
   dir=$2 namespace=$4
   cmd_inside "$3"
   ;;
 *)
-  echo "usage: $0 start DIR NAMESPACE | stop DIR" >&2
+  echo "usage: $0 start DIR NAMESPACE | stop DIR | status DIR" >&2
   exit 2
   ;;
 esac

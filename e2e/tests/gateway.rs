@@ -184,14 +184,17 @@ impl EnvoyGateway {
 }
 
 impl Drop for EnvoyGateway {
+    /// Stops it; if it exited during the test, the test fails saying so (its status was not reported).
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let script = repo("e2e/envoy-gateway.sh");
+        let exited = !Command::new(&script).args(["status", &self.dir]).status().is_ok_and(|s| s.success());
+        if std::thread::panicking() || exited {
             let log = std::fs::read_to_string(format!("{}/envoy-gateway.log", self.dir)).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- last lines of Envoy Gateway's log ---");
+            eprintln!("--- last lines of Envoy Gateway's log ({}/envoy-gateway.log) ---", self.dir);
             tail.iter().rev().for_each(|l| eprintln!("{l}"));
         }
-        let _ = Command::new(repo("e2e/envoy-gateway.sh")).args(["stop", &self.dir]).status();
+        let _ = Command::new(&script).args(["stop", &self.dir]).status();
         // Nobody removes its finalizer from its GatewayClasses once it is stopped: they would stay forever.
         let (_, classes, _) = kubectl(&["get", "gatewayclasses", "-o", "json"]);
         let classes: Value = serde_json::from_str(&classes).unwrap_or_default();
@@ -204,6 +207,10 @@ impl Drop for EnvoyGateway {
                 let _ = kubectl(&["patch", "gatewayclass", name, "--type=json", "-p", remove]);
             }
         }
+        assert!(
+            std::thread::panicking() || !exited,
+            "Envoy Gateway's controller exited during the test (its log is above)"
+        );
     }
 }
 
@@ -412,6 +419,14 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     assert_eq!(envoy.data["spec"]["mergeType"], "StrategicMerge", "the class's EnvoyProxy still applies");
     let eg = api(&client, Kind::Gateway, &ns.name).get("eg").await.unwrap();
     assert_eq!(eg.data["spec"]["infrastructure"]["parametersRef"]["name"], "crosstrace-eg");
+    // Programmed by Envoy Gateway itself, for the generation crosstrace wrote, from its proxy's Deployment.
+    let conditions = eg.data["status"]["conditions"].as_array().expect("the Gateway's conditions");
+    let programmed = conditions.iter().find(|c| c["type"] == "Programmed").expect("Programmed");
+    assert_eq!(
+        (&programmed["status"], &programmed["observedGeneration"]),
+        (&json!("True"), &json!(eg.metadata.generation))
+    );
+    assert!(programmed["message"].as_str().is_some_and(|m| m.contains("envoy replicas available")), "{programmed}");
     // NGF: the NginxProxy and the route's ObservabilityPolicy at 25 percent.
     let nginx = api(&client, Kind::NginxProxy, &ns.name).get("crosstrace-ngf").await.expect("crosstrace's NginxProxy");
     assert_eq!(nginx.data["spec"]["telemetry"]["exporter"]["endpoint"], format!("otel-gateway.{}.svc:4317", ns.name));
