@@ -5,8 +5,9 @@
 #   e2e/build.sh            build what is missing, print the bin directories
 #   e2e/build.sh --print    only print the bin directories (exits 1 when something is missing)
 #   e2e/build.sh otelcol    only the OpenTelemetry Collector (what `just unit` needs), print its bin directory
-#   e2e/build.sh go-containerregistry | actionlint | helm   only that one (crane and registry, actionlint,
-#                           helm: what `just image`, `just lint` and the release workflow need), likewise
+#   e2e/build.sh go-containerregistry | actionlint | helm | envoy-gateway   only that one (crane and
+#                           registry, actionlint, helm, Envoy Gateway's controller: what `just image`, `just lint`,
+#                           the release workflow and the gateway e2e test need), likewise
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=e2e/versions.env
@@ -25,8 +26,9 @@ just_dir="$cache/just-$JUST_VERSION"
 otelcol_dir="$cache/otelcol-$OTELCOL_VERSION"
 ggcr_dir="$cache/go-containerregistry-$GO_CONTAINERREGISTRY_VERSION"
 actionlint_dir="$cache/actionlint-$ACTIONLINT_VERSION"
+envoy_gateway_dir="$cache/envoy-gateway-$ENVOY_GATEWAY_VERSION"
 bin_dirs=("$kube_dir/bin" "$etcd_dir/bin" "$kwok_dir/bin" "$helm_dir/bin" "$just_dir/bin" "$otelcol_dir/bin"
-  "$ggcr_dir/bin" "$actionlint_dir/bin")
+  "$ggcr_dir/bin" "$actionlint_dir/bin" "$envoy_gateway_dir/bin")
 
 have() { [ -x "$1/bin/$2" ]; }
 
@@ -138,6 +140,19 @@ build_actionlint() {
     "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" || die "building actionlint $ACTIONLINT_VERSION failed"
 }
 
+# Envoy Gateway's controller, for the gateway e2e test: the real controller writes the status of Envoy
+# Gateway's Gateways (e2e/envoy-gateway.sh runs it against the local cluster). Its module has no replace
+# directives, so it installs straight from the module proxy.
+build_envoy_gateway() {
+  have "$envoy_gateway_dir" envoy-gateway && return
+  need_go
+  log "envoy-gateway $ENVOY_GATEWAY_VERSION"
+  local m=github.com/envoyproxy/gateway
+  GOBIN="$envoy_gateway_dir/bin" go install -trimpath \
+    -ldflags "-s -w -X $m/internal/cmd/version.envoyGatewayVersion=$ENVOY_GATEWAY_VERSION" \
+    "$m/cmd/envoy-gateway@$ENVOY_GATEWAY_VERSION" || die "building envoy-gateway $ENVOY_GATEWAY_VERSION failed"
+}
+
 build_just() {
   have "$just_dir" just && return
   command -v cargo >/dev/null || die "cargo is not installed; install Rust with rustup first"
@@ -210,13 +225,14 @@ if [ "${1:-}" = "--print" ]; then
 fi
 
 steps=(build_just build_helm build_kwok build_go_containerregistry build_actionlint build_etcd build_kubernetes
-  build_otelcol)
+  build_otelcol build_envoy_gateway)
 case "${1:-}" in
 "") ;;
 otelcol) steps=(build_otelcol) bin_dirs=("$otelcol_dir/bin") ;;
 go-containerregistry) steps=(build_go_containerregistry) bin_dirs=("$ggcr_dir/bin") ;;
 actionlint) steps=(build_actionlint) bin_dirs=("$actionlint_dir/bin") ;;
 helm) steps=(build_helm) bin_dirs=("$helm_dir/bin") ;;
+envoy-gateway) steps=(build_envoy_gateway) bin_dirs=("$envoy_gateway_dir/bin") ;;
 *) die "unknown argument $1 (see the top of $0)" ;;
 esac
 

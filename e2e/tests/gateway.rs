@@ -5,23 +5,37 @@
 //! byte; a route added later is traced; a migration in progress traces both edges; the owner acting at
 //! the same time is never taken for crosstrace's failure.
 //!
-//! The providers' controllers do not run here: [`Provider`] plays them, as kwok plays the kubelet. It
-//! sets `Accepted`/`Programmed` for each Gateway's current generation on the Gateways of its
-//! GatewayClasses, and `status.ancestors` (Accepted, for the object's generation) on
+//! Envoy Gateway's Gateways get their status from the real controller: [`EnvoyGateway`] runs Envoy
+//! Gateway v1.9.0's `envoy-gateway server` (built from its Go module and cached by e2e/build.sh) as a
+//! host process against the cluster, with e2e/envoy-gateway.sh, one per test, watching the test's
+//! namespace. It accepts the GatewayClass, translates each Gateway with its EnvoyProxy (crosstrace's
+//! tracing included: a tracing backend without ready endpoints is refused, `InvalidParameters`), deploys
+//! its Envoy proxy as a Deployment and a Service (kwok runs the pods) and sets `Accepted`/`Programmed`
+//! from them, as in a real cluster. Its GatewayClasses name an EnvoyProxy with a ClusterIP Service (a
+//! cluster without load balancers gives a LoadBalancer Service no address, and Envoy Gateway would never
+//! report the Gateway Programmed), and the policy's collector is a Deployment and a Service in the test's
+//! namespace, so that the tracing backend has ready endpoints.
+//!
+//! NGINX Gateway Fabric's and Istio's controllers do not run here: [`Provider`] plays them, as kwok plays
+//! the kubelet. It sets `Accepted`/`Programmed` for each Gateway's current generation on the Gateways of
+//! their GatewayClasses, and `status.ancestors` (Accepted, for the object's generation) on
 //! ObservabilityPolicies. Whether Envoy, NGINX or Istio would really emit spans is not tested.
 //!
 //! The upstream CRDs are read from `$CROSSTRACE_UPSTREAM` (default `<repo>/../shared/upstream`), never
-//! copied into the repository: without them every test here says so and is skipped.
+//! copied into the repository: without them every test here says so and is skipped. Without the
+//! envoy-gateway binary (e2e/build.sh) or root (it runs in namespaces of its own), a test that needs it
+//! fails, saying so.
 
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::process::Command;
 
 use crosstrace::layers::gateway::{ENVOY_GATEWAY, ISTIO, Kind, NGINX_GATEWAY_FABRIC};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -123,7 +137,105 @@ async fn http_route(client: &Client, ns: &str, name: &str, gateway: &str) {
         .expect("create HTTPRoute");
 }
 
-/// Plays the providers' controllers in one namespace (see the module documentation).
+/// Envoy Gateway's real controller (see the module documentation), watching one namespace; stopped when
+/// dropped.
+struct EnvoyGateway {
+    dir: String,
+    namespace: String,
+}
+
+/// The class-level EnvoyProxy every Envoy Gateway GatewayClass here names (see the module documentation).
+const CLUSTER_IP_PROXY: &str = "cluster-ip";
+/// The finalizer Envoy Gateway puts on a GatewayClass while Gateways use it.
+const GATEWAY_CLASS_FINALIZER: &str = "gateway-exists-finalizer.gateway.networking.k8s.io";
+
+impl EnvoyGateway {
+    async fn start(client: &Client, ns: &str) -> Self {
+        let proxy = json!({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "EnvoyProxy",
+            "metadata": {"name": CLUSTER_IP_PROXY, "namespace": ns},
+            "spec": {"provider": {"type": "Kubernetes", "kubernetes": {"envoyService": {"type": "ClusterIP"}}}},
+        });
+        api(client, Kind::EnvoyProxy, ns)
+            .patch(CLUSTER_IP_PROXY, &PatchParams::apply("e2e-admin"), &Patch::Apply(&proxy))
+            .await
+            .expect("the GatewayClass's EnvoyProxy");
+        let state =
+            std::env::var("CROSSTRACE_E2E_STATE").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+        let dir = format!("{state}/envoy-gateway-{ns}");
+        let out = Command::new(repo("e2e/envoy-gateway.sh"))
+            .args(["start", &dir, ns])
+            .output()
+            .expect("e2e/envoy-gateway.sh runs");
+        // Built first: dropped, it stops whatever a failed start left.
+        let started = Self { dir, namespace: ns.into() };
+        assert!(
+            out.status.success(),
+            "Envoy Gateway's controller did not start; the gateway tests need it (e2e/envoy-gateway.sh start):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started
+    }
+
+    /// A GatewayClass's `parametersRef` to the ClusterIP EnvoyProxy.
+    fn class_parameters(&self) -> Value {
+        json!({"group": "gateway.envoyproxy.io", "kind": "EnvoyProxy", "name": CLUSTER_IP_PROXY, "namespace": self.namespace})
+    }
+}
+
+impl Drop for EnvoyGateway {
+    /// Stops it; if it exited during the test, the test fails saying so (its status was not reported).
+    fn drop(&mut self) {
+        let script = repo("e2e/envoy-gateway.sh");
+        let exited = !Command::new(&script).args(["status", &self.dir]).status().is_ok_and(|s| s.success());
+        if std::thread::panicking() || exited {
+            let log = std::fs::read_to_string(format!("{}/envoy-gateway.log", self.dir)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of Envoy Gateway's log ({}/envoy-gateway.log) ---", self.dir);
+            tail.iter().rev().for_each(|l| eprintln!("{l}"));
+        }
+        let _ = Command::new(&script).args(["stop", &self.dir]).status();
+        // Nobody removes its finalizer from its GatewayClasses once it is stopped: they would stay forever.
+        let (_, classes, _) = kubectl(&["get", "gatewayclasses", "-o", "json"]);
+        let classes: Value = serde_json::from_str(&classes).unwrap_or_default();
+        for class in classes["items"].as_array().into_iter().flatten() {
+            let finalizers: Vec<&Value> = class["metadata"]["finalizers"].as_array().into_iter().flatten().collect();
+            if class["spec"]["controllerName"] == ENVOY_GATEWAY && finalizers.contains(&&json!(GATEWAY_CLASS_FINALIZER))
+            {
+                let name = class["metadata"]["name"].as_str().unwrap_or_default();
+                let remove = r#"[{"op": "remove", "path": "/metadata/finalizers"}]"#;
+                let _ = kubectl(&["patch", "gatewayclass", name, "--type=json", "-p", remove]);
+            }
+        }
+        assert!(
+            std::thread::panicking() || !exited,
+            "Envoy Gateway's controller exited during the test (its log is above)"
+        );
+    }
+}
+
+/// The collector the policies name (`otel-gateway` in the test's namespace, port 4317): a Deployment, whose
+/// pod kwok runs, and its Service. Envoy Gateway accepts an EnvoyProxy's tracing backend only when its
+/// Service has ready endpoints.
+async fn collector(client: &Client, ns: &str) {
+    let labels = json!({"app.kubernetes.io/name": "otel-gateway"});
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "otel-gateway", "namespace": ns, "labels": labels},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels},
+            "spec": {"containers": [{"name": "otelcol", "image": "otel/opentelemetry-collector-k8s:0.165.0",
+                "ports": [{"containerPort": 4317, "name": "otlp-grpc"}]}]}}},
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &d).await.expect("collector");
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": "otel-gateway", "namespace": ns},
+        "spec": {"selector": labels, "ports": [{"name": "otlp-grpc", "port": 4317, "targetPort": 4317}]},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), ns).create(&PostParams::default(), &s).await.expect("collector Service");
+}
+
+/// Plays NGINX Gateway Fabric's and Istio's controllers in one namespace (see the module documentation).
 struct Provider {
     task: tokio::task::JoinHandle<()>,
 }
@@ -154,9 +266,20 @@ fn condition(type_: &str, generation: i64) -> Value {
 }
 
 async fn report_gateways(client: &Client, ns: &str) {
+    let classes = Api::<DynamicObject>::all_with(client.clone(), &Kind::GatewayClass.api_resource());
+    let Ok(classes) = classes.list(&ListParams::default()).await else { return };
+    let played: BTreeSet<String> = classes
+        .items
+        .iter()
+        .filter(|c| [NGINX_GATEWAY_FABRIC, ISTIO].iter().any(|p| c.data["spec"]["controllerName"] == *p))
+        .map(ResourceExt::name_any)
+        .collect();
     let gateways = api(client, Kind::Gateway, ns);
     let Ok(list) = gateways.list(&ListParams::default()).await else { return };
     for g in list.items {
+        if !g.data["spec"]["gatewayClassName"].as_str().is_some_and(|c| played.contains(c)) {
+            continue;
+        }
         let generation = g.metadata.generation.unwrap_or(0);
         let reported = g.data["status"]["conditions"]
             .as_array()
@@ -164,16 +287,8 @@ async fn report_gateways(client: &Client, ns: &str) {
         if reported {
             continue;
         }
-        // A Gateway annotated `e2e/refuse-parameters` is refused by its controller once it names parameters.
-        let refused = g.annotations().contains_key("e2e/refuse-parameters")
-            && g.data["spec"]["infrastructure"].get("parametersRef").is_some();
-        let accepted = if refused {
-            json!({"type": "Accepted", "status": "False", "reason": "InvalidParameters", "message": "the parameters are refused",
-                "observedGeneration": generation, "lastTransitionTime": "2026-01-01T00:00:00Z"})
-        } else {
-            condition("Accepted", generation)
-        };
-        let status = json!({"status": {"conditions": [accepted, condition("Programmed", generation)]}});
+        let status =
+            json!({"status": {"conditions": [condition("Accepted", generation), condition("Programmed", generation)]}});
         let _ = gateways.patch_status(&g.name_any(), &PatchParams::default(), &Patch::Merge(&status)).await;
     }
 }
@@ -219,7 +334,7 @@ fn owned_view(o: &DynamicObject) -> Value {
 
 fn gateway_policy(name: &str, ns: &str, extra: Value) -> Value {
     let mut spec = json!({
-        "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+        "collector": {"endpoint": format!("otel-gateway.{ns}.svc:4317")},
         "sampling": {"ratio": "0.25", "parentBased": true},
         "gateway": {"namespace": ns, "selector": {"matchLabels": {"edge": "public"}}, "serviceName": "edge"},
         "rollout": {"progressDeadlineSeconds": 60},
@@ -245,8 +360,12 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     install_upstream(&crds);
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-gw", json!({})).await;
+    collector(&client, &ns.name).await;
+    let envoy_gateway = EnvoyGateway::start(&client, &ns.name).await;
     let n = suffix();
-    let _envoy = GatewayClass::create(&client, &format!("envoy-{n}"), ENVOY_GATEWAY, None).await;
+    let _envoy =
+        GatewayClass::create(&client, &format!("envoy-{n}"), ENVOY_GATEWAY, Some(envoy_gateway.class_parameters()))
+            .await;
     let _nginx = GatewayClass::create(&client, &format!("nginx-{n}"), NGINX_GATEWAY_FABRIC, None).await;
     let _istio = GatewayClass::create(&client, &format!("istio-{n}"), ISTIO, None).await;
     let _other = GatewayClass::create(&client, &format!("other-{n}"), "example.com/gateway-controller", None).await;
@@ -296,12 +415,21 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     let tracing = &envoy.data["spec"]["telemetry"]["tracing"];
     assert_eq!(tracing["samplingFraction"], json!({"numerator": 1, "denominator": 4}));
     assert_eq!(tracing["provider"]["backendRefs"][0]["name"], "otel-gateway");
-    assert_eq!(tracing["provider"]["backendRefs"][0]["namespace"], "observability");
+    assert_eq!(tracing["provider"]["backendRefs"][0]["namespace"], ns.name.as_str());
+    assert_eq!(envoy.data["spec"]["mergeType"], "StrategicMerge", "the class's EnvoyProxy still applies");
     let eg = api(&client, Kind::Gateway, &ns.name).get("eg").await.unwrap();
     assert_eq!(eg.data["spec"]["infrastructure"]["parametersRef"]["name"], "crosstrace-eg");
+    // Programmed by Envoy Gateway itself, for the generation crosstrace wrote, from its proxy's Deployment.
+    let conditions = eg.data["status"]["conditions"].as_array().expect("the Gateway's conditions");
+    let programmed = conditions.iter().find(|c| c["type"] == "Programmed").expect("Programmed");
+    assert_eq!(
+        (&programmed["status"], &programmed["observedGeneration"]),
+        (&json!("True"), &json!(eg.metadata.generation))
+    );
+    assert!(programmed["message"].as_str().is_some_and(|m| m.contains("envoy replicas available")), "{programmed}");
     // NGF: the NginxProxy and the route's ObservabilityPolicy at 25 percent.
     let nginx = api(&client, Kind::NginxProxy, &ns.name).get("crosstrace-ngf").await.expect("crosstrace's NginxProxy");
-    assert_eq!(nginx.data["spec"]["telemetry"]["exporter"]["endpoint"], "otel-gateway.observability.svc:4317");
+    assert_eq!(nginx.data["spec"]["telemetry"]["exporter"]["endpoint"], format!("otel-gateway.{}.svc:4317", ns.name));
     let observability = api(&client, Kind::ObservabilityPolicy, &ns.name);
     let web = observability.get("crosstrace-web").await.expect("the route's ObservabilityPolicy");
     assert_eq!(web.data["spec"]["tracing"]["ratio"], 25);
@@ -345,7 +473,8 @@ async fn one_policy_traces_envoy_nginx_and_istio_gateways_and_reverts_them() {
     }
     for kind in [Kind::EnvoyProxy, Kind::NginxProxy, Kind::ObservabilityPolicy, Kind::Telemetry] {
         let left = api(&client, kind, &ns.name).list(&ListParams::default()).await.unwrap().items;
-        let left: Vec<String> = left.iter().map(|o| o.name_any()).filter(|n| n != "mesh-team").collect();
+        let left: Vec<String> =
+            left.iter().map(|o| o.name_any()).filter(|n| n != "mesh-team" && n != CLUSTER_IP_PROXY).collect();
         assert!(left.is_empty(), "{kind:?} left behind: {left:?}");
     }
     let theirs_after = telemetries.get("mesh-team").await.expect("the mesh team's Telemetry stays");
@@ -359,12 +488,14 @@ fn condition_of(p: &crosstrace::api::TracingPolicy, type_: &str) -> (String, Str
     (c.status.clone(), c.message.clone())
 }
 
-/// An EnvoyProxy of the owner's, named by the Gateway, with settings of its own.
+/// An EnvoyProxy of the owner's, named by the Gateway, with settings of its own. Without `mergeType` it
+/// replaces the GatewayClass's EnvoyProxy, so it says ClusterIP itself, as its owner would on this cluster.
 async fn owners_envoy_proxy(client: &Client, ns: &str) -> DynamicObject {
     let body = json!({
         "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "EnvoyProxy",
         "metadata": {"name": "custom", "namespace": ns, "labels": {"team": "edge"}, "annotations": {"owner": "edge-team"}},
-        "spec": {"logging": {"level": {"default": "warn"}}, "telemetry": {"metrics": {"prometheus": {"disable": true}}}},
+        "spec": {"logging": {"level": {"default": "warn"}}, "telemetry": {"metrics": {"prometheus": {"disable": true}}},
+            "provider": {"type": "Kubernetes", "kubernetes": {"envoyService": {"type": "ClusterIP"}}}},
     });
     api(client, Kind::EnvoyProxy, ns)
         .patch("custom", &PatchParams::apply("e2e-owner"), &Patch::Apply(&body))
@@ -384,11 +515,12 @@ async fn an_envoy_proxy_the_gateway_already_uses_is_byte_equal_after_delete() {
     install_upstream(&crds);
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-gw-merge", json!({})).await;
+    collector(&client, &ns.name).await;
+    let envoy_gateway = EnvoyGateway::start(&client, &ns.name).await;
     let class = format!("envoy-merge-{}", suffix());
-    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, None).await;
+    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, Some(envoy_gateway.class_parameters())).await;
     let proxy_before = owned_view(&owners_envoy_proxy(&client, &ns.name).await);
     let gateway_before = owned_view(&gateway(&client, &ns.name, "eg", &class, Some(custom_ref())).await);
-    let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
 
     let name = format!("{}-policy", ns.name);
@@ -425,11 +557,12 @@ async fn the_owner_acting_at_the_same_time_is_never_crosstraces_failure() {
     install_upstream(&crds);
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-gw-owner", json!({})).await;
+    collector(&client, &ns.name).await;
+    let envoy_gateway = EnvoyGateway::start(&client, &ns.name).await;
     let class = format!("envoy-owner-{}", suffix());
-    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, None).await;
+    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, Some(envoy_gateway.class_parameters())).await;
     owners_envoy_proxy(&client, &ns.name).await;
     gateway(&client, &ns.name, "eg", &class, Some(custom_ref())).await;
-    let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
     let name = format!("{}-policy", ns.name);
     apply_policy(&client, &gateway_policy(&name, &ns.name, json!({}))).await;
@@ -541,11 +674,12 @@ async fn a_migration_in_progress_traces_both_edges() {
     install_upstream(&crds);
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-gw-migrate", json!({})).await;
+    collector(&client, &ns.name).await;
+    let envoy_gateway = EnvoyGateway::start(&client, &ns.name).await;
     let class = format!("envoy-migrate-{}", suffix());
-    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, None).await;
+    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, Some(envoy_gateway.class_parameters())).await;
     let cm_before = ingress_nginx(&client, &ns.name).await;
     let gateway_before = owned_view(&gateway(&client, &ns.name, "eg", &class, None).await);
-    let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
 
     let name = format!("{}-policy", ns.name);
@@ -586,6 +720,8 @@ async fn a_migration_in_progress_traces_both_edges() {
     drop(controller);
 }
 
+/// Envoy Gateway refuses an EnvoyProxy whose tracing backend has no Service (`Accepted: False`,
+/// `InvalidParameters`): here the policy's collector is not deployed.
 #[tokio::test]
 async fn a_change_the_gateways_controller_refuses_is_rolled_back_exactly() {
     let Some(crds) = upstream() else { return };
@@ -594,14 +730,12 @@ async fn a_change_the_gateways_controller_refuses_is_rolled_back_exactly() {
     install_upstream(&crds);
     ensure_namespace(&client, "crosstrace-system").await;
     let ns = TestNamespace::create(&client, "e2e-gw-refused", json!({})).await;
+    let envoy_gateway = EnvoyGateway::start(&client, &ns.name).await;
     let class = format!("envoy-refused-{}", suffix());
-    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, None).await;
+    let _class = GatewayClass::create(&client, &class, ENVOY_GATEWAY, Some(envoy_gateway.class_parameters())).await;
     gateway(&client, &ns.name, "eg", &class, None).await;
     let gateways = api(&client, Kind::Gateway, &ns.name);
-    let refuse = json!({"metadata": {"annotations": {"e2e/refuse-parameters": "true"}}});
-    gateways.patch("eg", &PatchParams::default(), &Patch::Merge(&refuse)).await.unwrap();
     let before = owned_view(&gateways.get("eg").await.unwrap());
-    let _provider = Provider::start(&client, &ns.name);
     let controller = controller();
 
     let name = format!("{}-policy", ns.name);
@@ -609,6 +743,7 @@ async fn a_change_the_gateways_controller_refuses_is_rolled_back_exactly() {
     let p = wait_reason(&client, &name, "Degraded", "RolledBack").await;
     let message = condition_of(&p, "Degraded").1;
     assert!(message.contains("not Accepted") && message.contains("InvalidParameters"), "{message}");
+    assert!(message.contains("otel-gateway"), "Envoy Gateway's own reason: {message}");
     assert_eq!(condition_of(&p, "GatewayReady").0, "False");
     assert_eq!(owned_view(&gateways.get("eg").await.unwrap()), before, "the Gateway is as before");
     let proxies = api(&client, Kind::EnvoyProxy, &ns.name);
