@@ -11,7 +11,15 @@
 //!   4 reconcile latency and "policy change -> Ready"
 //!   5 network layer (apply -> NODES n/n vs direct OVSDB writes; agent RSS)
 //!
-//! Knobs: CROSSTRACE_BENCH_RUNS (3), CROSSTRACE_BENCH_TARGETS (1000), CROSSTRACE_BENCH_NAMESPACES (10),
+//! Method (issue 13): every ratio is the median of per-run paired ratios, the operator and its baselines
+//! interleaved in each run (the order turned around every other run); the limit client is swept over
+//! concurrencies and its best in a run is that run's limit; reconcile quantiles come from the raw
+//! per-reconcile durations the controller logs; the steady RSS is the long-running process's after
+//! CROSSTRACE_BENCH_LONG_ROLLOUTS rollouts and deletes (and a fresh one's beside it). Raw samples go
+//! into the JSON.
+//!
+//! Knobs: CROSSTRACE_BENCH_RUNS (5), CROSSTRACE_BENCH_TARGETS (1000), CROSSTRACE_BENCH_NAMESPACES (10),
+//! CROSSTRACE_BENCH_LIMIT_SWEEP (1,4,8,16,32), CROSSTRACE_BENCH_LONG_ROLLOUTS (10),
 //! CROSSTRACE_BENCH_NONTARGETS (10000), CROSSTRACE_BENCH_PODS (20000), CROSSTRACE_BENCH_IDLE_SECONDS (300),
 //! CROSSTRACE_BENCH_KUBECTL_SAMPLE (100), CROSSTRACE_BENCH_WRITE_CONCURRENCY (the operator's default --write-concurrency),
 //! CROSSTRACE_BENCH_MAX_CONCURRENT (the policy's rollout.maxConcurrent; default min(1000, targets)),

@@ -132,31 +132,6 @@ pub fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64,
         .collect()
 }
 
-/// A quantile from cumulative buckets, interpolated linearly inside its bucket (as Prometheus'
-/// `histogram_quantile` does), and the bucket's upper bound (the honest "at most").
-pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<(f64, f64)> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut lower = 0.0;
-    let mut below = 0.0;
-    for (le, count) in buckets {
-        if *count >= rank {
-            if le.is_infinite() {
-                return Some((lower, f64::INFINITY));
-            }
-            let inside = count - below;
-            let fraction = if inside > 0.0 { (rank - below) / inside } else { 1.0 };
-            return Some((lower + (le - lower) * fraction, *le));
-        }
-        lower = *le;
-        below = *count;
-    }
-    None
-}
-
 /// A `crosstrace` host process (controller or agent) of the binary Cargo built for this bench,
 /// stopped by its PID when dropped.
 pub struct Proc {
@@ -177,6 +152,17 @@ impl Proc {
 
     pub async fn metrics(&self) -> String {
         support::http_get(self.admin_port, "/metrics").await
+    }
+
+    /// Every reconcile's duration in seconds, as the controller logged it (JSON lines, `took_us`).
+    pub fn reconcile_durations(&self) -> Vec<f64> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "reconciled")
+            .filter_map(|v| v["fields"]["took_us"].as_f64())
+            .map(|us| us / 1e6)
+            .collect()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
@@ -208,7 +194,8 @@ impl Proc {
                 .to_string(),
             ])
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,crosstrace::controller::reconcile=debug")
+            .env("CROSSTRACE_LOG_FORMAT", "json")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("controller log"))
             .spawn()

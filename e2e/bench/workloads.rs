@@ -42,11 +42,15 @@ struct Config {
     kubectl_sample: usize,
     write_concurrency: usize,
     max_concurrent: usize,
+    /// The limit client's concurrencies; its best per run is that run's limit.
+    limit_sweep: Vec<usize>,
+    /// Rollouts and deletes the long-running controller goes through before its steady RSS is read.
+    long_rollouts: usize,
 }
 
 impl Config {
     fn from_env() -> Self {
-        let runs = knob("CROSSTRACE_BENCH_RUNS", 3usize).max(1);
+        let runs = knob("CROSSTRACE_BENCH_RUNS", 5usize).max(1);
         let targets = knob("CROSSTRACE_BENCH_TARGETS", 1000usize).max(1);
         Self {
             runs,
@@ -63,6 +67,11 @@ impl Config {
             )
             .max(1),
             max_concurrent: knob("CROSSTRACE_BENCH_MAX_CONCURRENT", targets.min(1000)).clamp(1, 1000),
+            limit_sweep: knob::<String>("CROSSTRACE_BENCH_LIMIT_SWEEP", "1,4,8,16,32".into())
+                .split(',')
+                .filter_map(|c| c.trim().parse::<usize>().ok().filter(|c| *c > 0))
+                .collect(),
+            long_rollouts: knob("CROSSTRACE_BENCH_LONG_ROLLOUTS", 10usize),
         }
     }
 }
@@ -426,6 +435,88 @@ async fn revert_limit(client: &Client, limit: &Limit, concurrency: usize) {
     }
 }
 
+/// One operator rollout: the policy applied until every target runs it, then deleted until every
+/// target is clean again.
+struct OperatorRun {
+    patched: f64,
+    ready: f64,
+    rolled_out: f64,
+    writes: f64,
+}
+
+async fn operator_rollout(
+    client: &Client,
+    tracker: &Tracker,
+    controller: &Proc,
+    policy: &Value,
+    n: usize,
+) -> OperatorRun {
+    let w0 = writes(&controller.metrics().await);
+    let t0 = Instant::now();
+    apply_policy(client, policy).await;
+    let seen = tracker.wait("operator: pod templates patched", n, |_, s| s.hash.is_some()).await;
+    let patched = last_changed(t0, &seen);
+    wait_policy_ready(client).await;
+    let ready = since(t0);
+    let seen = tracker.wait("operator: rolled out", n, |_, s| s.hash.is_some() && s.rolled_out).await;
+    let rolled_out = ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max);
+    let writes = writes(&controller.metrics().await) - w0;
+    delete_policy(client).await;
+    tracker.wait_clean(n).await;
+    OperatorRun { patched, ready, rolled_out, writes }
+}
+
+/// The limit client's patch phase at `concurrency` (a fresh client: no caches; the operator's identity
+/// and apply configurations), then reverted.
+async fn limit_rollout(tracker: &Tracker, limit: &Limit, concurrency: usize, n: usize, kubeconfig: &str) -> f64 {
+    let limit_client = client_from(kubeconfig).await;
+    let t0 = Instant::now();
+    send_limit(&limit_client, limit, concurrency).await;
+    let seen = tracker.wait("limit: pod templates patched", n, |_, s| s.hash.is_some()).await;
+    let patched = last_changed(t0, &seen);
+    revert_limit(&limit_client, limit, concurrency).await;
+    tracker.wait_clean(n).await;
+    patched
+}
+
+/// The same apply configurations sent by one `kubectl apply --server-side` process (a List), then
+/// reverted; the time until the last template is patched.
+async fn kubectl_apply_rollout(client: &Client, tracker: &Tracker, limit: &Limit, n: usize) -> f64 {
+    let items: Vec<Value> = limit
+        .config_maps
+        .iter()
+        .map(|(_, cm)| cm.clone())
+        .chain(limit.injections.iter().map(|(key, patch)| {
+            let mut item = patch.clone();
+            item["apiVersion"] = json!("apps/v1");
+            item["kind"] = json!("Deployment");
+            item["metadata"]["name"] = json!(key.name);
+            item["metadata"]["namespace"] = json!(key.namespace);
+            item
+        }))
+        .collect();
+    let file = std::env::temp_dir().join(format!("crosstrace-bench-apply-{}.json", std::process::id()));
+    std::fs::write(&file, json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()).unwrap();
+    let t0 = Instant::now();
+    util::kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        // Partial apply configurations, as the operator sends: kubectl's client-side schema check wants
+        // whole objects (the API server still validates what it gets).
+        "--validate=false",
+        &format!("--field-manager={}", crosstrace::api::FIELD_MANAGER),
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    let seen = tracker.wait("kubectl apply: pod templates patched", n, |_, s| s.hash.is_some()).await;
+    let patched = last_changed(t0, &seen);
+    let _ = std::fs::remove_file(&file);
+    revert_limit(client, limit, 8).await;
+    tracker.wait_clean(n).await;
+    patched
+}
+
 fn writes(metrics: &str) -> f64 {
     support::sum_samples(metrics, "crosstrace_api_writes_total")
 }
@@ -475,51 +566,91 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
     let metrics_start = controller.metrics().await;
 
     // ---- Scenario 1: rollout speed -------------------------------------------------------------
+    // Every run pairs the operator with its baselines, interleaved (the order turned around every other
+    // run): the limit client at each concurrency of the sweep (its best is that run's limit) and one
+    // `kubectl apply --server-side` process. A ratio is the median of the per-run ratios.
     let policy_on = policy("0.5", cfg.max_concurrent);
+    let mut rollouts_done = 0usize;
     if scenarios.contains(&1) {
         let limit = limit_patches(&policy_on, &keys);
-        let mut op_patched = Vec::new();
-        let mut op_ready = Vec::new();
-        let mut op_rolled = Vec::new();
-        let mut op_writes = Vec::new();
-        let mut lim_sent = Vec::new();
-        let mut lim_patched = Vec::new();
-        let mut lim_rolled = Vec::new();
+        let sweep = if cfg.limit_sweep.is_empty() { vec![cfg.write_concurrency] } else { cfg.limit_sweep.clone() };
+        let (mut op_patched, mut op_ready, mut op_writes) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ratios, mut kubectl_ratios, mut runs_json) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..cfg.runs {
-            // The operator.
-            let w0 = writes(&controller.metrics().await);
-            let t0 = Instant::now();
-            apply_policy(client, &policy_on).await;
-            let seen = tracker.wait("operator: pod templates patched", n, |_, s| s.hash.is_some()).await;
-            op_patched.push(last_changed(t0, &seen));
-            wait_policy_ready(client).await;
-            op_ready.push(since(t0));
-            let seen = tracker.wait("operator: rolled out", n, |_, s| s.hash.is_some() && s.rolled_out).await;
-            op_rolled.push(ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max));
-            op_writes.push(writes(&controller.metrics().await) - w0);
-            delete_policy(client).await;
-            tracker.wait_clean(n).await;
-
-            // The limit: a fresh client (no caches), the same apply configurations, the same identity.
-            let limit_client = client_from(&controller_kubeconfig).await;
-            let t0 = Instant::now();
-            send_limit(&limit_client, &limit, cfg.write_concurrency).await;
-            lim_sent.push(since(t0));
-            let seen = tracker.wait("limit: pod templates patched", n, |_, s| s.hash.is_some()).await;
-            lim_patched.push(last_changed(t0, &seen));
-            let seen = tracker.wait("limit: rolled out", n, |_, s| s.hash.is_some() && s.rolled_out).await;
-            lim_rolled.push(ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max));
-            revert_limit(&limit_client, &limit, cfg.write_concurrency).await;
-            tracker.wait_clean(n).await;
+            let operator_first = run % 2 == 0;
+            let mut op = None;
+            if operator_first {
+                op = Some(operator_rollout(client, &tracker, &controller, &policy_on, n).await);
+            }
+            let mut limits = Vec::new();
+            for &c in &sweep {
+                limits.push((c, limit_rollout(&tracker, &limit, c, n, &controller_kubeconfig).await));
+            }
+            let kubectl_s = kubectl_apply_rollout(client, &tracker, &limit, n).await;
+            if !operator_first {
+                op = Some(operator_rollout(client, &tracker, &controller, &policy_on, n).await);
+            }
+            let op = op.expect("the operator ran");
+            rollouts_done += 1;
+            let (best_c, best) = limits.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a sweep");
+            ratios.push(op.patched / best);
+            kubectl_ratios.push(op.patched / kubectl_s);
+            op_patched.push(op.patched);
+            op_ready.push(op.ready);
+            op_writes.push(op.writes);
             println!(
-                "  run {}: operator patched {} ready {} | limit patched {} rolled out {}",
+                "  run {}: operator patched {} ready {} | limit best {} (c={best_c}) -> {:.2}x | kubectl apply {}",
                 run + 1,
-                secs(op_patched[run]),
-                secs(op_ready[run]),
-                secs(lim_patched[run]),
-                secs(lim_rolled[run])
+                secs(op.patched),
+                secs(op.ready),
+                secs(best),
+                op.patched / best,
+                secs(kubectl_s)
             );
+            runs_json.push(json!({
+                "order": if operator_first { "operator first" } else { "baselines first" },
+                "operator": {"patched_s": op.patched, "ready_s": op.ready, "rolled_out_s": op.rolled_out, "writes": op.writes},
+                "limit_by_concurrency": limits.iter().map(|(c, t)| json!({"concurrency": c, "patched_s": t})).collect::<Vec<_>>(),
+                "limit_best": {"concurrency": best_c, "patched_s": best},
+                "kubectl_apply_server_side_s": kubectl_s,
+                "ratio_operator_over_limit": op.patched / best,
+                "ratio_operator_over_kubectl_apply": op.patched / kubectl_s,
+            }));
         }
+        let ratio = median(&ratios);
+        let list = |v: &[f64]| v.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", ");
+        report
+            .row(
+                "1 rollout",
+                format!("apply -> last of {n} pod templates patched / limit at its best concurrency"),
+                format!("{ratio:.2}x"),
+            )
+            .baseline(format!("median of {} paired runs: {}", cfg.runs, list(&ratios)))
+            .ratio(ratio)
+            .goal("<= 1.10x limit", ratio, 1.10, true);
+        report
+            .row(
+                "1 rollout",
+                "same, vs one `kubectl apply --server-side` process",
+                format!("{:.2}x", median(&kubectl_ratios)),
+            )
+            .baseline(format!("median of paired runs: {}", list(&kubectl_ratios)))
+            .ratio(median(&kubectl_ratios));
+        report.row(
+            "1 rollout",
+            format!("operator: apply -> last template patched / -> policy Ready (median of {})", cfg.runs),
+            format!("{} / {}", secs(median(&op_patched)), secs(median(&op_ready))),
+        );
+        report.row("1 rollout", "operator API writes per rollout", format!("{:.0}", median(&op_writes)));
+        let mut rollout = json!({
+            "targets": n, "namespaces": cfg.namespaces, "runs": cfg.runs,
+            "write_concurrency": cfg.write_concurrency, "policy_max_concurrent": cfg.max_concurrent,
+            "limit_sweep": sweep,
+            "method": "per run: the operator, the limit client at every concurrency of the sweep, one kubectl apply --server-side process, interleaved (operator first in even runs, last in odd ones), each reverted before the next; the ratio of a run is the operator's patch phase over its best limit; a reported ratio is the median of the per-run ratios",
+            "runs_raw": runs_json,
+            "ratios_operator_over_limit": ratios, "median_ratio_operator_over_limit": ratio,
+            "ratios_operator_over_kubectl_apply": kubectl_ratios, "median_ratio_operator_over_kubectl_apply": median(&kubectl_ratios),
+        });
 
         // kubectl: one process per Deployment, sequential; a sample, extrapolated to N.
         let sample = cfg.kubectl_sample;
@@ -552,12 +683,19 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
         // Revert the sample: put the original object back (a PUT removes what the patches added).
         for (key, _) in limit.injections.iter().take(sample) {
             let api = Api::<Deployment>::namespaced(client.clone(), &key.namespace);
-            let mut d = api.get(&key.name).await.expect("get");
-            d.metadata.annotations.as_mut().map(|a| a.remove(RECORD_ANNOTATION));
-            d.metadata.labels.as_mut().map(|l| l.remove(workloads::POLICY_LABEL));
-            d.spec.as_mut().unwrap().template = serde_json::from_value(template(&key.name)).unwrap();
-            d.metadata.managed_fields = None;
-            api.replace(&key.name, &PostParams::default(), &d).await.expect("revert kubectl sample");
+            // A read-modify-write: the Deployment controller writes the status meanwhile (409: again).
+            for attempt in 1.. {
+                let mut d = api.get(&key.name).await.expect("get");
+                d.metadata.annotations.as_mut().map(|a| a.remove(RECORD_ANNOTATION));
+                d.metadata.labels.as_mut().map(|l| l.remove(workloads::POLICY_LABEL));
+                d.spec.as_mut().unwrap().template = serde_json::from_value(template(&key.name)).unwrap();
+                d.metadata.managed_fields = None;
+                match api.replace(&key.name, &PostParams::default(), &d).await {
+                    Ok(_) => break,
+                    Err(kube::Error::Api(e)) if e.code == 409 && attempt < 10 => continue,
+                    Err(e) => panic!("revert kubectl sample: {e}"),
+                }
+            }
         }
         for (ns, cm) in &limit.config_maps {
             let name = cm["metadata"]["name"].as_str().unwrap();
@@ -565,37 +703,29 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
         }
         tracker.wait_clean(n).await;
 
-        let (op, lim) = (median(&op_patched), median(&lim_patched));
+        let op = median(&op_patched);
         report
-            .row("1 rollout", format!("apply -> last of {n} pod templates patched (median of {})", cfg.runs), secs(op))
-            .baseline(format!("limit client {} (c={})", secs(lim), cfg.write_concurrency))
-            .ratio(op / lim)
-            .goal("<= 1.5x limit", op / lim, 1.5, true);
-        report
-            .row("1 rollout", "same, vs a kubectl patch loop", secs(op))
+            .row("1 rollout", "same, vs a kubectl patch loop (one process per object)", secs(op))
             .baseline(format!("kubectl {} (sample {sample}, extrapolated)", secs(kubectl_total)))
-            .ratio(op / kubectl_total)
-            .goal(">= 5x faster than kubectl", kubectl_total / op, 5.0, false);
-        report
-            .row("1 rollout", "apply -> policy Ready (all rolled out)", secs(median(&op_ready)))
-            .baseline(format!("limit: all rolled out {}", secs(median(&lim_rolled))))
-            .ratio(median(&op_ready) / median(&lim_rolled));
-        report.row("1 rollout", "operator API writes per rollout", format!("{:.0}", median(&op_writes)));
-        report.json.insert(
-            "rollout",
-            json!({
-                "targets": n, "namespaces": cfg.namespaces, "runs": cfg.runs,
-                "write_concurrency": cfg.write_concurrency, "policy_max_concurrent": cfg.max_concurrent,
-                "operator": {"patched_s": op_patched, "ready_s": op_ready, "rolled_out_s": op_rolled, "writes": op_writes,
-                             "median_patched_s": op, "median_ready_s": median(&op_ready)},
-                "limit": {"sent_s": lim_sent, "patched_s": lim_patched, "rolled_out_s": lim_rolled,
-                          "median_patched_s": lim, "median_rolled_out_s": median(&lim_rolled)},
-                "kubectl": {"sample": sample, "config_maps_s": t_cms, "sample_s": t_sample, "extrapolated_s": kubectl_total,
-                            "method": "one `kubectl patch --type=strategic` process per Deployment, sequential; the sample time scaled to N, plus the config maps"},
-                "ratio_operator_over_limit": op / lim, "ratio_operator_over_kubectl": op / kubectl_total,
-            }),
-        );
+            .ratio(op / kubectl_total);
+        rollout["kubectl_patch_loop"] = json!({"sample": sample, "config_maps_s": t_cms, "sample_s": t_sample, "extrapolated_s": kubectl_total,
+            "method": "one `kubectl patch --type=strategic` process per Deployment, sequential; the sample time scaled to N, plus the config maps; not paired"});
+        report.json.insert("rollout", rollout);
     }
+
+    // ---- The long-running controller's steady memory, after rollouts and deletes ---------------
+    while rollouts_done < cfg.long_rollouts {
+        let op = operator_rollout(client, &tracker, &controller, &policy_on, n).await;
+        rollouts_done += 1;
+        println!("  rollout {rollouts_done} of {}: ready {}", cfg.long_rollouts, secs(op.ready));
+    }
+    wait_quiet(&controller, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let long_steady = controller.stats();
+    println!(
+        "  long-running controller after {rollouts_done} rollouts and deletes: RSS {}",
+        mib(long_steady.rss_kib as f64)
+    );
 
     // ---- Scenario 4: policy change -> Ready ------------------------------------------------------
     apply_policy(client, &policy_on).await;
@@ -626,18 +756,17 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
             &util::histogram(&metrics, "crosstrace_reconcile_duration_seconds"),
         );
         let change = util::histogram_delta(&h0, &util::histogram(&metrics, "crosstrace_reconcile_duration_seconds"));
-        let q = |b: &[(f64, f64)], q: f64| util::histogram_quantile(b, q).unwrap_or((0.0, 0.0));
-        let (p50, p50_le) = q(&all, 0.5);
-        let (p99, p99_le) = q(&all, 0.99);
-        let count = all.last().map_or(0.0, |b| b.1);
+        // Raw per-reconcile durations from the controller's log (one `reconciled took_us=` line each).
+        let raw = controller.reconcile_durations();
+        let (p50, p99) = (quantile(&raw, 0.5), quantile(&raw, 0.99));
+        let count = raw.len();
         report
             .row(
                 "4 latency",
-                format!("reconcile p50 / p99 ({count:.0} reconciles, scenarios 1+4)"),
+                format!("reconcile p50 / p99 ({count} reconciles, scenarios 1+4, raw durations)"),
                 format!("{} / {}", secs(p50), secs(p99)),
             )
-            .baseline(format!("bucket bounds <= {} / <= {}", secs(p50_le), secs(p99_le)))
-            .goal("p99 < 1 s", p99, 1.0, true);
+            .goal("p99 < 100 ms", p99, 0.1, true);
         report
             .row(
                 "4 latency",
@@ -655,9 +784,9 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
             json!({
                 "targets": n, "runs": cfg.change_runs,
                 "reconcile_duration": {
-                    "method": "delta of the controller's crosstrace_reconcile_duration_seconds histogram over scenarios 1 and 4, quantile interpolated inside its bucket (as histogram_quantile); bucket upper bounds given too",
-                    "count": count, "p50_s": p50, "p50_bucket_le": p50_le, "p99_s": p99, "p99_bucket_le": p99_le,
-                    "buckets": all, "sampling_change_only": change,
+                    "method": "every reconcile's duration as the controller logs it (debug `reconciled took_us`), from its start to the end of scenario 4; nearest-rank quantiles of the raw samples; the histogram's deltas beside them",
+                    "count": count, "p50_s": p50, "p99_s": p99, "raw_s": raw,
+                    "histogram_buckets": all, "histogram_sampling_change_only": change,
                 },
                 "change_to_ready_s": to_ready, "change_patched_s": patched,
                 "per_target_rolled_out_p50_s": quantile(&per_target, 0.5), "per_target_rolled_out_p99_s": quantile(&per_target, 0.99),
@@ -817,18 +946,27 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
             .row("2 memory", "peak (VmHWM) / steady, fresh start in the big cluster", mib(fresh_big.hwm_kib as f64))
             .ratio(peak_ratio)
             .goal("peak <= 2x steady", peak_ratio, 2.0, true);
-        let long_ratio = long.hwm_kib as f64 / fresh_n.rss_kib.max(1) as f64;
         report
-            .row("2 memory", "peak during scenarios 1+4 rollouts / steady at N", mib(long.hwm_kib as f64))
-            .baseline(format!("RSS after them {}", mib(long.rss_kib as f64)))
+            .row(
+                "2 memory",
+                format!("RSS steady, the long-running controller after {rollouts_done} rollouts and deletes"),
+                mib(long_steady.rss_kib as f64),
+            )
+            .baseline(format!("a fresh one at {n} targets {}", mib(fresh_n.rss_kib as f64)))
+            .goal("<= 64 MiB", long_steady.rss_kib as f64 / 1024.0, 64.0, true);
+        let long_ratio = long.hwm_kib as f64 / long_steady.rss_kib.max(1) as f64;
+        report
+            .row("2 memory", "peak of the long-running controller / its steady RSS", mib(long.hwm_kib as f64))
+            .baseline(format!("RSS after the rollouts and changes {}", mib(long.rss_kib as f64)))
             .ratio(long_ratio)
-            .goal("peak <= 2x steady", long_ratio, 2.0, true);
+            .goal("peak <= 1.5x steady", long_ratio, 1.5, true);
         report.json.insert(
             "memory",
             json!({
                 "targets": n, "nontarget_deployments": m, "pods": p,
                 "no_policy": empty, "targets_fresh": fresh_n, "big_cluster_same_process": same_process,
                 "big_cluster_fresh": fresh_big, "long_running_after_rollouts": long,
+                "long_running_steady": {"rollouts_and_deletes": rollouts_done, "stats": long_steady},
                 "kib_per_target": per_target, "kib_per_nontarget_object": per_object,
                 "method": "VmRSS / VmHWM from /proc/<pid>/status of the controller host process, each a fresh start that converged and settled 30 s with no write; per-target = (RSS at N - RSS with no policy) / N; per-object = (RSS with the extra objects - RSS at N) / (non-target Deployments + pods)",
             }),

@@ -84,7 +84,10 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     if result.is_ok() {
         ctx.retries.succeeded(&policy.uid().unwrap_or_default());
     }
-    ctx.metrics.reconciled(started.elapsed());
+    let took = started.elapsed();
+    ctx.metrics.reconciled(took);
+    // Raw durations for `just bench` (its p99 comes from these, not from histogram buckets).
+    tracing::debug!(took_us = took.as_micros() as u64, "reconciled");
     result
 }
 
