@@ -121,6 +121,7 @@ impl ControllerProcess {
 
     /// Starts the controller with the given kubeconfig, extra environment and extra arguments.
     pub fn start_with_args(admin_port: u16, kubeconfig: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let admin_port = offset_port(admin_port);
         let log = std::fs::File::create(format!("{}/controller-{admin_port}.log", std::env::temp_dir().display()))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crosstrace"));
@@ -205,6 +206,14 @@ pub fn stop(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A port of the suites' fixed range (18000-18999), moved by `CROSSTRACE_E2E_PORT_OFFSET` as the cluster's
+/// ports are, so that suites on two clusters side by side do not collide; any other port (taken free at
+/// run time) as it is.
+pub fn offset_port(port: u16) -> u16 {
+    let offset: u16 = std::env::var("CROSSTRACE_E2E_PORT_OFFSET").ok().and_then(|o| o.parse().ok()).unwrap_or(0);
+    if (18_000..19_000).contains(&port) { port.saturating_add(offset) } else { port }
 }
 
 /// Sum of the samples of one metric family in Prometheus text.

@@ -766,7 +766,7 @@ async fn a_debug_session_raises_sampling_and_its_end_restores_the_exact_values_a
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     controller = ControllerProcess::start(18098);
     eventually("the new controller's admin port", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", 18098)).await.ok().map(drop)
+        tokio::net::TcpStream::connect(("127.0.0.1", offset_port(18098))).await.ok().map(drop)
     })
     .await;
     eventually("the new controller to reconcile", || async {
