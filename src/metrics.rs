@@ -129,6 +129,17 @@ impl Metrics {
         Self { registry, api_writes, drift_corrections, ovsdb_connected, bridges, ..controller }
     }
 
+    /// The flows receiver's base metrics: its build and its API writes (the report Lease); the receiver
+    /// registers its `crosstrace_flows_*` families beside them. None of the controller's.
+    pub fn flows() -> Self {
+        let mut registry = Registry::with_prefix("crosstrace");
+        register_build_info(&mut registry);
+        let controller = Self::default();
+        let api_writes = controller.api_writes.clone();
+        registry.register("api_writes", "Writes the flows receiver sent to the API server", api_writes.clone());
+        Self { registry, api_writes, ..controller }
+    }
+
     /// The agent's bridges as a report gives them: exactly one series per bridge, with its state.
     pub fn set_bridges<'a>(&self, bridges: impl IntoIterator<Item = (&'a str, &'a str)>) {
         self.bridges.clear();

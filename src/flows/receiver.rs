@@ -216,10 +216,11 @@ fn slim(mut o: NodeTracing) -> NodeTracing {
 
 /// Runs the receiver until `shutdown` resolves; spans still queued are flushed then.
 pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut metrics = Metrics::default();
+    let mut metrics = Metrics::flows();
     let flows = FlowMetrics::register(&mut metrics.registry);
+    let metrics = Arc::new(metrics);
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = crate::http::Admin { metrics: Arc::new(metrics), ready: ready.clone() };
+    let admin = crate::http::Admin { metrics: metrics.clone(), ready: ready.clone() };
     let listener = crate::http::listen(args.admin_addr, "--admin-addr / CROSSTRACE_FLOWS_ADMIN_ADDR").await?;
     let socket = UdpSocket::bind(args.listen)
         .await
@@ -237,6 +238,7 @@ pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output =
                 pod_uid: args.report_pod_uid.clone(),
                 every: Duration::from_secs(args.report_interval_seconds),
                 collector: args.collector.clone(),
+                metrics: metrics.clone(),
             };
             Some(tokio::spawn(reporter.run(shared.clone())))
         }
@@ -283,7 +285,7 @@ pub async fn run(client: Client, args: FlowsArgs, shutdown: impl Future<Output =
     // The report goes first: flushing to a collector that is not there can take the exporter's timeout.
     if let (Some(task), Some(name)) = (reporter, &args.report_lease) {
         task.abort();
-        Reporter::remove(&leases, name).await;
+        Reporter::remove(&leases, name, &metrics).await;
     }
     if let Err(error) = provider.shutdown() {
         tracing::warn!(%error, "flushing the last spans");
@@ -333,7 +335,7 @@ mod tests {
 
     #[test]
     fn metric_names_are_the_documented_ones() {
-        let mut metrics = Metrics::default();
+        let mut metrics = Metrics::flows();
         let flows = FlowMetrics::register(&mut metrics.registry);
         let node = NodeLabels { node: "n0".into() };
         flows.samples.get_or_create(&node).inc();

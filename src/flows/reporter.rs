@@ -79,6 +79,7 @@ pub struct Reporter {
     pub pod_uid: Option<String>,
     pub every: Duration,
     pub collector: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 const MANAGER: &str = "crosstrace-flows";
@@ -121,6 +122,7 @@ impl Reporter {
                 s.tally.report(&self.collector, &policies, now)
             };
             let params = PatchParams::apply(MANAGER).force();
+            self.metrics.write("patch", "leases");
             match self
                 .api
                 .patch(
@@ -145,8 +147,9 @@ impl Reporter {
     }
 
     /// Deletes the Lease (at shutdown: the operator then knows at once that this replica is gone).
-    pub async fn remove(api: &Api<Lease>, name: &str) {
+    pub async fn remove(api: &Api<Lease>, name: &str, metrics: &crate::metrics::Metrics) {
         let params = DeleteParams::default();
+        metrics.write("delete", "leases");
         match tokio::time::timeout(Duration::from_secs(2), api.delete(name, &params)).await {
             Ok(Ok(_)) => {}
             Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
