@@ -100,6 +100,7 @@ fn context(policy: &TracingPolicy, world: World, settings: Settings) -> (Arc<Con
         retries: Default::default(),
         canaries: Default::default(),
         flow_reports: Default::default(),
+        stores: None,
     };
     (Arc::new(context), writes)
 }

@@ -23,6 +23,7 @@ use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
 use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, gateway, network, workloads};
 use crate::leader::{Fence, Fenced};
+use crate::lean::Lean;
 use crate::metrics::Metrics;
 
 /// Why a write did not happen.
@@ -399,19 +400,25 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
 }
 
 /// Server-side apply to a workload of any supported kind.
-async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, patch: Value) -> Result<()> {
+async fn apply_workload(
+    writer: &Writer,
+    kind: WorkloadKind,
+    key: &ObjectKey,
+    patch: Value,
+) -> Result<workloads::Workload> {
     let client = writer.client.clone();
-    match kind {
-        WorkloadKind::Deployment => {
-            writer.apply(&Api::<Deployment>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
-        }
-        WorkloadKind::StatefulSet => {
-            writer.apply(&Api::<StatefulSet>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
-        }
-        WorkloadKind::DaemonSet => {
-            writer.apply(&Api::<DaemonSet>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
-        }
-    }
+    let ns = &key.namespace;
+    Ok(match kind {
+        WorkloadKind::Deployment => workloads::Workload::from_deployment(
+            writer.apply(&Api::<Lean<Deployment>>::namespaced(client, ns), &key.name, patch).await?.into_inner(),
+        ),
+        WorkloadKind::StatefulSet => workloads::Workload::from_statefulset(
+            writer.apply(&Api::<Lean<StatefulSet>>::namespaced(client, ns), &key.name, patch).await?.into_inner(),
+        ),
+        WorkloadKind::DaemonSet => workloads::Workload::from_daemonset(
+            writer.apply(&Api::<Lean<DaemonSet>>::namespaced(client, ns), &key.name, patch).await?.into_inner(),
+        ),
+    })
 }
 
 /// How the writes of one layer in one reconcile are paced: how many are in flight at once, and for how
@@ -481,8 +488,15 @@ where
 }
 
 /// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
-/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest.
-pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pace) -> Result<Written> {
+/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. Each
+/// workload as a write left it goes to `written` (the stores take it in before their watch does).
+pub async fn workloads(
+    writer: &Writer,
+    actions: &[workloads::Action],
+    pace: Pace,
+    written: impl Fn(&workloads::Workload) + Sync,
+) -> Result<Written> {
+    let written = &written;
     use workloads::Action::*;
     let phase = |action: &workloads::Action| match action {
         ApplyCollectorConfig { .. } => 0,
@@ -511,10 +525,12 @@ pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pac
                 });
                 writer.apply(&api, name, patch).await.map(drop)
             }
-            Inject { kind, workload, patch } => apply_workload(writer, *kind, workload, patch.clone()).await,
+            Inject { kind, workload, patch } => {
+                apply_workload(writer, *kind, workload, patch.clone()).await.map(|w| written(&w))
+            }
             Remove { kind, workload, rolled_back } => {
                 let patch = workloads::removal_patch(*kind, workload, rolled_back.as_deref());
-                apply_workload(writer, *kind, workload, patch).await
+                apply_workload(writer, *kind, workload, patch).await.map(|w| written(&w))
             }
             DeleteCollectorConfig { namespace, name } => {
                 writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await
