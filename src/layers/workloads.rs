@@ -953,14 +953,16 @@ async fn stored(
     claimant: impl Fn(&Workload) -> Option<String>,
 ) -> Result<Found, super::ObserveError> {
     let spec = policy.spec.workloads.as_ref().filter(|_| !policy.deleting);
+    // Bad selectors fail the observation, as the list path's requests would.
     if let Some(spec) = spec {
-        // Bad selectors fail the observation, as the list path's requests would.
         selector(&spec.namespace_selector)
             .map_err(super::ObserveError::selector("spec.workloads.namespaceSelector"))?;
-        if let Some(s) = &spec.selector {
-            selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?;
-        }
     }
+    let params = &match spec.and_then(|s| s.selector.as_ref()) {
+        Some(s) => ListParams::default()
+            .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?),
+        None => ListParams::default(),
+    };
     let namespaces = spec.map(|_| stores.namespace_labels()).unwrap_or_default();
     let selected = |kind: WorkloadKind, meta: &ObjectMeta| {
         let Some(spec) = spec else { return false };
@@ -987,12 +989,31 @@ async fn stored(
             }
         }
     }
-    let reads = futures::stream::iter(unread)
-        .map(|(kind, key)| async move { get(client, kind, &key).await })
+    // Those a policy selects that the store kept as metadata (none selected them when they last
+    // changed): a few are read one by one, a namespace's many with one list of what the policy selects.
+    let mut groups: BTreeMap<(WorkloadKind, String), BTreeSet<ObjectKey>> = BTreeMap::new();
+    for (kind, key) in unread {
+        groups.entry((kind, key.namespace.clone())).or_default().insert(key);
+    }
+    let reads = futures::stream::iter(groups)
+        .map(|((kind, namespace), keys)| async move {
+            if keys.len() <= READ_ONE_BY_ONE {
+                let reads = futures::future::try_join_all(keys.iter().map(|key| get(client, kind, key))).await?;
+                return Ok(reads.into_iter().flatten().collect());
+            }
+            let mut read = Vec::new();
+            list(client, kind, Some(&namespace), params, |w| {
+                if keys.contains(&w.key()) {
+                    read.push(w);
+                }
+            })
+            .await
+            .map(|()| read)
+        })
         .buffer_unordered(LIST_CONCURRENCY)
-        .try_collect::<Vec<_>>()
+        .try_concat()
         .await?;
-    for w in reads.into_iter().flatten() {
+    for w in reads {
         stores.saw(&w, None);
         add(w);
     }
