@@ -421,6 +421,20 @@ async fn apply_workload(
     })
 }
 
+/// [`apply_workload`], told to `notes` as it starts and ends.
+async fn noted_apply(
+    writer: &Writer,
+    notes: &impl WriteNotes,
+    kind: WorkloadKind,
+    key: &ObjectKey,
+    patch: Value,
+) -> Result<()> {
+    notes.writing(kind, key);
+    let result = apply_workload(writer, kind, key, patch).await;
+    notes.written(kind, key, result.as_ref().ok());
+    result.map(drop)
+}
+
 /// How the writes of one layer in one reconcile are paced: how many are in flight at once, and for how
 /// long after the first one new ones may start (a bigger batch stops there and the next reconcile goes
 /// on, so that status and spec changes are looked at again within about that long, however many
@@ -434,6 +448,31 @@ pub struct Pace {
 impl Pace {
     pub fn new(concurrency: usize, budget: Duration) -> Self {
         Self { concurrency: concurrency.max(1), budget }
+    }
+}
+
+/// What is told of each workload write: it starts, and it ended (with the workload it left, if it
+/// was made).
+pub trait WriteNotes: Sync {
+    fn writing(&self, _kind: WorkloadKind, _key: &ObjectKey) {}
+    fn written(&self, _kind: WorkloadKind, _key: &ObjectKey, _left: Option<&workloads::Workload>) {}
+}
+
+/// Nothing is told.
+impl WriteNotes for () {}
+
+/// Told when there is someone to tell.
+impl<T: WriteNotes> WriteNotes for Option<T> {
+    fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
+        if let Some(notes) = self {
+            notes.writing(kind, key);
+        }
+    }
+
+    fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&workloads::Workload>) {
+        if let Some(notes) = self {
+            notes.written(kind, key, left);
+        }
     }
 }
 
@@ -489,14 +528,14 @@ where
 
 /// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
 /// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. Each
-/// workload as a write left it goes to `written` (the stores take it in before their watch does).
+/// workload write is told to `notes` as it starts and ends (the stores take in what it left before
+/// their watch does).
 pub async fn workloads(
     writer: &Writer,
     actions: &[workloads::Action],
     pace: Pace,
-    written: impl Fn(&workloads::Workload) + Sync,
+    notes: &impl WriteNotes,
 ) -> Result<Written> {
-    let written = &written;
     use workloads::Action::*;
     let phase = |action: &workloads::Action| match action {
         ApplyCollectorConfig { .. } => 0,
@@ -525,12 +564,10 @@ pub async fn workloads(
                 });
                 writer.apply(&api, name, patch).await.map(drop)
             }
-            Inject { kind, workload, patch } => {
-                apply_workload(writer, *kind, workload, patch.clone()).await.map(|w| written(&w))
-            }
+            Inject { kind, workload, patch } => noted_apply(writer, notes, *kind, workload, patch.clone()).await,
             Remove { kind, workload, rolled_back } => {
                 let patch = workloads::removal_patch(*kind, workload, rolled_back.as_deref());
-                apply_workload(writer, *kind, workload, patch).await.map(|w| written(&w))
+                noted_apply(writer, notes, *kind, workload, patch).await
             }
             DeleteCollectorConfig { namespace, name } => {
                 writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await

@@ -16,7 +16,6 @@ use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -324,35 +323,46 @@ impl Keep {
     }
 }
 
-/// A workload watch (whole objects, without managedFields) whose objects are pruned for a store.
-fn pruned<K>(
+/// A workload watch (whole objects, without managedFields) whose objects are pruned for a store as
+/// they arrive, fed into that store, and passed on when a policy should hear of them (`triggers`).
+fn workload_watch<K>(
     client: &Client,
     config: &watcher::Config,
     keep: Keep,
     workload: fn(K) -> Workload,
-) -> impl futures::Stream<Item = Result<watcher::Event<Pruned<K>>, watcher::Error>> + Send + 'static
+    store: reflector::store::Writer<Pruned<K>>,
+) -> impl futures::Stream<Item = Result<Pruned<K>, watcher::Error>> + Send + 'static
 where
     K: Parts<Scope = kube::core::NamespaceResourceScope> + Clone + Debug + Send + Sync + 'static,
     K::Spec: Send + Sync,
     K::Status: Send + Sync,
 {
-    let kind = match K::kind(&()).as_ref() {
-        "StatefulSet" => WorkloadKind::StatefulSet,
-        "DaemonSet" => WorkloadKind::DaemonSet,
-        _ => WorkloadKind::Deployment,
-    };
     let prune = move |lean: Lean<K>| {
         let metadata = workloads::pruned_metadata(&lean.metadata);
-        let shape = keep.shape_of(kind, &metadata).then(|| workload(lean.into_inner()).shape());
+        let workload = workload(lean.into_inner());
+        let shape = keep.shape_of(workload.kind, &metadata).then(|| workload.shape());
         Pruned::new(metadata, shape)
     };
-    watcher(Api::<Lean<K>>::all(client.clone()), config.clone()).map_ok(move |event| match event {
+    let events = watcher(Api::<Lean<K>>::all(client.clone()), config.clone()).map_ok(move |event| match event {
         watcher::Event::Apply(o) => watcher::Event::Apply(prune(o)),
         watcher::Event::InitApply(o) => watcher::Event::InitApply(prune(o)),
         watcher::Event::Delete(o) => watcher::Event::Delete(Pruned::new(workloads::pruned_metadata(&o.metadata), None)),
         watcher::Event::Init => watcher::Event::Init,
         watcher::Event::InitDone => watcher::Event::InitDone,
-    })
+    });
+    triggers::relevant(events.reflect(store))
+}
+
+/// Maps a workload watch's object to the policies it concerns (`concerns`), but the policy whose own
+/// write this version is (see [`not_the_writer`]).
+fn concerned<K>(
+    ctx: &Arc<Context>,
+    policies: Store<TracingPolicy>,
+    kind: WorkloadKind,
+    concerns: fn(&Store<TracingPolicy>, WorkloadKind, &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>>,
+) -> impl Fn(Pruned<K>) -> Vec<ObjectRef<TracingPolicy>> + Send + Sync + 'static {
+    let ctx = ctx.clone();
+    move |w| not_the_writer(&ctx, kind, &w.metadata, concerns(&policies, kind, &w.metadata))
 }
 
 /// The policies a workload's change concerns, but the policy whose own write this version is: what it
@@ -438,36 +448,18 @@ pub async fn run(
     // by the policies' periodic resync, and watched after a restart.
     let gateway_kinds = served_gateway_kinds(&context.client).await;
     // Workloads: whole objects, each pruned for its store as it arrives (`Keep`); namespaces: metadata.
-    let (dctx, sctx, dsctx) = (context.clone(), context.clone(), context.clone());
     let mut controller = controller
         .watches_stream(
-            triggers::relevant(
-                pruned::<Deployment>(&client, &meta, keep.clone(), Workload::from_deployment)
-                    .reflect(deployment_writer),
-            ),
-            move |d| {
-                let refs = policies_for_controller(&deployment_store, WorkloadKind::Deployment, &d.metadata);
-                not_the_writer(&dctx, WorkloadKind::Deployment, &d.metadata, refs)
-            },
+            workload_watch(&client, &meta, keep.clone(), Workload::from_deployment, deployment_writer),
+            concerned(&context, deployment_store, WorkloadKind::Deployment, policies_for_controller),
         )
         .watches_stream(
-            triggers::relevant(
-                pruned::<StatefulSet>(&client, &meta, keep.clone(), Workload::from_statefulset)
-                    .reflect(statefulset_writer),
-            ),
-            move |s| {
-                let refs = policies_for_workload(&statefulset_store, WorkloadKind::StatefulSet, &s.metadata);
-                not_the_writer(&sctx, WorkloadKind::StatefulSet, &s.metadata, refs)
-            },
+            workload_watch(&client, &meta, keep.clone(), Workload::from_statefulset, statefulset_writer),
+            concerned(&context, statefulset_store, WorkloadKind::StatefulSet, policies_for_workload),
         )
         .watches_stream(
-            triggers::relevant(
-                pruned::<DaemonSet>(&client, &meta, keep, Workload::from_daemonset).reflect(daemonset_writer),
-            ),
-            move |d| {
-                let refs = policies_for_controller(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata);
-                not_the_writer(&dsctx, WorkloadKind::DaemonSet, &d.metadata, refs)
-            },
+            workload_watch(&client, &meta, keep, Workload::from_daemonset, daemonset_writer),
+            concerned(&context, daemonset_store, WorkloadKind::DaemonSet, policies_for_controller),
         )
         .watches_stream(
             triggers::relevant(

@@ -221,12 +221,8 @@ async fn run_layers(
     let mut written = Written { done: 0, of: 0 };
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
-        let seen = |w: &workloads::Workload| {
-            if let Some(stores) = &ctx.stores {
-                stores.saw(w, Some(name));
-            }
-        };
-        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), seen).await?;
+        let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
+        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), &notes).await?;
     }
     let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
         .iter()

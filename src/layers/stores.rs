@@ -52,6 +52,26 @@ impl Seen {
     }
 }
 
+/// A policy's workload writes, as the stores hear of them.
+pub struct Writes<'a> {
+    stores: &'a Stores,
+    policy: &'a str,
+}
+
+impl crate::controller::apply::WriteNotes for Writes<'_> {
+    fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
+        let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
+        writing.insert((kind, key.clone()), self.policy.to_string());
+    }
+
+    fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
+        if let Some(w) = left {
+            self.stores.saw(w, Some(self.policy));
+        }
+        self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
+    }
+}
+
 /// The stores of the workload kinds and of the namespaces, and what was seen newer than them.
 pub struct Stores {
     pub deployments: Store<Pruned<Deployment>>,
@@ -59,6 +79,8 @@ pub struct Stores {
     pub daemonsets: Store<Pruned<DaemonSet>>,
     pub namespaces: Store<Meta<Namespace>>,
     seen: Mutex<HashMap<(WorkloadKind, ObjectKey), Seen>>,
+    /// Workload writes in flight, by the policy writing.
+    writing: Mutex<HashMap<(WorkloadKind, ObjectKey), String>>,
 }
 
 /// Has this store's reflector taken in its first list?
@@ -88,7 +110,7 @@ impl Stores {
         daemonsets: Store<Pruned<DaemonSet>>,
         namespaces: Store<Meta<Namespace>>,
     ) -> Self {
-        Self { deployments, statefulsets, daemonsets, namespaces, seen: Mutex::default() }
+        Self { deployments, statefulsets, daemonsets, namespaces, seen: Mutex::default(), writing: Mutex::default() }
     }
 
     /// Has every store taken in its first list? Until then a reconcile lists the cluster as before.
@@ -152,13 +174,25 @@ impl Stores {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((seen.workload.kind, key), seen);
     }
 
-    /// The policy whose write this version of a workload is, if crosstrace wrote it.
+    /// The policy whose write this version of a workload is, if crosstrace wrote it: the version its
+    /// write returned, or any version while the write is in flight (its echo can arrive before its
+    /// response; a change by someone else in that instant is seen by the policy's next look, which
+    /// comes soon: it has a rollout in flight).
     pub fn written_by(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Option<String> {
+        let key = (kind, ObjectKey::of(meta));
+        if let Some(policy) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Some(policy.clone());
+        }
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let s = seen.get(&(kind, ObjectKey::of(meta)))?;
+        let s = seen.get(&key)?;
         (meta.resource_version.is_some() && s.version() == meta.resource_version.as_ref())
             .then(|| s.written_by.clone())
             .flatten()
+    }
+
+    /// What `policy`'s workload writes tell the stores.
+    pub fn writes_of<'a>(&'a self, policy: &'a str) -> Writes<'a> {
+        Writes { stores: self, policy }
     }
 
     /// Forgets what the stores have caught up with (or what is gone): only versions newer than the
@@ -206,6 +240,20 @@ mod tests {
     fn rolled_out(stores: &Stores) -> Vec<Result<bool, String>> {
         let all = stores.workloads(WorkloadKind::Deployment, |_| true);
         all.into_iter().map(|w| w.map(|w| w.rolled_out).map_err(|k| k.name)).collect()
+    }
+
+    #[test]
+    fn a_write_in_flight_owns_every_echo_until_it_ends() {
+        use crate::controller::apply::WriteNotes;
+        let (stores, _writer) = stores();
+        let notes = stores.writes_of("shop");
+        let key = ObjectKey::new("shop", "cart");
+        let echo = meta("cart", "5", &[]);
+        notes.writing(WorkloadKind::Deployment, &key);
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo).as_deref(), Some("shop"));
+        assert_eq!(stores.written_by(WorkloadKind::StatefulSet, &echo), None, "another kind");
+        notes.written(WorkloadKind::Deployment, &key, None);
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo), None, "failed: nothing was written");
     }
 
     #[test]

@@ -991,6 +991,9 @@ async fn stored(
     }
     // Those a policy selects that the store kept as metadata (none selected them when they last
     // changed): a few are read one by one, a namespace's many with one list of what the policy selects.
+    if !unread.is_empty() {
+        tracing::debug!(unread = unread.len(), "selected workloads the stores hold as metadata alone are read");
+    }
     let mut groups: BTreeMap<(WorkloadKind, String), BTreeSet<ObjectKey>> = BTreeMap::new();
     for (kind, key) in unread {
         groups.entry((kind, key.namespace.clone())).or_default().insert(key);
@@ -1035,20 +1038,58 @@ pub async fn observe(
     let found = async {
         match stores.filter(|s| s.ready()) {
             Some(stores) => stored(client, stores, policy, defaults, claimant).await,
-            None => listed(client, policy, defaults, claimant).await,
+            None => {
+                tracing::debug!("the stores are not synced yet: listing the workloads");
+                listed(client, policy, defaults, claimant).await
+            }
         }
     };
     let (mut found, config_maps) = futures::try_join!(found, config_maps.list(&labelled).err_into())?;
-    // Rollouts of this policy in flight: do pods of its revision fail to start? (Few: a batch at most.)
+    // Rollouts of this policy in flight: do pods of its revision fail to start? (A batch at most.)
     let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
         (record.policy == policy.name && !converged(&o.workload.metadata, &record))
             .then_some((&mut o.workload, record.hash))
     });
+    let mut by_namespace: BTreeMap<String, Vec<(&mut Workload, String)>> = BTreeMap::new();
     for (workload, hash) in in_flight {
-        workload.failing = failing_pod(client, workload, &hash).await?;
+        by_namespace.entry(workload.metadata.namespace.clone().unwrap_or_default()).or_default().push((workload, hash));
+    }
+    for (namespace, mut rollouts) in by_namespace {
+        if rollouts.len() <= READ_ONE_BY_ONE {
+            for (workload, hash) in rollouts {
+                workload.failing = failing_pod(client, workload, &hash).await?;
+            }
+        } else {
+            failing_pods(client, &namespace, &mut rollouts).await?;
+        }
     }
     Ok((found.into_values().collect(), config_maps.items))
+}
+
+/// [`failing_pod`] for many rollouts of one namespace, from one list of its pods.
+async fn failing_pods(
+    client: &Client,
+    namespace: &str,
+    rollouts: &mut [(&mut Workload, String)],
+) -> Result<(), kube::Error> {
+    let mut by_hash: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, (_, hash)) in rollouts.iter().enumerate() {
+        by_hash.entry(hash.clone()).or_default().push(i);
+    }
+    let selectors: Vec<_> = rollouts.iter().map(|(w, _)| w.selector.as_ref().and_then(|s| selector(s).ok())).collect();
+    list_paged(&Api::<Lean<Pod>>::namespaced(client.clone(), namespace), &ListParams::default(), |p| {
+        let pod = p.into_inner();
+        let hash = pod.metadata.annotations.as_ref().and_then(|a| a.get(INJECTION_ANNOTATION));
+        for &i in hash.and_then(|h| by_hash.get(h)).into_iter().flatten() {
+            let workload = &mut rollouts[i].0;
+            let selected = selectors[i].as_ref().is_some_and(|s| matches(s, pod.metadata.labels.as_ref()));
+            if selected && workload.failing.is_none() {
+                workload.failing = health::pod_failing(&pod);
+            }
+        }
+    })
+    .await
 }
 
 /// Why a pod of crosstrace's revision (its template carries the injection's hash) of `w` cannot start.
