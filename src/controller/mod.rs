@@ -38,7 +38,8 @@ use crate::lenient;
 use crate::metrics::Metrics;
 use apply::Writer;
 
-/// Objects per page of the metadata watches' lists: bounds what one response holds in memory.
+/// Objects per page of the watches' lists (metadata, or workloads pruned as they arrive): bounds what
+/// one response holds in memory.
 const METADATA_PAGE: u32 = 100;
 
 /// Settings of the controller role.
@@ -437,11 +438,12 @@ pub async fn run(
         flow_reports: Default::default(),
         stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces)),
     });
-    // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
-    // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing
-    // cached, status churn filtered out (`triggers`). Their lists are
-    // paged and read at the latest version: a list at "any" version comes from the API server's cache
-    // in one piece, however big the cluster.
+    // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
+    // the stores the workload layer reads (`workload_watch`, `layers::stores`). Namespaces and nodes:
+    // metadata-only watches (`Meta`: the API server sends metadata, not whole objects); the namespaces
+    // are kept in a store too. Status churn is filtered out of the triggers (`triggers`). Their lists
+    // are paged and read at the latest version: a list at "any" version comes from the API server's
+    // cache in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
     // The Gateway API and its providers' kinds are watched only where the cluster serves them (a watch
     // on a resource the API server does not know fails on every retry); a kind installed later is seen
