@@ -30,20 +30,21 @@ use super::workloads::{Shape, Workload, pruned_metadata};
 use crate::api::WorkloadKind;
 use crate::lean::{Meta, Pruned};
 
-/// A version of a workload newer than (or missing from) its store's.
+/// A version of a workload newer than (or missing from) its store's, pruned as the store would keep it.
 #[derive(Clone, Debug)]
 struct Seen {
     /// The store's resourceVersion when this was seen: while the store shows it (or this one's own),
     /// this is the newest known.
     base: Option<String>,
-    workload: Workload,
+    metadata: ObjectMeta,
+    shape: Shape,
     /// The policy whose write this is (`None`: read, not written).
     written_by: Option<String>,
 }
 
 impl Seen {
     fn version(&self) -> Option<&String> {
-        self.workload.metadata.resource_version.as_ref()
+        self.metadata.resource_version.as_ref()
     }
 
     /// Is this still the newest known, with the store at `stored`?
@@ -88,12 +89,31 @@ fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>
     store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
 }
 
-/// The pruned workloads a policy may select of a store (`keep`), as (metadata, shape).
-fn state<K: kube::Resource<DynamicType = ()> + 'static>(
+/// The workloads of a store whose metadata `keep` accepts, each as the newest version known (see
+/// [`Stores::workloads`]).
+fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
     store: &Store<Pruned<K>>,
+    kind: WorkloadKind,
     keep: &impl Fn(&ObjectMeta) -> bool,
-) -> Vec<(ObjectMeta, Option<Shape>)> {
-    store.state_filter(|p| keep(&p.metadata)).into_iter().map(|p| (p.metadata.clone(), p.shape.clone())).collect()
+    seen: &HashMap<(WorkloadKind, ObjectKey), Seen>,
+) -> Vec<Result<Workload, ObjectKey>> {
+    let stored = store.state_filter(|p| keep(&p.metadata));
+    stored
+        .iter()
+        .map(|p| {
+            let (meta, shape) = (&p.metadata, p.shape.as_ref());
+            let key = ObjectKey::of(meta);
+            let newer = seen.get(&(kind, key.clone())).filter(|s| {
+                s.current(meta.resource_version.as_ref())
+                    && !(shape.is_some() && meta.resource_version.as_ref() == s.version())
+            });
+            match (newer, shape) {
+                (Some(s), _) => Ok(Workload::from_shape(kind, s.metadata.clone(), &s.shape)),
+                (None, Some(shape)) => Ok(Workload::from_shape(kind, meta.clone(), shape)),
+                (None, None) => Err(key),
+            }
+        })
+        .collect()
 }
 
 fn version_in<K: kube::Resource<DynamicType = ()> + 'static>(
@@ -143,35 +163,25 @@ impl Stores {
         kind: WorkloadKind,
         keep: impl Fn(&ObjectMeta) -> bool,
     ) -> Vec<Result<Workload, ObjectKey>> {
-        let stored = match kind {
-            WorkloadKind::Deployment => state(&self.deployments, &keep),
-            WorkloadKind::StatefulSet => state(&self.statefulsets, &keep),
-            WorkloadKind::DaemonSet => state(&self.daemonsets, &keep),
-        };
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        stored
-            .into_iter()
-            .map(|(meta, shape)| {
-                let newer = seen.get(&(kind, ObjectKey::of(&meta))).filter(|s| {
-                    s.current(meta.resource_version.as_ref())
-                        && !(shape.is_some() && meta.resource_version.as_ref() == s.version())
-                });
-                match (newer, shape) {
-                    (Some(s), _) => Ok(s.workload.clone()),
-                    (None, Some(shape)) => Ok(Workload::from_shape(kind, meta, &shape)),
-                    (None, None) => Err(ObjectKey::of(&meta)),
-                }
-            })
-            .collect()
+        match kind {
+            WorkloadKind::Deployment => newest(&self.deployments, kind, &keep, &seen),
+            WorkloadKind::StatefulSet => newest(&self.statefulsets, kind, &keep, &seen),
+            WorkloadKind::DaemonSet => newest(&self.daemonsets, kind, &keep, &seen),
+        }
     }
 
     /// Remembers a workload read (`written_by: None`) or written by a policy, newer than the store's.
     pub fn saw(&self, workload: &Workload, written_by: Option<&str>) {
         let key = workload.key();
         let base = self.version(workload.kind, &key);
-        let workload = Workload::from_shape(workload.kind, pruned_metadata(&workload.metadata), &workload.shape());
-        let seen = Seen { base, workload, written_by: written_by.map(str::to_string) };
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((seen.workload.kind, key), seen);
+        let seen = Seen {
+            base,
+            metadata: pruned_metadata(&workload.metadata),
+            shape: workload.shape(),
+            written_by: written_by.map(str::to_string),
+        };
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((workload.kind, key), seen);
     }
 
     /// The policy whose write this version of a workload is, if crosstrace wrote it: the version its
