@@ -159,7 +159,40 @@ impl<K: Parts> Lean<K> {
     }
 }
 
+/// A workload as a store keeps it: pruned metadata and, for a workload some policy may select (or
+/// that carries the workload layer's marks), its [`Shape`](crate::layers::workloads::Shape). Built
+/// from the watch's objects (it parses as its metadata alone, for the APIs that ask it to parse).
+#[derive(Deserialize)]
+#[serde(bound(deserialize = ""))]
+pub struct Pruned<K> {
+    #[serde(deserialize_with = "without_managed_fields", default)]
+    pub metadata: ObjectMeta,
+    #[serde(skip)]
+    pub shape: Option<crate::layers::workloads::Shape>,
+    #[serde(skip)]
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Pruned<K> {
+    pub fn new(metadata: ObjectMeta, shape: Option<crate::layers::workloads::Shape>) -> Self {
+        Self { metadata, shape, kind: PhantomData }
+    }
+}
+
+impl<K> Clone for Pruned<K> {
+    fn clone(&self) -> Self {
+        Self::new(self.metadata.clone(), self.shape.clone())
+    }
+}
+
+impl<K> Debug for Pruned<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pruned").field("metadata", &self.metadata).field("shape", &self.shape).finish()
+    }
+}
+
 delegate_resource!(Meta, Resource<DynamicType = ()>, metadata_api = true);
+delegate_resource!(Pruned, Resource<DynamicType = ()>, metadata_api = false);
 delegate_resource!(Lean, Parts, metadata_api = false);
 
 #[cfg(test)]

@@ -316,7 +316,7 @@ async fn injections_are_written_with_at_most_the_write_concurrency_in_flight() {
     let (writer, mut handle, metrics) = mocked();
     let actions: Vec<_> = ["a", "b", "c", "d", "e"].into_iter().map(inject).collect();
     let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60))).await.expect("written")
+        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &()).await.expect("written")
     });
     let reply = deployment_reply();
     let first = next_within(&mut handle).await.expect("a first write");
@@ -352,7 +352,7 @@ async fn every_collector_config_is_written_before_the_first_injection() {
     let (writer, mut handle, _) = mocked();
     let actions = vec![collector_config("shop"), collector_config("web"), inject("a")];
     let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60))).await.expect("written")
+        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written")
     });
     let one = next_within(&mut handle).await.expect("a ConfigMap");
     let two = next_within(&mut handle).await.expect("the other ConfigMap at the same time");
@@ -375,7 +375,8 @@ async fn every_collector_config_is_written_before_the_first_injection() {
 async fn a_used_up_write_budget_still_makes_one_write_and_says_what_is_left() {
     let (writer, mut handle, metrics) = mocked();
     let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
-    let task = tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO)).await });
+    let task =
+        tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO), &()).await });
     let (request, send) = next_within(&mut handle).await.expect("the first write: every reconcile makes progress");
     assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
     assert!(next_within(&mut handle).await.is_none(), "no second write once the budget is used up");
@@ -392,7 +393,9 @@ async fn the_first_failed_write_stops_the_rest() {
     let (writer, mut handle, _) = mocked();
     let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
     let task =
-        tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(1, Duration::from_secs(60))).await });
+        tokio::spawn(
+            async move { apply::workloads(&writer, &actions, Pace::new(1, Duration::from_secs(60)), &()).await },
+        );
     let (_, send) = next_within(&mut handle).await.expect("the first write");
     let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
     send.send_response(
@@ -428,7 +431,7 @@ fn lapsed() -> Fence {
 async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
     let (writer, mut handle, metrics) = mocked_behind(lapsed());
     let actions = vec![collector_config("shop"), inject("a"), inject("b")];
-    let result = apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60))).await;
+    let result = apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await;
     assert!(matches!(result, Err(apply::Error::Fenced { verb: "apply", .. })), "{result:?}");
     assert!(next_within(&mut handle).await.is_none(), "no request reached the API server");
     assert_eq!(writes_counted(&metrics), 0.0, "nothing counted as written");

@@ -9,10 +9,14 @@ use std::time::Duration;
 use crosstrace::api::TracingPolicy;
 use crosstrace::controller::apply::Writer;
 use crosstrace::controller::{Context, Settings, reconcile};
+use crosstrace::layers::stores::Stores;
+use crosstrace::layers::workloads::{self, Workload};
 use crosstrace::leader::Fence;
+use crosstrace::lean::{Meta, Pruned};
 use crosstrace::metrics::Metrics;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
@@ -37,6 +41,8 @@ struct Write {
 struct World {
     lists: BTreeMap<String, Value>,
     objects: BTreeMap<String, Value>,
+    /// Every read, path and query.
+    reads: Arc<Mutex<Vec<String>>>,
 }
 
 fn list(kind: &str, items: Vec<Value>) -> Value {
@@ -48,6 +54,9 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
     while let Some((request, send)) = handle.next_request().await {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
+        if method == Method::GET {
+            world.reads.lock().unwrap().push(request.uri().to_string());
+        }
         let bytes = request.into_body().collect().await.unwrap().to_bytes();
         let reply = if method == Method::GET {
             let kind = path.rsplit('/').next().unwrap_or_default();
@@ -82,6 +91,16 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
 
 /// A context on a mocked API server holding `world`, with `policy` in the controller's store.
 fn context(policy: &TracingPolicy, world: World, settings: Settings) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>) {
+    context_with(policy, world, settings, None)
+}
+
+/// [`context`] with the controller's watch-backed stores.
+fn context_with(
+    policy: &TracingPolicy,
+    world: World,
+    settings: Settings,
+    stores: Option<Stores>,
+) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let writes = Arc::new(Mutex::new(Vec::new()));
@@ -100,6 +119,7 @@ fn context(policy: &TracingPolicy, world: World, settings: Settings) -> (Arc<Con
         retries: Default::default(),
         canaries: Default::default(),
         flow_reports: Default::default(),
+        stores,
     };
     (Arc::new(context), writes)
 }
@@ -226,4 +246,102 @@ async fn a_write_budget_cut_requeues_at_once() {
     let node_writes = writes_to(&writes).into_iter().filter(|(_, path)| path.contains("/nodetracings/")).count();
     assert_eq!(node_writes, 1, "the first write always starts, then the budget is used up");
     assert_eq!(next, Action::requeue(Duration::ZERO), "the rest goes on in the next reconcile, at once");
+}
+
+/// Synced stores holding namespace `shop` and these Deployments.
+fn synced(deployments: Vec<Workload>) -> Stores {
+    fn sync<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
+        objects: Vec<K>,
+    ) -> kube::runtime::reflector::Store<K> {
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&Event::Init);
+        for o in objects {
+            writer.apply_watcher_event(&Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        store
+    }
+    let namespace: Meta<k8s_openapi::api::core::v1::Namespace> =
+        serde_json::from_value(json!({"metadata": {"name": "shop", "resourceVersion": "1"}})).unwrap();
+    let deployments =
+        deployments.iter().map(|w| Pruned::new(workloads::pruned_metadata(&w.metadata), Some(w.shape()))).collect();
+    Stores::new(sync(deployments), sync(vec![]), sync(vec![]), sync(vec![namespace]))
+}
+
+fn shop_deployment(i: usize) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("d-{i}"), "namespace": "shop", "resourceVersion": "1", "generation": 1},
+        "spec": {"selector": {"matchLabels": {"app": format!("d-{i}")}}, "template": {
+            "metadata": {"labels": {"app": format!("d-{i}")}},
+            "spec": {"containers": [{"name": "app", "image": "shop/app:1"}]}}},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come_from_one_list() {
+    let spec = json!({
+        "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+        "sampling": {"ratio": "1"},
+        "workloads": {"namespaceSelector": {}, "kinds": ["Deployment"]},
+        "rollout": {"maxConcurrent": 20, "progressDeadlineSeconds": 3600},
+    });
+    let p = policy(spec, true, None);
+    let targets: Vec<Workload> = (0..9).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
+    let world = World::default();
+    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(targets)));
+    run(&p, &ctx).await;
+    let reads = world.reads.lock().unwrap().clone();
+    let listed = |r: &String| {
+        r.starts_with("/api/v1/namespaces?")
+            || r == "/api/v1/namespaces"
+            || (["deployments", "statefulsets", "daemonsets"].iter().any(|k| r.contains(&format!("/{k}")))
+                && r.contains("workloads-policy"))
+            || r.starts_with("/apis/apps/v1/namespaces/shop/deployments")
+    };
+    assert!(!reads.iter().any(listed), "workloads and namespaces come from the stores: {reads:?}");
+    let injected: Vec<Workload> = writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
+        .map(|w| {
+            let i: usize = w.path.rsplit("d-").next().unwrap().parse().unwrap();
+            let mut d = shop_deployment(i);
+            let patch: Deployment = serde_json::from_value(w.body.clone()).unwrap();
+            d.metadata.labels = patch.metadata.labels;
+            d.metadata.annotations = patch.metadata.annotations;
+            d.metadata.resource_version = Some("2".into());
+            d.metadata.generation = Some(2);
+            d.spec.as_mut().unwrap().template = patch.spec.unwrap().template;
+            Workload::from_deployment(d)
+        })
+        .collect();
+    assert_eq!(injected.len(), 9, "the whole batch is injected at once");
+    assert!(injected.iter().all(|w| !w.rolled_out), "rolling out");
+
+    // A pod of d-3's new revision cannot start.
+    let hash = |w: &Workload| w.shape().injection.unwrap();
+    let failing = json!({
+        "metadata": {"name": "d-3-abc", "namespace": "shop", "labels": {"app": "d-3"},
+            "annotations": {workloads::INJECTION_ANNOTATION: hash(&injected[3])}},
+        "status": {"containerStatuses": [{"name": "app", "image": "x", "imageID": "", "ready": false,
+            "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]},
+    });
+    let mut world = World::default();
+    world.lists.insert("/api/v1/namespaces/shop/pods".into(), list("PodList", vec![failing]));
+    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(injected)));
+    run(&p, &ctx).await;
+    let reads = world.reads.lock().unwrap().clone();
+    let pod_lists = reads.iter().filter(|r| r.contains("/pods")).count();
+    assert_eq!(pod_lists, 1, "one list of the namespace's pods for the batch: {reads:?}");
+    let rolled_back: Vec<String> = writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.body["metadata"]["annotations"][workloads::ROLLED_BACK_ANNOTATION] == "shop/1")
+        .map(|w| w.path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert!(rolled_back.contains(&"d-3".to_string()), "{:?}", writes_to(&writes));
 }

@@ -18,6 +18,8 @@ pub const GROUP: &str = "crosstrace.dev";
 pub const FIELD_MANAGER: &str = "crosstrace";
 /// Finalizer that holds a policy until everything it changed is reverted.
 pub const FINALIZER: &str = "crosstrace.dev/cleanup";
+/// Prefix of every label and annotation crosstrace writes.
+pub const ANNOTATION_PREFIX: &str = "crosstrace.dev/";
 
 /// The largest generation the schemas accept (2^53 - 1). A CRD holds its bounds as float64 and the API
 /// server turns them back into int64: `i64::MAX` rounds up to 2^63 and overflows. 2^53 - 1 is the

@@ -23,6 +23,7 @@ use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
 use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, gateway, network, workloads};
 use crate::leader::{Fence, Fenced};
+use crate::lean::Lean;
 use crate::metrics::Metrics;
 
 /// Why a write did not happen.
@@ -399,19 +400,39 @@ async fn ingress_action(writer: &Writer, ledger: &Api<ConfigMap>, action: &ingre
 }
 
 /// Server-side apply to a workload of any supported kind.
-async fn apply_workload(writer: &Writer, kind: WorkloadKind, key: &ObjectKey, patch: Value) -> Result<()> {
+async fn apply_workload(
+    writer: &Writer,
+    kind: WorkloadKind,
+    key: &ObjectKey,
+    patch: Value,
+) -> Result<workloads::Workload> {
     let client = writer.client.clone();
-    match kind {
-        WorkloadKind::Deployment => {
-            writer.apply(&Api::<Deployment>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
-        }
-        WorkloadKind::StatefulSet => {
-            writer.apply(&Api::<StatefulSet>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
-        }
-        WorkloadKind::DaemonSet => {
-            writer.apply(&Api::<DaemonSet>::namespaced(client, &key.namespace), &key.name, patch).await.map(drop)
-        }
-    }
+    let ns = &key.namespace;
+    Ok(match kind {
+        WorkloadKind::Deployment => workloads::Workload::from_deployment(
+            writer.apply(&Api::<Lean<Deployment>>::namespaced(client, ns), &key.name, patch).await?.into_inner(),
+        ),
+        WorkloadKind::StatefulSet => workloads::Workload::from_statefulset(
+            writer.apply(&Api::<Lean<StatefulSet>>::namespaced(client, ns), &key.name, patch).await?.into_inner(),
+        ),
+        WorkloadKind::DaemonSet => workloads::Workload::from_daemonset(
+            writer.apply(&Api::<Lean<DaemonSet>>::namespaced(client, ns), &key.name, patch).await?.into_inner(),
+        ),
+    })
+}
+
+/// [`apply_workload`], told to `notes` as it starts and ends.
+async fn noted_apply(
+    writer: &Writer,
+    notes: &impl WriteNotes,
+    kind: WorkloadKind,
+    key: &ObjectKey,
+    patch: Value,
+) -> Result<()> {
+    notes.writing(kind, key);
+    let result = apply_workload(writer, kind, key, patch).await;
+    notes.written(kind, key, result.as_ref().ok());
+    result.map(drop)
 }
 
 /// How the writes of one layer in one reconcile are paced: how many are in flight at once, and for how
@@ -427,6 +448,31 @@ pub struct Pace {
 impl Pace {
     pub fn new(concurrency: usize, budget: Duration) -> Self {
         Self { concurrency: concurrency.max(1), budget }
+    }
+}
+
+/// What is told of each workload write: it starts, and it ended (with the workload it left, if it
+/// was made).
+pub trait WriteNotes: Sync {
+    fn writing(&self, _kind: WorkloadKind, _key: &ObjectKey) {}
+    fn written(&self, _kind: WorkloadKind, _key: &ObjectKey, _left: Option<&workloads::Workload>) {}
+}
+
+/// Nothing is told.
+impl WriteNotes for () {}
+
+/// Told when there is someone to tell.
+impl<T: WriteNotes> WriteNotes for Option<T> {
+    fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
+        if let Some(notes) = self {
+            notes.writing(kind, key);
+        }
+    }
+
+    fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&workloads::Workload>) {
+        if let Some(notes) = self {
+            notes.written(kind, key, left);
+        }
     }
 }
 
@@ -481,8 +527,15 @@ where
 }
 
 /// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
-/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest.
-pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pace) -> Result<Written> {
+/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. Each
+/// workload write is told to `notes` as it starts and ends (the stores take in what it left before
+/// their watch does).
+pub async fn workloads(
+    writer: &Writer,
+    actions: &[workloads::Action],
+    pace: Pace,
+    notes: &impl WriteNotes,
+) -> Result<Written> {
     use workloads::Action::*;
     let phase = |action: &workloads::Action| match action {
         ApplyCollectorConfig { .. } => 0,
@@ -511,10 +564,10 @@ pub async fn workloads(writer: &Writer, actions: &[workloads::Action], pace: Pac
                 });
                 writer.apply(&api, name, patch).await.map(drop)
             }
-            Inject { kind, workload, patch } => apply_workload(writer, *kind, workload, patch.clone()).await,
+            Inject { kind, workload, patch } => noted_apply(writer, notes, *kind, workload, patch.clone()).await,
             Remove { kind, workload, rolled_back } => {
                 let patch = workloads::removal_patch(*kind, workload, rolled_back.as_deref());
-                apply_workload(writer, *kind, workload, patch).await
+                noted_apply(writer, notes, *kind, workload, patch).await
             }
             DeleteCollectorConfig { namespace, name } => {
                 writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await

@@ -7,15 +7,15 @@ pub mod reconcile;
 pub mod status;
 pub mod triggers;
 
+use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -29,14 +29,17 @@ use kube::{Api, Client, ResourceExt};
 use crate::api::TracingPolicy;
 use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
 use crate::clients::Clients;
+use crate::layers::stores::Stores;
+use crate::layers::workloads::Workload;
 use crate::layers::{gateway, ingress, matches, network, selector, workloads};
 use crate::leader::Fence;
-use crate::lean::Meta;
+use crate::lean::{Lean, Meta, Parts, Pruned};
 use crate::lenient;
 use crate::metrics::Metrics;
 use apply::Writer;
 
-/// Objects per page of the metadata watches' lists: bounds what one response holds in memory.
+/// Objects per page of the watches' lists (metadata, or workloads pruned as they arrive): bounds what
+/// one response holds in memory.
 const METADATA_PAGE: u32 = 100;
 
 /// Settings of the controller role.
@@ -196,6 +199,8 @@ pub struct Context {
     pub canaries: crate::canary::Canaries,
     /// The flows receivers' last reports (`TracesFlowing`).
     pub flow_reports: crate::flows::reporter::Reports,
+    /// The watch-backed stores of workloads and namespaces (`None`: every reconcile lists them).
+    pub stores: Option<crate::layers::stores::Stores>,
 }
 
 /// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
@@ -288,6 +293,93 @@ fn policy_of_config_map(cm: ConfigMap, label: &str) -> Option<ObjectRef<TracingP
     cm.labels().get(label).map(|p| ObjectRef::new(p))
 }
 
+/// Which workloads a store keeps with their [`workloads::Shape`]: those carrying the workload layer's
+/// marks, and those some policy's `spec.workloads` selects (by kind, labels and, once the namespace is
+/// known, its namespace's labels). Every other workload is kept as metadata alone; a policy that selects
+/// it later has it read once (see `layers::stores`).
+#[derive(Clone)]
+struct Keep {
+    policies: Store<TracingPolicy>,
+    namespaces: Store<Meta<Namespace>>,
+    defaults: workloads::Defaults,
+}
+
+impl Keep {
+    fn shape_of(&self, kind: WorkloadKind, meta: &ObjectMeta) -> bool {
+        let namespace = meta.namespace.as_deref().map(ObjectRef::new);
+        let namespace = namespace.and_then(|n| self.namespaces.get(&n));
+        // A namespace not seen yet: its labels are unknown, so it may be selected.
+        let labels = namespace.as_ref().map(|n| n.metadata.labels.clone().unwrap_or_default());
+        workloads::carries_layer(meta)
+            || self.policies.state().iter().any(|p| {
+                p.spec.workloads.as_ref().is_some_and(|s| {
+                    let any_namespace =
+                        crate::api::WorkloadsSpec { namespace_selector: Default::default(), ..s.clone() };
+                    match &labels {
+                        Some(labels) => workloads::selects_meta(s, &self.defaults, kind, meta, Some(labels)),
+                        None => workloads::selects_meta(&any_namespace, &self.defaults, kind, meta, None),
+                    }
+                })
+            })
+    }
+}
+
+/// A workload watch (whole objects, without managedFields) whose objects are pruned for a store as
+/// they arrive, fed into that store, and passed on when a policy should hear of them (`triggers`).
+fn workload_watch<K>(
+    client: &Client,
+    config: &watcher::Config,
+    keep: Keep,
+    workload: fn(K) -> Workload,
+    store: reflector::store::Writer<Pruned<K>>,
+) -> impl futures::Stream<Item = Result<Pruned<K>, watcher::Error>> + Send + 'static
+where
+    K: Parts<Scope = kube::core::NamespaceResourceScope> + Clone + Debug + Send + Sync + 'static,
+    K::Spec: Send + Sync,
+    K::Status: Send + Sync,
+{
+    let prune = move |lean: Lean<K>| {
+        let metadata = workloads::pruned_metadata(&lean.metadata);
+        let workload = workload(lean.into_inner());
+        let shape = keep.shape_of(workload.kind, &metadata).then(|| workload.shape());
+        Pruned::new(metadata, shape)
+    };
+    let events = watcher(Api::<Lean<K>>::all(client.clone()), config.clone()).map_ok(move |event| match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(prune(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(prune(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(Pruned::new(workloads::pruned_metadata(&o.metadata), None)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    });
+    triggers::relevant(events.reflect(store))
+}
+
+/// Maps a workload watch's object to the policies it concerns (`concerns`), but the policy whose own
+/// write this version is (see [`not_the_writer`]).
+fn concerned<K>(
+    ctx: &Arc<Context>,
+    policies: Store<TracingPolicy>,
+    kind: WorkloadKind,
+    concerns: fn(&Store<TracingPolicy>, WorkloadKind, &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>>,
+) -> impl Fn(Pruned<K>) -> Vec<ObjectRef<TracingPolicy>> + Send + Sync + 'static {
+    let ctx = ctx.clone();
+    move |w| not_the_writer(&ctx, kind, &w.metadata, concerns(&policies, kind, &w.metadata))
+}
+
+/// The policies a workload's change concerns, but the policy whose own write this version is: what it
+/// wrote wakes it no more (the stores have it already; its rollout is polled).
+fn not_the_writer(
+    ctx: &Context,
+    kind: WorkloadKind,
+    meta: &ObjectMeta,
+    mut refs: Vec<ObjectRef<TracingPolicy>>,
+) -> Vec<ObjectRef<TracingPolicy>> {
+    if let Some(writer) = ctx.stores.as_ref().and_then(|s| s.written_by(kind, meta)) {
+        refs.retain(|r| r.name != writer);
+    }
+    refs
+}
+
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. Watches use
 /// `clients.watches`, everything else `clients.requests`; every write goes out only while `fence` is
 /// open.
@@ -325,6 +417,12 @@ pub async fn run(
     let statefulset_store = store.clone();
     let daemonset_store = store.clone();
     let namespace_store = store.clone();
+    // The stores of workloads and namespaces (see `layers::stores`), fed by the watches below.
+    let (namespaces, namespace_writer) = reflector::store();
+    let (deployments, deployment_writer) = reflector::store();
+    let (statefulsets, statefulset_writer) = reflector::store();
+    let (daemonsets, daemonset_writer) = reflector::store();
+    let keep = Keep { policies: store.clone(), namespaces: namespaces.clone(), defaults: settings.workloads.clone() };
     let node_store = store.clone();
     let gateway_store = store.clone();
     let context = Arc::new(Context {
@@ -338,32 +436,37 @@ pub async fn run(
         retries: backoff::RetryBackoff::default(),
         canaries: Default::default(),
         flow_reports: Default::default(),
+        stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces)),
     });
-    // Workloads, namespaces, nodes: metadata-only watches (`Meta`: the API server sends metadata, not
-    // whole objects, and managedFields are not even parsed; labels are all the mapping needs), nothing
-    // cached, status churn filtered out (`triggers`). Their lists are
-    // paged and read at the latest version: a list at "any" version comes from the API server's cache
-    // in one piece, however big the cluster.
+    // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
+    // the stores the workload layer reads (`workload_watch`, `layers::stores`). Namespaces and nodes:
+    // metadata-only watches (`Meta`: the API server sends metadata, not whole objects); the namespaces
+    // are kept in a store too. Status churn is filtered out of the triggers (`triggers`). Their lists
+    // are paged and read at the latest version: a list at "any" version comes from the API server's
+    // cache in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
     // The Gateway API and its providers' kinds are watched only where the cluster serves them (a watch
     // on a resource the API server does not know fails on every retry); a kind installed later is seen
     // by the policies' periodic resync, and watched after a restart.
     let gateway_kinds = served_gateway_kinds(&context.client).await;
+    // Workloads: whole objects, each pruned for its store as it arrives (`Keep`); namespaces: metadata.
     let mut controller = controller
         .watches_stream(
-            triggers::relevant(watcher(Api::<Meta<Deployment>>::all(client.clone()), meta.clone())),
-            move |d| policies_for_controller(&deployment_store, WorkloadKind::Deployment, &d.metadata),
+            workload_watch(&client, &meta, keep.clone(), Workload::from_deployment, deployment_writer),
+            concerned(&context, deployment_store, WorkloadKind::Deployment, policies_for_controller),
         )
         .watches_stream(
-            triggers::relevant(watcher(Api::<Meta<StatefulSet>>::all(client.clone()), meta.clone())),
-            move |s| policies_for_workload(&statefulset_store, WorkloadKind::StatefulSet, &s.metadata),
+            workload_watch(&client, &meta, keep.clone(), Workload::from_statefulset, statefulset_writer),
+            concerned(&context, statefulset_store, WorkloadKind::StatefulSet, policies_for_workload),
         )
         .watches_stream(
-            triggers::relevant(watcher(Api::<Meta<DaemonSet>>::all(client.clone()), meta.clone())),
-            move |d| policies_for_controller(&daemonset_store, WorkloadKind::DaemonSet, &d.metadata),
+            workload_watch(&client, &meta, keep, Workload::from_daemonset, daemonset_writer),
+            concerned(&context, daemonset_store, WorkloadKind::DaemonSet, policies_for_controller),
         )
         .watches_stream(
-            triggers::relevant(watcher(Api::<Meta<Namespace>>::all(client.clone()), meta.clone())),
+            triggers::relevant(
+                watcher(Api::<Meta<Namespace>>::all(client.clone()), meta.clone()).reflect(namespace_writer),
+            ),
             move |_| policies_with_workloads(&namespace_store),
         )
         .watches(Api::<ConfigMap>::all(client.clone()), any.clone().labels(ingress::POLICY_LABEL), |cm| {

@@ -151,6 +151,9 @@ async fn namespace_labels(
     if !others || policy.spec.workloads.is_none() {
         return Ok(BTreeMap::new());
     }
+    if let Some(stores) = ctx.stores.as_ref().filter(|s| s.ready()) {
+        return Ok(stores.namespace_labels());
+    }
     let namespaces = Api::<Meta<Namespace>>::all(ctx.client.clone()).list(&ListParams::default()).await?;
     Ok(namespaces.into_iter().map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default())).collect())
 }
@@ -207,7 +210,7 @@ async fn run_layers(
     let gateway_report = gateway_layer(policy, ctx, view, &protected, now).await?;
 
     let labels = namespace_labels(ctx, policy).await?;
-    let (observed, config_maps) = workloads::observe(&ctx.client, view, defaults, |w| {
+    let (observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_ref(), view, defaults, |w| {
         let ns_labels = w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
         older_claimant(ctx, policy, |p| {
             p.spec.workloads.as_ref().is_some_and(|s| workloads::selects(s, defaults, w, ns_labels))
@@ -221,7 +224,8 @@ async fn run_layers(
     let mut written = Written { done: 0, of: 0 };
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
-        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx)).await?;
+        let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
+        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), &notes).await?;
     }
     let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
         .iter()

@@ -8,6 +8,7 @@ pub mod ingress;
 pub mod network;
 pub mod reasons;
 pub mod rollout;
+pub mod stores;
 pub mod workloads;
 
 use std::fmt;

@@ -161,6 +161,78 @@ impl Workload {
         }
     }
 
+    /// What the layer needs of this workload beyond its metadata, for a store.
+    pub fn shape(&self) -> Shape {
+        let pod = self.template.spec.as_ref();
+        let names = |list: Option<&Vec<k8s_openapi::api::core::v1::Container>>| -> Vec<String> {
+            list.into_iter().flatten().map(|c| c.name.clone()).collect()
+        };
+        Shape {
+            injection: self
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(INJECTION_ANNOTATION))
+                .cloned(),
+            containers: pod
+                .map(|p| p.containers.iter())
+                .into_iter()
+                .flatten()
+                .map(|c| (c.name.clone(), c.env.iter().flatten().map(|e| e.name.clone()).collect()))
+                .collect(),
+            init_containers: names(pod.and_then(|p| p.init_containers.as_ref())),
+            volumes: pod.and_then(|p| p.volumes.as_ref()).into_iter().flatten().map(|v| v.name.clone()).collect(),
+            selector: self.selector.clone(),
+            rolled_out: self.rolled_out,
+            paused: self.paused,
+            resumed_at: self.resumed_at,
+            on_delete: self.on_delete,
+            available: self.available,
+        }
+    }
+
+    /// The workload a store holds: its pruned metadata and [`Shape`], with a pod template that has
+    /// only what the plan reads (names, env names, the injection annotation).
+    pub fn from_shape(kind: WorkloadKind, metadata: ObjectMeta, shape: &Shape) -> Self {
+        use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
+        let named = |name: &String| Container { name: name.clone(), ..Default::default() };
+        let template = PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                annotations: shape
+                    .injection
+                    .as_ref()
+                    .map(|h| BTreeMap::from([(INJECTION_ANNOTATION.into(), h.clone())])),
+                ..Default::default()
+            }),
+            spec: Some(PodSpec {
+                containers: shape
+                    .containers
+                    .iter()
+                    .map(|(name, env)| Container {
+                        env: Some(env.iter().map(|e| EnvVar { name: e.clone(), ..Default::default() }).collect()),
+                        ..named(name)
+                    })
+                    .collect(),
+                init_containers: Some(shape.init_containers.iter().map(named).collect()),
+                volumes: Some(shape.volumes.iter().map(|v| Volume { name: v.clone(), ..Default::default() }).collect()),
+                ..Default::default()
+            }),
+        };
+        Self {
+            kind,
+            metadata,
+            template,
+            rolled_out: shape.rolled_out,
+            selector: shape.selector.clone(),
+            paused: shape.paused,
+            resumed_at: shape.resumed_at,
+            on_delete: shape.on_delete,
+            failing: None,
+            available: shape.available,
+        }
+    }
+
     /// How the workload's rollout of crosstrace's `change` (e.g. "the collector sidecar") looks to the
     /// engine.
     pub fn health(&self, change: &str) -> Health {
@@ -182,6 +254,58 @@ impl Workload {
             Health::Progressing { resumed_at: self.resumed_at }
         }
     }
+}
+
+/// What the workload layer reads of a workload besides its metadata, small enough to keep for every
+/// workload a policy may select: the names in its pod template (containers with their env names, init
+/// containers, volumes), the injection annotation of the template, and how its rollout stands. Env
+/// values, images and everything else of the template are left out (the injection is a server-side
+/// apply of crosstrace's own fields: it never needs them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Shape {
+    pub injection: Option<String>,
+    pub containers: Vec<(String, Vec<String>)>,
+    pub init_containers: Vec<String>,
+    pub volumes: Vec<String>,
+    pub selector: Option<LabelSelector>,
+    pub rolled_out: bool,
+    pub paused: bool,
+    pub resumed_at: Option<i64>,
+    pub on_delete: bool,
+    pub available: bool,
+}
+
+/// The metadata a store keeps of a workload: identity, generation, labels (selection) and crosstrace's
+/// own annotations (records and markers); the user's annotations (often a whole
+/// `last-applied-configuration`) are left out.
+pub fn pruned_metadata(meta: &ObjectMeta) -> ObjectMeta {
+    let ours: BTreeMap<String, String> = meta
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with(crate::api::ANNOTATION_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        generation: meta.generation,
+        labels: meta.labels.clone(),
+        annotations: (!ours.is_empty()).then_some(ours),
+        ..Default::default()
+    }
+}
+
+/// Does this workload carry something of the workload layer (a policy's label, record or marker)? A
+/// store keeps the [`Shape`] of those whatever the policies select now.
+pub fn carries_layer(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(POLICY_LABEL))
+        || meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(RECORD_ANNOTATION) || a.contains_key(ROLLED_BACK_ANNOTATION))
 }
 
 /// One workload as observed for a policy.
@@ -744,13 +868,13 @@ fn is_edge_controller(w: &Workload) -> bool {
     w.metadata.labels.as_ref().is_some_and(|l| l.contains_key(super::ingress::POLICY_LABEL))
 }
 
-/// The workloads the layer must look at for a policy: those it selects, and those it changed before.
-pub async fn observe(
+/// The workloads a policy selects and those it changed before, listed (the stores are not synced yet).
+async fn listed(
     client: &Client,
     policy: PolicyView<'_>,
     defaults: &Defaults,
     claimant: impl Fn(&Workload) -> Option<String>,
-) -> Result<(Vec<Observed>, Vec<ConfigMap>), super::ObserveError> {
+) -> Result<Found, super::ObserveError> {
     // What the policy selects, namespace by namespace (a few lists in flight at once) ...
     let selected = async {
         let Some(spec) = policy.spec.workloads.as_ref().filter(|_| !policy.deleting) else {
@@ -779,13 +903,11 @@ pub async fn observe(
     };
     // ... and, at the same time, what carries its label (it changed them) and its ConfigMaps.
     let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
-    let config_maps = Api::<ConfigMap>::all(client.clone());
-    let (selected, deployments, statefulsets, daemonsets, config_maps) = futures::try_join!(
+    let (selected, deployments, statefulsets, daemonsets) = futures::try_join!(
         selected,
         labelled_keys(client, WorkloadKind::Deployment, &labelled).err_into(),
         labelled_keys(client, WorkloadKind::StatefulSet, &labelled).err_into(),
         labelled_keys(client, WorkloadKind::DaemonSet, &labelled).err_into(),
-        config_maps.list(&labelled).err_into(),
     )?;
     let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
     for w in selected.into_iter().filter(|w| !is_edge_controller(w)) {
@@ -815,16 +937,159 @@ pub async fn observe(
             }
         }
     }
-    // Rollouts of this policy in flight: do pods of its revision fail to start? (Few: a batch at most.)
+    Ok(found)
+}
+
+/// What the layer looks at, by workload.
+type Found = BTreeMap<(ObjectKey, WorkloadKind), Observed>;
+
+/// The workloads a policy selects and those it changed before, from the stores: no list of the
+/// cluster; a workload the store knows by its metadata alone is read (once: the stores remember it).
+async fn stored(
+    client: &Client,
+    stores: &super::stores::Stores,
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    claimant: impl Fn(&Workload) -> Option<String>,
+) -> Result<Found, super::ObserveError> {
+    let spec = policy.spec.workloads.as_ref().filter(|_| !policy.deleting);
+    // Bad selectors fail the observation, as the list path's requests would.
+    if let Some(spec) = spec {
+        selector(&spec.namespace_selector)
+            .map_err(super::ObserveError::selector("spec.workloads.namespaceSelector"))?;
+    }
+    let params = &match spec.and_then(|s| s.selector.as_ref()) {
+        Some(s) => ListParams::default()
+            .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?),
+        None => ListParams::default(),
+    };
+    let namespaces = spec.map(|_| stores.namespace_labels()).unwrap_or_default();
+    let selected = |kind: WorkloadKind, meta: &ObjectMeta| {
+        let Some(spec) = spec else { return false };
+        let labels = meta.namespace.as_ref().and_then(|n| namespaces.get(n));
+        let edge = meta.labels.as_ref().is_some_and(|l| l.contains_key(super::ingress::POLICY_LABEL));
+        labels.is_some() && !edge && selects_meta(spec, defaults, kind, meta, labels)
+    };
+    let labelled =
+        |meta: &ObjectMeta| meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)).is_some_and(|p| p == policy.name);
+    let mut found = Found::new();
+    let mut add = |w: Workload| {
+        let selected = selected(w.kind, &w.metadata);
+        if selected || labelled(&w.metadata) {
+            let claimed_by = if selected { claimant(&w) } else { None };
+            found.insert((w.key(), w.kind), Observed { workload: w, selected, claimed_by });
+        }
+    };
+    let mut unread = Vec::new();
+    for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
+        for w in stores.workloads(kind, |m| selected(kind, m) || labelled(m)) {
+            match w {
+                Ok(w) => add(w),
+                Err(key) => unread.push((kind, key)),
+            }
+        }
+    }
+    // Those a policy selects that the store kept as metadata (none selected them when they last
+    // changed): a few are read one by one, a namespace's many with one list of what the policy selects.
+    if !unread.is_empty() {
+        tracing::debug!(unread = unread.len(), "selected workloads the stores hold as metadata alone are read");
+    }
+    let mut groups: BTreeMap<(WorkloadKind, String), BTreeSet<ObjectKey>> = BTreeMap::new();
+    for (kind, key) in unread {
+        groups.entry((kind, key.namespace.clone())).or_default().insert(key);
+    }
+    let reads = futures::stream::iter(groups)
+        .map(|((kind, namespace), keys)| async move {
+            if keys.len() <= READ_ONE_BY_ONE {
+                let reads = futures::future::try_join_all(keys.iter().map(|key| get(client, kind, key))).await?;
+                return Ok(reads.into_iter().flatten().collect());
+            }
+            let mut read = Vec::new();
+            list(client, kind, Some(&namespace), params, |w| {
+                if keys.contains(&w.key()) {
+                    read.push(w);
+                }
+            })
+            .await
+            .map(|()| read)
+        })
+        .buffer_unordered(LIST_CONCURRENCY)
+        .try_concat()
+        .await?;
+    for w in reads {
+        stores.saw(&w, None);
+        add(w);
+    }
+    stores.forget_stale();
+    Ok(found)
+}
+
+/// The workloads the layer must look at for a policy: those it selects, and those it changed before;
+/// and its collector ConfigMaps. From the stores once they are synced; listed before.
+pub async fn observe(
+    client: &Client,
+    stores: Option<&super::stores::Stores>,
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    claimant: impl Fn(&Workload) -> Option<String>,
+) -> Result<(Vec<Observed>, Vec<ConfigMap>), super::ObserveError> {
+    let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
+    let config_maps = Api::<ConfigMap>::all(client.clone());
+    let found = async {
+        match stores.filter(|s| s.ready()) {
+            Some(stores) => stored(client, stores, policy, defaults, claimant).await,
+            None => {
+                tracing::debug!("the stores are not synced yet: listing the workloads");
+                listed(client, policy, defaults, claimant).await
+            }
+        }
+    };
+    let (mut found, config_maps) = futures::try_join!(found, config_maps.list(&labelled).err_into())?;
+    // Rollouts of this policy in flight: do pods of its revision fail to start? (A batch at most.)
     let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
         (record.policy == policy.name && !converged(&o.workload.metadata, &record))
             .then_some((&mut o.workload, record.hash))
     });
+    let mut by_namespace: BTreeMap<String, Vec<(&mut Workload, String)>> = BTreeMap::new();
     for (workload, hash) in in_flight {
-        workload.failing = failing_pod(client, workload, &hash).await?;
+        by_namespace.entry(workload.metadata.namespace.clone().unwrap_or_default()).or_default().push((workload, hash));
+    }
+    for (namespace, mut rollouts) in by_namespace {
+        if rollouts.len() <= READ_ONE_BY_ONE {
+            for (workload, hash) in rollouts {
+                workload.failing = failing_pod(client, workload, &hash).await?;
+            }
+        } else {
+            failing_pods(client, &namespace, &mut rollouts).await?;
+        }
     }
     Ok((found.into_values().collect(), config_maps.items))
+}
+
+/// [`failing_pod`] for many rollouts of one namespace, from one list of its pods.
+async fn failing_pods(
+    client: &Client,
+    namespace: &str,
+    rollouts: &mut [(&mut Workload, String)],
+) -> Result<(), kube::Error> {
+    let mut by_hash: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, (_, hash)) in rollouts.iter().enumerate() {
+        by_hash.entry(hash.clone()).or_default().push(i);
+    }
+    let selectors: Vec<_> = rollouts.iter().map(|(w, _)| w.selector.as_ref().and_then(|s| selector(s).ok())).collect();
+    list_paged(&Api::<Lean<Pod>>::namespaced(client.clone(), namespace), &ListParams::default(), |p| {
+        let pod = p.into_inner();
+        let hash = pod.metadata.annotations.as_ref().and_then(|a| a.get(INJECTION_ANNOTATION));
+        for &i in hash.and_then(|h| by_hash.get(h)).into_iter().flatten() {
+            let workload = &mut rollouts[i].0;
+            let selected = selectors[i].as_ref().is_some_and(|s| matches(s, pod.metadata.labels.as_ref()));
+            if selected && workload.failing.is_none() {
+                workload.failing = health::pod_failing(&pod);
+            }
+        }
+    })
+    .await
 }
 
 /// Why a pod of crosstrace's revision (its template carries the injection's hash) of `w` cannot start.
@@ -857,11 +1122,22 @@ pub fn selects(
     w: &Workload,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> bool {
-    let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
+    selects_meta(spec, defaults, w.kind, &w.metadata, namespace_labels)
+}
+
+/// [`selects`], by the workload's kind and metadata.
+pub fn selects_meta(
+    spec: &WorkloadsSpec,
+    defaults: &Defaults,
+    kind: WorkloadKind,
+    meta: &ObjectMeta,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let namespace = meta.namespace.as_deref().unwrap_or_default();
     !defaults.protects(namespace)
-        && spec.kinds.contains(&w.kind)
+        && spec.kinds.contains(&kind)
         && selector(&spec.namespace_selector).is_ok_and(|s| matches(&s, namespace_labels))
-        && spec.selector.as_ref().is_none_or(|s| selector(s).is_ok_and(|s| matches(&s, w.metadata.labels.as_ref())))
+        && spec.selector.as_ref().is_none_or(|s| selector(s).is_ok_and(|s| matches(&s, meta.labels.as_ref())))
 }
 
 #[cfg(test)]
@@ -1061,6 +1337,34 @@ mod tests {
         let fix = plan(view(&s), &defaults(), &[drifted], &[cm], NOW + 10);
         assert_eq!(fix.drifted, vec![t.workload.key()]);
         assert!(matches!(fix.actions[..], [Action::Inject { .. }]));
+    }
+
+    /// The workload as a store keeps it: pruned metadata and its shape.
+    fn stored(t: &Observed) -> Observed {
+        let w = &t.workload;
+        Observed { workload: Workload::from_shape(w.kind, pruned_metadata(&w.metadata), &w.shape()), ..t.clone() }
+    }
+
+    #[test]
+    fn a_stored_workload_plans_as_the_whole_object() {
+        let s = spec();
+        let mut t = selected(workload("cart", &[("OTEL_SERVICE_NAME", "mine"), ("LANG", "C")]));
+        let annotations = t.workload.metadata.annotations.get_or_insert_default();
+        annotations.insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{...}".into());
+        let same = |t: &Observed, now: i64| {
+            let whole = plan(view(&s), &defaults(), std::slice::from_ref(t), &[], now);
+            assert_eq!(plan(view(&s), &defaults(), &[stored(t)], &[], now), whole);
+            whole
+        };
+        let first = same(&t, NOW);
+        t = injected(t, &first.actions);
+        let healthy = same(&t, NOW + 5);
+        t = injected(t, &healthy.actions);
+        assert!(!same(&t, NOW + 6).actions.iter().any(|a| matches!(a, Action::Inject { .. })), "converged");
+        t.workload.template.spec.as_mut().unwrap().init_containers = None;
+        assert_eq!(same(&t, NOW + 7).drifted, vec![t.workload.key()]);
+        let kept = pruned_metadata(&t.workload.metadata);
+        assert!(kept.annotations.unwrap().keys().all(|k| k.starts_with("crosstrace.dev/")), "only crosstrace's");
     }
 
     #[test]

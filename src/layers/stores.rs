@@ -1,0 +1,311 @@
+//! Watch-backed stores of the workloads and namespaces, shared by every reconcile.
+//!
+//! The controller's watches of Deployments, StatefulSets and DaemonSets feed reflectors that keep each
+//! workload pruned ([`Pruned`]): its metadata without managedFields nor the user's annotations, and, for
+//! a workload some policy may select (its kind and labels match a policy's `spec.workloads`, whatever
+//! the namespace) or that carries the workload layer's marks, the [`Shape`] the plan reads. Every other
+//! workload is kept as metadata alone, so memory grows with the targets, not with the cluster's
+//! workloads. The workload layer reads these stores instead of listing the cluster on every reconcile.
+//!
+//! A store lags behind the API server by a watch event. Two things cover the gap, in [`Stores::seen`]:
+//! - what crosstrace wrote (the object each server-side apply returned), used until the store shows
+//!   a newer version, so a reconcile right after a write plans from it and not from the object before;
+//! - workloads the store kept as metadata alone (no policy selected them when they last changed) and
+//!   a policy selects now: read once (GET), used while the store shows the same version.
+//!
+//! What crosstrace wrote also tells the trigger filter that a watch event is the echo of the writing
+//! policy's own write (see [`Stores::written_by`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::ObjectKey;
+use super::workloads::{Shape, Workload, pruned_metadata};
+use crate::api::WorkloadKind;
+use crate::lean::{Meta, Pruned};
+
+/// A version of a workload newer than (or missing from) its store's, pruned as the store would keep it.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// The store's resourceVersion when this was seen: while the store shows it (or this one's own),
+    /// this is the newest known.
+    base: Option<String>,
+    metadata: ObjectMeta,
+    shape: Shape,
+    /// The policy whose write this is (`None`: read, not written).
+    written_by: Option<String>,
+}
+
+impl Seen {
+    fn version(&self) -> Option<&String> {
+        self.metadata.resource_version.as_ref()
+    }
+
+    /// Is this still the newest known, with the store at `stored`?
+    fn current(&self, stored: Option<&String>) -> bool {
+        stored == self.base.as_ref() || stored == self.version()
+    }
+}
+
+/// A policy's workload writes, as the stores hear of them.
+pub struct Writes<'a> {
+    stores: &'a Stores,
+    policy: &'a str,
+}
+
+impl crate::controller::apply::WriteNotes for Writes<'_> {
+    fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
+        let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
+        writing.insert((kind, key.clone()), self.policy.to_string());
+    }
+
+    fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
+        if let Some(w) = left {
+            self.stores.saw(w, Some(self.policy));
+        }
+        self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
+    }
+}
+
+/// The stores of the workload kinds and of the namespaces, and what was seen newer than them.
+pub struct Stores {
+    pub deployments: Store<Pruned<Deployment>>,
+    pub statefulsets: Store<Pruned<StatefulSet>>,
+    pub daemonsets: Store<Pruned<DaemonSet>>,
+    pub namespaces: Store<Meta<Namespace>>,
+    seen: Mutex<HashMap<(WorkloadKind, ObjectKey), Seen>>,
+    /// Workload writes in flight, by the policy writing.
+    writing: Mutex<HashMap<(WorkloadKind, ObjectKey), String>>,
+}
+
+/// Has this store's reflector taken in its first list?
+fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> bool {
+    store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
+}
+
+/// The workloads of a store whose metadata `keep` accepts, each as the newest version known (see
+/// [`Stores::workloads`]).
+fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
+    store: &Store<Pruned<K>>,
+    kind: WorkloadKind,
+    keep: &impl Fn(&ObjectMeta) -> bool,
+    seen: &HashMap<(WorkloadKind, ObjectKey), Seen>,
+) -> Vec<Result<Workload, ObjectKey>> {
+    let stored = store.state_filter(|p| keep(&p.metadata));
+    stored
+        .iter()
+        .map(|p| {
+            let (meta, shape) = (&p.metadata, p.shape.as_ref());
+            let key = ObjectKey::of(meta);
+            let newer = seen.get(&(kind, key.clone())).filter(|s| {
+                s.current(meta.resource_version.as_ref())
+                    && !(shape.is_some() && meta.resource_version.as_ref() == s.version())
+            });
+            match (newer, shape) {
+                (Some(s), _) => Ok(Workload::from_shape(kind, s.metadata.clone(), &s.shape)),
+                (None, Some(shape)) => Ok(Workload::from_shape(kind, meta.clone(), shape)),
+                (None, None) => Err(key),
+            }
+        })
+        .collect()
+}
+
+fn version_in<K: kube::Resource<DynamicType = ()> + 'static>(
+    store: &Store<Pruned<K>>,
+    key: &ObjectKey,
+) -> Option<String> {
+    store.get(&ObjectRef::new(&key.name).within(&key.namespace)).and_then(|p| p.metadata.resource_version.clone())
+}
+
+impl Stores {
+    pub fn new(
+        deployments: Store<Pruned<Deployment>>,
+        statefulsets: Store<Pruned<StatefulSet>>,
+        daemonsets: Store<Pruned<DaemonSet>>,
+        namespaces: Store<Meta<Namespace>>,
+    ) -> Self {
+        Self { deployments, statefulsets, daemonsets, namespaces, seen: Mutex::default(), writing: Mutex::default() }
+    }
+
+    /// Has every store taken in its first list? Until then a reconcile lists the cluster as before.
+    pub fn ready(&self) -> bool {
+        ready(&self.deployments) && ready(&self.statefulsets) && ready(&self.daemonsets) && ready(&self.namespaces)
+    }
+
+    /// Labels of every namespace.
+    pub fn namespace_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.namespaces
+            .state()
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
+            .collect()
+    }
+
+    fn version(&self, kind: WorkloadKind, key: &ObjectKey) -> Option<String> {
+        match kind {
+            WorkloadKind::Deployment => version_in(&self.deployments, key),
+            WorkloadKind::StatefulSet => version_in(&self.statefulsets, key),
+            WorkloadKind::DaemonSet => version_in(&self.daemonsets, key),
+        }
+    }
+
+    /// The workloads of `kind` whose metadata `keep` accepts, each as the newest version known: the
+    /// store's, or what was seen newer. `Err` holds the key of those known by their metadata alone
+    /// (to be read).
+    pub fn workloads(
+        &self,
+        kind: WorkloadKind,
+        keep: impl Fn(&ObjectMeta) -> bool,
+    ) -> Vec<Result<Workload, ObjectKey>> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match kind {
+            WorkloadKind::Deployment => newest(&self.deployments, kind, &keep, &seen),
+            WorkloadKind::StatefulSet => newest(&self.statefulsets, kind, &keep, &seen),
+            WorkloadKind::DaemonSet => newest(&self.daemonsets, kind, &keep, &seen),
+        }
+    }
+
+    /// Remembers a workload read (`written_by: None`) or written by a policy, newer than the store's.
+    pub fn saw(&self, workload: &Workload, written_by: Option<&str>) {
+        let key = workload.key();
+        let base = self.version(workload.kind, &key);
+        let seen = Seen {
+            base,
+            metadata: pruned_metadata(&workload.metadata),
+            shape: workload.shape(),
+            written_by: written_by.map(str::to_string),
+        };
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((workload.kind, key), seen);
+    }
+
+    /// The policy whose write this version of a workload is, if crosstrace wrote it: the version its
+    /// write returned, or any version while the write is in flight (its echo can arrive before its
+    /// response; a change by someone else in that instant is seen by the policy's next look, which
+    /// comes soon: it has a rollout in flight).
+    pub fn written_by(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Option<String> {
+        let key = (kind, ObjectKey::of(meta));
+        if let Some(policy) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Some(policy.clone());
+        }
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let s = seen.get(&key)?;
+        (meta.resource_version.is_some() && s.version() == meta.resource_version.as_ref())
+            .then(|| s.written_by.clone())
+            .flatten()
+    }
+
+    /// What `policy`'s workload writes tell the stores.
+    pub fn writes_of<'a>(&'a self, policy: &'a str) -> Writes<'a> {
+        Writes { stores: self, policy }
+    }
+
+    /// Forgets what the stores have caught up with (or what is gone): only versions newer than the
+    /// store's, and the last write of each workload until it changes again, are kept.
+    pub fn forget_stale(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|(kind, key), s| {
+            let stored = self.version(*kind, key);
+            stored.is_some() && s.current(stored.as_ref())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::{self, store::Writer};
+    use kube::runtime::watcher::Event;
+
+    fn meta(name: &str, version: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            resource_version: Some(version.into()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn workload(name: &str, version: &str, rolled_out: bool) -> Workload {
+        Workload {
+            kind: WorkloadKind::Deployment,
+            metadata: meta(name, version, &[]),
+            rolled_out,
+            ..Default::default()
+        }
+    }
+
+    fn stores() -> (Stores, Writer<Pruned<Deployment>>) {
+        let (deployments, writer) = reflector::store();
+        let stores = Stores::new(deployments, reflector::store().0, reflector::store().0, reflector::store().0);
+        (stores, writer)
+    }
+
+    fn rolled_out(stores: &Stores) -> Vec<Result<bool, String>> {
+        let all = stores.workloads(WorkloadKind::Deployment, |_| true);
+        all.into_iter().map(|w| w.map(|w| w.rolled_out).map_err(|k| k.name)).collect()
+    }
+
+    #[test]
+    fn a_write_in_flight_owns_every_echo_until_it_ends() {
+        use crate::controller::apply::WriteNotes;
+        let (stores, _writer) = stores();
+        let notes = stores.writes_of("shop");
+        let key = ObjectKey::new("shop", "cart");
+        let echo = meta("cart", "5", &[]);
+        notes.writing(WorkloadKind::Deployment, &key);
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo).as_deref(), Some("shop"));
+        assert_eq!(stores.written_by(WorkloadKind::StatefulSet, &echo), None, "another kind");
+        notes.written(WorkloadKind::Deployment, &key, None);
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo), None, "failed: nothing was written");
+    }
+
+    #[test]
+    fn a_store_is_trusted_only_after_its_first_list() {
+        let (stores, mut writer) = stores();
+        assert!(!stores.ready());
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitDone);
+        assert!(ready(&stores.deployments));
+        assert!(!stores.ready(), "every store");
+    }
+
+    #[test]
+    fn a_workload_kept_as_metadata_is_read_once_and_used_until_it_changes() {
+        let (stores, mut writer) = stores();
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), None)));
+        assert_eq!(rolled_out(&stores), [Err("cart".to_string())]);
+        stores.saw(&workload("cart", "1", true), None);
+        assert_eq!(rolled_out(&stores), [Ok(true)]);
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &meta("cart", "1", &[])), None, "read, not written");
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "2", &[]), None)));
+        assert_eq!(rolled_out(&stores), [Err("cart".to_string())], "changed since: read again");
+        stores.forget_stale();
+        assert!(stores.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_write_is_used_until_the_store_shows_it_and_marks_its_own_echo() {
+        let (stores, mut writer) = stores();
+        let shape = |rolled_out| Some(Shape { rolled_out, ..Default::default() });
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), shape(true))));
+        stores.saw(&workload("cart", "2", false), Some("shop"));
+        assert_eq!(rolled_out(&stores), [Ok(false)], "the write, not the store's older version");
+        let echo = meta("cart", "2", &[]);
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo).as_deref(), Some("shop"));
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(echo.clone(), shape(false))));
+        stores.forget_stale();
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo).as_deref(), Some("shop"), "kept for the echo");
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "3", &[]), shape(true))));
+        assert_eq!(rolled_out(&stores), [Ok(true)], "the owner's change after the write");
+        assert_eq!(stores.written_by(WorkloadKind::Deployment, &meta("cart", "3", &[])), None);
+        stores.forget_stale();
+        assert!(stores.seen.lock().unwrap().is_empty());
+    }
+}
