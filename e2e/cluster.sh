@@ -113,12 +113,8 @@ record_pid() {
 
 pid_of() { cat "$state/pids/$1.pid" 2>/dev/null || true; }
 
-# True when the PID exists and is not a zombie (an exited child nobody has reaped yet counts as gone).
-alive() {
-  local pid=$1 st
-  [ -n "$pid" ] && st="$(cut -d')' -f2 "/proc/$pid/stat" 2>/dev/null)" || return 1
-  [ "${st:1:1}" != Z ]
-}
+# shellcheck source=e2e/processes.sh
+source "$here/processes.sh"
 
 # True when the PID runs and is one of ours: every command line we start names a path in $state, so a
 # PID reused by an unrelated process after a crash is never mistaken for ours.
@@ -138,7 +134,7 @@ start_bg() {
 }
 
 stop_pid() {
-  local name=$1 pid i
+  local name=$1 pid
   pid="$(pid_of "$name")"
   [ -n "$pid" ] || return 0
   alive "$pid" || return 0
@@ -146,18 +142,7 @@ stop_pid() {
     log "not stopping PID $pid ($name): it is no longer the process we started"
     return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do # up to 10 s
-    alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (PID $pid) ignored SIGTERM for 10 s; sending SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (PID $pid) survived SIGKILL"
+  terminate "$name" "$pid"
 }
 
 # Every recorded process, newest first.

@@ -39,11 +39,8 @@ on_exit() {
 }
 trap on_exit EXIT
 
-alive() {
-  local pid=$1 st
-  [ -n "$pid" ] && st="$(cut -d')' -f2 "/proc/$pid/stat" 2>/dev/null)" || return 1
-  [ "${st:1:1}" != Z ]
-}
+# shellcheck source=e2e/processes.sh
+source "$here/processes.sh"
 
 # A live PID whose command line names DIR: one of ours, not a reused PID.
 ours() {
@@ -51,16 +48,10 @@ ours() {
 }
 
 stop_pid() {
-  local name=$1 pid i
+  local name=$1 pid
   pid="$(cat "$dir/pids/$name.pid" 2>/dev/null || true)"
   ours "$pid" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (PID $pid) ignored SIGTERM for 10 s; sending SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
+  terminate "$name" "$pid"
 }
 
 # Root, or this script again through password-less sudo with the environment it needs (sudo resets it).
