@@ -8,19 +8,23 @@ alive() {
   [ "${st:1:1}" != Z ]
 }
 
+# True once PID is gone, waiting up to N tenths of a second.
+gone_within() {
+  local pid=$1 n=$2 i
+  for ((i = 0; i < n; i++)); do
+    alive "$pid" || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # Stops PID (NAME in the log): SIGTERM and up to 10 s, then SIGKILL and up to 5 s.
 terminate() {
-  local name=$1 pid=$2 i
+  local name=$1 pid=$2
   kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    alive "$pid" || return 0
-    sleep 0.1
-  done
+  gone_within "$pid" 100 && return 0
   log "$name (PID $pid) ignored SIGTERM for 10 s; sending SIGKILL"
   kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    alive "$pid" || return 0
-    sleep 0.1
-  done
+  gone_within "$pid" 50 && return 0
   log "$name (PID $pid) survived SIGKILL"
 }
