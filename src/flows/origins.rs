@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::api::NodeTracing;
+use crate::api::node_tracing::BridgeExport;
 
 /// The node (and bridge) a datagram comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,22 +36,24 @@ impl Origin {
     }
 }
 
+/// The sFlow exports that name an agent address (what `spec.network.correlate` writes), of every
+/// `NodeTracing` not being deleted: its node, the export, the address.
+fn correlating<'a>(
+    tracings: impl IntoIterator<Item = &'a NodeTracing>,
+) -> impl Iterator<Item = (&'a str, &'a BridgeExport, IpAddr)> {
+    tracings.into_iter().filter(|t| t.metadata.deletion_timestamp.is_none()).flat_map(|t| {
+        t.spec.bridges.iter().filter_map(move |export| {
+            let agent = export.sflow.as_ref()?.agent.parse::<IpAddr>().ok()?;
+            Some((t.spec.node_name.as_str(), export, agent))
+        })
+    })
+}
+
 /// Agent address → origin, from every readable `NodeTracing`.
 pub fn origins<'a>(tracings: impl IntoIterator<Item = &'a NodeTracing>) -> HashMap<IpAddr, Origin> {
     let mut claims: BTreeMap<IpAddr, BTreeMap<&str, BTreeSet<&str>>> = BTreeMap::new();
-    for tracing in tracings {
-        if tracing.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        for export in &tracing.spec.bridges {
-            let Some(agent) = export.sflow.as_ref().and_then(|s| s.agent.parse::<IpAddr>().ok()) else { continue };
-            claims
-                .entry(agent)
-                .or_default()
-                .entry(tracing.spec.node_name.as_str())
-                .or_default()
-                .insert(export.bridge.as_str());
-        }
+    for (node, export, agent) in correlating(tracings) {
+        claims.entry(agent).or_default().entry(node).or_default().insert(export.bridge.as_str());
     }
     claims
         .into_iter()
@@ -63,10 +66,18 @@ pub fn origins<'a>(tracings: impl IntoIterator<Item = &'a NodeTracing>) -> HashM
         .collect()
 }
 
+/// Per node, the policies whose sFlow export there names an agent address (i.e. correlates).
+pub fn policies_by_node<'a>(tracings: impl IntoIterator<Item = &'a NodeTracing>) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (node, export, _) in correlating(tracings) {
+        out.entry(node.to_string()).or_default().insert(export.policy.clone());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::node_tracing::BridgeExport;
     use crate::api::{NodeTracingSpec, SflowSpec};
 
     fn tracing(node: &str, bridges: &[(&str, &str)]) -> NodeTracing {
@@ -100,6 +111,15 @@ mod tests {
         assert_eq!(at("127.0.1.1"), Some(Origin { node: "n0".into(), bridge: Some("br-int".into()) }));
         assert_eq!(at("10.0.0.2"), Some(Origin { node: "n1".into(), bridge: None }), "two bridges: not known");
         assert_eq!(map.len(), 2, "no address, or an interface name, names nothing: {map:?}");
+    }
+
+    #[test]
+    fn a_node_names_the_policies_that_correlate_there() {
+        let mut all = vec![tracing("n0", &[("br-int", "127.0.1.1"), ("br-ex", "")]), tracing("n1", &[("br-int", "")])];
+        all[0].spec.bridges[0].policy = "p".into();
+        all[0].spec.bridges[1].policy = "q".into();
+        let by_node = policies_by_node(&all);
+        assert_eq!(by_node, BTreeMap::from([("n0".to_string(), BTreeSet::from(["p".to_string()]))]));
     }
 
     #[test]

@@ -31,8 +31,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::net::UdpSocket;
 
-use super::origins::{Origin, origins};
-use super::reporter::{Reporter, SharedTally, Tallied, lock, policies_by_node};
+use super::origins::{Origin, origins, policies_by_node};
+use super::reporter::{Reporter, SharedTally, Tallied, lock};
 use super::{SampleSpan, correlate, sflow};
 use crate::api::NodeTracing;
 use crate::lenient::{self, Seen};

@@ -159,22 +159,6 @@ impl Reporter {
     }
 }
 
-/// Per node, the policies that export sFlow there with an agent address (i.e. correlate), from the
-/// `NodeTracing` objects.
-pub fn policies_by_node<'a>(
-    tracings: impl IntoIterator<Item = &'a crate::api::NodeTracing>,
-) -> BTreeMap<String, BTreeSet<String>> {
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for tracing in tracings {
-        for export in &tracing.spec.bridges {
-            if export.sflow.as_ref().is_some_and(|s| !s.agent.is_empty()) {
-                out.entry(tracing.spec.node_name.clone()).or_default().insert(export.policy.clone());
-            }
-        }
-    }
-    out
-}
-
 /// The fresh reports of every receiver replica, as the operator reads them: one list of the Leases
 /// labelled [`REPORT_LABEL`] in its namespace, shared by every policy for a few seconds.
 #[derive(Default)]
