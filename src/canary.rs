@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::{InstrumentationScope, KeyValue};
@@ -90,20 +90,18 @@ fn canary(trace_id: TraceId, span_id: SpanId) -> SpanData {
 /// collector is asked at most once per `every`.
 #[derive(Default)]
 pub struct Canaries {
-    last: Mutex<HashMap<(String, bool), (Instant, Probe)>>,
+    last: crate::memo::Memo<(String, bool), Probe>,
 }
 
 impl Canaries {
     /// The canary for `collector`: the last one if younger than `every`, else a new one.
     pub async fn get(&self, collector: &CollectorSpec, every: Duration, timeout: Duration) -> Probe {
         let key = (collector.endpoint.clone(), collector.protocol == OtlpProtocol::Grpc);
-        if let Some((at, probe)) = self.last.lock().expect("canary memo").get(&key)
-            && at.elapsed() < every
-        {
-            return probe.clone();
+        if let Some(probe) = self.last.fresh(&key, every) {
+            return probe;
         }
         let probe = probe(collector, timeout).await;
-        self.last.lock().expect("canary memo").insert(key, (Instant::now(), probe.clone()));
+        self.last.put(key, probe.clone());
         probe
     }
 }
@@ -128,7 +126,7 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         for protocol in [OtlpProtocol::Grpc, OtlpProtocol::Http] {
             let collector = CollectorSpec { endpoint: format!("127.0.0.1:{port}"), protocol };
-            let started = Instant::now();
+            let started = std::time::Instant::now();
             let probe = probe(&collector, Duration::from_secs(3)).await;
             assert!(probe.outcome.is_err(), "{protocol:?}: {probe:?}");
             assert!(started.elapsed() < Duration::from_secs(5));

@@ -22,6 +22,7 @@ pub mod layers;
 pub mod leader;
 pub mod lean;
 pub mod lenient;
+pub mod memo;
 pub mod metrics;
 pub mod telemetry;
 pub mod uninstall;

@@ -163,7 +163,7 @@ impl Reporter {
 /// labelled [`REPORT_LABEL`] in its namespace, shared by every policy for a few seconds.
 #[derive(Default)]
 pub struct Reports {
-    last: Mutex<Option<(std::time::Instant, Vec<Report>)>>,
+    last: crate::memo::Memo<(), Vec<Report>>,
 }
 
 /// How long one listing serves every policy.
@@ -172,15 +172,13 @@ const REPORTS_MEMO: Duration = Duration::from_secs(5);
 impl Reports {
     /// The reports whose Lease is not stale (renewed within its duration). `Err`: the list failed.
     pub async fn get(&self, api: &Api<Lease>) -> Result<Vec<Report>, String> {
-        if let Some((at, reports)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner())
-            && at.elapsed() < REPORTS_MEMO
-        {
-            return Ok(reports.clone());
+        if let Some(reports) = self.last.fresh(&(), REPORTS_MEMO) {
+            return Ok(reports);
         }
         let params = kube::api::ListParams::default().labels(&format!("{REPORT_LABEL}=true"));
         let leases = api.list(&params).await.map_err(|e| e.to_string())?;
         let reports = fresh_reports(&leases.items, Timestamp::now());
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), reports.clone()));
+        self.last.put((), reports.clone());
         Ok(reports)
     }
 }
