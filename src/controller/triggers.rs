@@ -4,21 +4,45 @@
 //! second; each update is a watch event, and reconciling the policy for each would observe every
 //! target again and again. A policy only needs to hear of a workload that appeared or was deleted, or
 //! whose labels (selection, ownership), annotations (the layers' records) or generation (its spec:
-//! an injection made, or removed by someone else) changed. A rollout in flight is polled instead
-//! (`Settings::poll`), and a converged policy is looked at again every `Settings::resync`.
+//! an injection made, or removed by someone else) changed, or whose rollout finished or stopped being
+//! finished (a health gate waits for exactly that: the next batch starts when the controller manager
+//! reports the last one rolled out, not at the next poll). A rollout in flight is also polled
+//! (`Settings::poll`, for what no event says: a progress deadline passing), and a converged policy is
+//! looked at again every `Settings::resync`.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use futures::{Stream, StreamExt};
 use kube::Resource;
+use kube::api::{DynamicObject, PartialObjectMeta};
 use kube::runtime::watcher::{self, Event};
 
+use crate::lean::{Meta, Pruned};
+
+/// What of an object's status a policy waits for, beyond its metadata.
+pub trait Progress {
+    /// A workload's rollout state as the health gates read it (`None`: nothing beyond the metadata).
+    fn progress(&self) -> Option<(bool, bool)> {
+        None
+    }
+}
+
+impl<K> Progress for Pruned<K> {
+    fn progress(&self) -> Option<(bool, bool)> {
+        self.shape.as_ref().map(|s| (s.rolled_out, s.available))
+    }
+}
+
+impl<K> Progress for Meta<K> {}
+
+impl Progress for PartialObjectMeta<DynamicObject> {}
+
 /// Hash of what a policy reacts to on an object.
-fn fingerprint<K: Resource>(obj: &K) -> u64 {
+fn fingerprint<K: Resource + Progress>(obj: &K) -> u64 {
     let meta = obj.meta();
     let mut hasher = DefaultHasher::new();
-    (meta.generation, &meta.labels, &meta.annotations).hash(&mut hasher);
+    (meta.generation, &meta.labels, &meta.annotations, obj.progress()).hash(&mut hasher);
     hasher.finish()
 }
 
@@ -37,7 +61,7 @@ struct Seen {
 
 impl Seen {
     /// The object, if a policy should hear of this event.
-    fn relevant<K: Resource>(&mut self, event: Event<K>) -> Option<K> {
+    fn relevant<K: Resource + Progress>(&mut self, event: Event<K>) -> Option<K> {
         match event {
             Event::Apply(obj) => {
                 let print = fingerprint(&obj);
@@ -69,7 +93,7 @@ impl Seen {
 }
 
 /// The objects of a watch a policy should hear of (see the module documentation); errors pass through.
-pub fn relevant<K: Resource>(
+pub fn relevant<K: Resource + Progress>(
     events: impl Stream<Item = Result<Event<K>, watcher::Error>>,
 ) -> impl Stream<Item = Result<K, watcher::Error>> {
     let mut seen = Seen::default();
@@ -85,25 +109,29 @@ pub fn relevant<K: Resource>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::workloads::Shape;
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use std::collections::BTreeMap;
 
-    fn deployment(name: &str, generation: i64, rv: &str, label: &str) -> Deployment {
-        Deployment {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("shop".into()),
-                generation: Some(generation),
-                resource_version: Some(rv.into()),
-                labels: Some(BTreeMap::from([("tier".to_string(), label.to_string())])),
-                ..Default::default()
-            },
+    fn deployment(name: &str, generation: i64, rv: &str, label: &str) -> Pruned<Deployment> {
+        let metadata = ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            generation: Some(generation),
+            resource_version: Some(rv.into()),
+            labels: Some(BTreeMap::from([("tier".to_string(), label.to_string())])),
             ..Default::default()
-        }
+        };
+        Pruned::new(metadata, Some(Shape { rolled_out: true, available: true, ..Default::default() }))
     }
 
-    fn names(events: Vec<Event<Deployment>>) -> Vec<String> {
+    fn rolling(mut d: Pruned<Deployment>) -> Pruned<Deployment> {
+        d.shape.as_mut().unwrap().rolled_out = false;
+        d
+    }
+
+    fn names(events: Vec<Event<Pruned<Deployment>>>) -> Vec<String> {
         let stream = relevant(futures::stream::iter(events.into_iter().map(Ok)));
         futures::executor::block_on(stream.map(|r| r.unwrap().metadata.name.unwrap()).collect())
     }
@@ -137,5 +165,17 @@ mod tests {
             Event::Apply(deployment("a", 1, "5", "web")),
         ];
         assert_eq!(names(events), ["a", "b", "b"]);
+    }
+
+    #[test]
+    fn a_rollout_finishing_passes_and_its_progress_does_not() {
+        let events = vec![
+            Event::Apply(deployment("a", 1, "1", "web")),
+            Event::Apply(rolling(deployment("a", 2, "2", "web"))), // spec changed (an injection)
+            Event::Apply(rolling(deployment("a", 2, "3", "web"))), // replicas coming up
+            Event::Apply(deployment("a", 2, "4", "web")),          // rolled out: the health gate opens
+            Event::Apply(deployment("a", 2, "5", "web")),          // status only
+        ];
+        assert_eq!(names(events), ["a", "a", "a"]);
     }
 }
