@@ -9,7 +9,8 @@
 //!   2 controller memory vs cluster size
 //!   3 idle cost (API writes, CPU)
 //!   4 reconcile latency and "policy change -> Ready"
-//!   5 network layer (apply -> NODES n/n vs direct OVSDB writes; agent RSS)
+//!   5 network layer (apply -> NODES n/n, real and stub nodes, vs direct OVSDB writes and vs the
+//!     Kubernetes hops alone; agent RSS)
 //!
 //! Method (issue 13): every ratio is the median of per-run paired ratios, the operator and its baselines
 //! interleaved in each run (the order turned around every other run); the limit client is swept over
@@ -23,7 +24,9 @@
 //! CROSSTRACE_BENCH_NONTARGETS (10000), CROSSTRACE_BENCH_PODS (20000), CROSSTRACE_BENCH_IDLE_SECONDS (300),
 //! CROSSTRACE_BENCH_KUBECTL_SAMPLE (100), CROSSTRACE_BENCH_WRITE_CONCURRENCY (the operator's default --write-concurrency),
 //! CROSSTRACE_BENCH_MAX_CONCURRENT (the policy's rollout.maxConcurrent; default min(1000, targets)),
-//! CROSSTRACE_BENCH_CHANGE_RUNS (runs of scenario 4; default RUNS).
+//! CROSSTRACE_BENCH_CHANGE_RUNS (runs of scenario 4; default RUNS), CROSSTRACE_BENCH_STUB_NODES (nodes of
+//! scenario 5 without OVS, answered by stub agents; 2000, 0 = none), CROSSTRACE_BENCH_STUB_CONCURRENCY
+//! (status writes of the stub agents in flight; 64).
 
 #[path = "../support/mod.rs"]
 mod support;

@@ -197,8 +197,9 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// Server-side applies the status a report implies, unless the object already has it. Returns the
-/// updated object when it wrote.
-async fn write_status(
+/// updated object when it wrote. Public so that the bench's stub agents write exactly what an agent
+/// writes.
+pub async fn write_status(
     api: &Api<NodeTracing>,
     current: &NodeTracing,
     report: &Report,
