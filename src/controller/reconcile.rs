@@ -160,7 +160,8 @@ async fn namespace_labels(
 
 /// Observes, plans and applies every layer in the safe order (edge, then workloads, then network), and
 /// returns what each enabled layer reports, and whether every planned write was made (a reconcile's
-/// write budget can leave the rest of a big batch to the next one). With `deleting`, the plans only revert.
+/// write budget can leave the rest of a big batch to the next one; a write that raced with a change of
+/// its target asks for the next one too). With `deleting`, the plans only revert.
 async fn run_layers(
     policy: &TracingPolicy,
     name: &str,
@@ -222,10 +223,13 @@ async fn run_layers(
     // What was observed is not needed while a batch is written: free it before (a big batch's peak).
     drop((observed, config_maps));
     let mut written = Written { done: 0, of: 0 };
+    // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often).
+    let mut raced = false;
     if !workload_plan.actions.is_empty() {
         info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
         written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), &notes).await?;
+        raced = notes.is_some_and(|n| n.raced());
     }
     let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
         .iter()
@@ -265,7 +269,8 @@ async fn run_layers(
         workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
-    Ok((reports, written.complete()))
+    // Raced writes: the events that told of their targets' change were taken for the writes' echoes.
+    Ok((reports, written.complete() && !raced))
 }
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no

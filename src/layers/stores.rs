@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -40,6 +41,10 @@ struct Seen {
     shape: Shape,
     /// The policy whose write this is (`None`: read, not written).
     written_by: Option<String>,
+    /// The store moved during the write to a version that is neither the one before it nor the
+    /// write's own: someone else's change, before or after the write, cannot be told (versions are
+    /// opaque). While the store shows that version, the workload is read again rather than guessed.
+    raced: bool,
 }
 
 impl Seen {
@@ -57,21 +62,38 @@ impl Seen {
 pub struct Writes<'a> {
     stores: &'a Stores,
     policy: &'a str,
+    raced: AtomicBool,
 }
 
 impl crate::controller::apply::WriteNotes for Writes<'_> {
     fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
+        let before = self.stores.version(kind, key);
         let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
-        writing.insert((kind, key.clone()), self.policy.to_string());
+        writing.insert((kind, key.clone()), (self.policy.to_string(), before));
     }
 
     fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
+        let before = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
         if let Some(w) = left {
-            self.stores.saw(w, Some(self.policy));
+            let before = before.and_then(|(_, before)| before);
+            if self.stores.saw_written(w, self.policy, before) {
+                self.raced.store(true, Ordering::Relaxed);
+            }
         }
-        self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
     }
 }
+
+impl Writes<'_> {
+    /// Did the store of a written workload move during its write to a version not the write's own?
+    /// Its events then were taken for the write's echo and woke nothing: the policy should look again
+    /// at once rather than at its next poll.
+    pub fn raced(&self) -> bool {
+        self.raced.load(Ordering::Relaxed)
+    }
+}
+
+/// A workload write in flight: the policy writing, and the store's version when the write started.
+type Writing = (String, Option<String>);
 
 /// The stores of the workload kinds and of the namespaces, and what was seen newer than them.
 pub struct Stores {
@@ -80,8 +102,8 @@ pub struct Stores {
     pub daemonsets: Store<Pruned<DaemonSet>>,
     pub namespaces: Store<Meta<Namespace>>,
     seen: Mutex<HashMap<(WorkloadKind, ObjectKey), Seen>>,
-    /// Workload writes in flight, by the policy writing.
-    writing: Mutex<HashMap<(WorkloadKind, ObjectKey), String>>,
+    /// Workload writes in flight.
+    writing: Mutex<HashMap<(WorkloadKind, ObjectKey), Writing>>,
 }
 
 /// Has this store's reflector taken in its first list?
@@ -108,6 +130,7 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
                     && !(shape.is_some() && meta.resource_version.as_ref() == s.version())
             });
             match (newer, shape) {
+                (Some(s), _) if s.raced => Err(key),
                 (Some(s), _) => Ok(Workload::from_shape(kind, s.metadata.clone(), &s.shape)),
                 (None, Some(shape)) => Ok(Workload::from_shape(kind, meta.clone(), shape)),
                 (None, None) => Err(key),
@@ -156,8 +179,8 @@ impl Stores {
     }
 
     /// The workloads of `kind` whose metadata `keep` accepts, each as the newest version known: the
-    /// store's, or what was seen newer. `Err` holds the key of those known by their metadata alone
-    /// (to be read).
+    /// store's, or what was seen newer. `Err` holds the key of those known by their metadata alone,
+    /// and of those whose write raced with another change (to be read).
     pub fn workloads(
         &self,
         kind: WorkloadKind,
@@ -171,8 +194,21 @@ impl Stores {
         }
     }
 
-    /// Remembers a workload read (`written_by: None`) or written by a policy, newer than the store's.
-    pub fn saw(&self, workload: &Workload, written_by: Option<&str>) {
+    /// Remembers a workload read, newer than the store's.
+    pub fn saw(&self, workload: &Workload) {
+        self.remember(workload, None, false);
+    }
+
+    /// Remembers what `policy`'s write returned, the store having been at `before` when the write
+    /// started; true if the store moved meanwhile to a version not the write's own (see `Seen::raced`).
+    fn saw_written(&self, workload: &Workload, policy: &str, before: Option<String>) -> bool {
+        let now = self.version(workload.kind, &workload.key());
+        let raced = now != before && now != workload.metadata.resource_version;
+        self.remember(workload, Some(policy), raced);
+        raced
+    }
+
+    fn remember(&self, workload: &Workload, written_by: Option<&str>, raced: bool) {
         let key = workload.key();
         let base = self.version(workload.kind, &key);
         let seen = Seen {
@@ -180,6 +216,7 @@ impl Stores {
             metadata: pruned_metadata(&workload.metadata),
             shape: workload.shape(),
             written_by: written_by.map(str::to_string),
+            raced,
         };
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((workload.kind, key), seen);
     }
@@ -190,7 +227,7 @@ impl Stores {
     /// comes soon: it has a rollout in flight).
     pub fn written_by(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Option<String> {
         let key = (kind, ObjectKey::of(meta));
-        if let Some(policy) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some((policy, _)) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Some(policy.clone());
         }
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,7 +239,7 @@ impl Stores {
 
     /// What `policy`'s workload writes tell the stores.
     pub fn writes_of<'a>(&'a self, policy: &'a str) -> Writes<'a> {
-        Writes { stores: self, policy }
+        Writes { stores: self, policy, raced: AtomicBool::new(false) }
     }
 
     /// Forgets what the stores have caught up with (or what is gone): only versions newer than the
@@ -281,7 +318,7 @@ mod tests {
         let (stores, mut writer) = stores();
         writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), None)));
         assert_eq!(rolled_out(&stores), [Err("cart".to_string())]);
-        stores.saw(&workload("cart", "1", true), None);
+        stores.saw(&workload("cart", "1", true));
         assert_eq!(rolled_out(&stores), [Ok(true)]);
         assert_eq!(stores.written_by(WorkloadKind::Deployment, &meta("cart", "1", &[])), None, "read, not written");
         writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "2", &[]), None)));
@@ -292,10 +329,15 @@ mod tests {
 
     #[test]
     fn a_write_is_used_until_the_store_shows_it_and_marks_its_own_echo() {
+        use crate::controller::apply::WriteNotes;
         let (stores, mut writer) = stores();
         let shape = |rolled_out| Some(Shape { rolled_out, ..Default::default() });
         writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), shape(true))));
-        stores.saw(&workload("cart", "2", false), Some("shop"));
+        let notes = stores.writes_of("shop");
+        let key = ObjectKey::new("shop", "cart");
+        notes.writing(WorkloadKind::Deployment, &key);
+        notes.written(WorkloadKind::Deployment, &key, Some(&workload("cart", "2", false)));
+        assert!(!notes.raced());
         assert_eq!(rolled_out(&stores), [Ok(false)], "the write, not the store's older version");
         let echo = meta("cart", "2", &[]);
         assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo).as_deref(), Some("shop"));
@@ -307,5 +349,24 @@ mod tests {
         assert_eq!(stores.written_by(WorkloadKind::Deployment, &meta("cart", "3", &[])), None);
         stores.forget_stale();
         assert!(stores.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_write_the_store_moved_past_meanwhile_is_read_again_not_guessed() {
+        use crate::controller::apply::WriteNotes;
+        let (stores, mut writer) = stores();
+        let shape = |rolled_out| Some(Shape { rolled_out, ..Default::default() });
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), shape(true))));
+        let notes = stores.writes_of("shop");
+        let key = ObjectKey::new("shop", "cart");
+        notes.writing(WorkloadKind::Deployment, &key);
+        // The echo, then the controller manager's rollout, both before the write's response.
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "2", &[]), shape(false))));
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "3", &[]), shape(true))));
+        notes.written(WorkloadKind::Deployment, &key, Some(&workload("cart", "2", false)));
+        assert!(notes.raced(), "its events were taken for the echo: look again");
+        assert_eq!(rolled_out(&stores), [Err("cart".to_string())], "neither the write nor a guess: read it");
+        stores.saw(&workload("cart", "3", true));
+        assert_eq!(rolled_out(&stores), [Ok(true)]);
     }
 }

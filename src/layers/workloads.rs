@@ -1017,7 +1017,7 @@ async fn stored(
         .try_concat()
         .await?;
     for w in reads {
-        stores.saw(&w, None);
+        stores.saw(&w);
         add(w);
     }
     stores.forget_stale();
