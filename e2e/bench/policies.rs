@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crosstrace::api::TracingPolicy;
+use crosstrace::layers::health;
 use crosstrace::layers::workloads::{POLICY_LABEL as INJECTED_LABEL, RECORD_ANNOTATION};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
@@ -141,21 +142,29 @@ async fn wait_all_ready(client: &Client, count: usize, per_policy: usize, t0: In
     ready_at
 }
 
-/// Waits until `total` targets exist and none carries an injection (record annotation or policy label).
+/// Waits until `total` targets exist, none carries an injection (record annotation or policy label) and
+/// all are rolled out. Rolled out matters: the Deployment controller catches up with thousands of new
+/// Deployments slowly, and its backlog from the setup would otherwise be timed as the operator's rollout.
 async fn wait_targets_clean(client: &Client, total: usize) {
     let api = Api::<Deployment>::all(client.clone());
     let deadline = Instant::now() + PATIENCE;
+    let mut last_report = Instant::now();
     loop {
-        let listed = api.list_metadata(&ListParams::default().labels(POLICY_LABEL)).await.expect("list targets").items;
+        let listed = api.list(&ListParams::default().labels(POLICY_LABEL)).await.expect("list targets").items;
         let clean = listed
             .iter()
             .filter(|d| !d.annotations().contains_key(RECORD_ANNOTATION) && !d.labels().contains_key(INJECTED_LABEL))
+            .filter(|d| health::deployment_rolled_out(d))
             .count();
         if clean >= total {
             return;
         }
         assert!(Instant::now() < deadline, "timed out waiting for clean targets: {clean}/{total}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if last_report.elapsed() > Duration::from_secs(30) {
+            println!("    ... waiting for clean, rolled-out targets: {clean}/{total}");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -256,7 +265,7 @@ pub async fn run(client: &Client, report: &mut Report) {
             "reconciles_apply_to_ready": reconciles_to_ready,
             "controller_no_policy": no_policy, "controller_converged": converged,
             "idle": idle.json(),
-            "method": "one controller host process (the chart's ServiceAccount, production defaults) started before the targets; P x T Deployments with replicas 0 and revisionHistoryLimit 0, policy k selecting exactly its own T by a label, spread over 10 namespaces; all P policies applied by server-side apply with 16 in flight; a policy's time is from the first apply until it is seen Ready (polled every 250 ms) with T/T targets ready; writes and reconciles are the controller's own counters between the first apply and the last Ready (and until 15 s without a write); RSS from /proc after that quiet; then the idle window: the controller's crosstrace_api_writes_total, its Lease renewals counted apart, CPU (utime + stime) from /proc, reconciles, the apiserver's write deltas. Afterwards every policy is deleted, the targets checked clean, the namespaces deleted and waited for.",
+            "method": "one controller host process (the chart's ServiceAccount, production defaults) started before the targets; P x T Deployments with replicas 0 and revisionHistoryLimit 0, policy k selecting exactly its own T by a label, spread over 10 namespaces, all rolled out before the first apply; all P policies applied by server-side apply with 16 in flight; a policy's time is from the first apply until it is seen Ready (polled every 250 ms) with T/T targets ready; writes and reconciles are the controller's own counters between the first apply and the last Ready (and until 15 s without a write); RSS from /proc after that quiet; then the idle window: the controller's crosstrace_api_writes_total, its Lease renewals counted apart, CPU (utime + stime) from /proc, reconciles, the apiserver's write deltas. Afterwards every policy is deleted, the targets checked clean and rolled out, the namespaces deleted and waited for.",
         }),
     );
 
