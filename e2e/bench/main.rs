@@ -3,14 +3,15 @@
 //! scenario into `target/bench/` of the repository. Nothing here passes or fails on wall-clock time:
 //! goals are printed as met or missed, with by how much.
 //!
-//! Scenarios (`CROSSTRACE_BENCH_SCENARIOS`, default `5,1,4,3,2`, run in that order so that the big
-//! object count of 2 does not slow down the others):
+//! Scenarios (`CROSSTRACE_BENCH_SCENARIOS`, default `5,1,4,3,2,6`, run in that order so that the big
+//! object count of 2 does not slow down the others; 6 comes last and leaves nothing behind):
 //!   1 rollout speed (operator vs a minimal SSA client vs a kubectl loop)
 //!   2 controller memory vs cluster size
 //!   3 idle cost (API writes, CPU)
 //!   4 reconcile latency and "policy change -> Ready"
 //!   5 network layer (apply -> NODES n/n, real and stub nodes, vs direct OVSDB writes and vs the
 //!     Kubernetes hops alone; agent RSS)
+//!   6 many policies (P policies x T targets each: apply -> all Ready; converged writes, CPU, RSS)
 //!
 //! Method (issue 13): every ratio is the median of per-run paired ratios, the operator and its baselines
 //! interleaved in each run (the order turned around every other run); the limit client is swept over
@@ -26,12 +27,14 @@
 //! CROSSTRACE_BENCH_MAX_CONCURRENT (the policy's rollout.maxConcurrent; default min(1000, targets)),
 //! CROSSTRACE_BENCH_CHANGE_RUNS (runs of scenario 4; default RUNS), CROSSTRACE_BENCH_STUB_NODES (nodes of
 //! scenario 5 without OVS, answered by stub agents; 2000, 0 = none), CROSSTRACE_BENCH_STUB_CONCURRENCY
-//! (status writes of the stub agents in flight; 64).
+//! (status writes of the stub agents in flight; 64), CROSSTRACE_BENCH_POLICIES (50) and
+//! CROSSTRACE_BENCH_POLICY_TARGETS (200 per policy) for scenario 6.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod network;
+mod policies;
 mod util;
 mod workloads;
 
@@ -145,7 +148,7 @@ fn print_table(rows: &[Row]) {
 #[tokio::main]
 async fn main() {
     let client = support::client().await;
-    let scenarios: Vec<u8> = util::knob::<String>("CROSSTRACE_BENCH_SCENARIOS", "5,1,4,3,2".into())
+    let scenarios: Vec<u8> = util::knob::<String>("CROSSTRACE_BENCH_SCENARIOS", "5,1,4,3,2,6".into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
@@ -164,6 +167,9 @@ async fn main() {
     }
     if scenarios.iter().any(|s| (1..=4).contains(s)) {
         workloads::run(&client, &scenarios, &mut report).await;
+    }
+    if scenarios.contains(&6) {
+        policies::run(&client, &mut report).await;
     }
     println!();
     print_table(&report.rows);

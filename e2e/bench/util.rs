@@ -1,11 +1,21 @@
 //! Measuring helpers of the benchmark: process stats from /proc, Prometheus text, histogram
-//! quantiles, medians, host processes of the controller and the agents, and the knobs.
+//! quantiles, medians, host processes of the controller and the agents, the knobs, bounded writes,
+//! and a converged controller's idle cost (shared by the scenarios that measure one).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support;
+use crosstrace::api::TracingPolicy;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::{Report, support};
 
 /// A knob from the environment, or its default.
 pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -273,4 +283,170 @@ pub fn kubectl(args: &[&str]) -> String {
     let (ok, out, err) = support::kubectl(args);
     assert!(ok, "kubectl {args:?}: {err}");
     out
+}
+
+/// How long the bench waits for any one thing the cluster or the controller has to do.
+pub const PATIENCE: Duration = Duration::from_secs(1800);
+
+/// Applies `items` with at most `concurrency` requests in flight; panics on the first error.
+pub async fn bounded<I, F, Fut>(items: I, concurrency: usize, f: F)
+where
+    I: IntoIterator,
+    F: Fn(I::Item) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    futures::stream::iter(items.into_iter().map(f))
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<()>>()
+        .await
+        .expect("bounded writes");
+}
+
+/// A create that found its object already there (left by an interrupted run) counts as done.
+pub fn ignore_exists(r: Result<impl Sized, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the namespace, or sets its labels (server-side apply: a rerun after an interrupted one is fine).
+pub async fn ensure_namespace(client: &Client, name: &str, labels: Value) {
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply("crosstrace-bench").force(), &Patch::Apply(&ns))
+        .await
+        .expect("namespace");
+}
+
+/// The policy is Ready for its current generation.
+pub fn ready(p: &TracingPolicy) -> bool {
+    let Some(status) = p.status.as_ref() else { return false };
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == p.metadata.generation)
+}
+
+/// The controller's own API writes so far (its `crosstrace_api_writes_total`).
+pub fn writes(metrics: &str) -> f64 {
+    support::sum_samples(metrics, "crosstrace_api_writes_total")
+}
+
+/// Waits until the controller has made no write for `quiet`.
+pub async fn wait_quiet(controller: &Proc, quiet: Duration) {
+    let mut last = writes(&controller.metrics().await);
+    let mut since_change = Instant::now();
+    let deadline = Instant::now() + PATIENCE;
+    while since_change.elapsed() < quiet && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = writes(&controller.metrics().await);
+        if now != last {
+            last = now;
+            since_change = Instant::now();
+        }
+    }
+}
+
+/// What a converged controller costs over a window with nothing to do: its own API writes, its Lease
+/// renewals (leader election writes them by design, so they are counted apart), its reconciles and CPU,
+/// and the apiserver's write counts by resource.
+pub struct Idle {
+    pub window_s: u64,
+    pub writes: f64,
+    pub lease_renewals: usize,
+    pub reconciles: f64,
+    pub cpu_seconds: f64,
+    pub apiserver_writes: BTreeMap<String, f64>,
+}
+
+impl Idle {
+    /// Watches `controller` for `window_s` seconds.
+    pub async fn measure(client: &Client, controller: &Proc, window_s: u64) -> Self {
+        let leases = Api::<Lease>::namespaced(client.clone(), "crosstrace-system");
+        let renewals = Arc::new(Mutex::new(0usize));
+        let lease_task = {
+            let renewals = renewals.clone();
+            tokio::spawn(async move {
+                let mut last = String::new();
+                loop {
+                    if let Ok(l) = leases.get("crosstrace-controller").await {
+                        let rv = l.resource_version().unwrap_or_default();
+                        if !last.is_empty() && rv != last {
+                            *renewals.lock().unwrap() += 1;
+                        }
+                        last = rv;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        // The controller's metrics, the apiserver's write counts and the controller's /proc stats, together.
+        let snapshot = || async {
+            let metrics = controller.metrics().await;
+            let request = http::Request::get("/metrics").body(vec![]).unwrap();
+            let apiserver = client.request_text(request).await.expect("apiserver /metrics");
+            (metrics, apiserver_writes(&apiserver), controller.stats())
+        };
+        let (m0, a0, s0) = snapshot().await;
+        println!("  idle window: {window_s} s");
+        tokio::time::sleep(Duration::from_secs(window_s)).await;
+        let (m1, a1, s1) = snapshot().await;
+        lease_task.abort();
+        let lease_renewals = *renewals.lock().unwrap();
+        Self {
+            window_s,
+            writes: writes(&m1) - writes(&m0),
+            lease_renewals,
+            reconciles: support::sum_samples(&m1, "crosstrace_reconciles_total")
+                - support::sum_samples(&m0, "crosstrace_reconciles_total"),
+            cpu_seconds: s1.cpu_seconds - s0.cpu_seconds,
+            apiserver_writes: delta(&a0, &a1),
+        }
+    }
+
+    pub fn cpu_percent(&self) -> f64 {
+        100.0 * self.cpu_seconds / self.window_s as f64
+    }
+
+    /// The apiserver's writes to the resources crosstrace writes, by any client.
+    fn crosstrace_resource_writes(&self) -> f64 {
+        ["tracingpolicies", "tracingpolicies/status", "nodetracings", "events", "configmaps"]
+            .iter()
+            .map(|r| self.apiserver_writes.get(*r).copied().unwrap_or(0.0))
+            .sum()
+    }
+
+    /// The rows of the table: writes (goal 0), the apiserver's view, CPU (goal below `cpu_goal_percent`).
+    pub fn rows(&self, report: &mut Report, scenario: &'static str, cpu_goal_percent: f64) {
+        let window = self.window_s;
+        report
+            .row(scenario, format!("controller API writes in {window} s (its metrics)"), format!("{:.0}", self.writes))
+            .baseline(format!("+ {} lease renewals (by design)", self.lease_renewals))
+            .goal("0 writes", self.writes, 0.0, true);
+        report
+            .row(
+                scenario,
+                "apiserver writes to crosstrace's resources (all clients)",
+                format!("{:.0}", self.crosstrace_resource_writes()),
+            )
+            .baseline(format!("all writes in the cluster {:.0}", self.apiserver_writes.values().sum::<f64>()));
+        report
+            .row(
+                scenario,
+                format!("controller CPU ({:.0} reconciles)", self.reconciles),
+                format!("{:.2} s = {:.3}% of a core", self.cpu_seconds, self.cpu_percent()),
+            )
+            .goal(&format!("< {cpu_goal_percent}% of a core"), self.cpu_percent(), cpu_goal_percent, true);
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "window_s": self.window_s, "controller_writes": self.writes, "lease_renewals": self.lease_renewals,
+            "reconciles": self.reconciles, "controller_cpu_s": self.cpu_seconds, "cpu_percent_of_core": self.cpu_percent(),
+            "apiserver_write_deltas_by_resource": self.apiserver_writes,
+            "note": "apiserver_request_total has no user label: the deltas are every client's (kwok's node leases and pod status, the controller manager...). The controller's own writes are counted by its crosstrace_api_writes_total; its Lease renewals (leader election, by design) are counted by watching the Lease's resourceVersion.",
+        })
+    }
 }

@@ -13,9 +13,8 @@ use crosstrace::api::{TracingPolicy, TracingPolicySpec, WorkloadKind};
 use crosstrace::controller::Settings;
 use crosstrace::layers::workloads::{self, Action, Observed, RECORD_ANNOTATION, Workload};
 use crosstrace::layers::{ObjectKey, PolicyView, health};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -23,13 +22,15 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::util::{self, Proc, knob, median, quantile, since};
+use crate::util::{
+    self, PATIENCE, Proc, bounded, ensure_namespace, ignore_exists, knob, median, quantile, ready, since, wait_quiet,
+    writes,
+};
 use crate::{Report, mib, secs, support};
 
 const POLICY: &str = "bench";
 const TARGET_LABEL: &str = "crosstrace-bench";
 const PART_OF: &str = "app.kubernetes.io/part-of";
-const PATIENCE: Duration = Duration::from_secs(1800);
 
 struct Config {
     runs: usize,
@@ -260,36 +261,6 @@ fn ready_latencies(t0: Instant, seen: &[Seen]) -> Vec<f64> {
     seen.iter().filter_map(|s| s.ready_at).map(|r| r.saturating_duration_since(t0).as_secs_f64()).collect()
 }
 
-/// Applies `items` with at most `concurrency` requests in flight; panics on the first error.
-async fn bounded<I, F, Fut>(items: I, concurrency: usize, f: F)
-where
-    I: IntoIterator,
-    F: Fn(I::Item) -> Fut,
-    Fut: std::future::Future<Output = Result<(), kube::Error>>,
-{
-    futures::stream::iter(items.into_iter().map(f))
-        .buffer_unordered(concurrency)
-        .try_collect::<Vec<()>>()
-        .await
-        .expect("bounded writes");
-}
-
-fn ignore_exists(r: Result<impl Sized, kube::Error>) -> Result<(), kube::Error> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-async fn ensure_namespace(client: &Client, name: &str, labels: Value) {
-    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
-    Api::<Namespace>::all(client.clone())
-        .patch(name, &PatchParams::apply("crosstrace-bench").force(), &Patch::Apply(&ns))
-        .await
-        .expect("namespace");
-}
-
 /// Applies a policy as its user would (its name from `policy`); returns how long the apply took (one
 /// server-side apply round trip).
 async fn apply_policy(client: &Client, policy: &Value) -> f64 {
@@ -300,14 +271,6 @@ async fn apply_policy(client: &Client, policy: &Value) -> f64 {
         .await
         .expect("apply policy");
     since(t0)
-}
-
-fn ready(p: &TracingPolicy) -> bool {
-    let Some(status) = p.status.as_ref() else { return false };
-    status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == p.metadata.generation)
 }
 
 /// Waits (on a watch: the moment matters) until policy `name` is Ready for its current generation.
@@ -328,21 +291,6 @@ async fn delete_policy(client: &Client, name: &str) {
     while api.get_opt(name).await.ok().flatten().is_some() {
         assert!(Instant::now() < deadline, "timed out waiting for policy {name} to be gone");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits until the controller has made no write for `quiet`.
-async fn wait_quiet(controller: &Proc, quiet: Duration) {
-    let mut last = support::sum_samples(&controller.metrics().await, "crosstrace_api_writes_total");
-    let mut since_change = Instant::now();
-    let deadline = Instant::now() + PATIENCE;
-    while since_change.elapsed() < quiet && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = support::sum_samples(&controller.metrics().await, "crosstrace_api_writes_total");
-        if now != last {
-            last = now;
-            since_change = Instant::now();
-        }
     }
 }
 
@@ -546,10 +494,6 @@ async fn kubectl_apply_rollout(client: &Client, tracker: &Tracker, limit: &Limit
     revert_limit(client, limit, 8).await;
     tracker.wait_clean(n).await;
     patched
-}
-
-fn writes(metrics: &str) -> f64 {
-    support::sum_samples(metrics, "crosstrace_api_writes_total")
 }
 
 /// Creates the targets `keys` (those that exist stay), takes any injection out (left over from an
@@ -982,72 +926,9 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
     // ---- Scenario 3: idle cost -----------------------------------------------------------------
     wait_quiet(&controller, Duration::from_secs(15)).await;
     if scenarios.contains(&3) {
-        let window = cfg.idle;
-        let leases = Api::<Lease>::namespaced(client.clone(), "crosstrace-system");
-        let lease_rv = |l: Lease| l.resource_version().unwrap_or_default();
-        let lease_count = Arc::new(Mutex::new(0usize));
-        let lease_task = {
-            let count = lease_count.clone();
-            let leases = leases.clone();
-            tokio::spawn(async move {
-                let mut last = String::new();
-                loop {
-                    if let Ok(l) = leases.get("crosstrace-controller").await {
-                        let rv = lease_rv(l);
-                        if !last.is_empty() && rv != last {
-                            *count.lock().unwrap() += 1;
-                        }
-                        last = rv;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            })
-        };
-        // The controller's metrics, the apiserver's write counts and the controller's /proc stats, together.
-        let snapshot = || async {
-            let metrics = controller.metrics().await;
-            let request = http::Request::get("/metrics").body(vec![]).unwrap();
-            let apiserver = client.request_text(request).await.expect("apiserver /metrics");
-            (metrics, util::apiserver_writes(&apiserver), controller.stats())
-        };
-        let (m0, a0, s0) = snapshot().await;
-        println!("  idle window: {window} s");
-        tokio::time::sleep(Duration::from_secs(window)).await;
-        let (m1, a1, s1) = snapshot().await;
-        lease_task.abort();
-        let renewals = *lease_count.lock().unwrap();
-        let op_writes = writes(&m1) - writes(&m0);
-        let reconciles = support::sum_samples(&m1, "crosstrace_reconciles_total")
-            - support::sum_samples(&m0, "crosstrace_reconciles_total");
-        let cpu = s1.cpu_seconds - s0.cpu_seconds;
-        let api = util::delta(&a0, &a1);
-        let ours: f64 = ["tracingpolicies", "tracingpolicies/status", "nodetracings", "events", "configmaps"]
-            .iter()
-            .map(|r| api.get(*r).copied().unwrap_or(0.0))
-            .sum();
-        report
-            .row("3 idle", format!("controller API writes in {window} s (its metrics)"), format!("{op_writes:.0}"))
-            .baseline(format!("+ {renewals} lease renewals (by design)"))
-            .goal("0 writes", op_writes, 0.0, true);
-        report
-            .row("3 idle", "apiserver writes to crosstrace's resources (all clients)", format!("{ours:.0}"))
-            .baseline(format!("all writes in the cluster {:.0}", api.values().sum::<f64>()));
-        report
-            .row(
-                "3 idle",
-                format!("controller CPU ({reconciles:.0} reconciles)"),
-                format!("{cpu:.2} s = {:.3}% of a core", 100.0 * cpu / window as f64),
-            )
-            .goal("< 0.5% of a core", 100.0 * cpu / window as f64, 0.5, true);
-        report.json.insert(
-            "idle",
-            json!({
-                "window_s": window, "controller_writes": op_writes, "lease_renewals": renewals, "reconciles": reconciles,
-                "controller_cpu_s": cpu, "cpu_percent_of_core": 100.0 * cpu / window as f64,
-                "apiserver_write_deltas_by_resource": api,
-                "note": "apiserver_request_total has no user label: the deltas are every client's (kwok's node leases and pod status, the controller manager...). The controller's own writes are counted by its crosstrace_api_writes_total; its Lease renewals (leader election, by design) are counted by watching the Lease's resourceVersion.",
-            }),
-        );
+        let idle = util::Idle::measure(client, &controller, cfg.idle).await;
+        idle.rows(report, "3 idle", 0.5);
+        report.json.insert("idle", idle.json());
     }
 
     // ---- Scenario 2: memory --------------------------------------------------------------------
