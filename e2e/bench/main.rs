@@ -28,7 +28,8 @@
 //! CROSSTRACE_BENCH_CHANGE_RUNS (runs of scenario 4; default RUNS), CROSSTRACE_BENCH_STUB_NODES (nodes of
 //! scenario 5 without OVS, answered by stub agents; 2000, 0 = none), CROSSTRACE_BENCH_STUB_CONCURRENCY
 //! (status writes of the stub agents in flight; 64), CROSSTRACE_BENCH_POLICIES (50) and
-//! CROSSTRACE_BENCH_POLICY_TARGETS (200 per policy) for scenario 6.
+//! CROSSTRACE_BENCH_POLICY_TARGETS (200 per policy) for scenario 6, CROSSTRACE_BENCH_OUT (where the JSON
+//! goes; target/bench of the repository).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -152,8 +153,11 @@ async fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let out_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out_dir).expect("create target/bench");
+    let out_dir = match std::env::var("CROSSTRACE_BENCH_OUT") {
+        Ok(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+        _ => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench"),
+    };
+    std::fs::create_dir_all(&out_dir).expect("create the output directory");
     let machine = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
