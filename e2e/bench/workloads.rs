@@ -550,6 +550,7 @@ async fn rollout_runs(
     let (mut op_patched, mut op_ready, mut op_writes, mut limit_best) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut ratios, mut kubectl_ratios, mut runs_json) = (Vec::new(), Vec::new(), Vec::new());
+    let mut same_concurrency = Vec::new();
     for run in 0..cfg.runs {
         let operator_first = run % 2 == 0;
         let mut op = None;
@@ -567,6 +568,9 @@ async fn rollout_runs(
         let op = op.expect("the operator ran");
         let (best_c, best) = limits.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a sweep");
         ratios.push(op.patched / best);
+        if let Some((_, t)) = limits.iter().find(|(c, _)| *c == cfg.write_concurrency) {
+            same_concurrency.push(op.patched / t);
+        }
         kubectl_ratios.push(op.patched / kubectl_s);
         op_patched.push(op.patched);
         op_ready.push(op.ready);
@@ -622,6 +626,7 @@ async fn rollout_runs(
         "method": "per run: the operator, the limit client at every concurrency of the sweep, one kubectl apply --server-side process, interleaved (operator first in even runs, last in odd ones), each reverted before the next; the ratio of a run is the operator's patch phase over its best limit; a reported ratio is the median of the per-run ratios",
         "runs_raw": runs_json,
         "ratios_operator_over_limit": ratios, "median_ratio_operator_over_limit": ratio,
+        "ratios_operator_over_limit_at_write_concurrency": same_concurrency,
         "ratios_operator_over_kubectl_apply": kubectl_ratios, "median_ratio_operator_over_kubectl_apply": median(&kubectl_ratios),
     });
     (SizeRuns { targets: n, op_patched, limit_best, ratios }, json, limit)
@@ -817,16 +822,16 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
         cfg.sizes, cfg.replicas, cfg.namespaces, cfg.runs, cfg.write_concurrency, cfg.max_concurrent
     );
 
-    // Setup: no policy, the targets of the first size exist, nothing injected, everything rolled out.
+    // Setup: no policy (one left by an interrupted run is deleted with a controller up to revert it),
+    // the targets of the first size exist, nothing injected, everything rolled out.
+    let mut controller = Proc::controller("main");
+    controller.wait_up().await;
     delete_policy(client, POLICY).await;
     for i in 0..cfg.namespaces {
         ensure_namespace(client, &namespace(i), json!({TARGET_LABEL: "on"})).await;
     }
     let tracker = Tracker::start(client, "target");
     ensure_targets(client, &tracker, &keys[..cfg.sizes[0]], cfg.replicas, "target").await;
-
-    let mut controller = Proc::controller("main");
-    controller.wait_up().await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     let empty = controller.stats();
     println!("  controller without policy: RSS {}", mib(empty.rss_kib as f64));

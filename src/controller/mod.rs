@@ -327,8 +327,10 @@ impl Keep {
 /// A workload watch (whole objects, without managedFields) whose objects are pruned for a store as
 /// they arrive, fed into that store, and passed on when a policy should hear of them (`triggers`).
 fn workload_watch<K>(
+    ctx: &Arc<Context>,
     client: &Client,
     config: &watcher::Config,
+    kind: WorkloadKind,
     keep: Keep,
     workload: fn(K) -> Workload,
     store: reflector::store::Writer<Pruned<K>>,
@@ -351,7 +353,14 @@ where
         watcher::Event::Init => watcher::Event::Init,
         watcher::Event::InitDone => watcher::Event::InitDone,
     });
-    triggers::relevant(events.reflect(store))
+    // Every version the store takes in is noted for the writes in flight (see `Stores::took_in`).
+    let ctx = ctx.clone();
+    let noted = events.reflect(store).inspect_ok(move |event| {
+        if let (watcher::Event::Apply(o) | watcher::Event::InitApply(o), Some(stores)) = (event, &ctx.stores) {
+            stores.took_in(kind, &o.metadata);
+        }
+    });
+    triggers::relevant(noted)
 }
 
 /// Maps a workload watch's object to the policies it concerns (`concerns`), but the policy whose own
@@ -452,15 +461,39 @@ pub async fn run(
     // Workloads: whole objects, each pruned for its store as it arrives (`Keep`); namespaces: metadata.
     let mut controller = controller
         .watches_stream(
-            workload_watch(&client, &meta, keep.clone(), Workload::from_deployment, deployment_writer),
+            workload_watch(
+                &context,
+                &client,
+                &meta,
+                WorkloadKind::Deployment,
+                keep.clone(),
+                Workload::from_deployment,
+                deployment_writer,
+            ),
             concerned(&context, deployment_store, WorkloadKind::Deployment, policies_for_controller),
         )
         .watches_stream(
-            workload_watch(&client, &meta, keep.clone(), Workload::from_statefulset, statefulset_writer),
+            workload_watch(
+                &context,
+                &client,
+                &meta,
+                WorkloadKind::StatefulSet,
+                keep.clone(),
+                Workload::from_statefulset,
+                statefulset_writer,
+            ),
             concerned(&context, statefulset_store, WorkloadKind::StatefulSet, policies_for_workload),
         )
         .watches_stream(
-            workload_watch(&client, &meta, keep, Workload::from_daemonset, daemonset_writer),
+            workload_watch(
+                &context,
+                &client,
+                &meta,
+                WorkloadKind::DaemonSet,
+                keep,
+                Workload::from_daemonset,
+                daemonset_writer,
+            ),
             concerned(&context, daemonset_store, WorkloadKind::DaemonSet, policies_for_controller),
         )
         .watches_stream(

@@ -41,10 +41,6 @@ struct Seen {
     shape: Shape,
     /// The policy whose write this is (`None`: read, not written).
     written_by: Option<String>,
-    /// The store moved during the write to a version that is neither the one before it nor the
-    /// write's own: someone else's change, before or after the write, cannot be told (versions are
-    /// opaque). While the store shows that version, the workload is read again rather than guessed.
-    raced: bool,
 }
 
 impl Seen {
@@ -67,33 +63,35 @@ pub struct Writes<'a> {
 
 impl crate::controller::apply::WriteNotes for Writes<'_> {
     fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
-        let before = self.stores.version(kind, key);
         let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
-        writing.insert((kind, key.clone()), (self.policy.to_string(), before));
+        writing.insert((kind, key.clone()), Writing { policy: self.policy.to_string(), took_in: Vec::new() });
     }
 
     fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
-        let before = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
-        if let Some(w) = left {
-            let before = before.and_then(|(_, before)| before);
-            if self.stores.saw_written(w, self.policy, before) {
-                self.raced.store(true, Ordering::Relaxed);
-            }
+        let writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
+        if let (Some(w), Some(writing)) = (left, writing)
+            && self.stores.saw_written(w, self.policy, writing)
+        {
+            self.raced.store(true, Ordering::Relaxed);
         }
     }
 }
 
 impl Writes<'_> {
-    /// Did the store of a written workload move during its write to a version not the write's own?
-    /// Its events then were taken for the write's echo and woke nothing: the policy should look again
-    /// at once rather than at its next poll.
+    /// Did the store of a written workload take in, during its write, the write's own echo and a
+    /// change after it? Those events were taken for the echo and woke nothing: the policy should look
+    /// again at once rather than at its next poll.
     pub fn raced(&self) -> bool {
         self.raced.load(Ordering::Relaxed)
     }
 }
 
-/// A workload write in flight: the policy writing, and the store's version when the write started.
-type Writing = (String, Option<String>);
+/// A workload write in flight.
+struct Writing {
+    policy: String,
+    /// The versions the store took in since (the write's echo can arrive before its response).
+    took_in: Vec<String>,
+}
 
 /// The stores of the workload kinds and of the namespaces, and what was seen newer than them.
 pub struct Stores {
@@ -130,7 +128,6 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
                     && !(shape.is_some() && meta.resource_version.as_ref() == s.version())
             });
             match (newer, shape) {
-                (Some(s), _) if s.raced => Err(key),
                 (Some(s), _) => Ok(Workload::from_shape(kind, s.metadata.clone(), &s.shape)),
                 (None, Some(shape)) => Ok(Workload::from_shape(kind, meta.clone(), shape)),
                 (None, None) => Err(key),
@@ -179,8 +176,8 @@ impl Stores {
     }
 
     /// The workloads of `kind` whose metadata `keep` accepts, each as the newest version known: the
-    /// store's, or what was seen newer. `Err` holds the key of those known by their metadata alone,
-    /// and of those whose write raced with another change (to be read).
+    /// store's, or what was seen newer. `Err` holds the key of those known by their metadata alone
+    /// (to be read).
     pub fn workloads(
         &self,
         kind: WorkloadKind,
@@ -196,19 +193,26 @@ impl Stores {
 
     /// Remembers a workload read, newer than the store's.
     pub fn saw(&self, workload: &Workload) {
-        self.remember(workload, None, false);
+        self.remember(workload, None);
     }
 
-    /// Remembers what `policy`'s write returned, the store having been at `before` when the write
-    /// started; true if the store moved meanwhile to a version not the write's own (see `Seen::raced`).
-    fn saw_written(&self, workload: &Workload, policy: &str, before: Option<String>) -> bool {
+    /// Remembers what `policy`'s write returned, unless the store already took in the write's echo
+    /// and a version after it (the store is the newest then: the controller manager's rollout often
+    /// comes before the write's response). True in that case: the events of those versions were taken
+    /// for the echo (see [`Stores::written_by`]) and woke nothing.
+    fn saw_written(&self, workload: &Workload, policy: &str, writing: Writing) -> bool {
         let now = self.version(workload.kind, &workload.key());
-        let raced = now != before && now != workload.metadata.resource_version;
-        self.remember(workload, Some(policy), raced);
-        raced
+        let own = workload.metadata.resource_version.as_ref();
+        let moved_past = now.as_ref() != own && writing.took_in.iter().any(|v| Some(v) == own);
+        if moved_past {
+            self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&(workload.kind, workload.key()));
+        } else {
+            self.remember(workload, Some(policy));
+        }
+        moved_past
     }
 
-    fn remember(&self, workload: &Workload, written_by: Option<&str>, raced: bool) {
+    fn remember(&self, workload: &Workload, written_by: Option<&str>) {
         let key = workload.key();
         let base = self.version(workload.kind, &key);
         let seen = Seen {
@@ -216,9 +220,19 @@ impl Stores {
             metadata: pruned_metadata(&workload.metadata),
             shape: workload.shape(),
             written_by: written_by.map(str::to_string),
-            raced,
         };
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((workload.kind, key), seen);
+    }
+
+    /// Notes a version a workload store took in (called by its watch for every object it applies).
+    pub fn took_in(&self, kind: WorkloadKind, meta: &ObjectMeta) {
+        let Some(version) = &meta.resource_version else { return };
+        let mut writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if !writing.is_empty()
+            && let Some(w) = writing.get_mut(&(kind, ObjectKey::of(meta)))
+        {
+            w.took_in.push(version.clone());
+        }
     }
 
     /// The policy whose write this version of a workload is, if crosstrace wrote it: the version its
@@ -227,8 +241,8 @@ impl Stores {
     /// comes soon: it has a rollout in flight).
     pub fn written_by(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Option<String> {
         let key = (kind, ObjectKey::of(meta));
-        if let Some((policy, _)) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Some(policy.clone());
+        if let Some(w) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Some(w.policy.clone());
         }
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let s = seen.get(&key)?;
@@ -352,21 +366,32 @@ mod tests {
     }
 
     #[test]
-    fn a_write_the_store_moved_past_meanwhile_is_read_again_not_guessed() {
+    fn a_write_the_store_moved_past_meanwhile_gives_way_to_the_store() {
         use crate::controller::apply::WriteNotes;
         let (stores, mut writer) = stores();
         let shape = |rolled_out| Some(Shape { rolled_out, ..Default::default() });
-        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), shape(true))));
+        let mut take = |version: &str, rolled_out: bool| {
+            let m = meta("cart", version, &[]);
+            writer.apply_watcher_event(&Event::Apply(Pruned::new(m.clone(), shape(rolled_out))));
+            stores.took_in(WorkloadKind::Deployment, &m);
+        };
+        take("1", true);
         let notes = stores.writes_of("shop");
         let key = ObjectKey::new("shop", "cart");
-        notes.writing(WorkloadKind::Deployment, &key);
         // The echo, then the controller manager's rollout, both before the write's response.
-        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "2", &[]), shape(false))));
-        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "3", &[]), shape(true))));
+        notes.writing(WorkloadKind::Deployment, &key);
+        take("2", false);
+        take("3", true);
         notes.written(WorkloadKind::Deployment, &key, Some(&workload("cart", "2", false)));
-        assert!(notes.raced(), "its events were taken for the echo: look again");
-        assert_eq!(rolled_out(&stores), [Err("cart".to_string())], "neither the write nor a guess: read it");
-        stores.saw(&workload("cart", "3", true));
-        assert_eq!(rolled_out(&stores), [Ok(true)]);
+        assert!(notes.raced(), "their events were taken for the echo: look again");
+        assert_eq!(rolled_out(&stores), [Ok(true)], "the store is past the write");
+
+        // A store behind: it takes in an older change during the write; the write stays the newest.
+        let notes = stores.writes_of("shop");
+        notes.writing(WorkloadKind::Deployment, &key);
+        take("4", true);
+        notes.written(WorkloadKind::Deployment, &key, Some(&workload("cart", "5", false)));
+        assert!(!notes.raced());
+        assert_eq!(rolled_out(&stores), [Ok(false)], "the write, not the older change");
     }
 }
