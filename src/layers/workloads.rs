@@ -1055,16 +1055,28 @@ pub async fn observe(
     for (workload, hash) in in_flight {
         by_namespace.entry(workload.metadata.namespace.clone().unwrap_or_default()).or_default().push((workload, hash));
     }
-    for (namespace, mut rollouts) in by_namespace {
-        if rollouts.len() <= READ_ONE_BY_ONE {
-            for (workload, hash) in rollouts {
-                workload.failing = failing_pod(client, workload, &hash).await?;
-            }
-        } else {
-            failing_pods(client, &namespace, &mut rollouts).await?;
-        }
-    }
+    // The namespaces side by side (a rollout's reconciles each ask again: one round trip, not one per
+    // namespace).
+    let checks: Vec<_> = by_namespace.into_iter().map(|(ns, rollouts)| failing_in(client, ns, rollouts)).collect();
+    futures::stream::iter(checks).buffer_unordered(LIST_CONCURRENCY).try_collect::<Vec<()>>().await?;
     Ok((found.into_values().collect(), config_maps.items))
+}
+
+/// Fills in `failing` for the rollouts in flight of one namespace: a few one by one (side by side),
+/// many from one list of the namespace's pods.
+async fn failing_in(
+    client: &Client,
+    namespace: String,
+    mut rollouts: Vec<(&mut Workload, String)>,
+) -> Result<(), kube::Error> {
+    if rollouts.len() > READ_ONE_BY_ONE {
+        return failing_pods(client, &namespace, &mut rollouts).await;
+    }
+    let found = futures::future::try_join_all(rollouts.iter().map(|(w, hash)| failing_pod(client, w, hash))).await?;
+    for ((workload, _), failing) in rollouts.into_iter().zip(found) {
+        workload.failing = failing;
+    }
+    Ok(())
 }
 
 /// [`failing_pod`] for many rollouts of one namespace, from one list of its pods.
