@@ -386,9 +386,14 @@ fn without(writer: Option<String>, mut refs: Vec<ObjectRef<TracingPolicy>>) -> V
 }
 
 /// The policies a changed NodeTracing concerns ([`policies_of_node_tracing`]), but the policy whose own
-/// write this version is (as [`not_the_writer`]): the agent's report, a later version, wakes it.
+/// write this version is (as [`not_the_writer`]): the agent's report, a later version, wakes it. The
+/// stores hear that their store took the change in (see `Stores::tracing_event`).
 fn not_the_tracing_writer(ctx: &Context, t: NodeTracing) -> Vec<ObjectRef<TracingPolicy>> {
-    let writer = ctx.stores.as_ref().and_then(|s| s.tracing_written_by(&t.metadata));
+    let Some(stores) = ctx.stores.as_ref() else {
+        return policies_of_node_tracing(t);
+    };
+    stores.tracing_event(&t.name_any());
+    let writer = stores.tracing_written_by(&t.metadata);
     without(writer, policies_of_node_tracing(t))
 }
 

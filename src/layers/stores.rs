@@ -293,6 +293,17 @@ impl Stores {
         raced
     }
 
+    /// The store took in an event of `node`'s NodeTracing: a write it shows now needs no covering (its
+    /// version is kept, to tell its echo). Else a NodeTracing crosstrace created, whose store had none
+    /// before, would be taken for one the store has yet to see once it is deleted.
+    pub fn tracing_event(&self, node: &str) {
+        let stored = self.tracing_version(node);
+        let mut seen = self.seen_tracings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = seen.get_mut(node).filter(|s| stored.is_some() && s.version == stored) {
+            s.base = stored;
+        }
+    }
+
     /// The policy whose write this version of a NodeTracing is, as [`Stores::written_by`] tells it of
     /// a workload.
     pub fn tracing_written_by(&self, meta: &ObjectMeta) -> Option<String> {
@@ -515,6 +526,13 @@ mod tests {
         notes.writing_node("n0");
         notes.written_node("n0", Some(Some(&tracing("1", &["fabric"]))));
         assert_eq!(newest(&stores), [entry("1", &["fabric"])], "created");
+        tracings.apply_watcher_event(&Event::Apply(tracing("1", &["fabric"])));
+        stores.tracing_event("n0");
+        tracings.apply_watcher_event(&Event::Delete(tracing("1", &["fabric"])));
+        stores.tracing_event("n0");
+        assert_eq!(newest(&stores), [], "deleted by someone else after the store showed the creation");
+        stores.forget_stale();
+        assert!(stores.seen_tracings.lock().unwrap().is_empty());
         tracings.apply_watcher_event(&Event::Apply(tracing("1", &["fabric"])));
         notes.writing_node("n0");
         notes.written_node("n0", Some(None));
