@@ -511,11 +511,11 @@ pub async fn run(
         stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)),
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
-    // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects too,
-    // for their addresses, kept pruned (`node_watch`). Namespaces: a metadata-only watch (`Meta`: the
-    // API server sends metadata, not whole objects), kept in a store too. Status churn is filtered out of the triggers (`triggers`). Their lists
-    // are paged and read at the latest version: a list at "any" version comes from the API server's
-    // cache in one piece, however big the cluster.
+    // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects
+    // too, for their addresses, kept pruned (`node_watch`). Namespaces: a metadata-only watch (`Meta`:
+    // the API server sends metadata, not whole objects), kept in a store too. Status churn is filtered
+    // out of the triggers (`triggers`). Their lists are paged and read at the latest version: a list at
+    // "any" version comes from the API server's cache in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
     // The Gateway API and its providers' kinds are watched only where the cluster serves them (a watch
     // on a resource the API server does not know fails on every retry); a kind installed later is seen
