@@ -191,7 +191,40 @@ impl<K> Debug for Pruned<K> {
     }
 }
 
+/// A node as the network layer's store keeps it: its pruned metadata and its address for sFlow (all
+/// a correlating policy reads of its status), not the whole node (images, conditions, heartbeats).
+/// Built from the watch's nodes (it parses as its metadata alone, for the APIs that ask it to parse).
+#[derive(Deserialize)]
+#[serde(bound(deserialize = ""))]
+pub struct Addressed<K> {
+    #[serde(deserialize_with = "without_managed_fields", default)]
+    pub metadata: ObjectMeta,
+    #[serde(skip)]
+    pub address: Option<String>,
+    #[serde(skip)]
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Addressed<K> {
+    pub fn new(metadata: ObjectMeta, address: Option<String>) -> Self {
+        Self { metadata, address, kind: PhantomData }
+    }
+}
+
+impl<K> Clone for Addressed<K> {
+    fn clone(&self) -> Self {
+        Self::new(self.metadata.clone(), self.address.clone())
+    }
+}
+
+impl<K> Debug for Addressed<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Addressed").field("metadata", &self.metadata).field("address", &self.address).finish()
+    }
+}
+
 delegate_resource!(Meta, Resource<DynamicType = ()>, metadata_api = true);
+delegate_resource!(Addressed, Resource<DynamicType = ()>, metadata_api = false);
 delegate_resource!(Pruned, Resource<DynamicType = ()>, metadata_api = false);
 delegate_resource!(Lean, Parts, metadata_api = false);
 

@@ -12,11 +12,12 @@ use crosstrace::controller::{Context, Settings, reconcile};
 use crosstrace::layers::stores::Stores;
 use crosstrace::layers::workloads::{self, Workload};
 use crosstrace::leader::Fence;
-use crosstrace::lean::{Meta, Pruned};
+use crosstrace::lean::{Addressed, Meta, Pruned};
 use crosstrace::metrics::Metrics;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
@@ -248,24 +249,50 @@ async fn a_write_budget_cut_requeues_at_once() {
     assert_eq!(next, Action::requeue(Duration::ZERO), "the rest goes on in the next reconcile, at once");
 }
 
-/// Synced stores holding namespace `shop` and these Deployments.
-fn synced(deployments: Vec<Workload>) -> Stores {
-    fn sync<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
-        objects: Vec<K>,
-    ) -> kube::runtime::reflector::Store<K> {
-        let (store, mut writer) = reflector::store();
-        writer.apply_watcher_event(&Event::Init);
-        for o in objects {
-            writer.apply_watcher_event(&Event::InitApply(o));
-        }
-        writer.apply_watcher_event(&Event::InitDone);
-        store
+/// A store that has taken in its first list, of `objects`.
+fn sync<K: kube::Resource<DynamicType = ()> + Clone + 'static>(objects: Vec<K>) -> kube::runtime::reflector::Store<K> {
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&Event::InitApply(o));
     }
+    writer.apply_watcher_event(&Event::InitDone);
+    store
+}
+
+/// Synced stores holding namespace `shop` and these Deployments (the network layer's are not synced).
+fn synced(deployments: Vec<Workload>) -> Stores {
     let namespace: Meta<k8s_openapi::api::core::v1::Namespace> =
         serde_json::from_value(json!({"metadata": {"name": "shop", "resourceVersion": "1"}})).unwrap();
     let deployments =
         deployments.iter().map(|w| Pruned::new(workloads::pruned_metadata(&w.metadata), Some(w.shape()))).collect();
-    Stores::new(sync(deployments), sync(vec![]), sync(vec![]), sync(vec![namespace]))
+    let (nodes, tracings) = (reflector::store().0, reflector::store().0);
+    Stores::new(sync(deployments), sync(vec![]), sync(vec![]), sync(vec![namespace]), nodes, tracings)
+}
+
+#[tokio::test]
+async fn from_synced_network_stores_nothing_is_listed_and_a_write_is_not_planned_again_before_its_echo() {
+    let p = policy(network_spec(), true, None);
+    let node = |name: &str| {
+        let metadata = ObjectMeta { name: Some(name.into()), resource_version: Some("1".into()), ..Default::default() };
+        Addressed::new(metadata, Some("10.0.0.10".into()))
+    };
+    let (deployments, statefulsets, daemonsets) = (reflector::store().0, reflector::store().0, reflector::store().0);
+    let nodes = sync(vec![node("node-0"), node("node-1")]);
+    let stores = Stores::new(deployments, statefulsets, daemonsets, reflector::store().0, nodes, sync(vec![]));
+    let world = World::default();
+    let settings = Settings { write_budget: Duration::from_secs(5), ..Settings::default() };
+    let (ctx, writes) = context_with(&p, world.clone(), settings, Some(stores));
+    run(&p, &ctx).await;
+    let node_writes = |writes: &Arc<Mutex<Vec<Write>>>| {
+        writes_to(writes).into_iter().filter(|(_, path)| path.contains("/nodetracings/")).count()
+    };
+    assert_eq!(node_writes(&writes), 2, "{:?}", writes_to(&writes));
+    let reads = world.reads.lock().unwrap().clone();
+    assert!(!reads.iter().any(|r| r.starts_with("/api/v1/nodes") || r.contains("/nodetracings")), "{reads:?}");
+    // The store has not seen the writes yet: the next reconcile plans from what they returned.
+    run(&p, &ctx).await;
+    assert_eq!(node_writes(&writes), 2, "written once: {:?}", writes_to(&writes));
 }
 
 fn shop_deployment(i: usize) -> Deployment {

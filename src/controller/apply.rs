@@ -451,11 +451,14 @@ impl Pace {
     }
 }
 
-/// What is told of each workload write: it starts, and it ended (with the workload it left, if it
-/// was made).
+/// What is told of each workload or NodeTracing write: it starts, and it ended (with the object it
+/// left, if it was made).
 pub trait WriteNotes: Sync {
     fn writing(&self, _kind: WorkloadKind, _key: &ObjectKey) {}
     fn written(&self, _kind: WorkloadKind, _key: &ObjectKey, _left: Option<&workloads::Workload>) {}
+    fn writing_node(&self, _node: &str) {}
+    /// `left`: `None` when nothing was written, `Some(None)` when the NodeTracing was deleted.
+    fn written_node(&self, _node: &str, _left: Option<Option<&NodeTracing>>) {}
 }
 
 /// Nothing is told.
@@ -472,6 +475,18 @@ impl<T: WriteNotes> WriteNotes for Option<T> {
     fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&workloads::Workload>) {
         if let Some(notes) = self {
             notes.written(kind, key, left);
+        }
+    }
+
+    fn writing_node(&self, node: &str) {
+        if let Some(notes) = self {
+            notes.writing_node(node);
+        }
+    }
+
+    fn written_node(&self, node: &str, left: Option<Option<&NodeTracing>>) {
+        if let Some(notes) = self {
+            notes.written_node(node, left);
         }
     }
 }
@@ -579,15 +594,24 @@ pub async fn workloads(
 
 /// Runs the network layer's actions (one per node, independent of each other), paced by `pace`. Every
 /// write carries the resourceVersion it was planned from: a conflict means another policy changed the
-/// node meanwhile, and the reconcile is retried.
-pub async fn network(writer: &Writer, actions: &[network::Action], pace: Pace) -> Result<Written> {
+/// node meanwhile, and the reconcile is retried. Every write is told to `notes` as it starts and ends.
+pub async fn network(
+    writer: &Writer,
+    actions: &[network::Action],
+    pace: Pace,
+    notes: &impl WriteNotes,
+) -> Result<Written> {
     let api = &Api::<NodeTracing>::all(writer.client.clone());
     paced(
         actions,
         pace,
         |_| 0,
         |action| async move {
-            match action {
+            let node = match action {
+                network::Action::Put { node, .. } | network::Action::Delete { node, .. } => node,
+            };
+            notes.writing_node(node);
+            let result = match action {
                 network::Action::Put { node, bridges, rolled_back, resource_version } => {
                     let mut metadata = json!({"name": node});
                     if let Some(rv) = resource_version {
@@ -602,12 +626,14 @@ pub async fn network(writer: &Writer, actions: &[network::Action], pace: Pace) -
                         "metadata": metadata,
                         "spec": {"nodeName": node, "bridges": bridges},
                     });
-                    writer.apply(api, node, patch).await.map(drop)
+                    writer.apply(api, node, patch).await.map(Some)
                 }
                 network::Action::Delete { node, resource_version } => {
-                    writer.delete_at_version(api, node, resource_version.clone()).await
+                    writer.delete_at_version(api, node, resource_version.clone()).await.map(|()| None)
                 }
-            }
+            };
+            notes.written_node(node, result.as_ref().ok().map(Option::as_ref));
+            result.map(drop)
         },
     )
     .await

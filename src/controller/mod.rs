@@ -23,7 +23,7 @@ use kube::api::{DynamicObject, PartialObjectMeta};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::TracingPolicy;
@@ -33,7 +33,7 @@ use crate::layers::stores::Stores;
 use crate::layers::workloads::Workload;
 use crate::layers::{gateway, ingress, matches, network, selector, workloads};
 use crate::leader::Fence;
-use crate::lean::{Lean, Meta, Parts, Pruned};
+use crate::lean::{Addressed, Lean, Meta, Parts, Pruned};
 use crate::lenient;
 use crate::metrics::Metrics;
 use apply::Writer;
@@ -381,12 +381,83 @@ fn not_the_writer(
     ctx: &Context,
     kind: WorkloadKind,
     meta: &ObjectMeta,
-    mut refs: Vec<ObjectRef<TracingPolicy>>,
+    refs: Vec<ObjectRef<TracingPolicy>>,
 ) -> Vec<ObjectRef<TracingPolicy>> {
-    if let Some(writer) = ctx.stores.as_ref().and_then(|s| s.written_by(kind, meta)) {
+    without(ctx.stores.as_ref().and_then(|s| s.written_by(kind, meta)), refs)
+}
+
+/// `refs` without the policy named `writer`.
+fn without(writer: Option<String>, mut refs: Vec<ObjectRef<TracingPolicy>>) -> Vec<ObjectRef<TracingPolicy>> {
+    if let Some(writer) = writer {
         refs.retain(|r| r.name != writer);
     }
     refs
+}
+
+/// The policies a changed NodeTracing concerns ([`policies_of_node_tracing`]), but the policy whose own
+/// write this version is (as [`not_the_writer`]): the agent's report, a later version, wakes it. The
+/// stores hear that their store took the change in (see `Stores::tracing_event`).
+fn not_the_tracing_writer(ctx: &Context, t: NodeTracing) -> Vec<ObjectRef<TracingPolicy>> {
+    let Some(stores) = ctx.stores.as_ref() else {
+        return policies_of_node_tracing(t);
+    };
+    stores.tracing_event(&t.name_any());
+    let writer = stores.tracing_written_by(&t.metadata);
+    without(writer, policies_of_node_tracing(t))
+}
+
+/// A node watch (whole nodes, without managedFields) whose nodes are kept pruned, with their address
+/// ([`Addressed`]), in the store the network layer reads; passed on when their labels or address
+/// changed (status heartbeats would wake every network policy all the time).
+fn node_watch(
+    client: &Client,
+    config: &watcher::Config,
+    store: reflector::store::Writer<Addressed<Node>>,
+) -> impl futures::Stream<Item = Result<Addressed<Node>, watcher::Error>> + Send + 'static {
+    let prune = |node: Lean<Node>| {
+        let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+        Addressed::new(workloads::pruned_metadata(&node.metadata), network::node_address(addresses))
+    };
+    let events = watcher(Api::<Lean<Node>>::all(client.clone()), config.clone()).map_ok(move |event| match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(prune(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(prune(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(prune(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    });
+    let labels_and_address = |n: &Addressed<Node>| {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut hasher = DefaultHasher::new();
+        (&n.metadata.labels, &n.address).hash(&mut hasher);
+        Some(hasher.finish())
+    };
+    events.reflect(store).touched_objects().predicate_filter(labels_and_address, Default::default())
+}
+
+/// A lenient NodeTracing watch that keeps the readable ones, pruned, in the store the network layer
+/// reads: one that turns unreadable leaves the store (a list read leniently leaves it out too).
+fn node_tracing_watch(
+    client: &Client,
+    mut store: reflector::store::Writer<NodeTracing>,
+) -> impl futures::Stream<Item = Result<lenient::Seen<NodeTracing>, watcher::Error>> + Send + 'static {
+    let watch = lenient::watch::<NodeTracing>(client.clone(), watcher::Config::default());
+    watch.map_ok(move |seen| {
+        keep_readable(&mut store, &seen);
+        seen
+    })
+}
+
+/// Takes one event of a lenient NodeTracing watch into the store (see [`node_tracing_watch`]).
+fn keep_readable(store: &mut reflector::store::Writer<NodeTracing>, seen: &lenient::Seen<NodeTracing>) {
+    use lenient::Placeholder;
+    match seen {
+        lenient::Seen::Event(event) => store.apply_watcher_event(&event.clone().modify(|t| {
+            t.metadata = workloads::pruned_metadata(&t.metadata);
+        })),
+        lenient::Seen::Unreadable(u) => {
+            store.apply_watcher_event(&watcher::Event::Delete(NodeTracing::placeholder(u.object.metadata.clone())))
+        }
+    }
 }
 
 /// Runs the controller until `shutdown` resolves; in-flight reconciles finish first. Watches use
@@ -419,9 +490,9 @@ pub async fn run(
     let controller = Controller::for_stream(policies, policy_store)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency).debounce(Duration::ZERO));
     let store = controller.store();
+    let (tracing_store, tracing_writer) = reflector::store();
     let node_tracings =
-        lenient::typed(lenient::watch::<NodeTracing>(client.clone(), watcher::Config::default()), unreadable.sink())
-            .touched_objects();
+        lenient::typed(node_tracing_watch(&client, tracing_writer), unreadable.sink()).touched_objects();
     let deployment_store = store.clone();
     let statefulset_store = store.clone();
     let daemonset_store = store.clone();
@@ -433,6 +504,7 @@ pub async fn run(
     let (daemonsets, daemonset_writer) = reflector::store();
     let keep = Keep { policies: store.clone(), namespaces: namespaces.clone(), defaults: settings.workloads.clone() };
     let node_store = store.clone();
+    let (nodes, node_writer) = reflector::store();
     let gateway_store = store.clone();
     let context = Arc::new(Context {
         writer,
@@ -445,14 +517,14 @@ pub async fn run(
         retries: backoff::RetryBackoff::default(),
         canaries: Default::default(),
         flow_reports: Default::default(),
-        stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces)),
+        stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)),
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
-    // the stores the workload layer reads (`workload_watch`, `layers::stores`). Namespaces and nodes:
-    // metadata-only watches (`Meta`: the API server sends metadata, not whole objects); the namespaces
-    // are kept in a store too. Status churn is filtered out of the triggers (`triggers`). Their lists
-    // are paged and read at the latest version: a list at "any" version comes from the API server's
-    // cache in one piece, however big the cluster.
+    // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects
+    // too, for their addresses, kept pruned (`node_watch`). Namespaces: a metadata-only watch (`Meta`:
+    // the API server sends metadata, not whole objects), kept in a store too. Status churn is filtered
+    // out of the triggers (`triggers`). Their lists are paged and read at the latest version: a list at
+    // "any" version comes from the API server's cache in one piece, however big the cluster.
     let meta = watcher::Config::default().page_size(METADATA_PAGE);
     // The Gateway API and its providers' kinds are watched only where the cluster serves them (a watch
     // on a resource the API server does not know fails on every retry); a kind installed later is seen
@@ -508,14 +580,11 @@ pub async fn run(
         .watches(Api::<ConfigMap>::all(client.clone()), any.labels(workloads::POLICY_LABEL), |cm| {
             policy_of_config_map(cm, workloads::POLICY_LABEL)
         })
-        // Nodes: only label changes matter (heartbeats would wake every network policy all the time).
-        .watches_stream(
-            watcher(Api::<Meta<Node>>::all(client.clone()), meta.clone())
-                .touched_objects()
-                .predicate_filter(predicates::labels, Default::default()),
-            move |_| policies_with_network(&node_store),
-        )
-        .watches_stream(node_tracings, policies_of_node_tracing);
+        .watches_stream(node_watch(&client, &meta, node_writer), move |_| policies_with_network(&node_store))
+        .watches_stream(node_tracings, {
+            let ctx = context.clone();
+            move |t| not_the_tracing_writer(&ctx, t)
+        });
     for kind in gateway_kinds {
         let store = gateway_store.clone();
         let resource = kind.api_resource();
@@ -561,6 +630,28 @@ mod tests {
         assert_eq!(resolve_flows_receiver("10.96.0.20:6343").await.unwrap().to_string(), "10.96.0.20:6343");
         assert_eq!(resolve_flows_receiver("localhost:6343").await.unwrap().port(), 6343);
         assert!(resolve_flows_receiver("does-not-exist.invalid:6343").await.is_err());
+    }
+
+    #[test]
+    fn a_node_tracing_that_turns_unreadable_leaves_the_store_and_a_readable_one_is_kept_pruned() {
+        use kube::api::DynamicObject;
+        let (store, mut writer) = reflector::store::<NodeTracing>();
+        let raw = |bridges: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "crosstrace.dev/v1alpha1",
+                "kind": "NodeTracing",
+                "metadata": {"name": "n0", "resourceVersion": "1", "annotations": {"kubectl": "x"},
+                    "managedFields": [{"manager": "crosstrace", "operation": "Apply"}]},
+                "spec": {"nodeName": "n0", "bridges": bridges},
+            }))
+            .unwrap()
+        };
+        let seen = |o| lenient::seen::<NodeTracing>(watcher::Event::Apply(o));
+        keep_readable(&mut writer, &seen(raw(serde_json::json!([]))));
+        let kept = store.get(&ObjectRef::new("n0")).expect("readable: kept");
+        assert_eq!((kept.metadata.managed_fields.as_ref(), kept.metadata.annotations.as_ref()), (None, None));
+        keep_readable(&mut writer, &seen(raw(serde_json::json!([{"bridge": "br-int"}]))));
+        assert!(store.get(&ObjectRef::new("n0")).is_none(), "unreadable now: left out, as a lenient list leaves it");
     }
 
     #[tokio::test]

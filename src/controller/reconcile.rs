@@ -243,7 +243,7 @@ async fn run_layers(
         drift_corrected(ctx, policy, "workloads", note).await;
     }
 
-    let observed = network::observe(&ctx.client, view).await?;
+    let observed = network::observe(&ctx.client, ctx.stores.as_ref(), view).await?;
     let mut correlation =
         network::Correlation { max_header_bytes: limits.map(|l| l.max_header_bytes), ..Default::default() };
     if let Some(receiver) = &ctx.settings.flows_receiver
@@ -261,7 +261,9 @@ async fn run_layers(
         info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
     } else if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
-        written = super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx)).await?;
+        let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
+        written = super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx), &notes).await?;
+        raced |= notes.is_some_and(|n| n.raced());
     }
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),

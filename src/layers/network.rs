@@ -306,37 +306,38 @@ fn forward(
     )
 }
 
-/// Nodes the policy selects and nodes whose NodeTracing carries something of it.
-pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Observed>, super::ObserveError> {
-    let mut found: BTreeMap<String, Observed> = BTreeMap::new();
-    if let Some(network) = policy.spec.network.as_ref().filter(|_| !policy.deleting) {
-        let params = match &network.node_selector {
-            Some(s) => ListParams::default()
-                .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.network.nodeSelector"))?),
-            None => ListParams::default(),
-        };
-        if network.correlate {
-            // The nodes' addresses too (the whole Node, briefly; only correlating policies read it).
-            for node in Api::<Lean<Node>>::all(client.clone()).list(&params).await? {
-                let name = node.name_any();
-                let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
-                let address = node_address(addresses);
-                found.insert(name.clone(), Observed { node: name, selected: true, tracing: None, address });
-            }
-        } else {
-            for node in Api::<Meta<Node>>::all(client.clone()).list(&params).await? {
-                let name = node.name_any();
-                found.insert(name.clone(), Observed { node: name, selected: true, tracing: None, address: None });
-            }
-        }
+/// Nodes the policy selects and nodes whose NodeTracing carries something of it: from the controller's
+/// stores once they are synced, else listed.
+pub async fn observe(
+    client: &Client,
+    stores: Option<&super::stores::Stores>,
+    policy: PolicyView<'_>,
+) -> Result<Vec<Observed>, super::ObserveError> {
+    let network = policy.spec.network.as_ref().filter(|_| !policy.deleting);
+    let node_selector = network
+        .and_then(|n| n.node_selector.as_ref())
+        .map(|s| selector(s).map_err(super::ObserveError::selector("spec.network.nodeSelector")))
+        .transpose()?;
+    if let Some(stores) = stores.filter(|s| s.network_ready()) {
+        stores.forget_stale();
+        let nodes = network.map(|n| {
+            let addressed = stores.nodes(node_selector.as_ref());
+            // Addresses only for correlating policies, as when they are listed.
+            addressed.into_iter().map(|(node, address)| (node, address.filter(|_| n.correlate))).collect()
+        });
+        return Ok(observed(policy, nodes.unwrap_or_default(), stores.node_tracings()));
     }
-    // Read one by one: a NodeTracing that cannot be read (written while the CRD was looser) is reported on
-    // itself by the controller's watch, and must not stop this policy. Its node is left as it is.
-    let raw = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<NodeTracing>(&()));
-    for object in raw.list(&ListParams::default()).await? {
-        let Ok(tracing) = crate::lenient::read::<NodeTracing>(object) else {
-            continue;
-        };
+    tracing::debug!("the node stores are not synced yet: listing the nodes and NodeTracings");
+    listed(client, policy, network, node_selector).await
+}
+
+/// What [`observe`] finds from the selected nodes (name, address) and every readable NodeTracing.
+fn observed(policy: PolicyView<'_>, nodes: Vec<(String, Option<String>)>, tracings: Vec<NodeTracing>) -> Vec<Observed> {
+    let mut found: BTreeMap<String, Observed> = nodes
+        .into_iter()
+        .map(|(node, address)| (node.clone(), Observed { node, selected: true, tracing: None, address }))
+        .collect();
+    for tracing in tracings {
         let name = tracing.name_any();
         let concerns = tracing.spec.bridges.iter().any(|b| b.policy == policy.name)
             || rolled_back_map(Some(&tracing)).contains_key(policy.name);
@@ -346,7 +347,40 @@ pub async fn observe(client: &Client, policy: PolicyView<'_>) -> Result<Vec<Obse
             found.insert(name.clone(), Observed { node: name, selected: false, tracing: Some(tracing), address: None });
         }
     }
-    Ok(found.into_values().collect())
+    found.into_values().collect()
+}
+
+/// [`observe`] from lists of the nodes and NodeTracings.
+async fn listed(
+    client: &Client,
+    policy: PolicyView<'_>,
+    network: Option<&NetworkSpec>,
+    node_selector: Option<kube::core::Selector>,
+) -> Result<Vec<Observed>, super::ObserveError> {
+    let mut nodes = Vec::new();
+    if let Some(network) = network {
+        let params = match node_selector {
+            Some(s) => ListParams::default().labels_from(&s),
+            None => ListParams::default(),
+        };
+        if network.correlate {
+            // The nodes' addresses too (the whole Node, briefly; only correlating policies read it).
+            for node in Api::<Lean<Node>>::all(client.clone()).list(&params).await? {
+                let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+                nodes.push((node.name_any(), node_address(addresses)));
+            }
+        } else {
+            for node in Api::<Meta<Node>>::all(client.clone()).list(&params).await? {
+                nodes.push((node.name_any(), None));
+            }
+        }
+    }
+    // Read one by one: a NodeTracing that cannot be read (written while the CRD was looser) is reported on
+    // itself by the controller's watch, and must not stop this policy. Its node is left as it is.
+    let raw = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<NodeTracing>(&()));
+    let tracings = raw.list(&ListParams::default()).await?;
+    let readable = tracings.into_iter().filter_map(|o| crate::lenient::read::<NodeTracing>(o).ok());
+    Ok(observed(policy, nodes, readable.collect()))
 }
 
 #[cfg(test)]
@@ -650,6 +684,35 @@ mod tests {
         let mut n = correlating(128).network.unwrap();
         n.sflow.as_mut().unwrap().targets = (0..8).map(|i| format!("10.0.0.{i}:6343")).collect();
         assert!(check_correlate(&n).unwrap_err().contains("at most 7"));
+    }
+
+    #[test]
+    fn observed_are_the_selected_nodes_and_the_unselected_ones_this_policy_left_something_on() {
+        let s = spec();
+        let view = PolicyView::new("fabric", &s);
+        let mine = BridgeExport { policy: "fabric".into(), ..Default::default() };
+        let theirs = BridgeExport { policy: "other".into(), ..Default::default() };
+        let mut marked = tracing_with("n3", vec![], vec![]);
+        marked.annotations_mut().insert(ROLLED_BACK_ANNOTATION.into(), r#"{"fabric":1}"#.into());
+        let tracings = vec![
+            tracing_with("n0", vec![theirs.clone()], vec![]),
+            tracing_with("n2", vec![mine], vec![]),
+            marked,
+            tracing_with("n4", vec![theirs], vec![]),
+        ];
+        let nodes = vec![("n0".to_string(), Some("10.0.0.10".to_string())), ("n1".to_string(), None)];
+        let found = observed(view, nodes, tracings);
+        let summary: Vec<_> =
+            found.iter().map(|o| (o.node.as_str(), o.selected, o.tracing.is_some(), o.address.as_deref())).collect();
+        assert_eq!(
+            summary,
+            [
+                ("n0", true, true, Some("10.0.0.10")),
+                ("n1", true, false, None),
+                ("n2", false, true, None),
+                ("n3", false, true, None),
+            ]
+        );
     }
 
     #[test]

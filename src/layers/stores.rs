@@ -1,4 +1,4 @@
-//! Watch-backed stores of the workloads and namespaces, shared by every reconcile.
+//! Watch-backed stores of the workloads, namespaces, nodes and NodeTracings, shared by every reconcile.
 //!
 //! The controller's watches of Deployments, StatefulSets and DaemonSets feed reflectors that keep each
 //! workload pruned ([`Pruned`]): its metadata without managedFields nor the user's annotations, and, for
@@ -7,51 +7,86 @@
 //! workload is kept as metadata alone, so memory grows with the targets, not with the cluster's
 //! workloads. The workload layer reads these stores instead of listing the cluster on every reconcile.
 //!
-//! A store lags behind the API server by a watch event. Two things cover the gap, in [`Stores::seen`]:
-//! - what crosstrace wrote (the object each server-side apply returned), used until the store shows
-//!   a newer version, so a reconcile right after a write plans from it and not from the object before;
+//! The network layer reads the nodes (pruned metadata and the address a correlating policy exports
+//! from, [`Addressed`]) and the NodeTracings (readable ones only: one that cannot be read is left out,
+//! as a list read leniently leaves it out) the same way: with thousands of nodes whose agents each
+//! report, listing both on every reconcile made a rollout's work grow as nodes times reconciles.
+//!
+//! A store lags behind the API server by a watch event. Two things cover the gap, in `Stores::seen`
+//! and `Stores::seen_tracings`:
+//! - what crosstrace wrote (the object each server-side apply returned, or a NodeTracing's deletion),
+//!   used until the store shows a newer version, so a reconcile right after a write plans from it and
+//!   not from the object before;
 //! - workloads the store kept as metadata alone (no policy selected them when they last changed) and
 //!   a policy selects now: read once (GET), used while the store shows the same version.
 //!
 //! What crosstrace wrote also tells the trigger filter that a watch event is the echo of the writing
-//! policy's own write (see [`Stores::written_by`]).
+//! policy's own write (see [`Stores::written_by`], [`Stores::tracing_written_by`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+use kube::core::Selector;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::ObjectKey;
 use super::workloads::{Shape, Workload, pruned_metadata};
-use crate::api::WorkloadKind;
-use crate::lean::{Meta, Pruned};
+use crate::api::{NodeTracing, WorkloadKind};
+use crate::lean::{Addressed, Meta, Pruned};
 
-/// A version of a workload newer than (or missing from) its store's, pruned as the store would keep it.
+/// A version of an object newer than (or missing from) its store's, kept as the store would keep it.
 #[derive(Clone, Debug)]
-struct Seen {
+struct Seen<T> {
     /// The store's resourceVersion when this was seen: while the store shows it (or this one's own),
     /// this is the newest known.
     base: Option<String>,
-    metadata: ObjectMeta,
-    shape: Shape,
+    /// This one's resourceVersion (`None`: deleted).
+    version: Option<String>,
+    value: T,
     /// The policy whose write this is (`None`: read, not written).
     written_by: Option<String>,
 }
 
-impl Seen {
-    fn version(&self) -> Option<&String> {
-        self.metadata.resource_version.as_ref()
-    }
-
+impl<T> Seen<T> {
     /// Is this still the newest known, with the store at `stored`?
     fn current(&self, stored: Option<&String>) -> bool {
-        stored == self.base.as_ref() || stored == self.version()
+        stored == self.base.as_ref() || stored == self.version.as_ref()
     }
+}
+
+/// A workload as its store keeps it.
+#[derive(Clone, Debug)]
+struct Kept {
+    metadata: ObjectMeta,
+    shape: Shape,
+}
+
+/// The policy whose write `version` of the object at `key` is: any version while a write is in flight
+/// (see [`Stores::written_by`]), else the version a write returned.
+fn echo_of<K: Eq + Hash, T>(
+    writing: &Mutex<HashMap<K, Writing>>,
+    seen: &Mutex<HashMap<K, Seen<T>>>,
+    key: &K,
+    version: Option<&String>,
+) -> Option<String> {
+    if let Some(w) = writing.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+        return Some(w.policy.clone());
+    }
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let s = seen.get(key)?;
+    (version.is_some() && s.version.as_ref() == version).then(|| s.written_by.clone()).flatten()
+}
+
+/// A NodeTracing as the store keeps it: without managedFields nor others' annotations.
+pub fn pruned_tracing(t: NodeTracing) -> NodeTracing {
+    NodeTracing { metadata: pruned_metadata(&t.metadata), ..t }
 }
 
 /// A policy's workload writes, as the stores hear of them.
@@ -63,8 +98,9 @@ pub struct Writes<'a> {
 
 impl crate::controller::apply::WriteNotes for Writes<'_> {
     fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
+        let before = self.stores.version(kind, key);
         let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
-        writing.insert((kind, key.clone()), Writing { policy: self.policy.to_string(), took_in: Vec::new() });
+        writing.insert((kind, key.clone()), Writing { policy: self.policy.to_string(), before, took_in: Vec::new() });
     }
 
     fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
@@ -75,33 +111,59 @@ impl crate::controller::apply::WriteNotes for Writes<'_> {
             self.raced.store(true, Ordering::Relaxed);
         }
     }
+
+    fn writing_node(&self, node: &str) {
+        let before = self.stores.tracing_version(node);
+        let mut writing = self.stores.writing_tracings.lock().unwrap_or_else(|e| e.into_inner());
+        writing.insert(node.to_string(), Writing { policy: self.policy.to_string(), before, took_in: Vec::new() });
+    }
+
+    fn written_node(&self, node: &str, left: Option<Option<&NodeTracing>>) {
+        let before = self.stores.writing_tracings.lock().unwrap_or_else(|e| e.into_inner()).remove(node);
+        if let Some(left) = left {
+            let before = before.and_then(|w| w.before);
+            if self.stores.saw_written_tracing(node, left, self.policy, before) {
+                self.raced.store(true, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Writes<'_> {
-    /// Did the store of a written workload take in, during its write, the write's own echo and a
-    /// change after it? Those events were taken for the echo and woke nothing: the policy should look
+    /// Did the store of a written workload or NodeTracing take in, during its write, a change after
+    /// the write? Those events were taken for the write's echo and woke nothing: the policy should look
     /// again at once rather than at its next poll.
     pub fn raced(&self) -> bool {
         self.raced.load(Ordering::Relaxed)
     }
 }
 
-/// A workload write in flight.
+/// A write in flight.
 struct Writing {
     policy: String,
-    /// The versions the store took in since (the write's echo can arrive before its response).
+    /// The store's version when the write started.
+    before: Option<String>,
+    /// The versions a workload store took in since (the write's echo can arrive before its response).
     took_in: Vec<String>,
 }
 
-/// The stores of the workload kinds and of the namespaces, and what was seen newer than them.
+/// The stores of the workload kinds, the namespaces, the nodes and the NodeTracings, and what was seen
+/// newer than them.
 pub struct Stores {
     pub deployments: Store<Pruned<Deployment>>,
     pub statefulsets: Store<Pruned<StatefulSet>>,
     pub daemonsets: Store<Pruned<DaemonSet>>,
     pub namespaces: Store<Meta<Namespace>>,
-    seen: Mutex<HashMap<(WorkloadKind, ObjectKey), Seen>>,
+    pub nodes: Store<Addressed<Node>>,
+    /// Readable NodeTracings, pruned ([`pruned_tracing`]).
+    pub node_tracings: Store<NodeTracing>,
+    seen: Mutex<HashMap<(WorkloadKind, ObjectKey), Seen<Kept>>>,
     /// Workload writes in flight.
     writing: Mutex<HashMap<(WorkloadKind, ObjectKey), Writing>>,
+    /// NodeTracings crosstrace wrote (`None`: deleted), by node, newer than the store's.
+    seen_tracings: Mutex<HashMap<String, Seen<Option<NodeTracing>>>>,
+    /// NodeTracing writes in flight.
+    writing_tracings: Mutex<HashMap<String, Writing>>,
 }
 
 /// Has this store's reflector taken in its first list?
@@ -115,7 +177,7 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
     store: &Store<Pruned<K>>,
     kind: WorkloadKind,
     keep: &impl Fn(&ObjectMeta) -> bool,
-    seen: &HashMap<(WorkloadKind, ObjectKey), Seen>,
+    seen: &HashMap<(WorkloadKind, ObjectKey), Seen<Kept>>,
 ) -> Vec<Result<Workload, ObjectKey>> {
     let stored = store.state_filter(|p| keep(&p.metadata));
     stored
@@ -124,11 +186,10 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
             let (meta, shape) = (&p.metadata, p.shape.as_ref());
             let key = ObjectKey::of(meta);
             let newer = seen.get(&(kind, key.clone())).filter(|s| {
-                s.current(meta.resource_version.as_ref())
-                    && !(shape.is_some() && meta.resource_version.as_ref() == s.version())
+                s.current(meta.resource_version.as_ref()) && !(shape.is_some() && meta.resource_version == s.version)
             });
             match (newer, shape) {
-                (Some(s), _) => Ok(Workload::from_shape(kind, s.metadata.clone(), &s.shape)),
+                (Some(s), _) => Ok(Workload::from_shape(kind, s.value.metadata.clone(), &s.value.shape)),
                 (None, Some(shape)) => Ok(Workload::from_shape(kind, meta.clone(), shape)),
                 (None, None) => Err(key),
             }
@@ -149,13 +210,104 @@ impl Stores {
         statefulsets: Store<Pruned<StatefulSet>>,
         daemonsets: Store<Pruned<DaemonSet>>,
         namespaces: Store<Meta<Namespace>>,
+        nodes: Store<Addressed<Node>>,
+        node_tracings: Store<NodeTracing>,
     ) -> Self {
-        Self { deployments, statefulsets, daemonsets, namespaces, seen: Mutex::default(), writing: Mutex::default() }
+        Self {
+            deployments,
+            statefulsets,
+            daemonsets,
+            namespaces,
+            nodes,
+            node_tracings,
+            seen: Mutex::default(),
+            writing: Mutex::default(),
+            seen_tracings: Mutex::default(),
+            writing_tracings: Mutex::default(),
+        }
     }
 
-    /// Has every store taken in its first list? Until then a reconcile lists the cluster as before.
+    /// Has every store of the workload layer taken in its first list? Until then a reconcile lists the
+    /// cluster as before.
     pub fn ready(&self) -> bool {
         ready(&self.deployments) && ready(&self.statefulsets) && ready(&self.daemonsets) && ready(&self.namespaces)
+    }
+
+    /// Have the nodes' and the NodeTracings' stores taken in their first list? Until then the network
+    /// layer lists them as before.
+    pub fn network_ready(&self) -> bool {
+        ready(&self.nodes) && ready(&self.node_tracings)
+    }
+
+    /// The name and address of every node `selector` matches (every node without one).
+    pub fn nodes(&self, selector: Option<&Selector>) -> Vec<(String, Option<String>)> {
+        let selected = |n: &Addressed<Node>| selector.is_none_or(|s| super::matches(s, n.metadata.labels.as_ref()));
+        self.nodes.state().iter().filter(|n| selected(n)).map(|n| (n.name_any(), n.address.clone())).collect()
+    }
+
+    /// Every readable NodeTracing, each as the newest version known: the store's, or what crosstrace
+    /// wrote since (one it deleted is left out, one it created is in).
+    pub fn node_tracings(&self) -> Vec<NodeTracing> {
+        let seen = self.seen_tracings.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = self.node_tracings.state();
+        let mut newest: Vec<NodeTracing> = stored
+            .iter()
+            .filter_map(|t| match seen.get(&t.name_any()).filter(|s| s.current(t.metadata.resource_version.as_ref())) {
+                Some(s) => s.value.clone(),
+                None => Some(t.as_ref().clone()),
+            })
+            .collect();
+        let created = seen.iter().filter(|(node, s)| s.current(None) && self.tracing_version(node).is_none());
+        newest.extend(created.filter_map(|(_, s)| s.value.clone()));
+        newest
+    }
+
+    fn tracing_version(&self, node: &str) -> Option<String> {
+        self.node_tracings.get(&ObjectRef::new(node)).and_then(|t| t.metadata.resource_version.clone())
+    }
+
+    /// Remembers what `policy`'s write of a NodeTracing left (`None`: deleted), the store having been
+    /// at `before` when the write started; true if the store moved meanwhile to a version not the
+    /// write's own. That version is then newer than the write (every write but a creation is guarded
+    /// by the version it was planned from, and a creation racing another fails the next write's
+    /// guard): the store is read as it is, and nothing is remembered.
+    fn saw_written_tracing(
+        &self,
+        node: &str,
+        left: Option<&NodeTracing>,
+        policy: &str,
+        before: Option<String>,
+    ) -> bool {
+        let now = self.tracing_version(node);
+        let version = left.and_then(|t| t.metadata.resource_version.clone());
+        let raced = now != before && now != version;
+        let mut seen = self.seen_tracings.lock().unwrap_or_else(|e| e.into_inner());
+        if raced {
+            seen.remove(node);
+        } else {
+            let value = left.cloned().map(pruned_tracing);
+            let written_by = Some(policy.to_string());
+            seen.insert(node.to_string(), Seen { base: now, version, value, written_by });
+        }
+        raced
+    }
+
+    /// The store took in an event of `node`'s NodeTracing: a write it shows now needs no covering (its
+    /// version is kept, to tell its echo). Else a NodeTracing crosstrace created, whose store had none
+    /// before, would be taken for one the store has yet to see once it is deleted.
+    pub fn tracing_event(&self, node: &str) {
+        let stored = self.tracing_version(node);
+        let mut seen = self.seen_tracings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = seen.get_mut(node).filter(|s| stored.is_some() && s.version == stored) {
+            s.base = stored;
+        }
+    }
+
+    /// The policy whose write this version of a NodeTracing is, as [`Stores::written_by`] tells it of
+    /// a workload.
+    pub fn tracing_written_by(&self, meta: &ObjectMeta) -> Option<String> {
+        let node = meta.name.clone().unwrap_or_default();
+        echo_of(&self.writing_tracings, &self.seen_tracings, &node, meta.resource_version.as_ref())
     }
 
     /// Labels of every namespace.
@@ -217,8 +369,8 @@ impl Stores {
         let base = self.version(workload.kind, &key);
         let seen = Seen {
             base,
-            metadata: pruned_metadata(&workload.metadata),
-            shape: workload.shape(),
+            version: workload.metadata.resource_version.clone(),
+            value: Kept { metadata: pruned_metadata(&workload.metadata), shape: workload.shape() },
             written_by: written_by.map(str::to_string),
         };
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((workload.kind, key), seen);
@@ -240,18 +392,10 @@ impl Stores {
     /// response; a change by someone else in that instant is seen by the policy's next look, which
     /// comes soon: it has a rollout in flight).
     pub fn written_by(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Option<String> {
-        let key = (kind, ObjectKey::of(meta));
-        if let Some(w) = self.writing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Some(w.policy.clone());
-        }
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let s = seen.get(&key)?;
-        (meta.resource_version.is_some() && s.version() == meta.resource_version.as_ref())
-            .then(|| s.written_by.clone())
-            .flatten()
+        echo_of(&self.writing, &self.seen, &(kind, ObjectKey::of(meta)), meta.resource_version.as_ref())
     }
 
-    /// What `policy`'s workload writes tell the stores.
+    /// What `policy`'s workload and NodeTracing writes tell the stores.
     pub fn writes_of<'a>(&'a self, policy: &'a str) -> Writes<'a> {
         Writes { stores: self, policy, raced: AtomicBool::new(false) }
     }
@@ -264,12 +408,19 @@ impl Stores {
             let stored = self.version(*kind, key);
             stored.is_some() && s.current(stored.as_ref())
         });
+        drop(seen);
+        let mut seen = self.seen_tracings.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|node, s| {
+            let stored = self.tracing_version(node);
+            (stored.is_some() || s.value.is_some()) && s.current(stored.as_ref())
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use kube::runtime::reflector::{self, store::Writer};
     use kube::runtime::watcher::Event;
 
@@ -294,8 +445,139 @@ mod tests {
 
     fn stores() -> (Stores, Writer<Pruned<Deployment>>) {
         let (deployments, writer) = reflector::store();
-        let stores = Stores::new(deployments, reflector::store().0, reflector::store().0, reflector::store().0);
+        let stores = Stores::new(
+            deployments,
+            reflector::store().0,
+            reflector::store().0,
+            reflector::store().0,
+            reflector::store().0,
+            reflector::store().0,
+        );
         (stores, writer)
+    }
+
+    fn network_stores() -> (Stores, Writer<Addressed<Node>>, Writer<NodeTracing>) {
+        let (nodes, node_writer) = reflector::store();
+        let (tracings, tracing_writer) = reflector::store();
+        let s = reflector::store().0;
+        let stores = Stores::new(s, reflector::store().0, reflector::store().0, reflector::store().0, nodes, tracings);
+        (stores, node_writer, tracing_writer)
+    }
+
+    /// NodeTracing `n0` at `version`, with an export of each of `policies`.
+    fn tracing(version: &str, policies: &[&str]) -> NodeTracing {
+        use crate::api::node_tracing::{BridgeExport, NodeTracingSpec};
+        let bridges = policies.iter().map(|p| BridgeExport { policy: p.to_string(), ..Default::default() }).collect();
+        let mut t = NodeTracing::new("n0", NodeTracingSpec { node_name: "n0".into(), bridges });
+        t.metadata.resource_version = Some(version.into());
+        t
+    }
+
+    /// Each NodeTracing the network layer reads now: its version and its exports' policies.
+    fn newest(stores: &Stores) -> Vec<(String, Vec<String>)> {
+        let all = stores.node_tracings();
+        let policies = |t: &NodeTracing| t.spec.bridges.iter().map(|b| b.policy.clone()).collect();
+        all.iter().map(|t| (t.resource_version().unwrap(), policies(t))).collect()
+    }
+
+    fn entry(version: &str, policies: &[&str]) -> (String, Vec<String>) {
+        (version.to_string(), policies.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn the_network_stores_are_trusted_after_both_first_lists_and_select_nodes_by_label() {
+        let (stores, mut nodes, mut tracings) = network_stores();
+        let node = |name: &str, zone: &str, address: Option<&str>| {
+            let labels = BTreeMap::from([("zone".to_string(), zone.to_string())]);
+            let meta = ObjectMeta { name: Some(name.into()), labels: Some(labels), ..Default::default() };
+            Addressed::new(meta, address.map(Into::into))
+        };
+        nodes.apply_watcher_event(&Event::Init);
+        nodes.apply_watcher_event(&Event::InitApply(node("n0", "a", Some("10.0.0.10"))));
+        nodes.apply_watcher_event(&Event::InitApply(node("n1", "b", None)));
+        nodes.apply_watcher_event(&Event::InitDone);
+        assert!(!stores.network_ready(), "the NodeTracings too");
+        tracings.apply_watcher_event(&Event::Init);
+        tracings.apply_watcher_event(&Event::InitDone);
+        assert!(stores.network_ready());
+        assert!(!stores.ready(), "the workload layer's stores are apart");
+        let zone_a =
+            LabelSelector { match_labels: Some(BTreeMap::from([("zone".into(), "a".into())])), ..Default::default() };
+        let zone_a = super::super::selector(&zone_a).unwrap();
+        assert_eq!(stores.nodes(Some(&zone_a)), [("n0".to_string(), Some("10.0.0.10".to_string()))]);
+        let mut every = stores.nodes(None);
+        every.sort();
+        assert_eq!(every, [("n0".to_string(), Some("10.0.0.10".to_string())), ("n1".to_string(), None)]);
+    }
+
+    #[test]
+    fn a_node_tracing_write_is_read_until_the_store_shows_a_newer_version_and_marks_its_own_echo() {
+        use crate::controller::apply::WriteNotes;
+        let (stores, _nodes, mut tracings) = network_stores();
+        tracings.apply_watcher_event(&Event::Apply(tracing("1", &[])));
+        let notes = stores.writes_of("fabric");
+        notes.writing_node("n0");
+        let echo = tracing("2", &["fabric"]);
+        assert_eq!(stores.tracing_written_by(&echo.metadata).as_deref(), Some("fabric"), "in flight");
+        notes.written_node("n0", Some(Some(&echo)));
+        assert!(!notes.raced());
+        assert_eq!(newest(&stores), [entry("2", &["fabric"])], "the write, not the store's older version");
+        tracings.apply_watcher_event(&Event::Apply(echo.clone()));
+        stores.forget_stale();
+        assert_eq!(stores.tracing_written_by(&echo.metadata).as_deref(), Some("fabric"), "kept for the echo");
+        // The agent's report: someone else's version, newer than the write.
+        let report = tracing("3", &["fabric"]);
+        tracings.apply_watcher_event(&Event::Apply(report.clone()));
+        assert_eq!(newest(&stores), [entry("3", &["fabric"])]);
+        assert_eq!(stores.tracing_written_by(&report.metadata), None, "the agent's report wakes the policy");
+        stores.forget_stale();
+        assert!(stores.seen_tracings.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_node_tracing_created_or_deleted_by_crosstrace_is_seen_so_before_the_store() {
+        use crate::controller::apply::WriteNotes;
+        let (stores, _nodes, mut tracings) = network_stores();
+        let notes = stores.writes_of("fabric");
+        notes.writing_node("n0");
+        notes.written_node("n0", Some(Some(&tracing("1", &["fabric"]))));
+        assert_eq!(newest(&stores), [entry("1", &["fabric"])], "created");
+        tracings.apply_watcher_event(&Event::Apply(tracing("1", &["fabric"])));
+        stores.tracing_event("n0");
+        tracings.apply_watcher_event(&Event::Delete(tracing("1", &["fabric"])));
+        stores.tracing_event("n0");
+        assert_eq!(newest(&stores), [], "deleted by someone else after the store showed the creation");
+        stores.forget_stale();
+        assert!(stores.seen_tracings.lock().unwrap().is_empty());
+        tracings.apply_watcher_event(&Event::Apply(tracing("1", &["fabric"])));
+        notes.writing_node("n0");
+        notes.written_node("n0", Some(None));
+        assert_eq!(newest(&stores), [], "deleted, the store still has it");
+        stores.forget_stale();
+        assert_eq!(newest(&stores), [], "kept until the store has it gone");
+        tracings.apply_watcher_event(&Event::Delete(tracing("1", &["fabric"])));
+        stores.forget_stale();
+        assert!(stores.seen_tracings.lock().unwrap().is_empty());
+        // A failed write leaves nothing.
+        notes.writing_node("n0");
+        notes.written_node("n0", None);
+        assert!(stores.seen_tracings.lock().unwrap().is_empty());
+        assert_eq!(stores.tracing_written_by(&tracing("1", &[]).metadata), None);
+    }
+
+    #[test]
+    fn a_node_tracing_the_store_moved_past_during_its_write_is_read_from_the_store() {
+        use crate::controller::apply::WriteNotes;
+        let (stores, _nodes, mut tracings) = network_stores();
+        tracings.apply_watcher_event(&Event::Apply(tracing("1", &[])));
+        let notes = stores.writes_of("fabric");
+        notes.writing_node("n0");
+        // The write's echo, then the agent's report, both before the write's response.
+        tracings.apply_watcher_event(&Event::Apply(tracing("2", &["fabric"])));
+        tracings.apply_watcher_event(&Event::Apply(tracing("3", &["fabric"])));
+        notes.written_node("n0", Some(Some(&tracing("2", &["fabric"]))));
+        assert!(notes.raced(), "their events were taken for the echo: look again");
+        assert_eq!(newest(&stores), [entry("3", &["fabric"])]);
     }
 
     fn rolled_out(stores: &Stores) -> Vec<Result<bool, String>> {
