@@ -166,24 +166,34 @@ async fn main() {
     });
     println!("crosstrace bench: scenarios {scenarios:?}, machine {machine}");
     let mut report = Report::default();
+    // What is measured is written after every group of scenarios: a later one failing loses nothing.
+    let write = |report: &Report, last: bool| {
+        if last {
+            println!();
+            print_table(&report.rows);
+        }
+        for (name, value) in &report.json {
+            let mut value = value.clone();
+            value["machine"] = machine.clone();
+            let path = out_dir.join(format!("{name}.json"));
+            std::fs::write(&path, serde_json::to_string_pretty(&value).unwrap()).expect("write JSON");
+            if last {
+                println!("wrote {}", path.display());
+            }
+        }
+        let all = json!({"machine": machine, "rows": report.rows});
+        std::fs::write(out_dir.join("table.json"), serde_json::to_string_pretty(&all).unwrap()).expect("write table");
+    };
     if scenarios.contains(&5) {
         network::run(&client, &mut report).await;
+        write(&report, false);
     }
     if scenarios.iter().any(|s| (1..=4).contains(s)) {
         workloads::run(&client, &scenarios, &mut report).await;
+        write(&report, false);
     }
     if scenarios.contains(&6) {
         policies::run(&client, &mut report).await;
     }
-    println!();
-    print_table(&report.rows);
-    for (name, value) in &report.json {
-        let mut value = value.clone();
-        value["machine"] = machine.clone();
-        let path = out_dir.join(format!("{name}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&value).unwrap()).expect("write JSON");
-        println!("wrote {}", path.display());
-    }
-    let all = json!({"machine": machine, "rows": report.rows});
-    std::fs::write(out_dir.join("table.json"), serde_json::to_string_pretty(&all).unwrap()).expect("write table");
+    write(&report, true);
 }
