@@ -352,7 +352,7 @@ async fn create_stubs(nodes: &Api<Node>, names: &[String], concurrency: usize) {
 }
 
 pub async fn run(client: &Client, report: &mut Table) {
-    let runs = knob("CROSSTRACE_BENCH_RUNS", 3usize).max(1);
+    let runs = knob("CROSSTRACE_BENCH_RUNS", 5usize).max(1);
     let real = support::agents::node_count();
     let stubs = knob("CROSSTRACE_BENCH_STUB_NODES", 2000usize);
     let concurrency = knob("CROSSTRACE_BENCH_WRITE_CONCURRENCY", crosstrace::controller::DEFAULT_WRITE_CONCURRENCY);
