@@ -605,6 +605,17 @@ async fn rollout_runs(
         .baseline(format!("median of {} paired runs: {}", cfg.runs, list(&ratios)))
         .ratio(ratio)
         .goal("<= 1.10x limit", ratio, 1.10, true);
+    if !same_concurrency.is_empty() {
+        let m = median(&same_concurrency);
+        report
+            .row(
+                "1 rollout",
+                format!("same ({n}), vs the limit at the operator's write concurrency ({})", cfg.write_concurrency),
+                format!("{m:.2}x"),
+            )
+            .baseline(format!("median of paired runs: {}", list(&same_concurrency)))
+            .ratio(m);
+    }
     report
         .row(
             "1 rollout",
