@@ -324,6 +324,17 @@ impl Keep {
     }
 }
 
+/// A watch event with its object pruned for a store: by `kept` while it exists, by `gone` once deleted.
+fn pruned_event<A, B>(event: watcher::Event<A>, kept: &impl Fn(A) -> B, gone: &impl Fn(A) -> B) -> watcher::Event<B> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(kept(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(kept(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(gone(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
 /// A workload watch (whole objects, without managedFields) whose objects are pruned for a store as
 /// they arrive, fed into that store, and passed on when a policy should hear of them (`triggers`).
 fn workload_watch<K>(
@@ -346,13 +357,9 @@ where
         let shape = keep.shape_of(workload.kind, &metadata).then(|| workload.shape());
         Pruned::new(metadata, shape)
     };
-    let events = watcher(Api::<Lean<K>>::all(client.clone()), config.clone()).map_ok(move |event| match event {
-        watcher::Event::Apply(o) => watcher::Event::Apply(prune(o)),
-        watcher::Event::InitApply(o) => watcher::Event::InitApply(prune(o)),
-        watcher::Event::Delete(o) => watcher::Event::Delete(Pruned::new(workloads::pruned_metadata(&o.metadata), None)),
-        watcher::Event::Init => watcher::Event::Init,
-        watcher::Event::InitDone => watcher::Event::InitDone,
-    });
+    let gone = |lean: Lean<K>| Pruned::new(workloads::pruned_metadata(&lean.metadata), None);
+    let events = watcher(Api::<Lean<K>>::all(client.clone()), config.clone())
+        .map_ok(move |event| pruned_event(event, &prune, &gone));
     // Every version the store takes in is noted for the writes in flight (see `Stores::took_in`).
     let ctx = ctx.clone();
     let noted = events.reflect(store).inspect_ok(move |event| {
@@ -418,13 +425,8 @@ fn node_watch(
         let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
         Addressed::new(workloads::pruned_metadata(&node.metadata), network::node_address(addresses))
     };
-    let events = watcher(Api::<Lean<Node>>::all(client.clone()), config.clone()).map_ok(move |event| match event {
-        watcher::Event::Apply(o) => watcher::Event::Apply(prune(o)),
-        watcher::Event::InitApply(o) => watcher::Event::InitApply(prune(o)),
-        watcher::Event::Delete(o) => watcher::Event::Delete(prune(o)),
-        watcher::Event::Init => watcher::Event::Init,
-        watcher::Event::InitDone => watcher::Event::InitDone,
-    });
+    let events = watcher(Api::<Lean<Node>>::all(client.clone()), config.clone())
+        .map_ok(move |event| pruned_event(event, &prune, &prune));
     let labels_and_address = |n: &Addressed<Node>| {
         use std::hash::{DefaultHasher, Hash, Hasher};
         let mut hasher = DefaultHasher::new();
