@@ -98,9 +98,12 @@ pub struct Writes<'a> {
 
 impl crate::controller::apply::WriteNotes for Writes<'_> {
     fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
-        let before = self.stores.version(kind, key);
         let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
-        writing.insert((kind, key.clone()), Writing { policy: self.policy.to_string(), before, took_in: Vec::new() });
+        // A workload write is judged by the versions its store takes in meanwhile, not by the one before.
+        writing.insert(
+            (kind, key.clone()),
+            Writing { policy: self.policy.to_string(), before: None, took_in: Vec::new() },
+        );
     }
 
     fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
@@ -141,7 +144,8 @@ impl Writes<'_> {
 /// A write in flight.
 struct Writing {
     policy: String,
-    /// The store's version when the write started.
+    /// The store's version when a NodeTracing write started (its writes are guarded by the version they
+    /// were planned from; a workload write leaves this empty).
     before: Option<String>,
     /// The versions a workload store took in since (the write's echo can arrive before its response).
     took_in: Vec<String>,
