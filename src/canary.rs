@@ -12,7 +12,13 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 
-use crate::api::{CollectorSpec, OtlpProtocol};
+use crate::api::{CollectorSpec, OtlpProtocol, TracingPolicySpec};
+
+/// The collector a policy's canary asks: its own, where something sends it spans (the edge or the
+/// workloads).
+pub fn collector_of(spec: &TracingPolicySpec) -> Option<&CollectorSpec> {
+    spec.collector.as_ref().filter(|_| spec.ingress.is_some() || spec.workloads.is_some())
+}
 
 /// What one canary found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,23 +92,50 @@ fn canary(trace_id: TraceId, span_id: SpanId) -> SpanData {
     }
 }
 
-/// The last canary per collector, so that many policies sending to one collector share it and a
-/// collector is asked at most once per `every`.
+/// The last canary per collector, so that many policies sending to one collector share it. The
+/// controller's canary rounds ([`Canaries::round`]) ask every collector in use on their own timer; a
+/// reconcile asks only a collector it has no recent finding of (a new policy, a changed endpoint).
 #[derive(Default)]
 pub struct Canaries {
     last: crate::memo::Memo<(String, bool), Probe>,
 }
 
+fn key(collector: &CollectorSpec) -> (String, bool) {
+    (collector.endpoint.clone(), collector.protocol == OtlpProtocol::Grpc)
+}
+
 impl Canaries {
-    /// The canary for `collector`: the last one if younger than `every`, else a new one.
-    pub async fn get(&self, collector: &CollectorSpec, every: Duration, timeout: Duration) -> Probe {
-        let key = (collector.endpoint.clone(), collector.protocol == OtlpProtocol::Grpc);
-        if let Some(probe) = self.last.fresh(&key, every) {
+    /// The canary for `collector`: the last one if younger than `fresh_for`, else a new one.
+    pub async fn get(&self, collector: &CollectorSpec, fresh_for: Duration, timeout: Duration) -> Probe {
+        if let Some(probe) = self.last.fresh(&key(collector), fresh_for) {
             return probe;
         }
         let probe = probe(collector, timeout).await;
-        self.last.put(key, probe.clone());
+        self.last.put(key(collector), probe.clone());
         probe
+    }
+
+    /// Asks each of `collectors` once (side by side, each at most `timeout`; many policies name the
+    /// same one) and remembers what it found. Returns the collectors whose finding turned (accepted, or
+    /// not), or that had none: only their policies need to look again, so that a converged policy is
+    /// not reconciled for every canary.
+    pub async fn round(&self, collectors: Vec<CollectorSpec>, timeout: Duration) -> Vec<CollectorSpec> {
+        let distinct: std::collections::BTreeMap<_, _> = collectors.into_iter().map(|c| (key(&c), c)).collect();
+        let probes = futures::future::join_all(distinct.into_values().map(|collector| async move {
+            let found = probe(&collector, timeout).await;
+            (collector, found)
+        }))
+        .await;
+        let mut turned = Vec::new();
+        for (collector, found) in probes {
+            let key = key(&collector);
+            let before = self.last.fresh(&key, Duration::MAX);
+            if before.is_none_or(|b| b.outcome.is_ok() != found.outcome.is_ok()) {
+                turned.push(collector);
+            }
+            self.last.put(key, found);
+        }
+        turned
     }
 }
 
@@ -131,5 +164,23 @@ mod tests {
             assert!(probe.outcome.is_err(), "{protocol:?}: {probe:?}");
             assert!(started.elapsed() < Duration::from_secs(5));
         }
+    }
+
+    #[tokio::test]
+    async fn a_round_names_only_the_collectors_whose_finding_turned() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let gone = CollectorSpec { endpoint: format!("127.0.0.1:{port}"), protocol: OtlpProtocol::Http };
+        let canaries = Canaries::default();
+        let timeout = Duration::from_secs(3);
+        // Never asked: its finding is news.
+        assert_eq!(canaries.round(vec![gone.clone()], timeout).await, vec![gone.clone()]);
+        // Still not there: nothing turned, though the canary is a new one.
+        let first = canaries.get(&gone, Duration::MAX, timeout).await;
+        assert!(canaries.round(vec![gone.clone()], timeout).await.is_empty());
+        let second = canaries.get(&gone, Duration::MAX, timeout).await;
+        assert_ne!(first.trace_id, second.trace_id, "the round remembers its own canary");
+        // A finding that turns is news again (the collector came back, as the memo would see it).
+        canaries.last.put(key(&gone), Probe { trace_id: "1".repeat(32), outcome: Ok(()) });
+        assert_eq!(canaries.round(vec![gone.clone()], timeout).await, vec![gone]);
     }
 }

@@ -372,3 +372,23 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
         .collect();
     assert!(rolled_back.contains(&"d-3".to_string()), "{:?}", writes_to(&writes));
 }
+
+#[tokio::test]
+async fn a_converged_policy_with_a_canary_is_looked_at_again_at_the_resync_not_at_every_canary() {
+    // A collector that is not there (a port bound, then closed): the canary finds it at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spec = json!({
+        "collector": {"endpoint": format!("127.0.0.1:{port}"), "protocol": "http"},
+        "workloads": {"namespaceSelector": {"matchLabels": {"team": "shop"}}},
+    });
+    let p = policy(spec, true, None);
+    let settings = Settings { canary_every: Some(Duration::from_secs(1)), ..Settings::default() };
+    let (ctx, writes) = context(&p, World::default(), settings);
+    let action = run(&p, &ctx).await;
+    let status = writes.lock().unwrap().iter().rev().find(|w| w.path.ends_with("/status")).unwrap().body.clone();
+    let reachable =
+        status["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "CollectorReachable");
+    assert_eq!(reachable.unwrap()["status"], "False", "{status}");
+    // The canary rounds ask the collector again and wake the policy only when the finding turns.
+    assert_eq!(action, Action::requeue(Settings::default().resync));
+}

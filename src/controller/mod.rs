@@ -249,6 +249,29 @@ fn policies_with_workloads(store: &Store<TracingPolicy>) -> Vec<ObjectRef<Tracin
     store.state().iter().filter(|p| p.spec.workloads.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
 }
 
+/// The canary rounds: every `canary_every`, one canary to each collector the policies send to (side by
+/// side); the policies of a collector whose finding turned are woken, the others are left alone (their
+/// `CollectorReachable` stays as it is). Nothing without a canary interval.
+fn canary_rounds(ctx: Arc<Context>) -> impl futures::Stream<Item = ObjectRef<TracingPolicy>> + Send + 'static {
+    let Some(every) = ctx.settings.canary_every else { return futures::stream::empty().left_stream() };
+    futures::stream::unfold(ctx, move |ctx| async move {
+        tokio::time::sleep(every).await;
+        let collectors: Vec<_> =
+            ctx.policies.state().iter().filter_map(|p| crate::canary::collector_of(&p.spec).cloned()).collect();
+        let turned = ctx.canaries.round(collectors, CANARY_TIMEOUT).await;
+        let woken: Vec<_> = ctx
+            .policies
+            .state()
+            .iter()
+            .filter(|p| crate::canary::collector_of(&p.spec).is_some_and(|c| turned.contains(c)))
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect();
+        Some((futures::stream::iter(woken), ctx))
+    })
+    .flatten()
+    .right_stream()
+}
+
 /// Every policy with a network layer (a node's labels changed).
 fn policies_with_network(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
     store.state().iter().filter(|p| p.spec.network.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
@@ -598,6 +621,7 @@ pub async fn run(
         );
     }
     let reconciling = controller
+        .reconcile_on(canary_rounds(context.clone()))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

@@ -362,12 +362,12 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     let floor = limits.as_ref().map_or(crate::api::SAMPLING_FLOOR, |l| l.min_sampling);
     let session = debug::session(&policy.spec, previous.debug.as_ref(), Timestamp::now(), floor);
     let effective = TracingPolicy { spec: session.effective, ..policy.clone() };
-    // The collector canary goes out while the layers are looked at (it never delays them).
+    // The collector's canary: the last one of the canary rounds (`canary_rounds`, every interval), or
+    // one sent now, while the layers are looked at, for a collector without a recent finding.
     let canary = async {
-        let spec = &policy.spec;
         let every = ctx.settings.canary_every?;
-        let collector = spec.collector.as_ref().filter(|_| spec.ingress.is_some() || spec.workloads.is_some())?;
-        Some((collector.endpoint.clone(), ctx.canaries.get(collector, every, super::CANARY_TIMEOUT).await))
+        let collector = crate::canary::collector_of(&policy.spec)?;
+        Some((collector.endpoint.clone(), ctx.canaries.get(collector, every * 2, super::CANARY_TIMEOUT).await))
     };
     // Whether the network hop's spans flow, from the flows receivers' reports (`spec.network.correlate`).
     let flowing = async {
@@ -434,9 +434,10 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         _ if busy => ctx.settings.poll,
         _ => ctx.settings.resync,
     };
-    // A collector is asked again (and the flows reports read again) after the canary interval; a running debug session is looked at again
-    // when it ends (a second late rather than early).
-    let next_look = match (canary.is_some() || looks_at_flows, ctx.settings.canary_every) {
+    // The flows reports are read again after the canary interval (a collector's canary turning wakes
+    // its policies by itself: `canary_rounds`); a running debug session is looked at again when it ends
+    // (a second late rather than early).
+    let next_look = match (looks_at_flows, ctx.settings.canary_every) {
         (true, Some(every)) => next_look.min(every),
         _ => next_look,
     };
