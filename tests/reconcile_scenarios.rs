@@ -119,6 +119,7 @@ fn context_with(
         written: Mutex::default(),
         retries: Default::default(),
         canaries: Default::default(),
+        hashes: Default::default(),
         flow_reports: Default::default(),
         stores,
     };

@@ -197,6 +197,8 @@ pub struct Context {
     pub retries: backoff::RetryBackoff,
     /// The last collector canary per collector.
     pub canaries: crate::canary::Canaries,
+    /// The workload layer's injection hashes of each policy's targets (`workloads::plan_with`).
+    pub hashes: workloads::Hashes,
     /// The flows receivers' last reports (`TracesFlowing`).
     pub flow_reports: crate::flows::reporter::Reports,
     /// The watch-backed stores of workloads and namespaces (`None`: every reconcile lists them).
@@ -541,6 +543,7 @@ pub async fn run(
         written: Mutex::default(),
         retries: backoff::RetryBackoff::default(),
         canaries: Default::default(),
+        hashes: Default::default(),
         flow_reports: Default::default(),
         stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)),
     });

@@ -219,7 +219,7 @@ async fn run_layers(
     })
     .await?;
     drop(labels);
-    let workload_plan = workloads::plan(view, defaults, &observed, &config_maps, now);
+    let workload_plan = workloads::plan_with(view, defaults, &observed, &config_maps, now, &ctx.hashes);
     // What was observed is not needed while a batch is written: free it before (a big batch's peak).
     drop((observed, config_maps));
     let mut written = Written { done: 0, of: 0 };

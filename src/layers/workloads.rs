@@ -6,7 +6,7 @@
 //! the API server removes what only `crosstrace` owned — the user's own containers, sidecars and env
 //! stay as they were, byte for byte.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -620,6 +620,38 @@ fn injection_present(w: &Workload, record: &Record, native: bool) -> bool {
     has_sidecar && has_volume && has_env && has_annotation
 }
 
+/// The hash of each target's desired injection, as a policy's last plan computed it. It is taken again
+/// while neither the workload (its resourceVersion) nor the policy (its name, generation and effective
+/// spec) nor the operator's defaults changed: a reconcile builds the injections of the targets it writes and of those that changed,
+/// not of every target it looks at (issue 13: a big rollout's reconciles were O(targets) JSON each).
+#[derive(Default)]
+pub struct Hashes {
+    by_policy: std::sync::Mutex<HashMap<String, PolicyHashes>>,
+}
+
+#[derive(Default)]
+struct PolicyHashes {
+    /// What the hashes were computed for: the policy's name, generation and spec, hashed.
+    policy: String,
+    /// By target: its resourceVersion then, and the hash.
+    targets: HashMap<(ObjectKey, WorkloadKind), (String, String)>,
+}
+
+impl Hashes {
+    /// How many targets' hashes are remembered (all policies).
+    pub fn len(&self) -> usize {
+        self.lock().values().map(|p| p.targets.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PolicyHashes>> {
+        self.by_policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Plans the workload layer: pure, from the policy, the observed workloads and the time.
 pub fn plan(
     policy: PolicyView<'_>,
@@ -627,6 +659,53 @@ pub fn plan(
     observed: &[Observed],
     config_maps: &[ConfigMap],
     now: i64,
+) -> Plan {
+    plan_with(policy, defaults, observed, config_maps, now, &Hashes::default())
+}
+
+/// [`plan`], taking the injection hashes of unchanged targets from `hashes` (and leaving there those
+/// of this plan's targets, only those).
+pub fn plan_with(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    observed: &[Observed],
+    config_maps: &[ConfigMap],
+    now: i64,
+    hashes: &Hashes,
+) -> Plan {
+    let fingerprint = super::hash_of(&json!({
+        "name": policy.name, "generation": policy.generation, "spec": policy.spec, "defaults": format!("{defaults:?}"),
+    }));
+    let mut before = hashes.lock().remove(policy.name).filter(|h| h.policy == fingerprint).unwrap_or_default();
+    let mut after = PolicyHashes { policy: fingerprint, targets: HashMap::new() };
+    let plan = plan_remembering(policy, defaults, observed, config_maps, now, &mut |w, build| {
+        let key = (w.key(), w.kind);
+        let version = w.metadata.resource_version.clone().unwrap_or_default();
+        let hash = match before.targets.remove(&key) {
+            Some((v, hash)) if !version.is_empty() && v == version => hash,
+            _ => build(),
+        };
+        if !version.is_empty() {
+            after.targets.insert(key, (version, hash.clone()));
+        }
+        hash
+    });
+    if !after.targets.is_empty() {
+        hashes.lock().insert(policy.name.to_string(), after);
+    }
+    plan
+}
+
+/// The hash of a workload's desired injection: remembered, or computed by the closure.
+type HashOf<'a> = dyn FnMut(&Workload, &dyn Fn() -> String) -> String + 'a;
+
+fn plan_remembering(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    observed: &[Observed],
+    config_maps: &[ConfigMap],
+    now: i64,
+    hash_of: &mut HashOf<'_>,
 ) -> Plan {
     let active = !policy.deleting && policy.spec.workloads.is_some();
     let mut plan = Plan::default();
@@ -649,7 +728,10 @@ pub fn plan(
             continue;
         }
         plan.report.selected += 1;
-        let target = forward(policy, defaults, t, record, marker.map(String::as_str), now, &mut plan.drifted);
+        let (target, drifted) = forward(policy, defaults, t, record, marker.map(String::as_str), now, &mut *hash_of);
+        if drifted {
+            plan.drifted.push(w.key());
+        }
         if !target.actions.is_empty() || ours {
             namespaces_in_use.insert(w.key().namespace);
         }
@@ -692,8 +774,8 @@ fn forward(
     record: Result<Option<Record>, String>,
     marker: Option<&str>,
     now: i64,
-    drifted: &mut Vec<ObjectKey>,
-) -> TargetPlan<Action> {
+    hash_of: &mut HashOf<'_>,
+) -> (TargetPlan<Action>, bool) {
     let w = &t.workload;
     let key = w.key();
     let kind = w.kind;
@@ -703,17 +785,19 @@ fn forward(
     let record = match super::claim(record, &what, policy, t.claimed_by.as_deref()) {
         Ok(super::Claim::Ours(record)) => Some(record),
         Ok(super::Claim::Free | super::Claim::Inherited(_)) => None,
-        Err(held) => return held,
+        Err(held) => return (held, false),
     };
     let this_generation = format!("{}/{}", policy.name, policy.generation);
     if record.is_none() && marker == Some(this_generation.as_str()) {
-        return super::held_rolled_back(&what);
+        return (super::held_rolled_back(&what), false);
     }
-    // The injection as it would be written now: its hash says whether the one on the workload is current.
+    // The injection as it would be written now: its hash says whether the one on the workload is
+    // current. The injection itself is built only to be written.
     let since = record.as_ref().map_or(now, |r| r.rollout_started);
-    let (patch, desired) = injection(policy, defaults, w, record.as_ref(), since);
+    let build = || injection(policy, defaults, w, record.as_ref(), since);
+    let desired_hash = hash_of(w, &|| build().1.hash);
     let written = record.as_ref().map(|r| Written {
-        current: r.hash == desired.hash,
+        current: r.hash == desired_hash,
         intact: injection_present(w, r, defaults.native_sidecars),
         converged: converged(&w.metadata, r),
         since: r.rollout_started,
@@ -724,15 +808,13 @@ fn forward(
         now,
         i64::from(policy.spec.rollout.progress_deadline_seconds),
     );
-    if step == rollout::Step::Reapply {
-        drifted.push(key.clone());
-    }
-    super::follow(
+    let drifted = step == rollout::Step::Reapply;
+    let target = super::follow(
         step,
         &what,
         &policy.spec.rollout,
         |converged, restart_clock| {
-            let mut patch = patch;
+            let (mut patch, desired) = build();
             if restart_clock {
                 let record = Record { rollout_started: now, ..desired.clone() };
                 patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
@@ -743,7 +825,8 @@ fn forward(
             vec![Action::Inject { kind, workload: key.clone(), patch }]
         },
         || vec![Action::Remove { kind, workload: key.clone(), rolled_back: Some(this_generation.clone()) }],
-    )
+    );
+    (target, drifted)
 }
 
 /// Namespaces `spec.workloads.namespaceSelector` selects, never the protected ones nor the operator's.
@@ -1349,6 +1432,60 @@ mod tests {
         let fix = plan(view(&s), &defaults(), &[drifted], &[cm], NOW + 10);
         assert_eq!(fix.drifted, vec![t.workload.key()]);
         assert!(matches!(fix.actions[..], [Action::Inject { .. }]));
+    }
+
+    #[test]
+    fn remembered_hashes_plan_as_computed_ones_and_a_changed_workload_or_policy_is_hashed_again() {
+        let s = spec();
+        let at = |t: &Observed, version: &str| {
+            let mut t = t.clone();
+            t.workload.metadata.resource_version = Some(version.into());
+            t
+        };
+        let hashes = Hashes::default();
+        let fresh = at(&selected(workload("cart", &[])), "1");
+        let first = plan_with(view(&s), &defaults(), std::slice::from_ref(&fresh), &[], NOW, &hashes);
+        assert_eq!(first, plan(view(&s), &defaults(), std::slice::from_ref(&fresh), &[], NOW));
+        assert_eq!(hashes.len(), 1);
+        let converged = at(&injected(fresh.clone(), &first.actions), "2");
+        let marked = injected(
+            converged.clone(),
+            &plan(view(&s), &defaults(), std::slice::from_ref(&converged), &[], NOW).actions,
+        );
+        let marked = at(&marked, "3");
+        for round in 0..2 {
+            let again = plan_with(view(&s), &defaults(), std::slice::from_ref(&marked), &[], NOW + 6, &hashes);
+            assert_eq!(again, plan(view(&s), &defaults(), std::slice::from_ref(&marked), &[], NOW + 6), "{round}");
+            assert_eq!(again.report.ready, 1, "{round}: {:?}", again.actions);
+        }
+        // While the workload's version stays, the remembered hash is what the plan goes by (not rebuilt).
+        for (_, hash) in hashes.lock().get_mut("shop").unwrap().targets.values_mut() {
+            *hash = "remembered".into();
+        }
+        let remembered = plan_with(view(&s), &defaults(), std::slice::from_ref(&marked), &[], NOW + 6, &hashes);
+        assert_eq!(remembered.report.ready, 0, "the remembered hash differs from the record's: not current");
+        // The owner edits the template (a new resourceVersion): its own env var now wins over ours, so
+        // the desired injection differs, and the remembered hash must not hide that.
+        let mut edited = marked.clone();
+        edited.workload.template.spec.as_mut().unwrap().containers[0].env.get_or_insert_default().push(
+            k8s_openapi::api::core::v1::EnvVar {
+                name: "OTEL_SERVICE_NAME".into(),
+                value: Some("mine".into()),
+                ..Default::default()
+            },
+        );
+        let edited = at(&edited, "4");
+        let replanned = plan_with(view(&s), &defaults(), std::slice::from_ref(&edited), &[], NOW + 7, &hashes);
+        assert_eq!(replanned, plan(view(&s), &defaults(), std::slice::from_ref(&edited), &[], NOW + 7));
+        // A policy change (a new generation) hashes every target again.
+        let mut changed = s.clone();
+        changed.sampling.ratio = "0.25".into();
+        let view2 = PolicyView { generation: 4, ..view(&changed) };
+        let changed_plan = plan_with(view2, &defaults(), std::slice::from_ref(&marked), &[], NOW + 8, &hashes);
+        assert_eq!(changed_plan, plan(view2, &defaults(), std::slice::from_ref(&marked), &[], NOW + 8));
+        // Only this plan's targets are kept.
+        plan_with(view2, &defaults(), &[], &[], NOW + 9, &hashes);
+        assert!(hashes.is_empty());
     }
 
     /// The workload as a store keeps it: pruned metadata and its shape.
