@@ -149,6 +149,16 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// The commit measured (`git describe --always --dirty`: a run of uncommitted code says so).
+fn commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 #[tokio::main]
 async fn main() {
     let client = support::client().await;
@@ -166,6 +176,7 @@ async fn main() {
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "nodes": support::agents::node_count(),
         "started": util::kubectl(&["version", "-o", "json"]).parse::<Value>().ok().map(|v| v["serverVersion"]["gitVersion"].clone()),
+        "commit": commit(),
     });
     println!("crosstrace bench: scenarios {scenarios:?}, machine {machine}");
     let mut report = Report::default();

@@ -755,7 +755,7 @@ fn plan_remembering(
             }
         }
     }
-    plan.actions.extend(schedule(per_target, &policy.spec.rollout, &mut plan.report));
+    plan.actions.extend(schedule(per_target, &policy.spec.rollout, &mut plan.report).into_iter().map(Lazy::build));
     plan.actions.extend(reverts);
     // A ConfigMap goes last, once no sidecar of this policy is left in its namespace.
     for cm in config_maps {
@@ -767,15 +767,31 @@ fn plan_remembering(
     plan
 }
 
-fn forward(
-    policy: PolicyView<'_>,
-    defaults: &Defaults,
-    t: &Observed,
+/// An action of a target's plan, built only if the rollout runs it: a pending target's injection is
+/// built once the target gets a slot (with many targets, most wait), not on every look.
+enum Lazy<'a> {
+    Now(Action),
+    Later(Box<dyn FnOnce() -> Action + 'a>),
+}
+
+impl Lazy<'_> {
+    fn build(self) -> Action {
+        match self {
+            Lazy::Now(action) => action,
+            Lazy::Later(build) => build(),
+        }
+    }
+}
+
+fn forward<'a>(
+    policy: PolicyView<'a>,
+    defaults: &'a Defaults,
+    t: &'a Observed,
     record: Result<Option<Record>, String>,
     marker: Option<&str>,
     now: i64,
     hash_of: &mut HashOf<'_>,
-) -> (TargetPlan<Action>, bool) {
+) -> (TargetPlan<Lazy<'a>>, bool) {
     let w = &t.workload;
     let key = w.key();
     let kind = w.kind;
@@ -792,12 +808,11 @@ fn forward(
         return (super::held_rolled_back(&what), false);
     }
     // The injection as it would be written now: its hash says whether the one on the workload is
-    // current. The injection itself is built only to be written.
+    // current (a workload without a record needs none). The injection itself is built only to be
+    // written.
     let since = record.as_ref().map_or(now, |r| r.rollout_started);
-    let build = || injection(policy, defaults, w, record.as_ref(), since);
-    let desired_hash = hash_of(w, &|| build().1.hash);
     let written = record.as_ref().map(|r| Written {
-        current: r.hash == desired_hash,
+        current: r.hash == hash_of(w, &|| injection(policy, defaults, w, Some(r), since).1.hash),
         intact: injection_present(w, r, defaults.native_sidecars),
         converged: converged(&w.metadata, r),
         since: r.rollout_started,
@@ -809,22 +824,25 @@ fn forward(
         i64::from(policy.spec.rollout.progress_deadline_seconds),
     );
     let drifted = step == rollout::Step::Reapply;
+    let inject_key = key.clone();
     let target = super::follow(
         step,
         &what,
         &policy.spec.rollout,
-        |converged, restart_clock| {
-            let (mut patch, desired) = build();
-            if restart_clock {
-                let record = Record { rollout_started: now, ..desired.clone() };
-                patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
-            }
-            if converged {
-                patch["metadata"]["labels"][CONVERGED_LABEL] = json!(desired.hash);
-            }
-            vec![Action::Inject { kind, workload: key.clone(), patch }]
+        move |converged, restart_clock| {
+            vec![Lazy::Later(Box::new(move || {
+                let (mut patch, desired) = injection(policy, defaults, w, record.as_ref(), since);
+                if restart_clock {
+                    let record = Record { rollout_started: now, ..desired.clone() };
+                    patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
+                }
+                if converged {
+                    patch["metadata"]["labels"][CONVERGED_LABEL] = json!(desired.hash);
+                }
+                Action::Inject { kind, workload: inject_key, patch }
+            }))]
         },
-        || vec![Action::Remove { kind, workload: key.clone(), rolled_back: Some(this_generation.clone()) }],
+        || vec![Lazy::Now(Action::Remove { kind, workload: key, rolled_back: Some(this_generation) })],
     );
     (target, drifted)
 }
@@ -1446,13 +1464,15 @@ mod tests {
         let fresh = at(&selected(workload("cart", &[])), "1");
         let first = plan_with(view(&s), &defaults(), std::slice::from_ref(&fresh), &[], NOW, &hashes);
         assert_eq!(first, plan(view(&s), &defaults(), std::slice::from_ref(&fresh), &[], NOW));
-        assert_eq!(hashes.len(), 1);
+        assert!(hashes.is_empty(), "a workload without a record needs no hash");
         let converged = at(&injected(fresh.clone(), &first.actions), "2");
         let marked = injected(
             converged.clone(),
             &plan(view(&s), &defaults(), std::slice::from_ref(&converged), &[], NOW).actions,
         );
         let marked = at(&marked, "3");
+        plan_with(view(&s), &defaults(), std::slice::from_ref(&marked), &[], NOW + 6, &hashes);
+        assert_eq!(hashes.len(), 1);
         for round in 0..2 {
             let again = plan_with(view(&s), &defaults(), std::slice::from_ref(&marked), &[], NOW + 6, &hashes);
             assert_eq!(again, plan(view(&s), &defaults(), std::slice::from_ref(&marked), &[], NOW + 6), "{round}");
