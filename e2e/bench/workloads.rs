@@ -333,7 +333,7 @@ fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
                         labels: Some(BTreeMap::from([(PART_OF.to_string(), "bench".to_string())])),
                         ..Default::default()
                     },
-                    template: serde_json::from_value::<PodTemplateSpec>(template(&k.name)).unwrap(),
+                    template: Box::new(serde_json::from_value::<PodTemplateSpec>(template(&k.name)).unwrap()),
                     rolled_out: true,
                     ..Default::default()
                 },

@@ -87,7 +87,9 @@ pub struct Record {
 pub struct Workload {
     pub kind: WorkloadKind,
     pub metadata: ObjectMeta,
-    pub template: PodTemplateSpec,
+    /// Boxed: a Workload is moved around in big numbers (a store's thousands per reconcile), and a pod template
+    /// is most of its size.
+    pub template: Box<PodTemplateSpec>,
     pub rolled_out: bool,
     /// The pods' selector (to find the pods of crosstrace's revision).
     pub selector: Option<LabelSelector>,
@@ -116,7 +118,7 @@ impl Workload {
         let spec = d.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::Deployment,
-            template: spec.template,
+            template: Box::new(spec.template),
             metadata: d.metadata,
             rolled_out,
             selector: Some(spec.selector),
@@ -134,7 +136,7 @@ impl Workload {
         let spec = s.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::StatefulSet,
-            template: spec.template,
+            template: Box::new(spec.template),
             metadata: s.metadata,
             rolled_out,
             selector: Some(spec.selector),
@@ -151,7 +153,7 @@ impl Workload {
         let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
             kind: WorkloadKind::DaemonSet,
-            template: spec.template,
+            template: Box::new(spec.template),
             metadata: d.metadata,
             rolled_out,
             selector: Some(spec.selector),
@@ -222,7 +224,7 @@ impl Workload {
         Self {
             kind,
             metadata,
-            template,
+            template: Box::new(template),
             rolled_out: shape.rolled_out,
             selector: shape.selector.clone(),
             paused: shape.paused,
@@ -1306,7 +1308,13 @@ mod tests {
         }))
         .unwrap();
         let metadata = ObjectMeta { name: Some(name.into()), namespace: Some("shop".into()), ..Default::default() };
-        Workload { kind: WorkloadKind::Deployment, metadata, template, rolled_out: true, ..Default::default() }
+        Workload {
+            kind: WorkloadKind::Deployment,
+            metadata,
+            template: Box::new(template),
+            rolled_out: true,
+            ..Default::default()
+        }
     }
 
     fn selected(w: Workload) -> Observed {
