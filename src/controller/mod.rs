@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
@@ -29,7 +29,7 @@ use kube::{Api, Client, ResourceExt};
 use crate::api::TracingPolicy;
 use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
 use crate::clients::Clients;
-use crate::layers::stores::Stores;
+use crate::layers::stores::{ConfigMaps, Stores};
 use crate::layers::workloads::Workload;
 use crate::layers::{gateway, ingress, matches, network, selector, workloads};
 use crate::leader::Fence;
@@ -318,6 +318,15 @@ fn policy_of_config_map(cm: ConfigMap, label: &str) -> Option<ObjectRef<TracingP
     cm.labels().get(label).map(|p| ObjectRef::new(p))
 }
 
+/// The policies a ledger names (each once).
+fn policies_in_ledger<R: crate::layers::Owned + serde::de::DeserializeOwned>(
+    ledger: &ConfigMap,
+) -> Vec<ObjectRef<TracingPolicy>> {
+    let names: BTreeSet<String> =
+        crate::layers::ledger_entries::<R>(Some(ledger)).values().flatten().map(|r| r.policy().to_string()).collect();
+    names.iter().map(|p| ObjectRef::new(p)).collect()
+}
+
 /// Which workloads a store keeps with their [`workloads::Shape`]: those carrying the workload layer's
 /// marks, and those some policy's `spec.workloads` selects (by kind, labels and, once the namespace is
 /// known, its namespace's labels). Every other workload is kept as metadata alone; a policy that selects
@@ -533,6 +542,15 @@ pub async fn run(
     let node_store = store.clone();
     let (nodes, node_writer) = reflector::store();
     let gateway_store = store.clone();
+    let (ingress_ledger, ingress_ledger_writer) = reflector::store();
+    let (gateway_ledger, gateway_ledger_writer) = reflector::store();
+    let (collectors, collector_writer) = reflector::store();
+    let ledger = |name: &str| {
+        let api = Api::<ConfigMap>::namespaced(client.clone(), &settings.namespace);
+        watcher(api, any.clone().fields(&format!("metadata.name={name}"))).default_backoff()
+    };
+    let ingress_ledger_watch = ledger(ingress::LEDGER).reflect(ingress_ledger_writer).touched_objects();
+    let gateway_ledger_watch = ledger(gateway::LEDGER).reflect(gateway_ledger_writer).touched_objects();
     let context = Arc::new(Context {
         writer,
         recorder,
@@ -545,7 +563,10 @@ pub async fn run(
         canaries: Default::default(),
         hashes: Default::default(),
         flow_reports: Default::default(),
-        stores: Some(Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)),
+        stores: Some(
+            Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)
+                .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors }),
+        ),
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
     // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects
@@ -605,9 +626,17 @@ pub async fn run(
         .watches(Api::<ConfigMap>::all(client.clone()), any.clone().labels(ingress::POLICY_LABEL), |cm| {
             policy_of_config_map(cm, ingress::POLICY_LABEL)
         })
-        .watches(Api::<ConfigMap>::all(client.clone()), any.labels(workloads::POLICY_LABEL), |cm| {
-            policy_of_config_map(cm, workloads::POLICY_LABEL)
-        })
+        // The collector ConfigMaps and the edge ledgers are kept in stores the reconciles read (see
+        // `layers::stores`); a ledger's change wakes every policy it names.
+        .watches_stream(
+            watcher(Api::<ConfigMap>::all(client.clone()), any.labels(workloads::POLICY_LABEL))
+                .default_backoff()
+                .reflect(collector_writer)
+                .touched_objects(),
+            |cm| policy_of_config_map(cm, workloads::POLICY_LABEL),
+        )
+        .watches_stream(ingress_ledger_watch, |cm| policies_in_ledger::<ingress::Record>(&cm))
+        .watches_stream(gateway_ledger_watch, |cm| policies_in_ledger::<gateway::Record>(&cm))
         .watches_stream(node_watch(&client, &meta, node_writer), move |_| policies_with_network(&node_store))
         .watches_stream(node_tracings, {
             let ctx = context.clone();

@@ -191,10 +191,17 @@ async fn run_layers(
         ..ctx.settings.workloads.clone()
     };
     let protected = |namespace: &str| defaults.protects(namespace);
-    let observed = ingress::observe(&ctx.client, view, &ctx.settings.namespace, protected, |d| {
-        older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d.metadata)))
-    })
-    .await?;
+    // A layer the policy does not ask for (or is reverting), of which the stores show nothing, is not read.
+    let shown = ctx.stores.as_ref().and_then(|s| s.edge_shown(name));
+    let wants = |layer: bool| layer && !deleting;
+    let observed = if wants(policy.spec.ingress.is_some()) || shown.is_none_or(|s| s.ingress) {
+        ingress::observe(&ctx.client, view, &ctx.settings.namespace, protected, |d| {
+            older_claimant(ctx, policy, |p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, &d.metadata)))
+        })
+        .await?
+    } else {
+        Vec::new()
+    };
     let edge_plan = ingress::plan(view, &observed, now);
     if !edge_plan.actions.is_empty() {
         info!(actions = edge_plan.actions.len(), deleting, "changing the edge layer");
@@ -208,7 +215,11 @@ async fn run_layers(
         drift_corrected(ctx, policy, "ingress", note).await;
     }
 
-    let gateway_report = gateway_layer(policy, ctx, view, &protected, now).await?;
+    let gateway_report = if wants(policy.spec.gateway.is_some()) || shown.is_none_or(|s| s.gateway) {
+        gateway_layer(policy, ctx, view, &protected, now).await?
+    } else {
+        crate::layers::LayerReport::default()
+    };
 
     let labels = namespace_labels(ctx, policy).await?;
     let (observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_ref(), view, defaults, |w| {

@@ -282,17 +282,6 @@ pub fn version_warning(image: &str) -> Option<String> {
     }
 }
 
-/// The ledger's entries by Deployment UID (an entry that cannot be read is kept as its error).
-pub fn ledger_entries(ledger: Option<&ConfigMap>) -> BTreeMap<String, Result<Record, String>> {
-    let data = ledger.and_then(|cm| cm.data.as_ref());
-    data.into_iter()
-        .flatten()
-        .map(|(uid, raw)| {
-            (uid.clone(), serde_json::from_str(raw).map_err(|e| format!("its ledger entry is unreadable: {e}")))
-        })
-        .collect()
-}
-
 impl super::Owned for Record {
     fn policy(&self) -> &str {
         &self.policy
@@ -665,33 +654,47 @@ pub async fn observe(
         let target = Observed { controller, selected, claimed_by, ..Default::default() };
         found.entry((target.controller.key(), target.controller.kind)).or_insert(target);
     };
-    if let Some(ingress) = policy.spec.ingress.as_ref().filter(|_| !policy.deleting) {
-        let selector = ingress_selector(ingress).map_err(super::ObserveError::selector("spec.ingress.selector"))?;
-        let params = ListParams::default().labels_from(&selector);
+    let wanted = policy.spec.ingress.as_ref().filter(|_| !policy.deleting);
+    let selected = wanted
+        .map(|ingress| {
+            let selector = ingress_selector(ingress).map_err(super::ObserveError::selector("spec.ingress.selector"))?;
+            Ok::<_, super::ObserveError>((ingress.namespace.as_str(), ListParams::default().labels_from(&selector)))
+        })
+        .transpose()?;
+    let labelled = ListParams::default().labels_from(&super::label_equals(POLICY_LABEL, policy.name));
+    let ledger_api = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace);
+    // Every read of the layer side by side: a reconcile waits for one round trip, not five.
+    let (selected, labelled_deployments, labelled_daemonsets, ledger) = futures::try_join!(
+        async {
+            let Some((namespace, params)) = &selected else { return Ok(None) };
+            futures::try_join!(
+                list::<Deployment>(client, namespace, params),
+                list::<DaemonSet>(client, namespace, params)
+            )
+            .map(Some)
+        },
+        list::<Deployment>(client, "", &labelled),
+        list::<DaemonSet>(client, "", &labelled),
+        ledger_api.get_opt(LEDGER),
+    )?;
+    if let Some((deployments, daemonsets)) = selected {
         // Never a controller in a protected namespace (`spec.ingress.namespace` empty selects everywhere).
         let allowed = |w: &Workload| !protected(w.metadata.namespace.as_deref().unwrap_or_default());
-        for w in list::<Deployment>(client, &ingress.namespace, &params).await? {
-            let w = Workload::from_deployment(w);
-            if allowed(&w) {
-                add(&mut found, w, true);
-            }
-        }
-        for w in list::<DaemonSet>(client, &ingress.namespace, &params).await? {
-            let w = Workload::from_daemonset(w);
-            if allowed(&w) {
-                add(&mut found, w, true);
-            }
+        let controllers = deployments
+            .into_iter()
+            .map(Workload::from_deployment)
+            .chain(daemonsets.into_iter().map(Workload::from_daemonset));
+        for w in controllers.filter(|w| allowed(w)) {
+            add(&mut found, w, true);
         }
     }
-    let labelled = ListParams::default().labels_from(&super::label_equals(POLICY_LABEL, policy.name));
-    for d in list::<Deployment>(client, "", &labelled).await? {
+    for d in labelled_deployments {
         add(&mut found, Workload::from_deployment(d), false);
     }
-    for d in list::<DaemonSet>(client, "", &labelled).await? {
+    for d in labelled_daemonsets {
         add(&mut found, Workload::from_daemonset(d), false);
     }
-    let ledger = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace).get_opt(LEDGER).await?;
-    let mut entries = ledger_entries(ledger.as_ref());
+    let mut entries = super::ledger_entries::<Record>(ledger.as_ref());
     // Controllers this policy recorded that carry its label no more (a revert that stopped halfway).
     for record in entries.values().flatten().filter(|r| r.policy == policy.name) {
         if found.contains_key(&(record.deployment.clone(), record.kind)) {

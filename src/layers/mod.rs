@@ -13,6 +13,7 @@ pub mod workloads;
 
 use std::fmt;
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Expression, Selector, SelectorExt};
 use std::collections::{BTreeMap, BTreeSet};
@@ -90,6 +91,18 @@ impl<'a> PolicyView<'a> {
 /// A record a layer keeps in an annotation of a target it changed, naming the owning policy.
 pub trait Owned {
     fn policy(&self) -> &str;
+}
+
+/// A ledger's entries (the edge layers keep their records in a ConfigMap of the operator's namespace),
+/// by target UID; an entry that cannot be read is kept as its error.
+pub fn ledger_entries<R: DeserializeOwned>(ledger: Option<&ConfigMap>) -> BTreeMap<String, Result<R, String>> {
+    let data = ledger.and_then(|cm| cm.data.as_ref());
+    data.into_iter()
+        .flatten()
+        .map(|(uid, raw)| {
+            (uid.clone(), serde_json::from_str(raw).map_err(|e| format!("its ledger entry is unreadable: {e}")))
+        })
+        .collect()
 }
 
 /// Reads the JSON record a layer keeps under `key` in a target's annotations.

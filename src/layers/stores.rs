@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::core::Selector;
@@ -168,6 +168,25 @@ pub struct Stores {
     seen_tracings: Mutex<HashMap<String, Seen<Option<NodeTracing>>>>,
     /// NodeTracing writes in flight.
     writing_tracings: Mutex<HashMap<String, Writing>>,
+    /// The ConfigMaps a reconcile reads (`None`: read from the API server, as before the watches).
+    config_maps: Option<ConfigMaps>,
+}
+
+/// The ConfigMaps every reconcile looks at, from watches: the edge layers' ledgers (in the operator's
+/// namespace, one each) and the workload layer's collector ConfigMaps (every namespace, by label).
+pub struct ConfigMaps {
+    pub ingress_ledger: Store<ConfigMap>,
+    pub gateway_ledger: Store<ConfigMap>,
+    pub collectors: Store<ConfigMap>,
+}
+
+/// What the stores show of a policy at the edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeShown {
+    /// An entry in the ingress ledger, or a Deployment or DaemonSet carrying the policy's ingress label.
+    pub ingress: bool,
+    /// An entry in the gateway ledger.
+    pub gateway: bool,
 }
 
 /// Has this store's reflector taken in its first list?
@@ -201,6 +220,13 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
         .collect()
 }
 
+/// Does a ledger (the one ConfigMap of `store`) hold an entry of `policy`?
+fn ledger_names<R: super::Owned + serde::de::DeserializeOwned>(store: &Store<ConfigMap>, policy: &str) -> bool {
+    store
+        .find(|ledger| super::ledger_entries::<R>(Some(ledger)).values().flatten().any(|r| r.policy() == policy))
+        .is_some()
+}
+
 fn version_in<K: kube::Resource<DynamicType = ()> + 'static>(
     store: &Store<Pruned<K>>,
     key: &ObjectKey,
@@ -228,7 +254,47 @@ impl Stores {
             writing: Mutex::default(),
             seen_tracings: Mutex::default(),
             writing_tracings: Mutex::default(),
+            config_maps: None,
         }
+    }
+
+    /// The stores with the ConfigMaps' too: a reconcile reads them instead of the API server.
+    pub fn with_config_maps(self, config_maps: ConfigMaps) -> Self {
+        Self { config_maps: Some(config_maps), ..self }
+    }
+
+    /// The collector ConfigMaps of `policy` (those carrying its workload label), once their store has
+    /// taken in its first list. The store lags behind crosstrace's own writes by a watch event: a plan
+    /// made in that instant writes the same ConfigMap again (the API server changes nothing), or deletes
+    /// one already gone (which is fine).
+    pub fn collector_config_maps(&self, policy: &str) -> Option<Vec<ConfigMap>> {
+        let store = &self.config_maps.as_ref()?.collectors;
+        let labelled = |cm: &ConfigMap| cm.labels().get(super::workloads::POLICY_LABEL).is_some_and(|p| p == policy);
+        ready(store).then(|| store.state_filter(labelled).iter().map(|cm| cm.as_ref().clone()).collect())
+    }
+
+    /// What the stores show of `policy` at the edge, once every store involved has taken in its first
+    /// list. Nothing shown lets a reconcile skip reading the edge for a policy without `spec.ingress` or
+    /// `spec.gateway`: whatever crosstrace changed there carries the policy's name in a ledger entry or a
+    /// label, and a change of either wakes the policy once its store has it.
+    pub fn edge_shown(&self, policy: &str) -> Option<EdgeShown> {
+        let config_maps = self.config_maps.as_ref()?;
+        let synced = ready(&config_maps.ingress_ledger)
+            && ready(&config_maps.gateway_ledger)
+            && ready(&self.deployments)
+            && ready(&self.daemonsets);
+        if !synced {
+            return None;
+        }
+        let labelled = |meta: &ObjectMeta| {
+            meta.labels.as_ref().and_then(|l| l.get(super::ingress::POLICY_LABEL)).is_some_and(|p| p == policy)
+        };
+        let controllers = self.deployments.find(|d| labelled(&d.metadata)).is_some()
+            || self.daemonsets.find(|d| labelled(&d.metadata)).is_some();
+        Some(EdgeShown {
+            ingress: controllers || ledger_names::<super::ingress::Record>(&config_maps.ingress_ledger, policy),
+            gateway: ledger_names::<super::gateway::Record>(&config_maps.gateway_ledger, policy),
+        })
     }
 
     /// Has every store of the workload layer taken in its first list? Until then a reconcile lists the
@@ -487,6 +553,59 @@ mod tests {
     fn entry(version: &str, policies: &[&str]) -> (String, Vec<String>) {
         (version.to_string(), policies.iter().map(|p| p.to_string()).collect())
     }
+
+    #[test]
+    fn the_edge_is_shown_by_ledger_entries_and_ingress_labels_and_collector_config_maps_by_label() {
+        let (deployments, mut deployment_writer) = reflector::store();
+        let (daemonsets, mut daemonset_writer) = reflector::store::<Pruned<DaemonSet>>();
+        let (ingress_ledger, mut ingress_writer) = reflector::store();
+        let (gateway_ledger, mut gateway_writer) = reflector::store();
+        let (collectors, mut collector_writer) = reflector::store();
+        let (statefulsets, namespaces, nodes, tracings) =
+            (reflector::store().0, reflector::store().0, reflector::store().0, reflector::store().0);
+        let stores = Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracings)
+            .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors });
+        let config_map = |name: &str, labels: &[(&str, &str)], data: &[(&str, serde_json::Value)]| ConfigMap {
+            metadata: meta(name, "1", labels),
+            data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        };
+        assert_eq!(stores.edge_shown("a"), None, "nothing synced: the edge is read");
+        assert_eq!(stores.collector_config_maps("a"), None);
+        let ingress_entry = serde_json::json!({
+            "policy": "a", "deployment": {"namespace": "edge", "name": "nginx"},
+            "configMap": {"namespace": "edge", "name": "nginx"}, "configMapExisted": true, "originalData": {},
+        });
+        let gateway_entry = serde_json::json!({"policy": "b", "gateway": {"namespace": "shop", "name": "gw"}});
+        ingress_writer.apply_watcher_event(&Event::Init);
+        ingress_writer.apply_watcher_event(&Event::InitApply(config_map("ledger", &[], &[("uid-1", ingress_entry)])));
+        ingress_writer.apply_watcher_event(&Event::InitDone);
+        gateway_writer.apply_watcher_event(&Event::Init);
+        gateway_writer.apply_watcher_event(&Event::InitApply(config_map("ledger", &[], &[("uid-2", gateway_entry)])));
+        gateway_writer.apply_watcher_event(&Event::InitDone);
+        assert_eq!(stores.edge_shown("a"), None, "the controllers' stores are not synced yet");
+        deployment_writer.apply_watcher_event(&Event::Init);
+        let labelled = meta("controller", "1", &[(super::super::ingress::POLICY_LABEL, "c")]);
+        deployment_writer.apply_watcher_event(&Event::InitApply(Pruned::new(labelled, None)));
+        deployment_writer.apply_watcher_event(&Event::InitDone);
+        daemonset_writer.apply_watcher_event(&Event::Init);
+        daemonset_writer.apply_watcher_event(&Event::InitDone);
+        let shown = |ingress, gateway| Some(EdgeShown { ingress, gateway });
+        assert_eq!(stores.edge_shown("a"), shown(true, false), "its ingress ledger entry");
+        assert_eq!(stores.edge_shown("b"), shown(false, true), "its gateway ledger entry");
+        assert_eq!(stores.edge_shown("c"), shown(true, false), "a controller carrying its ingress label");
+        assert_eq!(stores.edge_shown("d"), shown(false, false), "nothing of it at the edge: not read");
+
+        collector_writer.apply_watcher_event(&Event::Init);
+        collector_writer.apply_watcher_event(&Event::InitApply(config_map("otel-a", &[(POLICY, "a")], &[])));
+        collector_writer.apply_watcher_event(&Event::InitApply(config_map("otel-b", &[(POLICY, "b")], &[])));
+        collector_writer.apply_watcher_event(&Event::InitDone);
+        let names = |p| stores.collector_config_maps(p).map(|cms| cms.into_iter().map(|cm| cm.name_any()).collect());
+        assert_eq!(names("a"), Some(vec!["otel-a".to_string()]));
+        assert_eq!(names("d"), Some(vec![]));
+    }
+
+    const POLICY: &str = super::super::workloads::POLICY_LABEL;
 
     #[test]
     fn the_network_stores_are_trusted_after_both_first_lists_and_select_nodes_by_label() {

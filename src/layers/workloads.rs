@@ -1137,7 +1137,12 @@ pub async fn observe(
     claimant: impl Fn(&Workload) -> Option<String>,
 ) -> Result<(Vec<Observed>, Vec<ConfigMap>), super::ObserveError> {
     let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
-    let config_maps = Api::<ConfigMap>::all(client.clone());
+    let config_maps = async {
+        match stores.and_then(|s| s.collector_config_maps(policy.name)) {
+            Some(stored) => Ok(stored),
+            None => Api::<ConfigMap>::all(client.clone()).list(&labelled).await.map(|l| l.items),
+        }
+    };
     let found = async {
         match stores.filter(|s| s.ready()) {
             Some(stores) => stored(client, stores, policy, defaults, claimant).await,
@@ -1147,7 +1152,7 @@ pub async fn observe(
             }
         }
     };
-    let (mut found, config_maps) = futures::try_join!(found, config_maps.list(&labelled).err_into())?;
+    let (mut found, config_maps) = futures::try_join!(found, config_maps.err_into())?;
     // Rollouts of this policy in flight: do pods of its revision fail to start? (A batch at most.)
     let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
@@ -1162,7 +1167,7 @@ pub async fn observe(
     // namespace).
     let checks: Vec<_> = by_namespace.into_iter().map(|(ns, rollouts)| failing_in(client, ns, rollouts)).collect();
     futures::stream::iter(checks).buffer_unordered(LIST_CONCURRENCY).try_collect::<Vec<()>>().await?;
-    Ok((found.into_values().collect(), config_maps.items))
+    Ok((found.into_values().collect(), config_maps))
 }
 
 /// Fills in `failing` for the rollouts in flight of one namespace: a few one by one (side by side),

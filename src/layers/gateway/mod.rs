@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 use kube::api::{ApiResource, DynamicObject};
 use serde::{Deserialize, Serialize};
@@ -991,17 +990,6 @@ pub fn gateway_selector(spec: &GatewaySpec) -> Result<kube::core::Selector, Stri
 pub fn selects(spec: &GatewaySpec, gateway: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
     (spec.namespace.is_empty() || gateway.namespace.as_deref() == Some(spec.namespace.as_str()))
         && gateway_selector(spec).is_ok_and(|s| super::matches(&s, gateway.labels.as_ref()))
-}
-
-/// The ledger's entries by Gateway UID (an entry that cannot be read is kept as its error).
-pub fn ledger_entries(ledger: Option<&ConfigMap>) -> BTreeMap<String, Result<Record, String>> {
-    let data = ledger.and_then(|cm| cm.data.as_ref());
-    data.into_iter()
-        .flatten()
-        .map(|(uid, raw)| {
-            (uid.clone(), serde_json::from_str(raw).map_err(|e| format!("its ledger entry is unreadable: {e}")))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@ use serde_json::Value;
 
 use super::{
     Class, GATEWAY_GROUP, Kind, LEDGER, Observed, POLICY_LABEL, Provider, Record, Ref, Route, at, gateway_selector,
-    ledger_entries, owned_name, string_at,
+    owned_name, string_at,
 };
-use crate::layers::{ObjectKey, ObserveError, PolicyView};
+use crate::layers::{ObjectKey, ObserveError, PolicyView, ledger_entries};
 
 /// Is this kind served by the API server? A missing API group or version is not an error: the
 /// layer reports it.
@@ -65,7 +65,7 @@ pub async fn observe(
     claimant: impl Fn(&DynamicObject) -> Option<String>,
 ) -> Result<Observation, ObserveError> {
     let ledger = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace).get_opt(LEDGER).await?;
-    let entries = ledger_entries(ledger.as_ref());
+    let entries = ledger_entries::<Record>(ledger.as_ref());
     let mine: Vec<(&String, &Record)> = entries
         .iter()
         .filter_map(|(uid, r)| r.as_ref().ok().map(|r| (uid, r)))
