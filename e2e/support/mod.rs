@@ -134,7 +134,8 @@ impl ControllerProcess {
         ])
         .args(["--lease-duration", "6"])
         .args(args)
-        .env("RUST_LOG", "info,crosstrace=debug")
+        // CROSSTRACE_E2E_RUST_LOG: another filter, to see more of one failing test (e.g. kube_client=debug).
+        .env("RUST_LOG", std::env::var("CROSSTRACE_E2E_RUST_LOG").unwrap_or_else(|_| "info,crosstrace=debug".into()))
         .stdout(Stdio::null())
         .stderr(log);
         cmd.env("KUBECONFIG", kubeconfig).envs(env.iter().copied());

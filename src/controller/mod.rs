@@ -322,12 +322,17 @@ fn policy_of_config_map(cm: ConfigMap, label: &str) -> Option<ObjectRef<TracingP
     cm.labels().get(label).map(|p| ObjectRef::new(p))
 }
 
-/// The policies a ledger names (each once).
-fn policies_in_ledger<R: crate::layers::Owned + serde::de::DeserializeOwned>(
+/// The policies a changed ledger concerns: those it names, and every policy with the layer (`wants`),
+/// which may wait for a target an entry held and no longer does (a newer policy behind an older one
+/// that was deleted: the entry's removal is what frees the target).
+fn policies_of_ledger<R: crate::layers::Owned + serde::de::DeserializeOwned>(
+    store: &Store<TracingPolicy>,
     ledger: &ConfigMap,
+    wants: fn(&TracingPolicy) -> bool,
 ) -> Vec<ObjectRef<TracingPolicy>> {
-    let names: BTreeSet<String> =
+    let mut names: BTreeSet<String> =
         crate::layers::ledger_entries::<R>(Some(ledger)).values().flatten().map(|r| r.policy().to_string()).collect();
+    names.extend(store.state().iter().filter(|p| wants(p)).map(|p| p.name_any()));
     names.iter().map(|p| ObjectRef::new(p)).collect()
 }
 
@@ -547,6 +552,7 @@ pub async fn run(
     let node_store = store.clone();
     let (nodes, node_writer) = reflector::store();
     let gateway_store = store.clone();
+    let (ingress_ledger_store, gateway_ledger_store) = (store.clone(), store.clone());
     let (ingress_ledger, ingress_ledger_writer) = reflector::store();
     let (gateway_ledger, gateway_ledger_writer) = reflector::store();
     let (collectors, collector_writer) = reflector::store();
@@ -634,7 +640,7 @@ pub async fn run(
             policy_of_config_map(cm, ingress::POLICY_LABEL)
         })
         // The collector ConfigMaps and the edge ledgers are kept in stores the reconciles read (see
-        // `layers::stores`); a ledger's change wakes every policy it names.
+        // `layers::stores`); a ledger's change wakes every policy it names or that has its layer.
         .watches_stream(
             watcher(Api::<ConfigMap>::all(client.clone()), any.labels(workloads::POLICY_LABEL))
                 .default_backoff()
@@ -642,8 +648,12 @@ pub async fn run(
                 .touched_objects(),
             |cm| policy_of_config_map(cm, workloads::POLICY_LABEL),
         )
-        .watches_stream(ingress_ledger_watch, |cm| policies_in_ledger::<ingress::Record>(&cm))
-        .watches_stream(gateway_ledger_watch, |cm| policies_in_ledger::<gateway::Record>(&cm))
+        .watches_stream(ingress_ledger_watch, move |cm| {
+            policies_of_ledger::<ingress::Record>(&ingress_ledger_store, &cm, |p| p.spec.ingress.is_some())
+        })
+        .watches_stream(gateway_ledger_watch, move |cm| {
+            policies_of_ledger::<gateway::Record>(&gateway_ledger_store, &cm, |p| p.spec.gateway.is_some())
+        })
         .watches_stream(node_watch(&client, &meta, node_writer), move |_| policies_with_network(&node_store))
         .watches_stream(node_tracings, {
             let ctx = context.clone();
