@@ -18,7 +18,7 @@ use tracing::{Span, field, info, instrument, warn};
 
 use super::Context;
 use super::apply::Pace;
-use super::flights::{Found, Landed};
+use super::flights::Landed;
 use super::status::{self, Reports};
 use crate::api::conditions::{self, Status};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
@@ -304,6 +304,28 @@ impl Layer {
         }
     }
 
+    /// The objects its actions write.
+    fn targets(&self) -> BTreeSet<String> {
+        match self {
+            Layer::Workloads(actions, _) => actions.iter().map(workloads::Action::target).collect(),
+            Layer::Network(actions) => actions.iter().map(|a| a.target().to_string()).collect(),
+        }
+    }
+
+    /// Its actions but those writing one of `in_air`.
+    fn without(self, in_air: &BTreeSet<String>) -> Self {
+        match self {
+            Layer::Workloads(mut actions, drifted) => {
+                actions.retain(|a| !in_air.contains(&a.target()));
+                Layer::Workloads(actions, drifted)
+            }
+            Layer::Network(mut actions) => {
+                actions.retain(|a| !in_air.contains(a.target()));
+                Layer::Network(actions)
+            }
+        }
+    }
+
     fn is_empty(&self) -> bool {
         match self {
             Layer::Workloads(actions, _) => actions.is_empty(),
@@ -316,24 +338,26 @@ impl Layer {
 /// planned again from what the cluster shows then.
 const FLIGHT_SPAN: Duration = Duration::from_secs(10);
 
-/// Writes a layer's actions as a flight (see `flights`), waiting for them up to the write budget. A
-/// flight of the same plan still in the air writes nothing new; one that landed since tells its error.
+/// Writes a layer's actions as a flight (see `flights`), waiting for them up to the write budget.
+/// Targets that flights of the same plan still write are left to them; a flight that landed since the
+/// last look with an error fails this reconcile.
 async fn fly(ctx: &Arc<Context>, policy: &TracingPolicy, layer: Layer, plan: &str) -> Result<Came, Error> {
     let uid = policy.uid().unwrap_or_default();
     let name = layer.name();
-    match ctx.flights.find(&uid, name, plan).await {
-        Found::Flying => return Ok(Came::Flying),
-        Found::Landed(landed) => {
-            landed.written?;
-        }
-        Found::Clear => {}
+    let found = ctx.flights.find(&uid, name, plan).await;
+    for landed in found.landed {
+        landed.written?;
     }
+    let flying = !found.in_air.is_empty();
+    let layer = layer.without(&found.in_air);
     if layer.is_empty() {
-        return Ok(Came::Complete);
+        return Ok(if flying { Came::Flying } else { Came::Complete });
     }
+    let targets = layer.targets();
     let writes = |halt| {
         let (ctx, policy) = (ctx.clone(), policy.clone());
         async move {
+            let started = Instant::now();
             let name = policy.name_any();
             let pace = Pace::new(ctx.settings.write_concurrency, FLIGHT_SPAN).halted_by(halt);
             let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(&name));
@@ -361,16 +385,21 @@ async fn fly(ctx: &Arc<Context>, policy: &TracingPolicy, layer: Layer, plan: &st
                     super::apply::network(&ctx.writer, actions, pace, &notes).await
                 }
             };
+            let (done, of) = written.as_ref().map_or((0, 0), |w| (w.done, w.of));
+            tracing::debug!(layer = layer.name(), done, of, took_ms = started.elapsed().as_millis() as u64, "landed");
             Landed { written, raced: notes.is_some_and(|n| n.raced()) }
         }
     };
     let policy_ref = ObjectRef::from_obj(policy);
     let budget = ctx.settings.write_budget;
-    let Some(landed) = ctx.flights.start(policy_ref, &uid, name, plan.to_string(), budget, writes).await else {
-        return Ok(Came::Flying);
-    };
+    let started = ctx.flights.start(policy_ref, &uid, name, plan.to_string(), targets, budget, writes);
+    let Some(landed) = started.await else { return Ok(Came::Flying) };
     let written = landed.written?;
-    Ok(if written.complete() && !landed.raced { Came::Complete } else { Came::Again })
+    Ok(match () {
+        _ if !written.complete() || landed.raced => Came::Again,
+        _ if flying => Came::Flying,
+        _ => Came::Complete,
+    })
 }
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no
@@ -425,6 +454,8 @@ async fn refuse(
     message: &str,
 ) -> Result<Action, Error> {
     let generation = policy.metadata.generation.unwrap_or(0);
+    // Nothing of the policy is written now: writes of its last plan still in the air stop.
+    ctx.flights.call_off(&policy.uid().unwrap_or_default()).await;
     let previous = last_status(ctx, policy);
     let next = status::unusable(Some(&previous), generation, reason, message, Timestamp::now());
     report(ctx, policy, name, previous, next).await?;
@@ -435,6 +466,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Arc<Context>) -> Res
     let generation = policy.metadata.generation.unwrap_or(0);
     if let Err(message) = crate::layers::validate(&policy.spec) {
         // Bad input waits for a change of the spec: no retry loop, the condition says what to fix.
+        ctx.flights.call_off(&policy.uid().unwrap_or_default()).await;
         let previous = last_status(ctx, policy);
         let next = status::invalid(Some(&previous), generation, &message, Timestamp::now());
         report(ctx, policy, name, previous, next).await?;
