@@ -87,12 +87,11 @@ struct ControllerArgs {
     /// 2 s) before another replica could take the lease over.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(leader::MIN_LEASE_DURATION.as_secs()..=3600))]
     lease_duration: u64,
-    /// Writes of one policy's layer in flight at once (workload injections, NodeTracings); the controller
-    /// has at most this many times --concurrency writes in flight in all.
+    /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     write_concurrency: u16,
-    /// Milliseconds a reconcile waits for the writes it started; writes still going then fly on by
-    /// themselves and wake the policy when they land.
+    /// Milliseconds after its first write a layer starts new ones in one reconcile; a bigger batch goes
+    /// on in the next reconcile.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     write_budget_ms: u64,
     /// Directory of the admin limits (the chart mounts its ConfigMap `crosstrace-admin-limits` there):

@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use crosstrace::api::TracingPolicy;
 use crosstrace::controller::apply::Writer;
-use crosstrace::controller::flights::Flights;
 use crosstrace::controller::{Context, Settings, reconcile};
 use crosstrace::layers::stores::Stores;
 use crosstrace::layers::workloads::{self, Workload};
 use crosstrace::leader::Fence;
 use crosstrace::lean::{Addressed, Meta, Pruned};
 use crosstrace::metrics::Metrics;
-use futures::StreamExt;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -24,7 +22,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
@@ -46,8 +44,6 @@ struct World {
     objects: BTreeMap<String, Value>,
     /// Every read, path and query.
     reads: Arc<Mutex<Vec<String>>>,
-    /// How long every write takes to be answered.
-    write_time: Duration,
 }
 
 fn list(kind: &str, items: Vec<Value>) -> Value {
@@ -76,7 +72,6 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
                 ),
             }
         } else {
-            tokio::time::sleep(world.write_time).await;
             let body =
                 if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
             writes.lock().unwrap().push(Write { method: method.clone(), path: path.clone(), body: body.clone() });
@@ -107,23 +102,6 @@ fn context_with(
     settings: Settings,
     stores: Option<Stores>,
 ) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>) {
-    build_context(policy, world, settings, stores, Flights::default())
-}
-
-/// The settings of these scenarios: the defaults, with a write budget no mocked write outlasts (a
-/// reconcile sees its own writes land).
-fn settings() -> Settings {
-    Settings { write_budget: Duration::from_secs(5), ..Settings::default() }
-}
-
-/// [`context_with`] whose landing flights wake through `flights`.
-fn build_context(
-    policy: &TracingPolicy,
-    world: World,
-    settings: Settings,
-    stores: Option<Stores>,
-    flights: Flights,
-) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let writes = Arc::new(Mutex::new(Vec::new()));
@@ -144,7 +122,6 @@ fn build_context(
         hashes: Default::default(),
         flow_reports: Default::default(),
         stores,
-        flights,
     };
     (Arc::new(context), writes)
 }
@@ -195,7 +172,7 @@ fn writes_to(writes: &Arc<Mutex<Vec<Write>>>) -> Vec<(Method, String)> {
 #[tokio::test]
 async fn a_missing_finalizer_is_added_before_anything_else() {
     let p = policy(network_spec(), false, None);
-    let (ctx, writes) = context(&p, World::default(), settings());
+    let (ctx, writes) = context(&p, World::default(), Settings::default());
     run(&p, &ctx).await;
     let writes = writes.lock().unwrap().clone();
     assert_eq!((writes[0].method.clone(), writes[0].path.as_str()), (Method::PATCH, POLICY));
@@ -207,7 +184,7 @@ async fn a_missing_finalizer_is_added_before_anything_else() {
 async fn a_converged_policy_makes_no_request_that_writes_and_an_unchanged_status_is_not_patched() {
     // First pass: whatever status a policy with no target implies is written once.
     let p = policy(network_spec(), true, None);
-    let (ctx, writes) = context(&p, World::default(), settings());
+    let (ctx, writes) = context(&p, World::default(), Settings::default());
     run(&p, &ctx).await;
     let status_writes: Vec<Write> =
         writes.lock().unwrap().iter().filter(|w| w.path.ends_with("/status")).cloned().collect();
@@ -217,7 +194,7 @@ async fn a_converged_policy_makes_no_request_that_writes_and_an_unchanged_status
     assert_eq!(status_writes.len(), writes.lock().unwrap().iter().filter(|w| w.path.ends_with("/status")).count());
     let status = status_writes[0].body["status"].clone();
     let converged = policy(network_spec(), true, Some(status));
-    let (fresh, fresh_writes) = context(&converged, World::default(), settings());
+    let (fresh, fresh_writes) = context(&converged, World::default(), Settings::default());
     run(&converged, &fresh).await;
     assert!(fresh_writes.lock().unwrap().is_empty(), "{:?}", writes_to(&fresh_writes));
     assert_eq!(again, Action::requeue(Settings::default().resync), "looked at again only at the resync");
@@ -238,7 +215,7 @@ async fn delete_reverts_then_removes_the_finalizer() {
     });
     let mut world = World::default();
     world.lists.insert("/apis/crosstrace.dev/v1alpha1/nodetracings".into(), list("NodeTracingList", vec![tracing]));
-    let (ctx, writes) = context(&p, world, settings());
+    let (ctx, writes) = context(&p, world, Settings::default());
     let next = run(&p, &ctx).await;
     let order = writes_to(&writes);
     assert_eq!(
@@ -255,7 +232,7 @@ async fn delete_reverts_then_removes_the_finalizer() {
 }
 
 #[tokio::test]
-async fn writes_past_the_budget_fly_on_by_themselves_and_wake_the_policy_when_they_land() {
+async fn a_write_budget_cut_requeues_at_once() {
     let p = policy(network_spec(), true, None);
     let nodes: Vec<Value> = (0..4)
         .map(|i| json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": format!("node-{i}")}}))
@@ -265,17 +242,12 @@ async fn writes_past_the_budget_fly_on_by_themselves_and_wake_the_policy_when_th
         "/api/v1/nodes".into(),
         json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": nodes}),
     );
-    world.write_time = Duration::from_millis(30);
-    let settings = Settings { write_budget: Duration::from_millis(10), write_concurrency: 1, ..Settings::default() };
-    let (flights, mut landed) = Flights::new();
-    let (ctx, writes) = build_context(&p, world, settings.clone(), None, flights);
+    let settings = Settings { write_budget: Duration::ZERO, write_concurrency: 1, ..Settings::default() };
+    let (ctx, writes) = context(&p, world, settings);
     let next = run(&p, &ctx).await;
-    assert_eq!(next, Action::requeue(settings.poll), "the reconcile does not wait; the landing wakes the policy");
-    let woken = tokio::time::timeout(Duration::from_secs(5), landed.next()).await;
-    let woken = woken.unwrap_or_else(|_| panic!("landed in time: {:?}", writes_to(&writes)));
-    assert_eq!(woken, Some(ObjectRef::new("shop")));
     let node_writes = writes_to(&writes).into_iter().filter(|(_, path)| path.contains("/nodetracings/")).count();
-    assert_eq!(node_writes, 4, "every write of the plan, one at a time, after the reconcile returned");
+    assert_eq!(node_writes, 1, "the first write always starts, then the budget is used up");
+    assert_eq!(next, Action::requeue(Duration::ZERO), "the rest goes on in the next reconcile, at once");
 }
 
 /// A store that has taken in its first list, of `objects`.
@@ -310,7 +282,7 @@ async fn from_synced_network_stores_nothing_is_listed_and_a_write_is_not_planned
     let nodes = sync(vec![node("node-0"), node("node-1")]);
     let stores = Stores::new(deployments, statefulsets, daemonsets, reflector::store().0, nodes, sync(vec![]));
     let world = World::default();
-    let settings = settings();
+    let settings = Settings { write_budget: Duration::from_secs(5), ..Settings::default() };
     let (ctx, writes) = context_with(&p, world.clone(), settings, Some(stores));
     run(&p, &ctx).await;
     let node_writes = |writes: &Arc<Mutex<Vec<Write>>>| {
@@ -346,7 +318,7 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
     let p = policy(spec, true, None);
     let targets: Vec<Workload> = (0..9).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
     let world = World::default();
-    let (ctx, writes) = context_with(&p, world.clone(), settings(), Some(synced(targets)));
+    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(targets)));
     run(&p, &ctx).await;
     let reads = world.reads.lock().unwrap().clone();
     let listed = |r: &String| {
@@ -387,7 +359,7 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
     });
     let mut world = World::default();
     world.lists.insert("/api/v1/namespaces/shop/pods".into(), list("PodList", vec![failing]));
-    let (ctx, writes) = context_with(&p, world.clone(), settings(), Some(synced(injected)));
+    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(injected)));
     run(&p, &ctx).await;
     let reads = world.reads.lock().unwrap().clone();
     let pod_lists = reads.iter().filter(|r| r.contains("/pods")).count();
@@ -411,7 +383,7 @@ async fn a_converged_policy_with_a_canary_is_looked_at_again_at_the_resync_not_a
         "workloads": {"namespaceSelector": {"matchLabels": {"team": "shop"}}},
     });
     let p = policy(spec, true, None);
-    let settings = Settings { canary_every: Some(Duration::from_secs(1)), ..settings() };
+    let settings = Settings { canary_every: Some(Duration::from_secs(1)), ..Settings::default() };
     let (ctx, writes) = context(&p, World::default(), settings);
     let action = run(&p, &ctx).await;
     let status = writes.lock().unwrap().iter().rev().find(|w| w.path.ends_with("/status")).unwrap().body.clone();

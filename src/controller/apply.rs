@@ -6,7 +6,6 @@
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -66,19 +65,11 @@ pub struct Writer {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub fence: Fence,
-    /// At most this many writes in flight at once, whoever sends them (`None`: no bound).
-    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Writer {
     pub fn new(client: Client, metrics: Arc<Metrics>, fence: Fence) -> Self {
-        Self { client, metrics, fence, slots: None }
-    }
-
-    /// This writer with at most `slots` writes in flight at once: the bound of the whole process, however
-    /// many policies' writes fly at the same time (see `flights`).
-    pub fn with_slots(self, slots: usize) -> Self {
-        Self { slots: Some(Arc::new(tokio::sync::Semaphore::new(slots.max(1)))), ..self }
+        Self { client, metrics, fence }
     }
 
     /// Sends `request` (a `verb` on `resource`) if, and while, the fence is open; counts and logs it.
@@ -90,11 +81,6 @@ impl Writer {
         request: impl Future<Output = kube::Result<T>>,
     ) -> Result<T> {
         let fenced = |source| Error::Fenced { verb, resource: resource.to_string(), source };
-        self.fence.check().map_err(fenced)?;
-        let _slot = match &self.slots {
-            Some(slots) => Some(slots.acquire().await.expect("the write slots are never closed")),
-            None => None,
-        };
         self.fence.check().map_err(fenced)?;
         self.metrics.write(verb, resource);
         Ok(self.fence.guard(request).await.map_err(fenced)??)
@@ -444,56 +430,24 @@ async fn noted_apply(
     patch: Value,
 ) -> Result<()> {
     notes.writing(kind, key);
-    let unfinished = Unfinished(Some(|| notes.written(kind, key, None)));
     let result = apply_workload(writer, kind, key, patch).await;
-    unfinished.ended();
     notes.written(kind, key, result.as_ref().ok());
     result.map(drop)
 }
 
-/// Tells a write's end when the write is dropped before it ended (its flight was called off): the
-/// stores take it for ended without a result.
-struct Unfinished<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Unfinished<F> {
-    /// The write ended: its end is told by the caller, with its result.
-    fn ended(mut self) {
-        self.0 = None;
-    }
-}
-
-impl<F: FnOnce()> Drop for Unfinished<F> {
-    fn drop(&mut self) {
-        if let Some(tell) = self.0.take() {
-            tell();
-        }
-    }
-}
-
-/// How the writes of one layer's flight are paced: how many are in flight at once, and for how long
-/// after the first one new ones may start (a bigger batch stops there and the policy is planned again,
-/// so that status and spec changes are looked at again within about that long, however many targets a
-/// batch has). The first write always starts: every flight makes progress. A flight called off
-/// (`halt`) starts no write more and waits for those in flight.
-#[derive(Clone, Debug)]
+/// How the writes of one layer in one reconcile are paced: how many are in flight at once, and for how
+/// long after the first one new ones may start (a bigger batch stops there and the next reconcile goes
+/// on, so that status and spec changes are looked at again within about that long, however many
+/// targets a batch has). The first write always starts: every reconcile makes progress.
+#[derive(Clone, Copy, Debug)]
 pub struct Pace {
     pub concurrency: usize,
     pub budget: Duration,
-    pub halt: Option<Arc<AtomicBool>>,
 }
 
 impl Pace {
     pub fn new(concurrency: usize, budget: Duration) -> Self {
-        Self { concurrency: concurrency.max(1), budget, halt: None }
-    }
-
-    /// This pace, starting nothing more once `halt` is set.
-    pub fn halted_by(self, halt: Arc<AtomicBool>) -> Self {
-        Self { halt: Some(halt), ..self }
-    }
-
-    fn halted(&self) -> bool {
-        self.halt.as_ref().is_some_and(|h| h.load(Ordering::SeqCst))
+        Self { concurrency: concurrency.max(1), budget }
     }
 }
 
@@ -562,7 +516,7 @@ where
 {
     let of = actions.len();
     let until = Instant::now() + pace.budget;
-    let open = |next: usize| (next == 0 || Instant::now() < until) && !pace.halted();
+    let open = |next: usize| next == 0 || Instant::now() < until;
     let mut done = 0;
     while done < of && open(done) {
         let current = phase(&actions[done]);
@@ -657,7 +611,6 @@ pub async fn network(
                 network::Action::Put { node, .. } | network::Action::Delete { node, .. } => node,
             };
             notes.writing_node(node);
-            let unfinished = Unfinished(Some(|| notes.written_node(node, None)));
             let result = match action {
                 network::Action::Put { node, bridges, rolled_back, resource_version } => {
                     let mut metadata = json!({"name": node});
@@ -679,7 +632,6 @@ pub async fn network(
                     writer.delete_at_version(api, node, resource_version.clone()).await.map(|()| None)
                 }
             };
-            unfinished.ended();
             notes.written_node(node, result.as_ref().ok().map(Option::as_ref));
             result.map(drop)
         },

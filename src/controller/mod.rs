@@ -2,7 +2,6 @@
 
 pub mod apply;
 pub mod backoff;
-pub mod flights;
 pub mod invalid;
 pub mod reconcile;
 pub mod status;
@@ -56,11 +55,10 @@ pub struct Settings {
     pub poll: Duration,
     /// What the workload layer injects when a policy leaves it open.
     pub workloads: workloads::Defaults,
-    /// Writes of one policy's layer in flight at once (workload injections, NodeTracings); the whole
-    /// controller has at most this many times `concurrency` writes in flight.
+    /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
     pub write_concurrency: usize,
-    /// How long a reconcile waits for the writes it started; writes still going then fly on by
-    /// themselves and wake the policy when they land (see `flights`).
+    /// How long after a layer's first write in a reconcile new ones start; a bigger batch goes on in the
+    /// next reconcile at once.
     pub write_budget: Duration,
     /// Where the chart mounts its admin limits (`--admin-limits`): read on every reconcile, so that a
     /// changed limit applies without a restart. `None`: no limits beyond the built-in ones.
@@ -137,9 +135,9 @@ pub const CANARY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
 
-/// How long a reconcile waits for the writes it started, unless `--write-budget-ms` says otherwise:
-/// writes still going then fly on by themselves (see `flights`), and the reconcile returns.
-pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(50);
+/// How long after its first write a layer starts new ones in one reconcile, unless `--write-budget-ms`
+/// says otherwise.
+pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -205,8 +203,6 @@ pub struct Context {
     pub flow_reports: crate::flows::reporter::Reports,
     /// The watch-backed stores of workloads and namespaces (`None`: every reconcile lists them).
     pub stores: Option<crate::layers::stores::Stores>,
-    /// Writes that outlive the reconcile that started them.
-    pub flights: flights::Flights,
 }
 
 /// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
@@ -516,8 +512,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let Clients { watches: client, requests } = clients;
-    let slots = settings.write_concurrency * settings.concurrency as usize;
-    let writer = Writer::new(requests.clone(), metrics.clone(), fence).with_slots(slots);
+    let writer = Writer::new(requests.clone(), metrics.clone(), fence);
     // TracingPolicies and NodeTracings are watched leniently: one that cannot be read (stored while the
     // CRD was looser) is reported on itself and skipped instead of failing every list.
     let recorder = Recorder::new(
@@ -562,9 +557,7 @@ pub async fn run(
     };
     let ingress_ledger_watch = ledger(ingress::LEDGER).reflect(ingress_ledger_writer).touched_objects();
     let gateway_ledger_watch = ledger(gateway::LEDGER).reflect(gateway_ledger_writer).touched_objects();
-    let (flights, landed) = flights::Flights::new();
     let context = Arc::new(Context {
-        flights,
         writer,
         recorder,
         client: requests,
@@ -670,7 +663,7 @@ pub async fn run(
         );
     }
     let reconciling = controller
-        .reconcile_on(futures::stream::select(canary_rounds(context.clone()), landed))
+        .reconcile_on(canary_rounds(context.clone()))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

@@ -11,14 +11,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Span, field, info, instrument, warn};
 
 use super::Context;
-use super::apply::Pace;
-use super::flights::Landed;
+use super::apply::{Pace, Written};
 use super::status::{self, Reports};
 use crate::api::conditions::{self, Status};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
@@ -94,7 +92,7 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
 }
 
 /// Adds the finalizer first, runs cleanup on delete and removes the finalizer only when it is done.
-async fn dispatch(policy: &TracingPolicy, ctx: &Arc<Context>) -> Result<Action, Error> {
+async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error> {
     let name = policy.metadata.name.as_deref().ok_or(Error::Unnamed)?;
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
     let has_finalizer = policy.finalizers().iter().any(|f| f == FINALIZER);
@@ -102,12 +100,9 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Arc<Context>) -> Result<Action, 
         if !has_finalizer {
             return Ok(Action::await_change());
         }
-        match cleanup(policy, name, ctx).await? {
-            Came::Complete => {}
-            // More to revert: the next reconcile goes on at once.
-            Came::Again => return Ok(Action::requeue(Duration::ZERO)),
-            // Reverts in the air: their landing wakes the policy (the poll only if that were lost).
-            Came::Flying => return Ok(Action::requeue(ctx.settings.poll)),
+        if !cleanup(policy, name, ctx).await? {
+            // More to revert than one reconcile's write budget: the next reconcile goes on at once.
+            return Ok(Action::requeue(Duration::ZERO));
         }
         let rest: Vec<&String> = policy.finalizers().iter().filter(|f| *f != FINALIZER).collect();
         let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
@@ -117,7 +112,6 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Arc<Context>) -> Result<Action, 
         publish(ctx, policy, EventType::Normal, reasons::REVERTED, "every change of this policy is reverted".into())
             .await;
         ctx.metrics.forget_policy(name);
-        ctx.flights.forget(&policy.uid().unwrap_or_default());
         ctx.written.lock().expect("status memo lock").remove(&policy.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
@@ -165,16 +159,16 @@ async fn namespace_labels(
 }
 
 /// Observes, plans and applies every layer in the safe order (edge, then workloads, then network), and
-/// returns what each enabled layer reports, and how far the writes came (the workload and network
-/// layers' writes fly on past the write budget, see `flights`; a write that raced with a change of its
-/// target asks for the next look at once). With `deleting`, the plans only revert.
+/// returns what each enabled layer reports, and whether every planned write was made (a reconcile's
+/// write budget can leave the rest of a big batch to the next one; a write that raced with a change of
+/// its target asks for the next one too). With `deleting`, the plans only revert.
 async fn run_layers(
     policy: &TracingPolicy,
     name: &str,
-    ctx: &Arc<Context>,
+    ctx: &Context,
     deleting: bool,
     limits: Option<&crate::admin::AdminLimits>,
-) -> Result<(Reports, Came), Error> {
+) -> Result<(Reports, bool), Error> {
     let now = Timestamp::now().as_second();
     let uid = policy.uid().unwrap_or_default();
     let older: BTreeSet<String> = ctx
@@ -236,18 +230,29 @@ async fn run_layers(
     })
     .await?;
     drop(labels);
-    let mut workload_plan = workloads::plan_with(view, defaults, &observed, &config_maps, now, &ctx.hashes);
+    let workload_plan = workloads::plan_with(view, defaults, &observed, &config_maps, now, &ctx.hashes);
     // What was observed is not needed while a batch is written: free it before (a big batch's peak).
     drop((observed, config_maps));
-    // The plan a flight writes: a flight of another one (the policy changed, or is being deleted) is
-    // called off before anything else is written.
-    let plan = crate::layers::hash_of(&json!({
-        "generation": view.generation, "deleting": deleting, "spec": policy.spec,
-        "protected": defaults.protected_namespaces,
-    }));
-    let actions = std::mem::take(&mut workload_plan.actions);
-    let drifted = std::mem::take(&mut workload_plan.drifted);
-    let mut came = fly(ctx, policy, Layer::Workloads(actions, drifted), &plan).await?;
+    let mut written = Written { done: 0, of: 0 };
+    // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often).
+    let mut raced = false;
+    if !workload_plan.actions.is_empty() {
+        info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
+        let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
+        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), &notes).await?;
+        raced = notes.is_some_and(|n| n.raced());
+    }
+    let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
+        .iter()
+        .filter_map(|a| match a {
+            workloads::Action::Inject { workload, .. } => Some(workload),
+            _ => None,
+        })
+        .collect();
+    for key in workload_plan.drifted.iter().filter(|k| reapplied.contains(k)) {
+        let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
+        drift_corrected(ctx, policy, "workloads", note).await;
+    }
 
     let observed = network::observe(&ctx.client, ctx.stores.as_ref(), view).await?;
     let mut correlation =
@@ -262,11 +267,14 @@ async fn run_layers(
         }
     }
     let network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
-    if came != Came::Complete {
-        // The network layer goes after the workloads: once their writes landed.
-        info!(?came, "the workload layer's writes go on; the network layer waits for them");
-    } else {
-        came = fly(ctx, policy, Layer::Network(network_plan.actions), &plan).await?;
+    if !written.complete() {
+        // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).
+        info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
+    } else if !network_plan.actions.is_empty() {
+        info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
+        let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
+        written = super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx), &notes).await?;
+        raced |= notes.is_some_and(|n| n.raced());
     }
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
@@ -274,132 +282,8 @@ async fn run_layers(
         workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
-    Ok((reports, came))
-}
-
-/// How far a reconcile's writes came.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Came {
-    /// Every planned write was made, and none raced with a change of its target.
-    Complete,
-    /// A flight stopped starting writes (its span ran out), or a written target changed meanwhile
-    /// (the events that told of it were taken for the writes' echoes): look again at once.
-    Again,
-    /// Writes are in the air: their landing wakes the policy.
-    Flying,
-}
-
-/// The writes of one layer.
-enum Layer {
-    /// The actions, and the targets among them whose injection someone removed.
-    Workloads(Vec<workloads::Action>, Vec<ObjectKey>),
-    Network(Vec<network::Action>),
-}
-
-impl Layer {
-    fn name(&self) -> &'static str {
-        match self {
-            Layer::Workloads(..) => "workloads",
-            Layer::Network(_) => "network",
-        }
-    }
-
-    /// The objects its actions write.
-    fn targets(&self) -> BTreeSet<String> {
-        match self {
-            Layer::Workloads(actions, _) => actions.iter().map(workloads::Action::target).collect(),
-            Layer::Network(actions) => actions.iter().map(|a| a.target().to_string()).collect(),
-        }
-    }
-
-    /// Its actions but those writing one of `in_air`.
-    fn without(self, in_air: &BTreeSet<String>) -> Self {
-        match self {
-            Layer::Workloads(mut actions, drifted) => {
-                actions.retain(|a| !in_air.contains(&a.target()));
-                Layer::Workloads(actions, drifted)
-            }
-            Layer::Network(mut actions) => {
-                actions.retain(|a| !in_air.contains(a.target()));
-                Layer::Network(actions)
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            Layer::Workloads(actions, _) => actions.is_empty(),
-            Layer::Network(actions) => actions.is_empty(),
-        }
-    }
-}
-
-/// How long a flight starts new writes after its plan: a bigger batch lands there, and the policy is
-/// planned again from what the cluster shows then.
-const FLIGHT_SPAN: Duration = Duration::from_secs(10);
-
-/// Writes a layer's actions as a flight (see `flights`), waiting for them up to the write budget.
-/// Targets that flights of the same plan still write are left to them; a flight that landed since the
-/// last look with an error fails this reconcile.
-async fn fly(ctx: &Arc<Context>, policy: &TracingPolicy, layer: Layer, plan: &str) -> Result<Came, Error> {
-    let uid = policy.uid().unwrap_or_default();
-    let name = layer.name();
-    let found = ctx.flights.find(&uid, name, plan).await;
-    for landed in found.landed {
-        landed.written?;
-    }
-    let flying = !found.in_air.is_empty();
-    let layer = layer.without(&found.in_air);
-    if layer.is_empty() {
-        return Ok(if flying { Came::Flying } else { Came::Complete });
-    }
-    let targets = layer.targets();
-    let writes = |halt| {
-        let (ctx, policy) = (ctx.clone(), policy.clone());
-        async move {
-            let started = Instant::now();
-            let name = policy.name_any();
-            let pace = Pace::new(ctx.settings.write_concurrency, FLIGHT_SPAN).halted_by(halt);
-            let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(&name));
-            let written = match &layer {
-                Layer::Workloads(actions, drifted) => {
-                    info!(actions = actions.len(), "changing the workload layer");
-                    let written = super::apply::workloads(&ctx.writer, actions, pace, &notes).await;
-                    let done = written.as_ref().map_or(0, |w| w.done);
-                    let reapplied: BTreeSet<&ObjectKey> = actions[..done]
-                        .iter()
-                        .filter_map(|a| match a {
-                            workloads::Action::Inject { workload, .. } => Some(workload),
-                            _ => None,
-                        })
-                        .collect();
-                    for key in drifted.iter().filter(|k| reapplied.contains(k)) {
-                        let note =
-                            format!("the tracing injection of {key} was removed by someone else; applied it again");
-                        drift_corrected(&ctx, &policy, "workloads", note).await;
-                    }
-                    written
-                }
-                Layer::Network(actions) => {
-                    info!(actions = actions.len(), "changing the network layer");
-                    super::apply::network(&ctx.writer, actions, pace, &notes).await
-                }
-            };
-            let (done, of) = written.as_ref().map_or((0, 0), |w| (w.done, w.of));
-            tracing::debug!(layer = layer.name(), done, of, took_ms = started.elapsed().as_millis() as u64, "landed");
-            Landed { written, raced: notes.is_some_and(|n| n.raced()) }
-        }
-    };
-    let policy_ref = ObjectRef::from_obj(policy);
-    let budget = ctx.settings.write_budget;
-    let started = ctx.flights.start(policy_ref, &uid, name, plan.to_string(), targets, budget, writes);
-    let Some(landed) = started.await else { return Ok(Came::Flying) };
-    let written = landed.written?;
-    Ok(match () {
-        _ if !written.complete() || landed.raced => Came::Again,
-        _ if flying => Came::Flying,
-        _ => Came::Complete,
-    })
+    // Raced writes: the events that told of their targets' change were taken for the writes' echoes.
+    Ok((reports, written.complete() && !raced))
 }
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no
@@ -438,9 +322,13 @@ async fn gateway_layer(
     Ok(report)
 }
 
+fn pace(ctx: &Context) -> Pace {
+    Pace::new(ctx.settings.write_concurrency, ctx.settings.write_budget)
+}
+
 /// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished
 /// reverts keep the finalizer in place.
-async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Arc<Context>) -> Result<Came, Error> {
+async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<bool, Error> {
     Ok(run_layers(policy, name, ctx, true, None).await?.1)
 }
 
@@ -454,19 +342,16 @@ async fn refuse(
     message: &str,
 ) -> Result<Action, Error> {
     let generation = policy.metadata.generation.unwrap_or(0);
-    // Nothing of the policy is written now: writes of its last plan still in the air stop.
-    ctx.flights.call_off(&policy.uid().unwrap_or_default()).await;
     let previous = last_status(ctx, policy);
     let next = status::unusable(Some(&previous), generation, reason, message, Timestamp::now());
     report(ctx, policy, name, previous, next).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
-async fn converge(policy: &TracingPolicy, name: &str, ctx: &Arc<Context>) -> Result<Action, Error> {
+async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
     let generation = policy.metadata.generation.unwrap_or(0);
     if let Err(message) = crate::layers::validate(&policy.spec) {
         // Bad input waits for a change of the spec: no retry loop, the condition says what to fix.
-        ctx.flights.call_off(&policy.uid().unwrap_or_default()).await;
         let previous = last_status(ctx, policy);
         let next = status::invalid(Some(&previous), generation, &message, Timestamp::now());
         report(ctx, policy, name, previous, next).await?;
@@ -512,7 +397,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Arc<Context>) -> Res
     };
     let (layers, canary, flowing) =
         tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary, flowing);
-    let (reports, came) = layers?;
+    let (reports, finished) = layers?;
     drop(effective);
     for (layer, report) in [
         ("ingress", &reports.ingress),
@@ -555,12 +440,10 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Arc<Context>) -> Res
                 || r.unhealthy > 0
                 || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
         });
-    let next_look = match came {
-        Came::Again => Duration::ZERO,
-        // The flight's landing wakes the policy; the poll only if that were lost.
-        Came::Flying => ctx.settings.poll,
-        Came::Complete if busy => ctx.settings.poll,
-        Came::Complete => ctx.settings.resync,
+    let next_look = match () {
+        _ if !finished => Duration::ZERO,
+        _ if busy => ctx.settings.poll,
+        _ => ctx.settings.resync,
     };
     // The flows reports are read again after the canary interval (a collector's canary turning wakes
     // its policies by itself: `canary_rounds`); a running debug session is looked at again when it ends

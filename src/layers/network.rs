@@ -94,15 +94,6 @@ pub enum Action {
     Delete { node: String, resource_version: Option<String> },
 }
 
-impl Action {
-    /// The node whose NodeTracing it writes.
-    pub fn target(&self) -> &str {
-        match self {
-            Action::Put { node, .. } | Action::Delete { node, .. } => node,
-        }
-    }
-}
-
 /// The plan of the network layer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {

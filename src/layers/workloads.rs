@@ -340,21 +340,6 @@ pub enum Action {
     DeleteCollectorConfig { namespace: String, name: String },
 }
 
-impl Action {
-    /// The object it writes, named uniquely among the layer's objects.
-    pub fn target(&self) -> String {
-        match self {
-            Action::ApplyCollectorConfig { namespace, name, .. }
-            | Action::DeleteCollectorConfig { namespace, name } => {
-                format!("ConfigMap {namespace}/{name}")
-            }
-            Action::Inject { kind, workload, .. } | Action::Remove { kind, workload, .. } => {
-                format!("{kind:?} {workload}")
-            }
-        }
-    }
-}
-
 /// The plan of the workload layer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
