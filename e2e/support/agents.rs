@@ -166,7 +166,7 @@ impl AgentProcess {
             .args(["agent", "--node-name", &node, "--ovsdb", &ovsdb(node_index), "--unixctl", &unixctl(node_index)])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info,crosstrace=debug")
+            .env("RUST_LOG", super::log_filter())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

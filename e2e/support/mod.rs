@@ -134,8 +134,7 @@ impl ControllerProcess {
         ])
         .args(["--lease-duration", "6"])
         .args(args)
-        // CROSSTRACE_E2E_RUST_LOG: another filter, to see more of one failing test (e.g. kube_client=debug).
-        .env("RUST_LOG", std::env::var("CROSSTRACE_E2E_RUST_LOG").unwrap_or_else(|_| "info,crosstrace=debug".into()))
+        .env("RUST_LOG", log_filter())
         .stdout(Stdio::null())
         .stderr(log);
         cmd.env("KUBECONFIG", kubeconfig).envs(env.iter().copied());
@@ -383,4 +382,10 @@ pub async fn drift_reported(
 }
 
 pub mod agents;
+
+/// The log filter of the crosstrace processes the tests start: CROSSTRACE_E2E_RUST_LOG when set, to see
+/// more of one failing test (e.g. `debug,hyper=info`).
+pub fn log_filter() -> String {
+    std::env::var("CROSSTRACE_E2E_RUST_LOG").unwrap_or_else(|_| "info,crosstrace=debug".into())
+}
 pub mod otelcol;

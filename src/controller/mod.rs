@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
@@ -246,9 +246,14 @@ fn policies_for_workload(
     labelled.into_iter().chain(selecting).collect()
 }
 
+/// Every policy `has` is true of.
+fn policies_where(store: &Store<TracingPolicy>, has: fn(&TracingPolicy) -> bool) -> Vec<ObjectRef<TracingPolicy>> {
+    store.state().iter().filter(|p| has(p)).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+}
+
 /// Every policy with a workload layer (a namespace's labels changed).
 fn policies_with_workloads(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
-    store.state().iter().filter(|p| p.spec.workloads.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+    policies_where(store, |p| p.spec.workloads.is_some())
 }
 
 /// The canary rounds: every `canary_every`, one canary to each collector the policies send to (side by
@@ -276,12 +281,12 @@ fn canary_rounds(ctx: Arc<Context>) -> impl futures::Stream<Item = ObjectRef<Tra
 
 /// Every policy with a network layer (a node's labels changed).
 fn policies_with_network(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
-    store.state().iter().filter(|p| p.spec.network.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+    policies_where(store, |p| p.spec.network.is_some())
 }
 
 /// Every policy with a Gateway API edge layer (a Gateway, a route or a provider's object changed).
 fn policies_with_gateway(store: &Store<TracingPolicy>) -> Vec<ObjectRef<TracingPolicy>> {
-    store.state().iter().filter(|p| p.spec.gateway.is_some()).map(|p| ObjectRef::from_obj(p.as_ref())).collect()
+    policies_where(store, |p| p.spec.gateway.is_some())
 }
 
 /// The kinds of the gateway layer this cluster serves now (none without the Gateway API).
@@ -318,17 +323,15 @@ fn policy_of_config_map(cm: ConfigMap, label: &str) -> Option<ObjectRef<TracingP
     cm.labels().get(label).map(|p| ObjectRef::new(p))
 }
 
-/// The policies a changed ledger concerns: those it names, and every policy with the layer (`wants`),
-/// which may wait for a target an entry held and no longer does (a newer policy behind an older one
-/// that was deleted: the entry's removal is what frees the target).
+/// The policies a changed ledger concerns: those it names, and `with_layer` (every policy with the
+/// layer), which may wait for a target an entry held and no longer does (a newer policy behind an older
+/// one that was deleted: the entry's removal is what frees the target).
 fn policies_of_ledger<R: crate::layers::Owned + serde::de::DeserializeOwned>(
-    store: &Store<TracingPolicy>,
     ledger: &ConfigMap,
-    wants: fn(&TracingPolicy) -> bool,
+    with_layer: Vec<ObjectRef<TracingPolicy>>,
 ) -> Vec<ObjectRef<TracingPolicy>> {
-    let mut names: BTreeSet<String> =
-        crate::layers::ledger_entries::<R>(Some(ledger)).values().flatten().map(|r| r.policy().to_string()).collect();
-    names.extend(store.state().iter().filter(|p| wants(p)).map(|p| p.name_any()));
+    let mut names = crate::layers::ledger_policies::<R>(ledger);
+    names.extend(with_layer.into_iter().map(|p| p.name));
     names.iter().map(|p| ObjectRef::new(p)).collect()
 }
 
@@ -642,10 +645,13 @@ pub async fn run(
             |cm| policy_of_config_map(cm, workloads::POLICY_LABEL),
         )
         .watches_stream(ingress_ledger_watch, move |cm| {
-            policies_of_ledger::<ingress::Record>(&ingress_ledger_store, &cm, |p| p.spec.ingress.is_some())
+            policies_of_ledger::<ingress::Record>(
+                &cm,
+                policies_where(&ingress_ledger_store, |p| p.spec.ingress.is_some()),
+            )
         })
         .watches_stream(gateway_ledger_watch, move |cm| {
-            policies_of_ledger::<gateway::Record>(&gateway_ledger_store, &cm, |p| p.spec.gateway.is_some())
+            policies_of_ledger::<gateway::Record>(&cm, policies_with_gateway(&gateway_ledger_store))
         })
         .watches_stream(node_watch(&client, &meta, node_writer), move |_| policies_with_network(&node_store))
         .watches_stream(node_tracings, {

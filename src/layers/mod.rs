@@ -105,6 +105,11 @@ pub fn ledger_entries<R: DeserializeOwned>(ledger: Option<&ConfigMap>) -> BTreeM
         .collect()
 }
 
+/// The policies a ledger's readable entries name.
+pub fn ledger_policies<R: DeserializeOwned + Owned>(ledger: &ConfigMap) -> BTreeSet<String> {
+    ledger_entries::<R>(Some(ledger)).values().flatten().map(|r| r.policy().to_string()).collect()
+}
+
 /// Reads the JSON record a layer keeps under `key` in a target's annotations.
 pub fn read_record<R: DeserializeOwned>(
     annotations: Option<&BTreeMap<String, String>>,

@@ -222,9 +222,7 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
 
 /// Does a ledger (the one ConfigMap of `store`) hold an entry of `policy`?
 fn ledger_names<R: super::Owned + serde::de::DeserializeOwned>(store: &Store<ConfigMap>, policy: &str) -> bool {
-    store
-        .find(|ledger| super::ledger_entries::<R>(Some(ledger)).values().flatten().any(|r| r.policy() == policy))
-        .is_some()
+    store.find(|ledger| super::ledger_policies::<R>(ledger).contains(policy)).is_some()
 }
 
 fn version_in<K: kube::Resource<DynamicType = ()> + 'static>(
@@ -279,11 +277,7 @@ impl Stores {
     /// label, and a change of either wakes the policy once its store has it.
     pub fn edge_shown(&self, policy: &str) -> Option<EdgeShown> {
         let config_maps = self.config_maps.as_ref()?;
-        let synced = ready(&config_maps.ingress_ledger)
-            && ready(&config_maps.gateway_ledger)
-            && ready(&self.deployments)
-            && ready(&self.daemonsets);
-        if !synced {
+        if !(self.ready() && ready(&config_maps.ingress_ledger) && ready(&config_maps.gateway_ledger)) {
             return None;
         }
         let labelled = |meta: &ObjectMeta| {
@@ -561,8 +555,9 @@ mod tests {
         let (ingress_ledger, mut ingress_writer) = reflector::store();
         let (gateway_ledger, mut gateway_writer) = reflector::store();
         let (collectors, mut collector_writer) = reflector::store();
-        let (statefulsets, namespaces, nodes, tracings) =
-            (reflector::store().0, reflector::store().0, reflector::store().0, reflector::store().0);
+        let (statefulsets, mut statefulset_writer) = reflector::store::<Pruned<StatefulSet>>();
+        let (namespaces, mut namespace_writer) = reflector::store::<Meta<Namespace>>();
+        let (nodes, tracings) = (reflector::store().0, reflector::store().0);
         let stores = Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracings)
             .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors });
         let config_map = |name: &str, labels: &[(&str, &str)], data: &[(&str, serde_json::Value)]| ConfigMap {
@@ -583,13 +578,17 @@ mod tests {
         gateway_writer.apply_watcher_event(&Event::Init);
         gateway_writer.apply_watcher_event(&Event::InitApply(config_map("ledger", &[], &[("uid-2", gateway_entry)])));
         gateway_writer.apply_watcher_event(&Event::InitDone);
-        assert_eq!(stores.edge_shown("a"), None, "the controllers' stores are not synced yet");
+        assert_eq!(stores.edge_shown("a"), None, "the workloads' stores are not synced yet");
         deployment_writer.apply_watcher_event(&Event::Init);
         let labelled = meta("controller", "1", &[(super::super::ingress::POLICY_LABEL, "c")]);
         deployment_writer.apply_watcher_event(&Event::InitApply(Pruned::new(labelled, None)));
         deployment_writer.apply_watcher_event(&Event::InitDone);
         daemonset_writer.apply_watcher_event(&Event::Init);
         daemonset_writer.apply_watcher_event(&Event::InitDone);
+        statefulset_writer.apply_watcher_event(&Event::Init);
+        statefulset_writer.apply_watcher_event(&Event::InitDone);
+        namespace_writer.apply_watcher_event(&Event::Init);
+        namespace_writer.apply_watcher_event(&Event::InitDone);
         let shown = |ingress, gateway| Some(EdgeShown { ingress, gateway });
         assert_eq!(stores.edge_shown("a"), shown(true, false), "its ingress ledger entry");
         assert_eq!(stores.edge_shown("b"), shown(false, true), "its gateway ledger entry");
