@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -354,13 +355,10 @@ impl Keep {
         let labels = namespace.as_ref().map(|n| n.metadata.labels.clone().unwrap_or_default());
         workloads::carries_layer(meta)
             || self.policies.state().iter().any(|p| {
-                p.spec.workloads.as_ref().is_some_and(|s| {
-                    let any_namespace =
-                        crate::api::WorkloadsSpec { namespace_selector: Default::default(), ..s.clone() };
-                    match &labels {
-                        Some(labels) => workloads::selects_meta(s, &self.defaults, kind, meta, Some(labels)),
-                        None => workloads::selects_meta(&any_namespace, &self.defaults, kind, meta, None),
-                    }
+                let selection = p.spec.workloads.as_ref().map(|s| workloads::Selection::new(s, &self.defaults));
+                selection.and_then(Result::ok).is_some_and(|s| match &labels {
+                    Some(labels) => s.selects(kind, meta, || Some(labels)),
+                    None => s.selects_in_any_namespace(kind, meta),
                 })
             })
     }
@@ -400,13 +398,35 @@ where
         Pruned::new(metadata, shape)
     };
     let gone = |lean: Lean<K>| Pruned::new(workloads::pruned_metadata(&lean.metadata), None);
+    // A workload that appears or is relabelled moves the stores' label epoch once the store shows it
+    // (see `Stores::relabelled`): compared with the store's copy before it takes the event in.
+    let stored = store.as_reader();
+    let relabelled = Arc::new(AtomicBool::new(false));
     let events = watcher(Api::<Lean<K>>::all(client.clone()), config.clone())
-        .map_ok(move |event| pruned_event(event, &prune, &gone));
+        .map_ok(move |event| pruned_event(event, &prune, &gone))
+        .inspect_ok({
+            let relabelled = relabelled.clone();
+            move |event| {
+                if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = event {
+                    let before = stored.get(&ObjectRef::from_obj(o));
+                    if before.is_none_or(|b| b.metadata.labels != o.metadata.labels) {
+                        relabelled.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
     // Every version the store takes in is noted for the writes in flight (see `Stores::took_in`).
     let ctx = ctx.clone();
     let noted = events.reflect(store).inspect_ok(move |event| {
-        if let (watcher::Event::Apply(o) | watcher::Event::InitApply(o), Some(stores)) = (event, &ctx.stores) {
+        let Some(stores) = &ctx.stores else { return };
+        if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = event {
             stores.took_in(kind, &o.metadata);
+        }
+        // A relist's objects are in the store once it is done.
+        if matches!(event, watcher::Event::Apply(_) | watcher::Event::InitDone)
+            && relabelled.swap(false, Ordering::Relaxed)
+        {
+            stores.relabelled();
         }
     });
     triggers::relevant(noted)
@@ -628,7 +648,19 @@ pub async fn run(
         )
         .watches_stream(
             triggers::relevant(
-                watcher(Api::<Meta<Namespace>>::all(client.clone()), meta.clone()).reflect(namespace_writer),
+                watcher(Api::<Meta<Namespace>>::all(client.clone()), meta.clone())
+                    .reflect(namespace_writer)
+                    .inspect_ok({
+                        // Every namespace change the store shows moves the label epoch (namespaces change seldom).
+                        let ctx = context.clone();
+                        move |event| {
+                            if let (watcher::Event::Apply(_) | watcher::Event::InitDone, Some(stores)) =
+                                (event, &ctx.stores)
+                            {
+                                stores.relabelled();
+                            }
+                        }
+                    }),
             ),
             move |_| policies_with_workloads(&namespace_store),
         )

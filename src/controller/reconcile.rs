@@ -112,6 +112,9 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         publish(ctx, policy, EventType::Normal, reasons::REVERTED, "every change of this policy is reverted".into())
             .await;
         ctx.metrics.forget_policy(name);
+        if let Some(stores) = &ctx.stores {
+            stores.forget_policy(name);
+        }
         ctx.written.lock().expect("status memo lock").remove(&policy.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
@@ -132,14 +135,20 @@ fn rank(p: &TracingPolicy) -> (Option<Timestamp>, String) {
 
 /// The name of an older policy that also wants a target (the older keeps it), by `wants`.
 fn older_claimant(ctx: &Context, policy: &TracingPolicy, wants: impl Fn(&TracingPolicy) -> bool) -> Option<String> {
+    older_than(ctx, policy).into_iter().find(|p| wants(p)).map(|p| p.name_any())
+}
+
+/// The policies older than `policy` and not being deleted, oldest first.
+fn older_than(ctx: &Context, policy: &TracingPolicy) -> Vec<Arc<TracingPolicy>> {
     let mine = rank(policy);
-    ctx.policies
+    let mut older: Vec<_> = ctx
+        .policies
         .state()
-        .iter()
-        .filter(|p| p.uid() != policy.uid() && p.meta().deletion_timestamp.is_none())
-        .filter(|p| rank(p) < mine && wants(p))
-        .min_by_key(|p| rank(p))
-        .map(|p| p.name_any())
+        .into_iter()
+        .filter(|p| p.uid() != policy.uid() && p.meta().deletion_timestamp.is_none() && rank(p) < mine)
+        .collect();
+    older.sort_by_cached_key(|p| rank(p));
+    older
 }
 
 /// Labels of every namespace, read only when another policy has a workload layer (for conflicts).
@@ -222,14 +231,19 @@ async fn run_layers(
     };
 
     let labels = namespace_labels(ctx, policy).await?;
+    // The older policies with a workload layer, oldest first, their selectors parsed once.
+    let older_policies = older_than(ctx, policy);
+    let older_selections: Vec<(String, workloads::Selection<'_>)> = older_policies
+        .iter()
+        .filter_map(|p| Some((p.name_any(), workloads::Selection::new(p.spec.workloads.as_ref()?, defaults).ok()?)))
+        .collect();
     let (observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_ref(), view, defaults, |w| {
-        let ns_labels = w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
-        older_claimant(ctx, policy, |p| {
-            p.spec.workloads.as_ref().is_some_and(|s| workloads::selects(s, defaults, w, ns_labels))
-        })
+        let ns_labels = || w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
+        older_selections.iter().find(|(_, s)| s.selects(w.kind, &w.metadata, ns_labels)).map(|(name, _)| name.clone())
     })
     .await?;
-    drop(labels);
+    drop((labels, older_selections));
+    drop(older_policies);
     let workload_plan = workloads::plan_with(view, defaults, &observed, &config_maps, now, &ctx.hashes);
     // What was observed is not needed while a batch is written: free it before (a big batch's peak).
     drop((observed, config_maps));

@@ -319,7 +319,7 @@ pub async fn observe(
         .map(|s| selector(s).map_err(super::ObserveError::selector("spec.network.nodeSelector")))
         .transpose()?;
     if let Some(stores) = stores.filter(|s| s.network_ready()) {
-        stores.forget_stale();
+        stores.forget_stale_tracings();
         let nodes = network.map(|n| {
             let addressed = stores.nodes(node_selector.as_ref());
             // Addresses only for correlating policies, as when they are listed.

@@ -25,8 +25,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -170,6 +172,14 @@ pub struct Stores {
     writing_tracings: Mutex<HashMap<String, Writing>>,
     /// The ConfigMaps a reconcile reads (`None`: read from the API server, as before the watches).
     config_maps: Option<ConfigMaps>,
+    /// Moves on when a workload appears or its labels change, when a namespace appears or changes, and
+    /// when a store relists: until then, what a scan of a store found is a superset of what the same
+    /// scan would find again (workloads gone are simply not found by their key).
+    label_epoch: AtomicU64,
+    /// What the scans found, by what they were asked for and the kind scanned.
+    scans: Mutex<HashMap<(String, &'static str, WorkloadKind), Scanned>>,
+    /// When [`Stores::forget_stale_now_and_then`] last forgot.
+    forgot: Mutex<Option<Instant>>,
 }
 
 /// The ConfigMaps every reconcile looks at, from watches: the edge layers' ledgers (in the operator's
@@ -194,15 +204,12 @@ fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>
     store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
 }
 
-/// The workloads of a store whose metadata `keep` accepts, each as the newest version known (see
-/// [`Stores::workloads`]).
+/// The `stored` workloads, each as the newest version known (see [`Stores::workloads`]).
 fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
-    store: &Store<Pruned<K>>,
+    stored: Vec<Arc<Pruned<K>>>,
     kind: WorkloadKind,
-    keep: &impl Fn(&ObjectMeta) -> bool,
     seen: &HashMap<(WorkloadKind, ObjectKey), Seen<Kept>>,
 ) -> Vec<Result<Workload, ObjectKey>> {
-    let stored = store.state_filter(|p| keep(&p.metadata));
     stored
         .iter()
         .map(|p| {
@@ -219,6 +226,26 @@ fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
         })
         .collect()
 }
+
+/// What a scan of a workload store is asked for: by whom (a policy) and what for, and a fingerprint
+/// of everything its filter reads besides the labels of the workloads and of their namespaces (the
+/// policy's selectors, the operator's defaults). The keys a scan found are remembered under it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Asked {
+    pub by: String,
+    pub what: &'static str,
+    pub fingerprint: String,
+}
+
+/// The keys a scan found, and the label epoch it started at.
+struct Scanned {
+    epoch: u64,
+    fingerprint: String,
+    keys: Vec<ObjectKey>,
+}
+
+/// How often [`Stores::forget_stale_now_and_then`] forgets.
+const FORGET_EVERY: Duration = Duration::from_secs(5);
 
 /// Does a ledger (the one ConfigMap of `store`) hold an entry of `policy`?
 fn ledger_names<R: super::Owned + serde::de::DeserializeOwned>(store: &Store<ConfigMap>, policy: &str) -> bool {
@@ -253,6 +280,9 @@ impl Stores {
             seen_tracings: Mutex::default(),
             writing_tracings: Mutex::default(),
             config_maps: None,
+            label_epoch: AtomicU64::new(0),
+            scans: Mutex::default(),
+            forgot: Mutex::default(),
         }
     }
 
@@ -283,8 +313,9 @@ impl Stores {
         let labelled = |meta: &ObjectMeta| {
             meta.labels.as_ref().and_then(|l| l.get(super::ingress::POLICY_LABEL)).is_some_and(|p| p == policy)
         };
-        let controllers = self.deployments.find(|d| labelled(&d.metadata)).is_some()
-            || self.daemonsets.find(|d| labelled(&d.metadata)).is_some();
+        let asked = Asked { by: policy.to_string(), what: "ingress controllers", fingerprint: String::new() };
+        let controllers = !self.scan(&self.deployments, WorkloadKind::Deployment, Some(&asked), labelled).is_empty()
+            || !self.scan(&self.daemonsets, WorkloadKind::DaemonSet, Some(&asked), labelled).is_empty();
         Some(EdgeShown {
             ingress: controllers || ledger_names::<super::ingress::Record>(&config_maps.ingress_ledger, policy),
             gateway: ledger_names::<super::gateway::Record>(&config_maps.gateway_ledger, policy),
@@ -393,18 +424,72 @@ impl Stores {
 
     /// The workloads of `kind` whose metadata `keep` accepts, each as the newest version known: the
     /// store's, or what was seen newer. `Err` holds the key of those known by their metadata alone
-    /// (to be read).
+    /// (to be read). With `asked`, a scan of the store is done only when workloads or namespaces
+    /// appeared or were relabelled since the last one asked the same (see [`Stores::relabelled`]); else
+    /// the keys it found are looked at again, and `keep` filters them as it would the whole store.
     pub fn workloads(
         &self,
         kind: WorkloadKind,
+        asked: Option<&Asked>,
         keep: impl Fn(&ObjectMeta) -> bool,
     ) -> Vec<Result<Workload, ObjectKey>> {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match kind {
-            WorkloadKind::Deployment => newest(&self.deployments, kind, &keep, &seen),
-            WorkloadKind::StatefulSet => newest(&self.statefulsets, kind, &keep, &seen),
-            WorkloadKind::DaemonSet => newest(&self.daemonsets, kind, &keep, &seen),
+            WorkloadKind::Deployment => self.newest(&self.deployments, kind, asked, &keep),
+            WorkloadKind::StatefulSet => self.newest(&self.statefulsets, kind, asked, &keep),
+            WorkloadKind::DaemonSet => self.newest(&self.daemonsets, kind, asked, &keep),
         }
+    }
+
+    fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
+        &self,
+        store: &Store<Pruned<K>>,
+        kind: WorkloadKind,
+        asked: Option<&Asked>,
+        keep: &impl Fn(&ObjectMeta) -> bool,
+    ) -> Vec<Result<Workload, ObjectKey>> {
+        let stored = self.scan(store, kind, asked, keep);
+        newest(stored, kind, &self.seen.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The workloads of `store` whose metadata `keep` accepts: from a scan of the store, or from the
+    /// keys the last scan asked the same found, while the label epoch has not moved since it started.
+    fn scan<K: kube::Resource<DynamicType = ()> + 'static>(
+        &self,
+        store: &Store<Pruned<K>>,
+        kind: WorkloadKind,
+        asked: Option<&Asked>,
+        keep: impl Fn(&ObjectMeta) -> bool,
+    ) -> Vec<Arc<Pruned<K>>> {
+        let Some(asked) = asked else {
+            return store.state_filter(|p| keep(&p.metadata));
+        };
+        let epoch = self.label_epoch.load(Ordering::Acquire);
+        let memo = (asked.by.clone(), asked.what, kind);
+        {
+            let scans = self.scans.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(scanned) = scans.get(&memo).filter(|s| s.epoch == epoch && s.fingerprint == asked.fingerprint) {
+                let get = |key: &ObjectKey| store.get(&ObjectRef::new(&key.name).within(&key.namespace));
+                return scanned.keys.iter().filter_map(get).filter(|p| keep(&p.metadata)).collect();
+            }
+        }
+        // The scan itself runs unlocked: the policies' reconciles scan side by side.
+        let found = store.state_filter(|p| keep(&p.metadata));
+        let keys = found.iter().map(|p| ObjectKey::of(&p.metadata)).collect();
+        let scanned = Scanned { epoch, fingerprint: asked.fingerprint.clone(), keys };
+        self.scans.lock().unwrap_or_else(|e| e.into_inner()).insert(memo, scanned);
+        found
+    }
+
+    /// Tells the stores that a workload appeared or its labels changed, that a namespace appeared or
+    /// changed, or that a store took in a relist: the next scans look at the whole store again. Called
+    /// once the store shows the change.
+    pub fn relabelled(&self) {
+        self.label_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Forgets what the scans asked by `policy` found (the policy is gone).
+    pub fn forget_policy(&self, policy: &str) {
+        self.scans.lock().unwrap_or_else(|e| e.into_inner()).retain(|(by, _, _), _| by != policy);
     }
 
     /// Remembers a workload read, newer than the store's.
@@ -464,15 +549,35 @@ impl Stores {
         Writes { stores: self, policy, raced: AtomicBool::new(false) }
     }
 
+    /// Forgets the workloads' stale versions ([`Stores::forget_stale`]) at most every few seconds: it
+    /// looks at every workload crosstrace wrote, and what it forgets is never used (a version the store
+    /// moved past is not current).
+    pub fn forget_stale_now_and_then(&self) {
+        let mut forgot = self.forgot.lock().unwrap_or_else(|e| e.into_inner());
+        if forgot.is_none_or(|at| at.elapsed() >= FORGET_EVERY) {
+            *forgot = Some(Instant::now());
+            drop(forgot);
+            self.forget_stale_workloads();
+        }
+    }
+
     /// Forgets what the stores have caught up with (or what is gone): only versions newer than the
     /// store's, and the last write of each workload until it changes again, are kept.
     pub fn forget_stale(&self) {
+        self.forget_stale_workloads();
+        self.forget_stale_tracings();
+    }
+
+    fn forget_stale_workloads(&self) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|(kind, key), s| {
             let stored = self.version(*kind, key);
             stored.is_some() && s.current(stored.as_ref())
         });
-        drop(seen);
+    }
+
+    /// [`Stores::forget_stale`] of the NodeTracings (one per node).
+    pub fn forget_stale_tracings(&self) {
         let mut seen = self.seen_tracings.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|node, s| {
             let stored = self.tracing_version(node);
@@ -703,8 +808,42 @@ mod tests {
     }
 
     fn rolled_out(stores: &Stores) -> Vec<Result<bool, String>> {
-        let all = stores.workloads(WorkloadKind::Deployment, |_| true);
+        let all = stores.workloads(WorkloadKind::Deployment, None, |_| true);
         all.into_iter().map(|w| w.map(|w| w.rolled_out).map_err(|k| k.name)).collect()
+    }
+
+    #[test]
+    fn a_scan_is_looked_at_again_until_a_workload_appears_or_is_relabelled() {
+        let (stores, mut writer) = stores();
+        let apply = |writer: &mut Writer<Pruned<Deployment>>, name: &str, version: &str, app: &str| {
+            let shape = Some(Shape::default());
+            writer.apply_watcher_event(&Event::Apply(Pruned::new(meta(name, version, &[("app", app)]), shape)));
+        };
+        apply(&mut writer, "cart", "1", "a");
+        apply(&mut writer, "ads", "1", "b");
+        let asked = |fingerprint: &str| Asked { by: "shop".into(), what: "workloads", fingerprint: fingerprint.into() };
+        let found = |asked: &Asked| {
+            let app_a = |m: &ObjectMeta| m.labels.as_ref().and_then(|l| l.get("app")).is_some_and(|a| a == "a");
+            let mut names: Vec<String> = stores
+                .workloads(WorkloadKind::Deployment, Some(asked), app_a)
+                .into_iter()
+                .map(|w| w.map_or_else(|k| k.name, |w| w.metadata.name.unwrap()))
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(found(&asked("1")), ["cart"]);
+        apply(&mut writer, "web", "1", "a");
+        assert_eq!(found(&asked("1")), ["cart"], "the keys found last, until the stores hear of the new one");
+        assert_eq!(found(&asked("2")), ["cart", "web"], "asked otherwise: scanned");
+        stores.relabelled();
+        assert_eq!(found(&asked("1")), ["cart", "web"]);
+        // What was found is filtered again, and what is gone is not found.
+        apply(&mut writer, "cart", "2", "b");
+        writer.apply_watcher_event(&Event::Delete(Pruned::new(meta("web", "2", &[("app", "a")]), None)));
+        assert_eq!(found(&asked("1")), Vec::<String>::new());
+        stores.forget_policy("shop");
+        assert!(stores.scans.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -1057,10 +1057,7 @@ async fn stored(
 ) -> Result<Found, super::ObserveError> {
     let spec = policy.spec.workloads.as_ref().filter(|_| !policy.deleting);
     // Bad selectors fail the observation, as the list path's requests would.
-    if let Some(spec) = spec {
-        selector(&spec.namespace_selector)
-            .map_err(super::ObserveError::selector("spec.workloads.namespaceSelector"))?;
-    }
+    let selection = spec.map(|spec| Selection::new(spec, defaults)).transpose()?;
     let params = &match spec.and_then(|s| s.selector.as_ref()) {
         Some(s) => ListParams::default()
             .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?),
@@ -1068,10 +1065,10 @@ async fn stored(
     };
     let namespaces = spec.map(|_| stores.namespace_labels()).unwrap_or_default();
     let selected = |kind: WorkloadKind, meta: &ObjectMeta| {
-        let Some(spec) = spec else { return false };
-        let labels = meta.namespace.as_ref().and_then(|n| namespaces.get(n));
-        let edge = meta.labels.as_ref().is_some_and(|l| l.contains_key(super::ingress::POLICY_LABEL));
-        labels.is_some() && !edge && selects_meta(spec, defaults, kind, meta, labels)
+        let Some(selection) = &selection else { return false };
+        let labels = || meta.namespace.as_ref().and_then(|n| namespaces.get(n));
+        let edge = || meta.labels.as_ref().is_some_and(|l| l.contains_key(super::ingress::POLICY_LABEL));
+        selection.selects(kind, meta, labels) && labels().is_some() && !edge()
     };
     let labelled =
         |meta: &ObjectMeta| meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)).is_some_and(|p| p == policy.name);
@@ -1083,9 +1080,16 @@ async fn stored(
             found.insert((w.key(), w.kind), Observed { workload: w, selected, claimed_by });
         }
     };
+    // Everything `selected` reads besides labels: a resync of a policy that nothing relabelled since
+    // looks at the workloads its last scan found, not at every workload of the cluster.
+    let asked = super::stores::Asked {
+        by: policy.name.to_string(),
+        what: "workloads",
+        fingerprint: super::hash_of(&json!({"spec": spec, "defaults": format!("{defaults:?}")})),
+    };
     let mut unread = Vec::new();
     for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
-        for w in stores.workloads(kind, |m| selected(kind, m) || labelled(m)) {
+        for w in stores.workloads(kind, Some(&asked), |m| selected(kind, m) || labelled(m)) {
             match w {
                 Ok(w) => add(w),
                 Err(key) => unread.push((kind, key)),
@@ -1123,7 +1127,7 @@ async fn stored(
         stores.saw(&w);
         add(w);
     }
-    stores.forget_stale();
+    stores.forget_stale_now_and_then();
     Ok(found)
 }
 
@@ -1253,11 +1257,47 @@ pub fn selects_meta(
     meta: &ObjectMeta,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> bool {
-    let namespace = meta.namespace.as_deref().unwrap_or_default();
-    !defaults.protects(namespace)
-        && spec.kinds.contains(&kind)
-        && selector(&spec.namespace_selector).is_ok_and(|s| matches(&s, namespace_labels))
-        && spec.selector.as_ref().is_none_or(|s| selector(s).is_ok_and(|s| matches(&s, meta.labels.as_ref())))
+    Selection::new(spec, defaults).is_ok_and(|s| s.selects(kind, meta, || namespace_labels))
+}
+
+/// `spec.workloads`'s selection, its selectors parsed once for the many workloads a store holds.
+pub struct Selection<'a> {
+    spec: &'a WorkloadsSpec,
+    defaults: &'a Defaults,
+    namespaces: kube::core::Selector,
+    workloads: Option<kube::core::Selector>,
+}
+
+impl<'a> Selection<'a> {
+    /// The selection, or what is wrong with a selector (naming its field).
+    pub fn new(spec: &'a WorkloadsSpec, defaults: &'a Defaults) -> Result<Self, super::ObserveError> {
+        let namespaces = selector(&spec.namespace_selector)
+            .map_err(super::ObserveError::selector("spec.workloads.namespaceSelector"))?;
+        let workloads = spec
+            .selector
+            .as_ref()
+            .map(|s| selector(s).map_err(super::ObserveError::selector("spec.workloads.selector")))
+            .transpose()?;
+        Ok(Self { spec, defaults, namespaces, workloads })
+    }
+
+    /// Does it select this workload, given the labels of its namespace (asked for last: most workloads
+    /// of a cluster fail the workload selector first)?
+    pub fn selects<'l>(
+        &self,
+        kind: WorkloadKind,
+        meta: &ObjectMeta,
+        namespace_labels: impl FnOnce() -> Option<&'l BTreeMap<String, String>>,
+    ) -> bool {
+        self.selects_in_any_namespace(kind, meta) && matches(&self.namespaces, namespace_labels())
+    }
+
+    /// [`Selection::selects`], but for the namespace selector (the namespace's labels are unknown).
+    pub fn selects_in_any_namespace(&self, kind: WorkloadKind, meta: &ObjectMeta) -> bool {
+        self.spec.kinds.contains(&kind)
+            && self.workloads.as_ref().is_none_or(|s| matches(s, meta.labels.as_ref()))
+            && !self.defaults.protects(meta.namespace.as_deref().unwrap_or_default())
+    }
 }
 
 #[cfg(test)]
