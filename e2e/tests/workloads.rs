@@ -511,3 +511,66 @@ async fn two_policies_created_in_the_same_second_have_exactly_one_owner_stable_f
     let template = template_of(&client, &ns.name, "Deployment/cart").await;
     assert!(!has_sidecar(&template), "reverted");
 }
+
+#[tokio::test]
+async fn a_converged_policy_takes_in_workloads_that_appear_or_are_relabelled_and_namespaces_that_join() {
+    // A converged policy looks at the workloads its last scan of the stores found until a workload
+    // appears or is relabelled, or a namespace changes (the stores' label epoch): each of those must
+    // still reach it.
+    let client = client().await;
+    install_crds();
+    ensure_namespace(&client, "crosstrace-system").await;
+    let tag = format!("e2e-join-{}", std::process::id() % 100_000);
+    let ns = TestNamespace::create(&client, "e2e-join", json!({"tracing": tag})).await;
+    let later = TestNamespace::create(&client, "e2e-join-later", json!({"tracing": "not-yet"})).await;
+    create_deployment(&client, &ns.name, "cart", json!([])).await;
+    create_app(&client, &ns.name, "ads", "marketing", json!([])).await;
+    create_deployment(&client, &later.name, "search", json!([])).await;
+    wait_rolled_out(&client, &ns.name).await;
+    wait_rolled_out(&client, &later.name).await;
+    let _controller = ControllerProcess::start(18096);
+    apply_policy(&client, &workloads_policy(&tag, &tag, 5, "", &["Deployment"])).await;
+    wait_condition(&client, &tag, "Ready", "True").await;
+    let injected = |ns: String, name: &'static str| {
+        let client = client.clone();
+        async move { has_sidecar(&template_of(&client, &ns, &format!("Deployment/{name}")).await) }
+    };
+    assert!(injected(ns.name.clone(), "cart").await);
+    assert!(!injected(ns.name.clone(), "ads").await, "another part-of: not selected");
+    assert!(!injected(later.name.clone(), "search").await, "its namespace is not selected");
+
+    create_deployment(&client, &ns.name, "checkout", json!([])).await;
+    eventually("the new Deployment to be injected", || async {
+        injected(ns.name.clone(), "checkout").await.then_some(())
+    })
+    .await;
+    let relabel = json!({"metadata": {"labels": {PART_OF: "shop"}}});
+    Api::<Deployment>::namespaced(client.clone(), &ns.name)
+        .patch("ads", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    eventually("the relabelled Deployment to be injected", || async {
+        injected(ns.name.clone(), "ads").await.then_some(())
+    })
+    .await;
+    let join = json!({"metadata": {"labels": {"tracing": tag}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&later.name, &PatchParams::default(), &Patch::Merge(&join))
+        .await
+        .unwrap();
+    eventually("the Deployment of the namespace that joined to be injected", || async {
+        injected(later.name.clone(), "search").await.then_some(())
+    })
+    .await;
+    let policies = Api::<TracingPolicy>::all(client.clone());
+    eventually("the policy to count the four and be Ready", || async {
+        let p = policies.get(&tag).await.ok()?;
+        let w = p.status.as_ref()?.workloads.clone()?;
+        (w.selected == 4 && w.ready == 4 && condition(&p, "Ready").is_some_and(|c| c.status == "True")).then_some(())
+    })
+    .await;
+    delete_policy_and_wait(&client, &tag).await;
+    for (ns, name) in [(&ns.name, "cart"), (&ns.name, "ads"), (&ns.name, "checkout"), (&later.name, "search")] {
+        assert!(!injected(ns.clone(), name).await, "{name} reverted");
+    }
+}
