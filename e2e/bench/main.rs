@@ -25,8 +25,8 @@
 //! CROSSTRACE_BENCH_NAMESPACES (10), CROSSTRACE_BENCH_LIMIT_SWEEP (1,4,8,16,32),
 //! CROSSTRACE_BENCH_LONG_ROLLOUTS (10), CROSSTRACE_BENCH_READY_TARGETS (100) and CROSSTRACE_BENCH_READY_RUNS
 //! (20) for scenario 4's replicas-0 policy,
-//! CROSSTRACE_BENCH_NONTARGETS (100000), CROSSTRACE_BENCH_PODS (20000), CROSSTRACE_BENCH_IDLE_SECONDS (300; scenario 6 never
-//! shorter than the controller's resync, 300 s, so that every policy's resync falls in it),
+//! CROSSTRACE_BENCH_NONTARGETS (100000), CROSSTRACE_BENCH_PODS (20000), CROSSTRACE_BENCH_IDLE_SECONDS (300; scenarios 3 and 6
+//! never shorter than the controller's resync, 300 s, so that every policy's resync falls in them),
 //! CROSSTRACE_BENCH_KUBECTL_SAMPLE (100), CROSSTRACE_BENCH_WRITE_CONCURRENCY (the operator's default --write-concurrency),
 //! CROSSTRACE_BENCH_MAX_CONCURRENT (the policy's rollout.maxConcurrent; default min(1000, targets)),
 //! CROSSTRACE_BENCH_CHANGE_RUNS (runs of scenario 4; default RUNS), CROSSTRACE_BENCH_STUB_NODES (nodes of

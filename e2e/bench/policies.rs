@@ -187,10 +187,8 @@ async fn delete_namespaces(client: &Client) {
 pub async fn run(client: &Client, report: &mut Report) {
     let count = knob("CROSSTRACE_BENCH_POLICIES", 50usize).max(1);
     let per_policy = knob("CROSSTRACE_BENCH_POLICY_TARGETS", 200usize).max(1);
-    // The idle window holds one resync of every policy (a converged controller's periodic work): a
-    // shorter one could fall between the resyncs and see none of them.
-    let resync = crosstrace::controller::Settings::default().resync.as_secs();
-    let idle_s = knob("CROSSTRACE_BENCH_IDLE_SECONDS", resync).max(resync);
+    // The idle window holds one resync of every policy.
+    let idle_s = util::idle_seconds();
     let total = count * per_policy;
     println!("policies: {count} policies x {per_policy} targets in {NAMESPACES} namespaces, idle window {idle_s} s");
 

@@ -17,6 +17,14 @@ use serde_json::{Value, json};
 
 use crate::{Report, support};
 
+/// The idle windows (`CROSSTRACE_BENCH_IDLE_SECONDS`), never shorter than the controller's resync: a
+/// converged controller's periodic work is its policies' resyncs, and a shorter window can fall between
+/// them and see none.
+pub fn idle_seconds() -> u64 {
+    let resync = crosstrace::controller::Settings::default().resync.as_secs();
+    knob("CROSSTRACE_BENCH_IDLE_SECONDS", resync).max(resync)
+}
+
 /// A knob from the environment, or its default.
 pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {

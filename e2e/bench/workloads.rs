@@ -76,7 +76,7 @@ impl Config {
             namespaces: knob("CROSSTRACE_BENCH_NAMESPACES", 10usize).clamp(1, targets),
             nontargets: knob("CROSSTRACE_BENCH_NONTARGETS", 100_000usize),
             pods: knob("CROSSTRACE_BENCH_PODS", 20_000usize),
-            idle: knob("CROSSTRACE_BENCH_IDLE_SECONDS", 300u64),
+            idle: crate::util::idle_seconds(),
             kubectl_sample: knob("CROSSTRACE_BENCH_KUBECTL_SAMPLE", 100usize).clamp(1, targets),
             write_concurrency: knob(
                 "CROSSTRACE_BENCH_WRITE_CONCURRENCY",
