@@ -1058,11 +1058,7 @@ async fn stored(
     let spec = policy.spec.workloads.as_ref().filter(|_| !policy.deleting);
     // Bad selectors fail the observation, as the list path's requests would.
     let selection = spec.map(|spec| Selection::new(spec, defaults)).transpose()?;
-    let params = &match spec.and_then(|s| s.selector.as_ref()) {
-        Some(s) => ListParams::default()
-            .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?),
-        None => ListParams::default(),
-    };
+    let params = &selection.as_ref().map_or_else(ListParams::default, Selection::list_params);
     let namespaces = spec.map(|_| stores.namespace_labels()).unwrap_or_default();
     let selected = |kind: WorkloadKind, meta: &ObjectMeta| {
         let Some(selection) = &selection else { return false };
@@ -1279,6 +1275,11 @@ impl<'a> Selection<'a> {
             .map(|s| selector(s).map_err(super::ObserveError::selector("spec.workloads.selector")))
             .transpose()?;
         Ok(Self { spec, defaults, namespaces, workloads })
+    }
+
+    /// A list of the workloads its selector matches (in every namespace, of any kind).
+    pub fn list_params(&self) -> ListParams {
+        self.workloads.as_ref().map_or_else(ListParams::default, |s| ListParams::default().labels_from(s))
     }
 
     /// Does it select this workload, given the labels of its namespace (asked for last: most workloads
