@@ -220,6 +220,7 @@ impl StubAgents {
                 ..BridgeStatus::default()
             },
             state: State::Verified,
+            request: b.request_id(),
         };
         Report {
             generation: tracing.metadata.generation,

@@ -4,7 +4,9 @@
 //! injected packets reach a collector on loopback. Node selection follows relabelling, drift is
 //! re-applied, a foreign exporter is a conflict until `Override` (then restored on delete), a
 //! deleted policy leaves no row of ours in any OVS, even on a node whose agent was down meanwhile, and
-//! a bridge deleted and created again on a converged node is re-applied, not rolled back.
+//! a bridge deleted and created again on a converged node is re-applied, not rolled back (its agent
+//! restarting meanwhile). The controller writes each NodeTracing once: its agent says when the request
+//! converged.
 //!
 //! Every test runs its own controller and agents, uses names unique to this process, and restores the
 //! node labels and OVS rows it touched, even when it fails.
@@ -343,6 +345,16 @@ async fn sflow_is_configured_on_every_node_and_datagrams_reach_the_collector() {
     let nodes = p.status.as_ref().unwrap().nodes.as_ref().unwrap();
     assert_eq!((nodes.selected, nodes.ready), (3, 3));
     assert_exported_everywhere(&s, "sflow", &name).await;
+    // One write per node: each agent says in its status that the request converged, and the
+    // controller writes no mark of its own (the spec was written once).
+    for i in 0..node_count() {
+        let t = s.node_tracing(i).await.expect("a NodeTracing per node");
+        let entry = t.spec.bridges.iter().find(|b| b.policy == name).expect("the policy's entry");
+        let status = t.status.as_ref().and_then(|st| st.bridges.iter().find(|b| b.policy == name));
+        assert_eq!(status.map(|b| b.converged_request.clone()), Some(entry.request_id()), "{:?}", t.status);
+        assert!(!entry.converged, "no mark in the spec: {entry:?}");
+        assert_eq!(t.metadata.generation, Some(1), "the spec was written once");
+    }
     // Every agent's /metrics (what the chart's PodMonitor scrapes) says it reaches OVSDB and exports.
     for agent in &s.agents.agents {
         let verified = r#"crosstrace_agent_bridges{bridge="br-int",state="verified"}"#;
@@ -687,7 +699,7 @@ impl Drop for BrIntBack {
 
 #[tokio::test]
 async fn a_bridge_deleted_and_created_again_on_a_converged_node_is_re_applied_not_rolled_back() {
-    let s = Suite::start(18138).await;
+    let mut s = Suite::start(18138).await;
     let collector = Collector::bind().await;
     let name = unique("rebridge");
     let deadline = 10;
@@ -720,6 +732,29 @@ async fn a_bridge_deleted_and_created_again_on_a_converged_node_is_re_applied_no
     for c in ["Degraded", "NetworkReady"] {
         assert_ne!(condition(&p, c).unwrap().reason, "RolledBack", "{c}");
     }
+
+    // Gone again, and its agent restarts meanwhile, with nothing in memory: it reports the bridge
+    // missing and, from its previous status, that this request had converged; still no rollback.
+    let t = s.node_tracing(d).await.expect("the NodeTracing stays");
+    let request = t.spec.bridges.iter().find(|b| b.policy == name).unwrap().request_id();
+    ovs_vsctl(d, &["del-br", "br-int"]);
+    s.wait_bridge_status(d, &name, "the bridge gone again", |b| b.message.contains("any more")).await;
+    s.agents.agents[d].stop();
+    s.agents.agents[d] = AgentProcess::start(d);
+    let b = s
+        .wait_bridge_status(d, &name, "the new agent's report", |b| {
+            b.message.contains("does not exist in Open vSwitch") && !b.message.contains("any more")
+        })
+        .await;
+    assert_eq!(b.converged_request, request, "{b:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = s.node_tracing(d).await.expect("the NodeTracing stays");
+    assert!(!t.annotations().contains_key("crosstrace.dev/network-rolled-back"), "not rolled back: {t:?}");
+    let p = s.wait_policy(&name, "NetworkReady", "False", |_, c| c.reason == "TargetUnhealthy").await;
+    assert!(condition(&p, "NetworkReady").unwrap().message.contains(&node_name(d)), "{:?}", p.status);
+    ensure_br_int(d);
+    s.wait_bridge_status(d, &name, "applied and verified again", |b| b.applied && b.verified).await;
+    s.wait_ready(&name, "3/3").await;
     s.delete_policy(&name).await;
     s.wait_clean(&name).await;
 }

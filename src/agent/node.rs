@@ -49,6 +49,8 @@ pub enum State {
 pub struct BridgeReport {
     pub status: BridgeStatus,
     pub state: State,
+    /// The id of the request this answers ([`BridgeExport::request_id`]).
+    pub request: String,
 }
 
 /// What is true on the node after a pass.
@@ -336,9 +338,11 @@ impl Node {
             applied_generation,
             ..BridgeStatus::default()
         };
+        let request = export.request_id();
         let report = |status: BridgeStatus, state, message: String| BridgeReport {
             status: BridgeStatus { message: bounded(message), ..status },
             state,
+            request: request.clone(),
         };
         let Some(plan) = plan.filter(|p| !p.missing) else {
             if self.verified_at(&export.bridge, export.policy_generation) {
@@ -638,7 +642,7 @@ mod tests {
 
     #[test]
     fn reports_know_when_to_retry() {
-        let bridge = |state| BridgeReport { status: BridgeStatus::default(), state };
+        let bridge = |state| BridgeReport { status: BridgeStatus::default(), state, request: String::new() };
         let mut r = Report::default();
         assert!(r.converged() && !r.worth_retrying());
         r.bridges = vec![bridge(State::Verified), bridge(State::Conflict)];

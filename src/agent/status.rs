@@ -2,9 +2,10 @@
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::node::{Report, State};
+use super::node::{BridgeReport, Report, State};
 use crate::api::NodeTracingStatus;
 use crate::api::conditions::{self, DEGRADED, Desired, READY, Status};
+use crate::api::node_tracing::BridgeStatus;
 
 pub const REASON_VERIFIED: &str = "ExportVerified";
 pub const REASON_NOTHING: &str = "NothingToExport";
@@ -72,16 +73,29 @@ pub fn node_status(report: &Report, previous: Option<&NodeTracingStatus>, now: T
     NodeTracingStatus {
         observed_generation: report.generation,
         conditions: conditions::merge(previous_conditions, &[ready, degraded], generation, now),
-        bridges: report.bridges.iter().map(|b| b.status.clone()).collect(),
+        bridges: report.bridges.iter().map(|b| with_convergence(b, previous)).collect(),
         ovs_version: report.ovs_version.chars().take(64).collect(),
     }
+}
+
+/// A bridge's status, saying which request converged on it: the one it answers, once it is verified;
+/// until the spec asks for another request, that stays so whatever happens on the node later (a bridge
+/// removed, ovs-vswitchd restarting), also across restarts of the agent (it is read back from the
+/// previous status). The controller takes it as the export's convergence, so that it does not write a
+/// mark of its own.
+fn with_convergence(b: &BridgeReport, previous: Option<&NodeTracingStatus>) -> BridgeStatus {
+    let before = previous
+        .into_iter()
+        .flat_map(|p| &p.bridges)
+        .find(|p| p.bridge == b.status.bridge && p.policy == b.status.policy)
+        .map(|p| p.converged_request.as_str());
+    let converged = b.state == State::Verified || (!b.request.is_empty() && before == Some(b.request.as_str()));
+    BridgeStatus { converged_request: if converged { b.request.clone() } else { String::new() }, ..b.status.clone() }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::node::BridgeReport;
-    use crate::api::node_tracing::BridgeStatus;
 
     fn bridge(name: &str, state: State, message: &str) -> BridgeReport {
         BridgeReport {
@@ -93,8 +107,10 @@ mod tests {
                 verified: state == State::Verified,
                 conflict: state == State::Conflict,
                 message: message.into(),
+                ..BridgeStatus::default()
             },
             state,
+            request: format!("request-{name}"),
         }
     }
 
@@ -138,5 +154,29 @@ mod tests {
         let empty = Report::default();
         let s = node_status(&empty, None, now);
         assert_eq!(condition(&s, READY), ("True", REASON_NOTHING));
+    }
+
+    #[test]
+    fn a_request_converges_once_verified_and_stays_so_until_the_spec_asks_for_another() {
+        let now = Timestamp::from_second(100).unwrap();
+        let report =
+            |state| Report { generation: Some(4), bridges: vec![bridge("br-int", state, "")], ..Report::default() };
+        let pending = node_status(&report(State::Pending), None, now);
+        assert_eq!(pending.bridges[0].converged_request, "", "not verified yet");
+        let verified = node_status(&report(State::Verified), Some(&pending), now);
+        assert_eq!(verified.bridges[0].converged_request, "request-br-int");
+        // Later the bridge is lost, or the agent restarted and OVS is down: still converged.
+        for state in [State::Pending, State::Failed, State::Conflict] {
+            let later = node_status(&report(state), Some(&verified), now);
+            assert_eq!(later.bridges[0].converged_request, "request-br-int", "{state:?}");
+        }
+        // The spec asks for another request (written again): that one has not converged.
+        let mut again = report(State::Pending);
+        again.bridges[0].request = "request-2".into();
+        assert_eq!(node_status(&again, Some(&verified), now).bridges[0].converged_request, "");
+        // Another policy's entry on the same bridge is not this one's.
+        let mut other = report(State::Pending);
+        other.bridges[0].status.policy = "q".into();
+        assert_eq!(node_status(&other, Some(&verified), now).bridges[0].converged_request, "");
     }
 }

@@ -65,9 +65,20 @@ pub struct BridgeExport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<Time>,
     /// The controller saw the agent apply and verify this export once: from then on a failure on the
-    /// node (a bridge removed, vswitchd restarting) is reported, never rolled back.
+    /// node (a bridge removed, vswitchd restarting) is reported, never rolled back. Earlier controllers
+    /// wrote it (a second write of the spec); the agent now says so in `status.bridges[].convergedRequest`,
+    /// and the controller writes it only for an agent that does not.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub converged: bool,
+}
+
+impl BridgeExport {
+    /// Names this request for an export: its content and when it was asked (not whether it converged).
+    /// A request written again (a new `requestedAt`, a new generation, another export) has another id.
+    pub fn request_id(&self) -> String {
+        let bare = BridgeExport { converged: false, ..self.clone() };
+        crate::layers::hash_of(&serde_json::to_value(&bare).expect("an export serializes"))
+    }
 }
 
 /// What the agent did on its node.
@@ -116,4 +127,10 @@ pub struct BridgeStatus {
     #[serde(default)]
     #[schemars(length(max = 1024))]
     pub message: String,
+    /// The request (`spec.bridges[]`, named by its id) that this agent found applied and verified at
+    /// least once, kept while the spec asks for that same request. The controller takes it as the
+    /// export's convergence: from then on a failure on the node is reported, never rolled back.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 16))]
+    pub converged_request: String,
 }

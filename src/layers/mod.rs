@@ -292,12 +292,15 @@ impl<A> TargetPlan<A> {
 
 /// The rollout shared by every layer: targets already in flight keep their slots, pending targets
 /// start in order while slots are free (none while paused, or once a batch failed), and the report
-/// counts them. Returns the actions to run, in target order.
+/// counts them. Returns the actions to run, in target order, the convergence marks after the rest.
 pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &mut LayerReport) -> Vec<A> {
     let in_flight = targets.iter().filter(|t| t.progress == Progress::InFlight).count();
     let stopped = targets.iter().any(|t| t.rolled_back);
     let mut gate = Gate::new(rollout.max_concurrent, in_flight, rollout.paused, stopped);
     let mut actions = Vec::new();
+    // Recording a convergence moves no rollout on: those writes go last, so that a write budget that
+    // runs out leaves them, not the next injections, to the next reconcile.
+    let mut marks = Vec::new();
     for target in targets {
         match target.progress {
             Progress::Ready => report.ready += 1,
@@ -313,9 +316,13 @@ pub fn schedule<A>(targets: Vec<TargetPlan<A>>, rollout: &RolloutSpec, report: &
         }
         report.rolled_back += usize::from(target.rolled_back);
         report.problems.extend(target.problem);
-        actions.extend(target.actions);
+        match target.progress {
+            Progress::Ready => marks.extend(target.actions),
+            _ => actions.extend(target.actions),
+        }
     }
     report.stopped = stopped;
+    actions.extend(marks);
     actions
 }
 
@@ -486,6 +493,22 @@ mod tests {
         let states = report.states();
         assert_eq!(states.iter().map(|(_, n)| n).sum::<usize>(), selected, "{states:?}");
         assert!(states.iter().all(|(_, n)| *n == 1 || *n == 2), "{states:?}");
+    }
+
+    #[test]
+    fn convergence_marks_are_written_after_the_writes_that_move_the_rollout_on() {
+        let target = |progress, action| TargetPlan::state(progress).with_actions(vec![action]);
+        let targets = vec![
+            target(Progress::Ready, "mark a"),
+            target(Progress::Held, "roll back b"),
+            target(Progress::Ready, "mark c"),
+            target(Progress::InFlight, "reapply d"),
+            target(Progress::Pending, "inject e"),
+            target(Progress::Pending, "inject f"),
+        ];
+        let rollout = RolloutSpec { max_concurrent: 2, ..Default::default() };
+        let actions = schedule(targets, &rollout, &mut LayerReport::default());
+        assert_eq!(actions, ["roll back b", "reapply d", "inject e", "mark a", "mark c"]);
     }
 
     #[test]

@@ -261,10 +261,12 @@ fn forward(
             true,
         );
     }
+    // Converged: the agent says this request was verified once (or an earlier controller marked it so).
     let written = current.map(|c| Written {
         current: true,
         intact: true,
-        converged: c.converged,
+        converged: c.converged
+            || status.is_some_and(|s| !s.converged_request.is_empty() && s.converged_request == c.request_id()),
         since: c.requested_at.as_ref().map_or(now.as_second(), |t| t.0.as_second()),
     });
     let health = match status {
@@ -388,6 +390,12 @@ mod tests {
     use super::*;
 
     /// The status an agent reports for policy `fabric`'s export on br-int, applied and verified at generation 1.
+    /// The export the policy wants, as the controller wrote it at 0.
+    fn requested(view: PolicyView<'_>) -> BridgeExport {
+        let network = view.spec.network.as_ref().unwrap();
+        BridgeExport { requested_at: Some(Time(at(0))), ..desired(view, network, None, &Correlation::default()) }
+    }
+
     fn verified_fabric() -> BridgeStatus {
         BridgeStatus {
             bridge: "br-int".into(),
@@ -463,10 +471,7 @@ mod tests {
         let s = spec();
         let older = BTreeSet::new();
         let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
-        let entry = BridgeExport {
-            requested_at: Some(Time(at(0))),
-            ..desired(view, s.network.as_ref().unwrap(), None, &Correlation::default())
-        };
+        let entry = requested(view);
         let ok_status = verified_fabric;
         let ok = ok_status();
         let plan = plan(
@@ -522,6 +527,33 @@ mod tests {
             assert!(bridges.is_empty());
             assert_eq!(rolled_back.as_deref(), Some(r#"{"fabric":1}"#));
         }
+    }
+
+    #[test]
+    fn an_agent_that_says_the_request_converged_needs_no_second_write() {
+        let s = spec();
+        let older = BTreeSet::new();
+        let view = PolicyView { deleting: false, older: &older, ..PolicyView::new("fabric", &s) };
+        let entry = requested(view);
+        let said = || BridgeStatus { converged_request: entry.request_id(), ..verified_fabric() };
+        let look = |status: BridgeStatus, now| {
+            super::plan(
+                view,
+                &[node("n0", Some(tracing_with("n0", vec![entry.clone()], vec![status])))],
+                at(now),
+                &Correlation::default(),
+            )
+        };
+        let healthy = look(said(), 5);
+        assert!(healthy.actions.is_empty(), "no mark is written: {:?}", healthy.actions);
+        assert_eq!(healthy.report.ready, 1);
+        // Lost long after the deadline: the agent's word makes it the node's problem, not a rollback.
+        let lost = look(BridgeStatus { applied: false, verified: false, message: "gone".into(), ..said() }, 500);
+        assert!(lost.actions.is_empty(), "{:?}", lost.actions);
+        assert_eq!((lost.report.unhealthy, lost.report.rolled_back), (1, 0));
+        // The agent's word for another request (an earlier one) is not this request's convergence.
+        let stale = BridgeStatus { converged_request: "0123456789abcdef".into(), applied: false, ..said() };
+        assert_eq!(look(stale, 500).report.rolled_back, 1, "past the deadline, never verified: rolled back");
     }
 
     #[test]
