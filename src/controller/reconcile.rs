@@ -87,8 +87,12 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     let took = started.elapsed();
     ctx.metrics.reconciled(took);
     // Raw durations for `just bench` (its p99 comes from these, not from histogram buckets).
-    tracing::debug!(took_us = took.as_micros() as u64, "reconciled");
+    tracing::debug!(took_us = micros(took), "reconciled");
     result
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Adds the finalizer first, runs cleanup on delete and removes the finalizer only when it is done.
@@ -237,6 +241,7 @@ async fn run_layers(
         .iter()
         .filter_map(|p| Some((p.name_any(), workloads::Selection::new(p.spec.workloads.as_ref()?, defaults).ok()?)))
         .collect();
+    let observing = Instant::now();
     let (observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_ref(), view, defaults, |w| {
         let ns_labels = || w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
         older_selections.iter().find(|(_, s)| s.selects(w.kind, &w.metadata, ns_labels)).map(|(name, _)| name.clone())
@@ -244,9 +249,11 @@ async fn run_layers(
     .await?;
     drop((labels, older_selections));
     drop(older_policies);
+    let planning = Instant::now();
     let workload_plan = workloads::plan_with(view, defaults, &observed, &config_maps, now, &ctx.hashes);
     // What was observed is not needed while a batch is written: free it before (a big batch's peak).
     drop((observed, config_maps));
+    let writing = Instant::now();
     let mut written = Written { done: 0, of: 0 };
     // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often).
     let mut raced = false;
@@ -256,6 +263,16 @@ async fn run_layers(
         written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
     }
+    // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
+    tracing::debug!(
+        observe_us = micros(planning - observing),
+        plan_us = micros(writing - planning),
+        write_us = micros(writing.elapsed()),
+        targets = workload_plan.report.selected,
+        planned = written.of,
+        written = written.done,
+        "workload layer"
+    );
     let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
         .iter()
         .filter_map(|a| match a {

@@ -37,6 +37,43 @@ pub fn statefulset_rolled_out(s: &StatefulSet) -> bool {
         && revision_done
 }
 
+/// Can pods of the workload's current template exist, to be looked at for failures? Only once its
+/// controller has taken in the current generation (before, its status tells of the template before and
+/// the pods of this one are at most being created) and counts some pods of it.
+fn revision_started(generation: Option<i64>, observed: Option<i64>, updated: Option<i32>) -> bool {
+    observed.unwrap_or(0) >= generation.unwrap_or(0) && updated.unwrap_or(0) > 0
+}
+
+/// [`revision_started`] for a Deployment.
+pub fn deployment_revision_started(d: &Deployment) -> bool {
+    let status = d.status.as_ref();
+    revision_started(
+        d.metadata.generation,
+        status.and_then(|s| s.observed_generation),
+        status.and_then(|s| s.updated_replicas),
+    )
+}
+
+/// [`revision_started`] for a StatefulSet.
+pub fn statefulset_revision_started(s: &StatefulSet) -> bool {
+    let status = s.status.as_ref();
+    revision_started(
+        s.metadata.generation,
+        status.and_then(|s| s.observed_generation),
+        status.and_then(|s| s.updated_replicas),
+    )
+}
+
+/// [`revision_started`] for a DaemonSet.
+pub fn daemonset_revision_started(d: &DaemonSet) -> bool {
+    let status = d.status.as_ref();
+    revision_started(
+        d.metadata.generation,
+        status.and_then(|s| s.observed_generation),
+        status.and_then(|s| s.updated_number_scheduled),
+    )
+}
+
 /// Does the StatefulSet update its pods only when they are deleted (`updateStrategy: OnDelete`)?
 pub fn statefulset_on_delete(s: &StatefulSet) -> bool {
     s.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()) == Some("OnDelete")
@@ -139,6 +176,14 @@ mod tests {
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 4, 3)), "an old pod is still there");
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 3, 2)), "a replica is unavailable");
         assert!(!deployment_rolled_out(&Deployment::default()), "no status yet");
+    }
+
+    #[test]
+    fn pods_of_the_current_template_are_looked_for_once_its_controller_counts_some() {
+        assert!(deployment_revision_started(&deployment(2, 2, 1, 1, 1, 0)), "a pod of it, not available");
+        assert!(!deployment_revision_started(&deployment(3, 2, 1, 1, 1, 1)), "its controller has not seen it yet");
+        assert!(!deployment_revision_started(&deployment(2, 2, 0, 0, 0, 0)), "no replica: no pod to fail");
+        assert!(!deployment_revision_started(&deployment(2, 2, 3, 0, 3, 3)), "only old pods so far");
     }
 
     #[test]

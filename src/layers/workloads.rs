@@ -101,6 +101,9 @@ pub struct Workload {
     pub on_delete: bool,
     /// Why a pod of crosstrace's revision cannot start (filled in by [`observe`] for rollouts in flight).
     pub failing: Option<String>,
+    /// Pods of its current template may exist: its controller took in the current generation and counts
+    /// some ([`health::deployment_revision_started`]). Only then are its pods listed for failures.
+    pub revision_started: bool,
     /// At least one pod is available (for the edge layer: a controller that serves).
     pub available: bool,
 }
@@ -114,6 +117,7 @@ impl Workload {
         let rolled_out = health::deployment_rolled_out(&d);
         let resumed_at = health::deployment_resumed_at(&d);
         let paused = health::deployment_paused(&d);
+        let revision_started = health::deployment_revision_started(&d);
         let available = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
         let spec = d.spec.unwrap_or_default();
         Self {
@@ -125,6 +129,7 @@ impl Workload {
             paused,
             resumed_at,
             available,
+            revision_started,
             ..Default::default()
         }
     }
@@ -132,6 +137,7 @@ impl Workload {
     pub fn from_statefulset(s: StatefulSet) -> Self {
         let rolled_out = health::statefulset_rolled_out(&s);
         let on_delete = health::statefulset_on_delete(&s);
+        let revision_started = health::statefulset_revision_started(&s);
         let available = s.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0) > 0;
         let spec = s.spec.unwrap_or_default();
         Self {
@@ -142,6 +148,7 @@ impl Workload {
             selector: Some(spec.selector),
             on_delete,
             available,
+            revision_started,
             ..Default::default()
         }
     }
@@ -149,6 +156,7 @@ impl Workload {
     pub fn from_daemonset(d: DaemonSet) -> Self {
         let rolled_out = health::daemonset_rolled_out(&d);
         let available = d.status.as_ref().and_then(|s| s.number_available).unwrap_or(0) > 0;
+        let revision_started = health::daemonset_revision_started(&d);
         let spec = d.spec.unwrap_or_default();
         let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
@@ -159,6 +167,7 @@ impl Workload {
             selector: Some(spec.selector),
             on_delete,
             available,
+            revision_started,
             ..Default::default()
         }
     }
@@ -191,6 +200,7 @@ impl Workload {
             resumed_at: self.resumed_at,
             on_delete: self.on_delete,
             available: self.available,
+            revision_started: self.revision_started,
         }
     }
 
@@ -232,6 +242,7 @@ impl Workload {
             on_delete: shape.on_delete,
             failing: None,
             available: shape.available,
+            revision_started: shape.revision_started,
         }
     }
 
@@ -275,6 +286,7 @@ pub struct Shape {
     pub resumed_at: Option<i64>,
     pub on_delete: bool,
     pub available: bool,
+    pub revision_started: bool,
 }
 
 /// The metadata a store keeps of a workload: identity, generation, labels (selection) and crosstrace's
@@ -1153,8 +1165,11 @@ pub async fn observe(
         }
     };
     let (mut found, config_maps) = futures::try_join!(found, config_maps.err_into())?;
-    // Rollouts of this policy in flight: do pods of its revision fail to start? (A batch at most.)
-    let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out).filter_map(|o| {
+    // Rollouts of this policy in flight: do pods of its revision fail to start? (A batch at most; and
+    // only those with pods of their revision: there is nothing to list before the workload's controller
+    // created some.)
+    let in_flight = found.values_mut().filter(|o| o.selected && !o.workload.rolled_out && o.workload.revision_started);
+    let in_flight = in_flight.filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
         (record.policy == policy.name && !converged(&o.workload.metadata, &record))
             .then_some((&mut o.workload, record.hash))
