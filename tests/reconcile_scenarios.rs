@@ -357,9 +357,21 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
         "status": {"containerStatuses": [{"name": "app", "image": "x", "imageID": "", "ready": false,
             "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]},
     });
-    let mut world = World::default();
-    world.lists.insert("/api/v1/namespaces/shop/pods".into(), list("PodList", vec![failing]));
-    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(injected)));
+    let pods = || {
+        let mut world = World::default();
+        world.lists.insert("/api/v1/namespaces/shop/pods".into(), list("PodList", vec![failing.clone()]));
+        world
+    };
+    // While the Deployment controller has not taken in the new generation, no pod of it is looked for.
+    let world = pods();
+    let (ctx, _) = context_with(&p, world.clone(), Settings::default(), Some(synced(injected.clone())));
+    run(&p, &ctx).await;
+    let reads = world.reads.lock().unwrap().clone();
+    assert!(!reads.iter().any(|r| r.contains("/pods")), "nothing to list yet: {reads:?}");
+    // Once it has, and counts a pod of it (not available):
+    let taken_in: Vec<Workload> = injected.iter().map(|w| Workload { revision_started: true, ..w.clone() }).collect();
+    let world = pods();
+    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(taken_in)));
     run(&p, &ctx).await;
     let reads = world.reads.lock().unwrap().clone();
     let pod_lists = reads.iter().filter(|r| r.contains("/pods")).count();

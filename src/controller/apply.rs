@@ -541,26 +541,58 @@ where
     Ok(Written { done, of })
 }
 
+/// An action of the workload layer, as planned: built, or an injection built when its write starts
+/// ([`workloads::Lazy`]).
+pub trait WorkloadAction: Sync {
+    /// Collector ConfigMaps (0), then injections and removals (1), then ConfigMap deletions (2).
+    fn phase(&self) -> u8;
+    fn action(&self) -> std::borrow::Cow<'_, workloads::Action>;
+}
+
+impl WorkloadAction for workloads::Action {
+    fn phase(&self) -> u8 {
+        use workloads::Action::*;
+        match self {
+            ApplyCollectorConfig { .. } => 0,
+            Inject { .. } | Remove { .. } => 1,
+            DeleteCollectorConfig { .. } => 2,
+        }
+    }
+
+    fn action(&self) -> std::borrow::Cow<'_, workloads::Action> {
+        std::borrow::Cow::Borrowed(self)
+    }
+}
+
+impl WorkloadAction for workloads::Lazy<'_> {
+    fn phase(&self) -> u8 {
+        match self {
+            workloads::Lazy::Now(action) => action.phase(),
+            workloads::Lazy::Later { .. } => 1,
+        }
+    }
+
+    fn action(&self) -> std::borrow::Cow<'_, workloads::Action> {
+        workloads::Lazy::action(self)
+    }
+}
+
 /// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
-/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. Each
-/// workload write is told to `notes` as it starts and ends (the stores take in what it left before
-/// their watch does).
+/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. An action
+/// is built when its write starts. Each workload write is told to `notes` as it starts and ends (the
+/// stores take in what it left before their watch does).
 pub async fn workloads(
     writer: &Writer,
-    actions: &[workloads::Action],
+    actions: &[impl WorkloadAction],
     pace: Pace,
     notes: &impl WriteNotes,
 ) -> Result<Written> {
     use workloads::Action::*;
-    let phase = |action: &workloads::Action| match action {
-        ApplyCollectorConfig { .. } => 0,
-        Inject { .. } | Remove { .. } => 1,
-        DeleteCollectorConfig { .. } => 2,
-    };
-    paced(actions, pace, phase, |action| async move {
-        match action {
+    paced(actions, pace, WorkloadAction::phase, |planned| async move {
+        // Owned: an injection built now is moved into its request, not copied.
+        match planned.action().into_owned() {
             ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
-                let api = Api::<ConfigMap>::namespaced(writer.client.clone(), namespace);
+                let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
                 let patch = json!({
                     "apiVersion": "v1",
                     "kind": "ConfigMap",
@@ -577,15 +609,15 @@ pub async fn workloads(
                     },
                     "data": data,
                 });
-                writer.apply(&api, name, patch).await.map(drop)
+                writer.apply(&api, &name, patch).await.map(drop)
             }
-            Inject { kind, workload, patch } => noted_apply(writer, notes, *kind, workload, patch.clone()).await,
+            Inject { kind, workload, patch } => noted_apply(writer, notes, kind, &workload, patch).await,
             Remove { kind, workload, rolled_back } => {
-                let patch = workloads::removal_patch(*kind, workload, rolled_back.as_deref());
-                noted_apply(writer, notes, *kind, workload, patch).await
+                let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
+                noted_apply(writer, notes, kind, &workload, patch).await
             }
             DeleteCollectorConfig { namespace, name } => {
-                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), namespace), name).await
+                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
             }
         }
     })

@@ -250,17 +250,18 @@ async fn run_layers(
     drop((labels, older_selections));
     drop(older_policies);
     let planning = Instant::now();
-    let workload_plan = workloads::plan_with(view, defaults, &observed, &config_maps, now, &ctx.hashes);
-    // What was observed is not needed while a batch is written: free it before (a big batch's peak).
-    drop((observed, config_maps));
+    // Each injection is built when its write starts, from what was observed (kept until then: the
+    // stores' workloads are pruned, their apply configurations are not).
+    let workloads::LazyPlan { actions, report: workload_report, drifted } =
+        workloads::plan_lazily(view, defaults, &observed, &config_maps, now, &ctx.hashes);
     let writing = Instant::now();
     let mut written = Written { done: 0, of: 0 };
     // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often).
     let mut raced = false;
-    if !workload_plan.actions.is_empty() {
-        info!(actions = workload_plan.actions.len(), deleting, "changing the workload layer");
+    if !actions.is_empty() {
+        info!(actions = actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        written = super::apply::workloads(&ctx.writer, &workload_plan.actions, pace(ctx), &notes).await?;
+        written = super::apply::workloads(&ctx.writer, &actions, pace(ctx), &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
     }
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
@@ -268,22 +269,20 @@ async fn run_layers(
         observe_us = micros(planning - observing),
         plan_us = micros(writing - planning),
         write_us = micros(writing.elapsed()),
-        targets = workload_plan.report.selected,
+        targets = workload_report.selected,
         planned = written.of,
         written = written.done,
         "workload layer"
     );
-    let reapplied: BTreeSet<&ObjectKey> = workload_plan.actions[..written.done]
-        .iter()
-        .filter_map(|a| match a {
-            workloads::Action::Inject { workload, .. } => Some(workload),
-            _ => None,
-        })
-        .collect();
-    for key in workload_plan.drifted.iter().filter(|k| reapplied.contains(k)) {
+    let reapplied: BTreeSet<&ObjectKey> =
+        actions[..written.done].iter().filter_map(workloads::Lazy::injected).collect();
+    for key in drifted.iter().filter(|k| reapplied.contains(k)) {
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
         drift_corrected(ctx, policy, "workloads", note).await;
     }
+    drop(reapplied);
+    drop((actions, drifted));
+    drop((observed, config_maps));
 
     let observed = network::observe(&ctx.client, ctx.stores.as_ref(), view).await?;
     let mut correlation =
@@ -310,7 +309,7 @@ async fn run_layers(
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
         gateway: policy.spec.gateway.as_ref().map(|_| gateway_report),
-        workloads: policy.spec.workloads.as_ref().map(|_| workload_plan.report),
+        workloads: policy.spec.workloads.as_ref().map(|_| workload_report),
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
     // Raced writes: the events that told of their targets' change were taken for the writes' echoes.

@@ -687,6 +687,19 @@ pub fn plan_with(
     now: i64,
     hashes: &Hashes,
 ) -> Plan {
+    plan_lazily(policy, defaults, observed, config_maps, now, hashes).built()
+}
+
+/// [`plan_with`], with each injection built only when it is written ([`Lazy::action`]): a write
+/// budget that ends a reconcile after a few hundred writes leaves the rest of a big batch unbuilt.
+pub fn plan_lazily<'a>(
+    policy: PolicyView<'a>,
+    defaults: &'a Defaults,
+    observed: &'a [Observed],
+    config_maps: &[ConfigMap],
+    now: i64,
+    hashes: &Hashes,
+) -> LazyPlan<'a> {
     let fingerprint = super::hash_of(&json!({
         "name": policy.name, "generation": policy.generation, "spec": policy.spec, "defaults": format!("{defaults:?}"),
     }));
@@ -710,19 +723,39 @@ pub fn plan_with(
     plan
 }
 
+/// The plan of the workload layer, its injections not built yet.
+#[derive(Default)]
+pub struct LazyPlan<'a> {
+    pub actions: Vec<Lazy<'a>>,
+    pub report: LayerReport,
+    /// Workloads whose injection had been removed by someone else and is applied again.
+    pub drifted: Vec<ObjectKey>,
+}
+
+impl LazyPlan<'_> {
+    /// The plan with every action built.
+    pub fn built(self) -> Plan {
+        Plan {
+            actions: self.actions.into_iter().map(Lazy::into_action).collect(),
+            report: self.report,
+            drifted: self.drifted,
+        }
+    }
+}
+
 /// The hash of a workload's desired injection: remembered, or computed by the closure.
 type HashOf<'a> = dyn FnMut(&Workload, &dyn Fn() -> String) -> String + 'a;
 
-fn plan_remembering(
-    policy: PolicyView<'_>,
-    defaults: &Defaults,
-    observed: &[Observed],
+fn plan_remembering<'a>(
+    policy: PolicyView<'a>,
+    defaults: &'a Defaults,
+    observed: &'a [Observed],
     config_maps: &[ConfigMap],
     now: i64,
     hash_of: &mut HashOf<'_>,
-) -> Plan {
+) -> LazyPlan<'a> {
     let active = !policy.deleting && policy.spec.workloads.is_some();
-    let mut plan = Plan::default();
+    let mut plan = LazyPlan::default();
     let mut targets: Vec<&Observed> = observed.iter().collect();
     targets.sort_by_key(|t| (t.workload.key(), t.workload.kind));
 
@@ -737,7 +770,7 @@ fn plan_remembering(
         let our_marker = marker.is_some_and(|m| m.split_once('/').is_some_and(|(p, _)| p == policy.name));
         if !(active && t.selected) {
             if ours || our_marker {
-                reverts.push(Action::Remove { kind: w.kind, workload: w.key(), rolled_back: None });
+                reverts.push(Lazy::Now(Action::Remove { kind: w.kind, workload: w.key(), rolled_back: None }));
             }
             continue;
         }
@@ -759,40 +792,61 @@ fn plan_remembering(
         for namespace in &namespaces_in_use {
             let current = config_maps.iter().find(|cm| cm.namespace().as_deref() == Some(namespace.as_str()));
             if current.and_then(|cm| cm.data.as_ref()) != Some(&data) {
-                plan.actions.push(Action::ApplyCollectorConfig {
+                plan.actions.push(Lazy::Now(Action::ApplyCollectorConfig {
                     namespace: namespace.clone(),
                     name: name.clone(),
                     data: data.clone(),
                     policy: policy.name.to_string(),
                     policy_uid: policy.uid.to_string(),
-                });
+                }));
             }
         }
     }
-    plan.actions.extend(schedule(per_target, &policy.spec.rollout, &mut plan.report).into_iter().map(Lazy::build));
+    plan.actions.extend(schedule(per_target, &policy.spec.rollout, &mut plan.report));
     plan.actions.extend(reverts);
     // A ConfigMap goes last, once no sidecar of this policy is left in its namespace.
     for cm in config_maps {
         let namespace = cm.namespace().unwrap_or_default();
         if !active || !namespaces_in_use.contains(&namespace) {
-            plan.actions.push(Action::DeleteCollectorConfig { namespace, name: name.clone() });
+            plan.actions.push(Lazy::Now(Action::DeleteCollectorConfig { namespace, name: name.clone() }));
         }
     }
     plan
 }
 
-/// An action of a target's plan, built only if the rollout runs it: a pending target's injection is
-/// built once the target gets a slot (with many targets, most wait), not on every look.
-enum Lazy<'a> {
+/// An action of the plan, an injection built only when it is written: a pending target's injection
+/// is not built while it waits for a slot, nor while a write budget leaves it to the next reconcile.
+pub enum Lazy<'a> {
     Now(Action),
-    Later(Box<dyn FnOnce() -> Action + 'a>),
+    /// An [`Action::Inject`] of this workload.
+    Later {
+        kind: WorkloadKind,
+        workload: ObjectKey,
+        build: Box<dyn Fn() -> Action + Send + Sync + 'a>,
+    },
 }
 
 impl Lazy<'_> {
-    fn build(self) -> Action {
+    /// The action, built now if it is an injection.
+    pub fn action(&self) -> std::borrow::Cow<'_, Action> {
+        match self {
+            Lazy::Now(action) => std::borrow::Cow::Borrowed(action),
+            Lazy::Later { build, .. } => std::borrow::Cow::Owned(build()),
+        }
+    }
+
+    pub fn into_action(self) -> Action {
         match self {
             Lazy::Now(action) => action,
-            Lazy::Later(build) => build(),
+            Lazy::Later { build, .. } => build(),
+        }
+    }
+
+    /// The workload an injection is for.
+    pub fn injected(&self) -> Option<&ObjectKey> {
+        match self {
+            Lazy::Now(Action::Inject { workload, .. }) | Lazy::Later { workload, .. } => Some(workload),
+            Lazy::Now(_) => None,
         }
     }
 }
@@ -844,17 +898,22 @@ fn forward<'a>(
         &what,
         &policy.spec.rollout,
         move |converged, restart_clock| {
-            vec![Lazy::Later(Box::new(move || {
-                let (mut patch, desired) = injection(policy, defaults, w, record.as_ref(), since);
-                if restart_clock {
-                    let record = Record { rollout_started: now, ..desired.clone() };
-                    patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
-                }
-                if converged {
-                    patch["metadata"]["labels"][CONVERGED_LABEL] = json!(desired.hash);
-                }
-                Action::Inject { kind, workload: inject_key, patch }
-            }))]
+            let workload = inject_key.clone();
+            vec![Lazy::Later {
+                kind,
+                workload,
+                build: Box::new(move || {
+                    let (mut patch, desired) = injection(policy, defaults, w, record.as_ref(), since);
+                    if restart_clock {
+                        let record = Record { rollout_started: now, ..desired.clone() };
+                        patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
+                    }
+                    if converged {
+                        patch["metadata"]["labels"][CONVERGED_LABEL] = json!(desired.hash);
+                    }
+                    Action::Inject { kind, workload: inject_key.clone(), patch }
+                }),
+            }]
         },
         || vec![Lazy::Now(Action::Remove { kind, workload: key, rolled_back: Some(this_generation) })],
     );
@@ -1519,6 +1578,21 @@ mod tests {
         let fix = plan(view(&s), &defaults(), &[drifted], &[cm], NOW + 10);
         assert_eq!(fix.drifted, vec![t.workload.key()]);
         assert!(matches!(fix.actions[..], [Action::Inject { .. }]));
+    }
+
+    #[test]
+    fn injections_are_built_when_their_write_starts_and_as_the_whole_plan_builds_them() {
+        let s = spec();
+        let observed: Vec<Observed> = ["a", "b", "c"].iter().map(|n| selected(workload(n, &[]))).collect();
+        let d = defaults();
+        let lazy = plan_lazily(view(&s), &d, &observed, &[], NOW, &Hashes::default());
+        let injections: Vec<&ObjectKey> = lazy.actions.iter().filter_map(Lazy::injected).collect();
+        assert_eq!(injections.len(), 2, "a batch of maxConcurrent 2; the third waits");
+        assert!(lazy.actions.iter().any(|a| matches!(a, Lazy::Later { .. })), "nothing built yet");
+        let one = lazy.actions.iter().find(|a| matches!(a, Lazy::Later { .. })).unwrap().action().into_owned();
+        let built = lazy.built();
+        assert!(built.actions.contains(&one), "{one:?}");
+        assert_eq!(built, plan(view(&s), &defaults(), &observed, &[], NOW));
     }
 
     #[test]
