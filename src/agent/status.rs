@@ -89,7 +89,7 @@ fn with_convergence(b: &BridgeReport, previous: Option<&NodeTracingStatus>) -> B
         .flat_map(|p| &p.bridges)
         .find(|p| p.bridge == b.status.bridge && p.policy == b.status.policy)
         .map(|p| p.converged_request.as_str());
-    let converged = b.state == State::Verified || (!b.request.is_empty() && before == Some(b.request.as_str()));
+    let converged = b.state == State::Verified || before == Some(b.request.as_str());
     BridgeStatus { converged_request: if converged { b.request.clone() } else { String::new() }, ..b.status.clone() }
 }
 

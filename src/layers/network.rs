@@ -265,8 +265,7 @@ fn forward(
     let written = current.map(|c| Written {
         current: true,
         intact: true,
-        converged: c.converged
-            || status.is_some_and(|s| !s.converged_request.is_empty() && s.converged_request == c.request_id()),
+        converged: c.converged || status.is_some_and(|s| s.converged_request == c.request_id()),
         since: c.requested_at.as_ref().map_or(now.as_second(), |t| t.0.as_second()),
     });
     let health = match status {
