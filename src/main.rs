@@ -87,9 +87,14 @@ struct ControllerArgs {
     /// 2 s) before another replica could take the lease over.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(leader::MIN_LEASE_DURATION.as_secs()..=3600))]
     lease_duration: u64,
-    /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
+    /// Writes of a layer in flight at once (workload injections, NodeTracings) when the controller starts.
+    /// The limit adapts from there: up while more writes in flight get more done per second, down when
+    /// they do not or when the API server answers that it is overloaded (429, 503, 504).
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     write_concurrency: u16,
+    /// The most writes of a layer in flight at once; at least --write-concurrency (equal: the limit is fixed).
+    #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY_MAX as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    write_concurrency_max: u16,
     /// Milliseconds after its first write a layer starts new ones in one reconcile; a bigger batch goes
     /// on in the next reconcile.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -131,6 +136,13 @@ async fn shutdown_signal() {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    if args.write_concurrency_max < args.write_concurrency {
+        anyhow::bail!(
+            "--write-concurrency-max ({}) must be at least --write-concurrency ({})",
+            args.write_concurrency_max,
+            args.write_concurrency
+        );
+    }
     // jemalloc hands freed pages back from a thread of its own (after its decay time), so that what a
     // big rollout's reconciles freed does not stay with the long-running controller while it is idle.
     if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
@@ -171,6 +183,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mut settings = Settings {
         concurrency: args.concurrency,
         write_concurrency: usize::from(args.write_concurrency),
+        write_concurrency_max: usize::from(args.write_concurrency_max),
         write_budget: Duration::from_millis(args.write_budget_ms),
         admin_limits: args.admin_limits,
         canary_every: (args.canary_interval_seconds > 0).then(|| Duration::from_secs(args.canary_interval_seconds)),

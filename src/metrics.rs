@@ -61,6 +61,8 @@ pub struct Metrics {
     pub api_writes: Family<WriteLabels, Counter>,
     pub targets: Family<TargetLabels, Gauge>,
     pub drift_corrections: Family<LayerLabels, Counter>,
+    /// The controller's: how many writes of a layer may be in flight at once (it adapts).
+    pub write_limit: Family<LayerLabels, Gauge>,
     /// The agent's: 1 while it is connected to its node's OVSDB.
     pub ovsdb_connected: Gauge,
     /// The agent's: 1 for each bridge of its NodeTracing, labelled with the export's state there.
@@ -77,6 +79,7 @@ impl Default for Metrics {
         let api_writes = Family::<WriteLabels, Counter>::default();
         let targets = Family::<TargetLabels, Gauge>::default();
         let drift_corrections = Family::<LayerLabels, Counter>::default();
+        let write_limit = Family::<LayerLabels, Gauge>::default();
         registry.register("reconciles", "Reconciles of TracingPolicies", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles by error kind", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
@@ -91,8 +94,14 @@ impl Default for Metrics {
             "Changes re-applied after someone removed them",
             drift_corrections.clone(),
         );
+        registry.register(
+            "write_limit",
+            "Writes of a layer the controller lets be in flight at once; it adapts to the API server's answers",
+            write_limit.clone(),
+        );
         Self {
             registry,
+            write_limit,
             reconciles,
             reconcile_errors,
             reconcile_duration,

@@ -282,6 +282,7 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
 // ---- the workload layer's paced writes ----
 
 use crosstrace::controller::apply::{Pace, Written};
+use crosstrace::controller::limit::WriteLimit;
 use crosstrace::layers::workloads::Action as WorkloadAction;
 
 fn inject(name: &str) -> WorkloadAction {
@@ -345,6 +346,40 @@ async fn injections_are_written_with_at_most_the_write_concurrency_in_flight() {
     assert!(written.complete());
     let text = metrics.encode();
     assert!(text.contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 5"), "{text}");
+}
+
+#[tokio::test]
+async fn reconciles_share_one_write_limit_and_a_waiting_one_starts_as_soon_as_a_write_ends() {
+    let (writer, mut handle, _) = mocked();
+    let limit = Arc::new(WriteLimit::fixed(2));
+    let pace = Pace::within(&limit, Duration::from_secs(60));
+    let spawn = |names: [&'static str; 2]| {
+        let (writer, pace) = (writer.clone(), pace.clone());
+        let actions: Vec<_> = names.into_iter().map(inject).collect();
+        tokio::spawn(async move { apply::workloads(&writer, &actions, pace, &()).await.expect("written") })
+    };
+    let one = spawn(["a", "b"]);
+    let first = next_within(&mut handle).await.expect("a first write");
+    let second = next_within(&mut handle).await.expect("a second write");
+    let other = spawn(["c", "d"]);
+    assert!(next_within(&mut handle).await.is_none(), "another reconcile's write while the limit is full");
+    let reply = deployment_reply();
+    ok(first.1, &reply);
+    let (third, send) = next_within(&mut handle).await.expect("a write once one ended");
+    assert!(next_within(&mut handle).await.is_none(), "still two in flight at most");
+    ok(second.1, &reply);
+    ok(send, &reply);
+    let (fourth, send) = next_within(&mut handle).await.expect("the last write");
+    ok(send, &reply);
+    let mut paths = [first.0, second.0, third, fourth].map(|r| r.uri().path().rsplit('/').next().unwrap().to_string());
+    paths.sort();
+    assert_eq!(paths, ["a", "b", "c", "d"]);
+    for task in [one, other] {
+        let written = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+        assert_eq!(written, Written { done: 2, of: 2 });
+    }
+    assert_eq!(limit.limit(), 2);
+    assert!(limit.try_start().is_some(), "every place given back");
 }
 
 #[tokio::test]

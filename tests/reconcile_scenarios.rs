@@ -110,6 +110,7 @@ fn context_with(
     let (reader, mut writer) = reflector::store();
     writer.apply_watcher_event(&Event::Apply(policy.clone()));
     let context = Context {
+        write_limits: crosstrace::controller::WriteLimits::new(&settings, &metrics),
         writer: Writer::new(client.clone(), metrics.clone(), Fence::open()),
         recorder: Recorder::new(client.clone(), Reporter { controller: "crosstrace".into(), instance: None }),
         client,

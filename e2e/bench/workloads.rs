@@ -421,6 +421,8 @@ struct OperatorRun {
     ready: f64,
     rolled_out: f64,
     writes: f64,
+    /// The workload layer's adaptive write limit when every template was patched.
+    write_limit: f64,
 }
 
 async fn operator_rollout(
@@ -435,6 +437,7 @@ async fn operator_rollout(
     apply_policy(client, policy).await;
     let seen = tracker.wait("operator: pod templates patched", n, |_, s| s.hash.is_some()).await;
     let patched = last_changed(t0, &seen);
+    let write_limit = write_limit(&controller.metrics().await);
     wait_policy_ready(client, POLICY).await;
     let ready = since(t0);
     let seen = tracker.wait("operator: rolled out", n, |_, s| s.hash.is_some() && s.rolled_out).await;
@@ -442,7 +445,12 @@ async fn operator_rollout(
     let writes = writes(&controller.metrics().await) - w0;
     delete_policy(client, POLICY).await;
     tracker.wait_clean(n).await;
-    OperatorRun { patched, ready, rolled_out, writes }
+    OperatorRun { patched, ready, rolled_out, writes, write_limit }
+}
+
+/// The controller's `crosstrace_write_limit{layer="workloads"}`.
+fn write_limit(metrics: &str) -> f64 {
+    support::sum_samples(metrics, "crosstrace_write_limit{layer=\"workloads\"}")
 }
 
 /// The limit client's patch phase at `concurrency` (a fresh client: no caches; the operator's identity
@@ -587,7 +595,8 @@ async fn rollout_runs(
         );
         runs_json.push(json!({
             "order": if operator_first { "operator first" } else { "baselines first" },
-            "operator": {"patched_s": op.patched, "ready_s": op.ready, "rolled_out_s": op.rolled_out, "writes": op.writes},
+            "operator": {"patched_s": op.patched, "ready_s": op.ready, "rolled_out_s": op.rolled_out, "writes": op.writes,
+                "write_limit_when_patched": op.write_limit},
             "limit_by_concurrency": limits.iter().map(|(c, t)| json!({"concurrency": c, "patched_s": t})).collect::<Vec<_>>(),
             "limit_best": {"concurrency": best_c, "patched_s": best},
             "kubectl_apply_server_side_s": kubectl_s,

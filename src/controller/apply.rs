@@ -19,6 +19,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
+use super::limit::{Answer, WriteLimit};
 use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
 use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, gateway, network, workloads};
@@ -435,19 +436,26 @@ async fn noted_apply(
     result.map(drop)
 }
 
-/// How the writes of one layer in one reconcile are paced: how many are in flight at once, and for how
-/// long after the first one new ones may start (a bigger batch stops there and the next reconcile goes
-/// on, so that status and spec changes are looked at again within about that long, however many
-/// targets a batch has). The first write always starts: every reconcile makes progress.
-#[derive(Clone, Copy, Debug)]
+/// How the writes of one layer in one reconcile are paced: how many are in flight at once (a limit
+/// shared by every reconcile, [`WriteLimit`]), and for how long after the first one new ones may start
+/// (a bigger batch stops there and the next reconcile goes on, so that status and spec changes are
+/// looked at again within about that long, however many targets a batch has). The first write always
+/// starts: every reconcile makes progress.
+#[derive(Clone, Debug)]
 pub struct Pace {
-    pub concurrency: usize,
+    pub limit: Arc<WriteLimit>,
     pub budget: Duration,
 }
 
 impl Pace {
+    /// At most `concurrency` in flight, always.
     pub fn new(concurrency: usize, budget: Duration) -> Self {
-        Self { concurrency: concurrency.max(1), budget }
+        Self { limit: Arc::new(WriteLimit::fixed(concurrency)), budget }
+    }
+
+    /// Within `limit`, shared with other reconciles.
+    pub fn within(limit: &Arc<WriteLimit>, budget: Duration) -> Self {
+        Self { limit: Arc::clone(limit), budget }
     }
 }
 
@@ -506,9 +514,9 @@ impl Written {
 }
 
 /// Runs `actions` in plan order, one phase after the other (`phase` of consecutive actions), the
-/// actions of a phase with up to `pace.concurrency` in flight. No action but the first starts once
+/// actions of a phase started while `pace.limit` has room. No action but the first starts once
 /// `pace.budget` has passed (a later phase never starts while an earlier one is unfinished), and the
-/// first failure stops the rest.
+/// first failure stops the rest. Each write's answer is told to the limit.
 async fn paced<'a, A, F, Fut>(actions: &'a [A], pace: Pace, phase: impl Fn(&A) -> u8, write: F) -> Result<Written>
 where
     F: Fn(&'a A) -> Fut,
@@ -517,6 +525,7 @@ where
     let of = actions.len();
     let until = Instant::now() + pace.budget;
     let open = |next: usize| next == 0 || Instant::now() < until;
+    let limit = &*pace.limit;
     let mut done = 0;
     while done < of && open(done) {
         let current = phase(&actions[done]);
@@ -524,13 +533,31 @@ where
         let mut in_flight = FuturesUnordered::new();
         let mut next = done;
         loop {
-            while in_flight.len() < pace.concurrency && next < end && open(next) {
-                in_flight.push(write(&actions[next]));
+            // Listening before asking for room: a write that ends in between still wakes this.
+            let room = limit.room();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            while next < end && open(next) {
+                let Some(permit) = limit.try_start() else { break };
+                let written = write(&actions[next]);
+                in_flight.push(async move {
+                    let result = written.await;
+                    permit.finish(Answer::of(&result));
+                    result
+                });
                 next += 1;
             }
-            match in_flight.next().await {
-                Some(result) => result?,
-                None => break,
+            let more = next < end && open(next);
+            if in_flight.is_empty() {
+                if !more {
+                    break;
+                }
+                room.await;
+                continue;
+            }
+            tokio::select! {
+                Some(result) = in_flight.next() => result?,
+                () = &mut room, if more => {}
             }
         }
         done = next;

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod backoff;
 pub mod invalid;
+pub mod limit;
 pub mod reconcile;
 pub mod status;
 pub mod triggers;
@@ -56,8 +57,11 @@ pub struct Settings {
     pub poll: Duration,
     /// What the workload layer injects when a policy leaves it open.
     pub workloads: workloads::Defaults,
-    /// Writes of one reconcile in flight at once (workload injections, NodeTracings).
+    /// Writes of a layer in flight at once, across reconciles (workload injections, NodeTracings), when
+    /// the controller starts: the limit adapts from there ([`limit::WriteLimit`]).
     pub write_concurrency: usize,
+    /// The most the write limit goes up to (equal to `write_concurrency`: fixed).
+    pub write_concurrency_max: usize,
     /// How long after a layer's first write in a reconcile new ones start; a bigger batch goes on in the
     /// next reconcile at once.
     pub write_budget: Duration,
@@ -133,8 +137,12 @@ pub async fn resolve_flows_receiver(receiver: &str) -> Result<std::net::SocketAd
 /// How long a canary waits for the collector's answer.
 pub const CANARY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Writes of one reconcile in flight at once, unless `--write-concurrency` says otherwise.
+/// Writes of a layer in flight at once when the controller starts, unless `--write-concurrency` says
+/// otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
+
+/// The most writes of a layer in flight at once, unless `--write-concurrency-max` says otherwise.
+pub const DEFAULT_WRITE_CONCURRENCY_MAX: usize = 32;
 
 /// How long after its first write a layer starts new ones in one reconcile, unless `--write-budget-ms`
 /// says otherwise.
@@ -156,6 +164,7 @@ impl Default for Settings {
             },
             namespace,
             write_concurrency: DEFAULT_WRITE_CONCURRENCY,
+            write_concurrency_max: DEFAULT_WRITE_CONCURRENCY_MAX,
             write_budget: DEFAULT_WRITE_BUDGET,
             admin_limits: None,
             canary_every: None,
@@ -204,6 +213,28 @@ pub struct Context {
     pub flow_reports: crate::flows::reporter::Reports,
     /// The watch-backed stores of workloads and namespaces (`None`: every reconcile lists them).
     pub stores: Option<crate::layers::stores::Stores>,
+    /// How many writes of each layer are in flight at once, across reconciles.
+    pub write_limits: WriteLimits,
+}
+
+/// The adaptive write limits ([`limit::WriteLimit`]): one per layer that writes many objects at once,
+/// each measuring its own writes (a NodeTracing write costs the API server less than a workload's).
+#[derive(Debug)]
+pub struct WriteLimits {
+    pub workloads: Arc<limit::WriteLimit>,
+    pub network: Arc<limit::WriteLimit>,
+}
+
+impl WriteLimits {
+    /// Both starting at `--write-concurrency`, shown in `metrics` (`crosstrace_write_limit{layer}`).
+    pub fn new(settings: &Settings, metrics: &Metrics) -> Self {
+        let limit = |layer: &'static str| {
+            let gauge = metrics.write_limit.get_or_create(&crate::metrics::LayerLabels { layer: layer.into() }).clone();
+            let limit = limit::WriteLimit::new(settings.write_concurrency, settings.write_concurrency_max);
+            Arc::new(limit.shown_in(layer, gauge))
+        };
+        Self { workloads: limit("workloads"), network: limit("network") }
+    }
 }
 
 /// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
@@ -580,6 +611,7 @@ pub async fn run(
     };
     let ingress_ledger_watch = ledger(ingress::LEDGER).reflect(ingress_ledger_writer).touched_objects();
     let gateway_ledger_watch = ledger(gateway::LEDGER).reflect(gateway_ledger_writer).touched_objects();
+    let write_limits = WriteLimits::new(&settings, &metrics);
     let context = Arc::new(Context {
         writer,
         recorder,
@@ -596,6 +628,7 @@ pub async fn run(
             Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)
                 .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors }),
         ),
+        write_limits,
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
     // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects

@@ -261,7 +261,8 @@ async fn run_layers(
     if !actions.is_empty() {
         info!(actions = actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        written = super::apply::workloads(&ctx.writer, &actions, pace(ctx), &notes).await?;
+        written =
+            super::apply::workloads(&ctx.writer, &actions, pace(ctx, &ctx.write_limits.workloads), &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
     }
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
@@ -303,7 +304,9 @@ async fn run_layers(
     } else if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        written = super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx), &notes).await?;
+        written =
+            super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx, &ctx.write_limits.network), &notes)
+                .await?;
         raced |= notes.is_some_and(|n| n.raced());
     }
     let reports = Reports {
@@ -352,8 +355,8 @@ async fn gateway_layer(
     Ok(report)
 }
 
-fn pace(ctx: &Context) -> Pace {
-    Pace::new(ctx.settings.write_concurrency, ctx.settings.write_budget)
+fn pace(ctx: &Context, limit: &std::sync::Arc<super::limit::WriteLimit>) -> Pace {
+    Pace::within(limit, ctx.settings.write_budget)
 }
 
 /// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished
