@@ -5,11 +5,14 @@
 //! - It is measured in windows of completed writes. A window's throughput is its mean number of writes
 //!   in flight over its mean write latency (Little's law). That is what the limit buys while writes are
 //!   waiting, whatever else the reconciles do between writes. A window in which the writes did not fill
-//!   the limit says nothing about it and is dropped.
-//! - It goes up by half while that makes the throughput better by more than [`BETTER`]. When it does
-//!   not, the limit goes back and tries a third less. Fewer writes in flight are kept when they give at
-//!   least [`SAME`] of the throughput: the API server is shared, and crosstrace takes no more of it
-//!   than it gets something for. Then it stays for [`HOLD`] windows and measures again.
+//!   the limit says nothing about it and is measured again.
+//! - Another limit is tried against the kept one in a paired trial: windows alternate between the two
+//!   (kept, other, kept, other), so that what else loads the API server meanwhile (the workloads'
+//!   own controllers rolling out what was written, most of all) weighs on both alike.
+//! - Half as many again is kept when it writes more than [`BETTER`] times as much; then more is
+//!   tried. When it does not, a third less is tried, and kept when it writes at least [`SAME`] of the
+//!   kept limit's throughput: the API server is shared, and crosstrace takes no more of it than it
+//!   gets something for. Once neither is better, the limit stays for [`HOLD`] windows and tries again.
 //! - An answer that says the API server is overloaded (429, 503, 504, once the client's own retries
 //!   gave up) halves it at once. Only once for the writes that were in flight together: their answers
 //!   say the same thing. The retries before it count in the write's latency, so they already lower
@@ -23,17 +26,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-/// A higher limit is kept when it makes the throughput better by more than this.
+/// A higher limit is kept when it writes more than this many times as much.
 pub const BETTER: f64 = 1.05;
-/// A lower limit is kept when it keeps at least this much of the throughput.
+/// A lower limit is kept when it writes at least this share of what the kept one writes.
 pub const SAME: f64 = 0.95;
-/// Windows the limit stays at after a probe found nothing better, or after an overload.
+/// Windows the limit stays at once no other was better, or after an overload.
 pub const HOLD: u32 = 8;
 /// The fewest writes a window has.
-const MIN_WINDOW: u32 = 16;
-/// A window is dropped when its writes filled less than this share of the limit.
+const MIN_WINDOW: u32 = 32;
+/// A window is measured again when its writes filled less than this share of the limit.
 const FILLED: f64 = 0.75;
-/// A window whose last write is longer ago than this is dropped: it measured another moment.
+/// A window whose last write is longer ago than this is dropped, and a trial starts over: they
+/// measured another moment.
 const STALE: Duration = Duration::from_secs(2);
 
 /// The adaptive limit of one layer's writes; shared by every reconcile.
@@ -49,30 +53,48 @@ pub struct WriteLimit {
 
 #[derive(Debug)]
 struct State {
+    /// The limit writes start under now: the kept one, or a trial's other while a window tries it.
     limit: usize,
+    /// The limit kept.
+    kept: usize,
     in_flight: usize,
-    /// Moves on with every change of the limit: a write is measured against the limit it started under.
+    /// Moves on with every change of `limit`: a write is measured against the limit it started under.
     epoch: u64,
-    window: Window,
+    window: Sum,
     step: Step,
+    /// When the last write was measured.
+    last: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
-struct Window {
+/// Writes measured together.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Sum {
     writes: u32,
+    /// The writes in flight when each started, summed.
     in_flight: f64,
+    /// Their latencies, summed.
     seconds: f64,
-    last: Option<Instant>,
+}
+
+impl Sum {
+    fn add(&mut self, other: Sum) {
+        self.writes += other.writes;
+        self.in_flight += other.in_flight;
+        self.seconds += other.seconds;
+    }
+
+    /// Writes per second with this many in flight (mean in flight over mean latency).
+    fn throughput(&self) -> f64 {
+        if self.seconds > 0.0 { self.in_flight / self.seconds } else { 0.0 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Step {
-    /// Measuring the current limit, to try a higher one next.
-    Measure,
-    /// Trying the current limit against `from`, measured at `throughput` (writes per second).
-    Probe { from: usize, throughput: f64 },
-    /// Staying at the current limit for this many more windows.
+    /// Staying at the kept limit for this many more windows, then trying more.
     Hold(u32),
+    /// Trying `other` against the kept limit: the `window`th of four (even: kept, odd: other).
+    Trial { other: usize, window: u8, kept: Sum, tried: Sum },
 }
 
 /// What a finished write tells the limit.
@@ -132,10 +154,12 @@ impl WriteLimit {
             ceiling: ceiling.max(start),
             state: Mutex::new(State {
                 limit: start,
+                kept: start,
                 in_flight: 0,
                 epoch: 0,
-                window: Window::default(),
-                step: Step::Measure,
+                window: Sum::default(),
+                step: Step::Hold(1),
+                last: None,
             }),
             room: Notify::new(),
         }
@@ -162,6 +186,11 @@ impl WriteLimit {
         self.lock().limit
     }
 
+    /// The limit kept (what [`WriteLimit::limit`] is outside a trial's windows).
+    pub fn kept(&self) -> usize {
+        self.lock().kept
+    }
+
     /// A place for one more write, if the limit has room now.
     pub fn try_start(&self) -> Option<Permit<'_>> {
         let mut state = self.lock();
@@ -179,120 +208,123 @@ impl WriteLimit {
 
     fn took(&self, permit: &Permit<'_>, answer: Answer, now: Instant) {
         let mut state = self.lock();
-        let before = state.limit;
-        state.take(permit, answer, now, (self.floor, self.ceiling));
-        let (limit, step) = (state.limit, state.step);
+        let (limit_before, kept_before) = (state.limit, state.kept);
+        if state.epoch == permit.epoch && self.floor < self.ceiling {
+            state.take(permit, answer, now, (self.floor, self.ceiling));
+        }
+        let (limit, kept, step) = (state.limit, state.kept, state.step);
         drop(state);
-        if limit == before {
-            return;
+        if let Some((layer, gauge)) = self.gauge.as_ref().filter(|_| kept != kept_before) {
+            gauge.set(i64::try_from(kept).unwrap_or(i64::MAX));
+            tracing::debug!(layer, kept, before = kept_before, ?answer, ?step, "write limit");
         }
-        if let Some((layer, gauge)) = &self.gauge {
-            gauge.set(i64::try_from(limit).unwrap_or(i64::MAX));
-            tracing::debug!(layer, limit, before, ?answer, ?step, "write limit");
-        }
-        if limit > before {
+        if limit > limit_before {
             self.room.notify_waiters();
         }
     }
 }
 
 impl State {
-    /// Takes in one finished write.
-    fn take(&mut self, permit: &Permit<'_>, answer: Answer, now: Instant, bounds: (usize, usize)) {
-        if permit.epoch != self.epoch || bounds.0 == bounds.1 {
-            return;
-        }
+    /// Takes in one finished write, started under the current limit.
+    fn take(&mut self, permit: &Permit<'_>, answer: Answer, now: Instant, (floor, ceiling): (usize, usize)) {
         if answer == Answer::Overloaded {
-            let halved = (self.limit / 2).max(bounds.0);
-            self.set(halved, Step::Hold(HOLD));
+            self.kept = (self.limit.min(self.kept) / 2).max(floor);
+            self.step = Step::Hold(HOLD);
+            self.start(self.kept);
             return;
         }
-        if self.window.last.is_some_and(|last| now.duration_since(last) > STALE) {
-            self.window = Window::default();
+        if self.last.is_some_and(|last| now.duration_since(last) > STALE) {
+            self.window = Sum::default();
+            if let Step::Trial { other, .. } = self.step {
+                self.step = Step::Trial { other, window: 0, kept: Sum::default(), tried: Sum::default() };
+                self.start(self.kept);
+            }
         }
-        let window = &mut self.window;
-        window.writes += 1;
-        window.in_flight += permit.in_flight as f64;
-        window.seconds += now.duration_since(permit.started).as_secs_f64();
-        window.last = Some(now);
+        self.last = Some(now);
+        self.window.add(Sum {
+            writes: 1,
+            in_flight: permit.in_flight as f64,
+            seconds: now.duration_since(permit.started).as_secs_f64(),
+        });
         let size = (2 * u32::try_from(self.limit).unwrap_or(u32::MAX)).max(MIN_WINDOW);
-        if window.writes < size {
+        if self.window.writes < size {
             return;
         }
-        let writes = f64::from(window.writes);
-        let (in_flight, latency) = (window.in_flight / writes, window.seconds / writes);
-        self.window = Window::default();
-        if in_flight < FILLED * self.limit as f64 || latency <= 0.0 {
+        let window = std::mem::take(&mut self.window);
+        if window.in_flight / f64::from(window.writes) < FILLED * self.limit as f64 {
             return;
         }
-        self.next(in_flight / latency, bounds);
+        self.next(window, floor, ceiling);
     }
 
-    /// Where the limit goes after a window measured `throughput` at it.
-    fn next(&mut self, throughput: f64, (floor, ceiling): (usize, usize)) {
-        let limit = self.limit;
-        let up = (limit + (limit / 2).max(1)).min(ceiling);
-        let down = (limit - limit / 3).max(floor);
-        match self.step {
-            Step::Hold(n) if n > 1 => self.step = Step::Hold(n - 1),
-            Step::Hold(_) | Step::Measure => {
-                if up > limit {
-                    self.set(up, Step::Probe { from: limit, throughput });
-                } else if down < limit {
-                    self.set(down, Step::Probe { from: limit, throughput });
+    /// Where the limit goes after a full window.
+    fn next(&mut self, window: Sum, floor: usize, ceiling: usize) {
+        let up = |n: usize| (n + (n / 2).max(1)).min(ceiling);
+        let down = |n: usize| (n - n / 3).max(floor);
+        let trial = |other: usize| Step::Trial { other, window: 0, kept: Sum::default(), tried: Sum::default() };
+        // What to try from `kept`: more, else fewer, else nothing for a while.
+        let try_more = |kept: usize| {
+            if up(kept) > kept {
+                trial(up(kept))
+            } else if down(kept) < kept {
+                trial(down(kept))
+            } else {
+                Step::Hold(HOLD)
+            }
+        };
+        self.step = match self.step {
+            Step::Hold(n) if n > 1 => Step::Hold(n - 1),
+            Step::Hold(_) => try_more(self.kept),
+            Step::Trial { other, window: n, mut kept, mut tried } => {
+                if n % 2 == 0 {
+                    kept.add(window);
                 } else {
-                    self.step = Step::Hold(HOLD);
+                    tried.add(window);
+                }
+                if n < 3 {
+                    Step::Trial { other, window: n + 1, kept, tried }
+                } else if other > self.kept && tried.throughput() > kept.throughput() * BETTER {
+                    self.kept = other;
+                    if up(other) > other { trial(up(other)) } else { Step::Hold(HOLD) }
+                } else if other > self.kept && down(self.kept) < self.kept {
+                    trial(down(self.kept))
+                } else if other < self.kept && tried.throughput() >= kept.throughput() * SAME {
+                    self.kept = other;
+                    if down(other) < other { trial(down(other)) } else { Step::Hold(HOLD) }
+                } else {
+                    Step::Hold(HOLD)
                 }
             }
-            Step::Probe { from, throughput: was } if limit > from => {
-                if throughput > was * BETTER && up > limit {
-                    self.set(up, Step::Probe { from: limit, throughput });
-                } else if throughput > was * BETTER {
-                    self.step = Step::Hold(HOLD);
-                } else {
-                    // No better: back, and try fewer against what `from` measured.
-                    let fewer = (from - from / 3).max(floor);
-                    if fewer < from {
-                        self.set(fewer, Step::Probe { from, throughput: was });
-                    } else {
-                        self.set(from, Step::Hold(HOLD));
-                    }
-                }
-            }
-            Step::Probe { from, throughput: was } => {
-                if throughput >= was * SAME && down < limit {
-                    self.set(down, Step::Probe { from: limit, throughput });
-                } else if throughput >= was * SAME {
-                    self.step = Step::Hold(HOLD);
-                } else {
-                    self.set(from, Step::Hold(HOLD));
-                }
-            }
-        }
+        };
+        let limit = match self.step {
+            Step::Trial { other, window, .. } if window % 2 == 1 => other,
+            _ => self.kept,
+        };
+        self.start(limit);
     }
 
-    fn set(&mut self, limit: usize, step: Step) {
+    /// Writes start under `limit` from now on.
+    fn start(&mut self, limit: usize) {
         if limit != self.limit {
             self.limit = limit;
             self.epoch += 1;
-            self.window = Window::default();
+            self.window = Sum::default();
         }
-        self.step = step;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// Runs whole windows through `limit`, the limit filled and each write taking `latency(limit)`
-    /// seconds; returns the limit each window ran at, and the one after the last.
-    fn drive(limit: &WriteLimit, windows: usize, latency: impl Fn(usize) -> f64) -> Vec<usize> {
+    /// seconds; returns the limit each window ran at, and the limit kept after it.
+    fn drive(limit: &WriteLimit, windows: usize, latency: impl Fn(usize) -> f64) -> Vec<(usize, usize)> {
         let mut seen = vec![];
         let mut now = Instant::now();
         for _ in 0..windows {
             let n = limit.limit();
-            seen.push(n);
             let took = Duration::from_secs_f64(latency(n));
             for _ in 0..(2 * n).max(MIN_WINDOW as usize) {
                 let mut permit = limit.try_start().expect("room up to the limit");
@@ -300,35 +332,38 @@ mod tests {
                 now += took / u32::try_from(n).unwrap();
                 limit.took(&permit, Answer::Answered, permit.started + took);
             }
+            seen.push((n, limit.kept()));
         }
-        seen.push(limit.limit());
         seen
     }
 
-    /// The limit most windows ran at.
-    fn mostly(path: &[usize]) -> usize {
-        let count = |n: &usize| path.iter().filter(|m| *m == n).count();
-        *path.iter().max_by_key(|n| count(n)).expect("windows")
+    /// The limits kept, each once, in order.
+    fn kept(path: &[(usize, usize)]) -> Vec<usize> {
+        let mut kept: Vec<usize> = path.iter().map(|(_, k)| *k).collect();
+        kept.dedup();
+        kept
     }
 
     #[test]
     fn the_limit_climbs_while_more_in_flight_writes_more_per_second_and_stays_where_it_no_longer_does() {
         // Throughput grows up to 24 in flight and is flat beyond: latency grows with the limit there.
         let limit = WriteLimit::new(8, 64);
-        let path = drive(&limit, 60, |n| n.max(24) as f64 / 1000.0);
-        assert_eq!(&path[..6], &[8, 12, 18, 27, 40, 18], "{path:?}");
-        assert_eq!(mostly(&path), 27, "{path:?}");
-        assert!(path[2..].iter().all(|n| (18..=40).contains(n)), "only short probes around the knee: {path:?}");
+        let path = drive(&limit, 80, |n| n.max(24) as f64 / 1000.0);
+        assert_eq!(kept(&path), [8, 12, 18, 27], "{path:?}");
+        let tried: BTreeSet<usize> = path.iter().skip_while(|(_, k)| *k != 27).map(|(n, _)| *n).collect();
+        assert_eq!(tried, BTreeSet::from([18, 27, 40]), "only trials around the knee: {path:?}");
+        let at_27 = path.iter().filter(|(n, _)| *n == 27).count();
+        assert!(at_27 * 2 > path.len(), "most windows at the knee: {path:?}");
     }
 
     #[test]
     fn the_limit_never_leaves_its_bounds_and_a_fixed_one_never_moves() {
         let limit = WriteLimit::new(8, 32);
-        let path = drive(&limit, 30, |_| 0.01);
-        assert!(path.iter().all(|n| (1..=32).contains(n)), "{path:?}");
-        assert_eq!(mostly(&path), 32, "latency flat: more in flight is always better: {path:?}");
+        let path = drive(&limit, 40, |_| 0.01);
+        assert!(path.iter().all(|(n, k)| (1..=32).contains(n) && (1..=32).contains(k)), "{path:?}");
+        assert_eq!(kept(&path), [8, 12, 18, 27, 32], "latency flat: more in flight is always better: {path:?}");
         let fixed = WriteLimit::fixed(8);
-        assert!(drive(&fixed, 20, |n| 0.001 * n as f64).iter().all(|n| *n == 8));
+        assert!(drive(&fixed, 20, |n| 0.001 * n as f64).iter().all(|(n, k)| (*n, *k) == (8, 8)));
         fixed.try_start().expect("room").finish(Answer::Overloaded);
         assert_eq!(fixed.limit(), 8, "fixed means fixed, overloaded or not");
     }
@@ -336,9 +371,31 @@ mod tests {
     #[test]
     fn fewer_in_flight_is_kept_when_it_writes_as_much() {
         // Every write is serialized by the server: throughput is the same at any limit.
-        let limit = WriteLimit::new(16, 17);
-        let path = drive(&limit, 30, |n| 0.01 * n as f64);
-        assert!(limit.limit() < 16, "the limit gives back what buys nothing: {path:?}");
+        let limit = WriteLimit::new(16, 64);
+        let path = drive(&limit, 60, |n| 0.01 * n as f64);
+        assert_eq!(kept(&path), [16, 11, 8, 6, 4, 3, 2], "the limit gives back what buys nothing: {path:?}");
+    }
+
+    #[test]
+    fn a_trial_pairs_its_windows_so_that_load_growing_meanwhile_weighs_on_both() {
+        // Every write takes longer than the one before, whatever the limit (others' load grows), and
+        // more in flight writes more: compared with the kept limit's earlier windows alone, the
+        // trial would look worse.
+        let limit = WriteLimit::new(8, 32);
+        let mut now = Instant::now();
+        let mut slower = 0.01;
+        for _ in 0..12 {
+            let n = limit.limit();
+            for _ in 0..(2 * n).max(MIN_WINDOW as usize) {
+                slower *= 1.004;
+                let took = Duration::from_secs_f64(slower * (n as f64).sqrt());
+                let mut permit = limit.try_start().expect("room");
+                (permit.started, permit.in_flight) = (now, n);
+                now += took / u32::try_from(n).unwrap();
+                limit.took(&permit, Answer::Answered, permit.started + took);
+            }
+        }
+        assert!(limit.kept() > 8, "{:?}", limit.lock());
     }
 
     #[test]
@@ -347,7 +404,7 @@ mod tests {
         let permits: Vec<_> = (0..16).map(|_| limit.try_start().expect("room")).collect();
         let mut permits = permits.into_iter();
         permits.next().unwrap().finish(Answer::Overloaded);
-        assert_eq!(limit.limit(), 8);
+        assert_eq!((limit.limit(), limit.kept()), (8, 8));
         for permit in permits {
             permit.finish(Answer::Overloaded);
         }
@@ -374,6 +431,6 @@ mod tests {
         for _ in 0..100 {
             idle.try_start().expect("room").finish(Answer::Answered);
         }
-        assert_eq!(idle.limit(), 8);
+        assert_eq!((idle.limit(), idle.kept()), (8, 8));
     }
 }
