@@ -317,7 +317,7 @@ async fn injections_are_written_with_at_most_the_write_concurrency_in_flight() {
     let (writer, mut handle, metrics) = mocked();
     let actions: Vec<_> = ["a", "b", "c", "d", "e"].into_iter().map(inject).collect();
     let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &()).await.expect("written")
+        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &()).await.expect("written").0
     });
     let reply = deployment_reply();
     let first = next_within(&mut handle).await.expect("a first write");
@@ -356,7 +356,7 @@ async fn reconciles_share_one_write_limit_and_a_waiting_one_starts_as_soon_as_a_
     let spawn = |names: [&'static str; 2]| {
         let (writer, pace) = (writer.clone(), pace.clone());
         let actions: Vec<_> = names.into_iter().map(inject).collect();
-        tokio::spawn(async move { apply::workloads(&writer, &actions, pace, &()).await.expect("written") })
+        tokio::spawn(async move { apply::workloads(&writer, &actions, pace, &()).await.expect("written").0 })
     };
     let one = spawn(["a", "b"]);
     let first = next_within(&mut handle).await.expect("a first write");
@@ -387,7 +387,7 @@ async fn every_collector_config_is_written_before_the_first_injection() {
     let (writer, mut handle, _) = mocked();
     let actions = vec![collector_config("shop"), collector_config("web"), inject("a")];
     let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written")
+        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written").0
     });
     let one = next_within(&mut handle).await.expect("a ConfigMap");
     let two = next_within(&mut handle).await.expect("the other ConfigMap at the same time");
@@ -407,19 +407,21 @@ async fn every_collector_config_is_written_before_the_first_injection() {
 }
 
 #[tokio::test]
-async fn a_used_up_write_budget_still_makes_one_write_and_says_what_is_left() {
+async fn a_used_up_write_budget_still_makes_one_write_leaves_it_in_flight_and_says_what_is_left() {
     let (writer, mut handle, metrics) = mocked();
     let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
     let task =
         tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO), &()).await });
+    let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    let (written, tail) = result.expect("nothing failed");
+    assert_eq!(written, Written { done: 1, of: 3 }, "returned before its write is answered");
+    assert!(!written.complete());
+    let tail = tokio::spawn(tail.expect("the write left in flight"));
     let (request, send) = next_within(&mut handle).await.expect("the first write: every reconcile makes progress");
     assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
     assert!(next_within(&mut handle).await.is_none(), "no second write once the budget is used up");
     ok(send, &deployment_reply());
-    let written = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
-    let written = written.expect("nothing failed");
-    assert_eq!(written, Written { done: 1, of: 3 });
-    assert!(!written.complete());
+    tokio::time::timeout(Duration::from_secs(1), tail).await.expect("the tail ends once answered").expect("no panic");
     assert!(metrics.encode().contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 1"));
 }
 
@@ -437,6 +439,7 @@ async fn the_first_failed_write_stops_the_rest() {
         Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap())).unwrap(),
     );
     let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    let result = result.map(|(written, _)| written);
     assert!(matches!(result, Err(apply::Error::Kube(kube::Error::Api(ref e))) if e.code == 403), "{result:?}");
     assert!(next_within(&mut handle).await.is_none(), "no write after the failure");
 }
@@ -467,6 +470,7 @@ async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
     let (writer, mut handle, metrics) = mocked_behind(lapsed());
     let actions = vec![collector_config("shop"), inject("a"), inject("b")];
     let result = apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await;
+    let result = result.map(|(written, _)| written);
     assert!(matches!(result, Err(apply::Error::Fenced { verb: "apply", .. })), "{result:?}");
     assert!(next_within(&mut handle).await.is_none(), "no request reached the API server");
     assert_eq!(writes_counted(&metrics), 0.0, "nothing counted as written");

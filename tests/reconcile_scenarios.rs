@@ -122,7 +122,8 @@ fn context_with(
         canaries: Default::default(),
         hashes: Default::default(),
         flow_reports: Default::default(),
-        stores,
+        stores: stores.map(Arc::new),
+        tails: Mutex::default(),
     };
     (Arc::new(context), writes)
 }

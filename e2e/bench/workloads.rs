@@ -338,7 +338,7 @@ fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
                     ..Default::default()
                 },
                 selected: true,
-                claimed_by: None,
+                ..Default::default()
             })
             .collect();
         let mut chunk_spec = spec.clone();

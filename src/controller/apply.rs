@@ -422,17 +422,47 @@ async fn apply_workload(
     })
 }
 
-/// [`apply_workload`], told to `notes` as it starts and ends.
-async fn noted_apply(
+/// A workload write told to the notes as it starts; told as it ends by [`Noted::ended`], or, if it
+/// never gets there (its future dropped), as ended without a result.
+struct Noted<N: WriteNotes> {
+    notes: N,
+    kind: WorkloadKind,
+    key: ObjectKey,
+    ended: bool,
+}
+
+impl<N: WriteNotes> Noted<N> {
+    fn start(notes: N, kind: WorkloadKind, key: &ObjectKey) -> Self {
+        notes.writing(kind, key);
+        Self { notes, kind, key: key.clone(), ended: false }
+    }
+
+    fn ended(mut self, left: Option<&workloads::Workload>) {
+        self.ended = true;
+        self.notes.written(self.kind, &self.key, left);
+    }
+}
+
+impl<N: WriteNotes> Drop for Noted<N> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.notes.written(self.kind, &self.key, None);
+        }
+    }
+}
+
+/// [`apply_workload`], told to `noted` as it ends.
+async fn noted_apply<N: WriteNotes>(
     writer: &Writer,
-    notes: &impl WriteNotes,
+    noted: Option<Noted<N>>,
     kind: WorkloadKind,
     key: &ObjectKey,
     patch: Value,
 ) -> Result<()> {
-    notes.writing(kind, key);
     let result = apply_workload(writer, kind, key, patch).await;
-    notes.written(kind, key, result.as_ref().ok());
+    if let Some(noted) = noted {
+        noted.ended(result.as_ref().ok());
+    }
     result.map(drop)
 }
 
@@ -513,24 +543,41 @@ impl Written {
     }
 }
 
+/// Writes started and not answered yet.
+type InFlight<'f> = FuturesUnordered<futures::future::BoxFuture<'f, Result<()>>>;
+
+/// Writes a reconcile started and left in flight when its write budget ran out: they go on after it
+/// returned, each told to the limit and to the stores as it ends (see [`workloads`]).
+pub type Tail = futures::future::BoxFuture<'static, ()>;
+
 /// Runs `actions` in plan order, one phase after the other (`phase` of consecutive actions), the
 /// actions of a phase started while `pace.limit` has room. No action but the first starts once
 /// `pace.budget` has passed (a later phase never starts while an earlier one is unfinished), and the
 /// first failure stops the rest. Each write's answer is told to the limit.
-async fn paced<'a, A, F, Fut>(actions: &'a [A], pace: Pace, phase: impl Fn(&A) -> u8, write: F) -> Result<Written>
+///
+/// When the budget ends within a phase, the writes in flight are waited for, or, with `hand_off`,
+/// returned unanswered: the caller lets them finish while the next reconcile plans and writes on, so
+/// that the API server is not left with fewer writes than the limit between two reconciles.
+async fn paced<'a, 'f, A, F, Fut>(
+    actions: &'a [A],
+    pace: Pace,
+    hand_off: bool,
+    phase: impl Fn(&A) -> u8,
+    write: F,
+) -> Result<(Written, InFlight<'f>)>
 where
     F: Fn(&'a A) -> Fut,
-    Fut: Future<Output = Result<()>>,
+    Fut: Future<Output = Result<()>> + Send + 'f,
 {
     let of = actions.len();
     let until = Instant::now() + pace.budget;
     let open = |next: usize| next == 0 || Instant::now() < until;
-    let limit = &*pace.limit;
+    let limit = &pace.limit;
     let mut done = 0;
+    let mut in_flight = InFlight::new();
     while done < of && open(done) {
         let current = phase(&actions[done]);
         let end = actions[done..].iter().position(|a| phase(a) != current).map_or(of, |n| done + n);
-        let mut in_flight = FuturesUnordered::new();
         let mut next = done;
         loop {
             // Listening before asking for room: a write that ends in between still wakes this.
@@ -540,14 +587,18 @@ where
             while next < end && open(next) {
                 let Some(permit) = limit.try_start() else { break };
                 let written = write(&actions[next]);
-                in_flight.push(async move {
+                in_flight.push(Box::pin(async move {
                     let result = written.await;
                     permit.finish(Answer::of(&result));
                     result
-                });
+                }));
                 next += 1;
             }
             let more = next < end && open(next);
+            // The budget ended within the phase: the rest of it is the next reconcile's.
+            if hand_off && next < end && !open(next) && !in_flight.is_empty() {
+                return Ok((Written { done: next, of }, in_flight));
+            }
             if in_flight.is_empty() {
                 if !more {
                     break;
@@ -565,7 +616,7 @@ where
             break;
         }
     }
-    Ok(Written { done, of })
+    Ok((Written { done, of }, in_flight))
 }
 
 /// An action of the workload layer, as planned: built, or an injection built when its write starts
@@ -608,47 +659,80 @@ impl WorkloadAction for workloads::Lazy<'_> {
 /// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. An action
 /// is built when its write starts. Each workload write is told to `notes` as it starts and ends (the
 /// stores take in what it left before their watch does).
-pub async fn workloads(
+///
+/// When the write budget ends with actions left, the writes still in flight are returned as a
+/// [`Tail`] to run on (`Written::done` counts them): the next reconcile sees them in flight in the
+/// stores and plans around them. A failure in the tail is logged; its target is planned again.
+pub async fn workloads<N>(
     writer: &Writer,
     actions: &[impl WorkloadAction],
     pace: Pace,
-    notes: &impl WriteNotes,
-) -> Result<Written> {
-    use workloads::Action::*;
-    paced(actions, pace, WorkloadAction::phase, |planned| async move {
+    notes: &N,
+) -> Result<(Written, Option<Tail>)>
+where
+    N: WriteNotes + Clone + Send + 'static,
+{
+    let (written, in_flight) = paced(actions, pace, true, WorkloadAction::phase, |planned| {
         // Owned: an injection built now is moved into its request, not copied.
-        match planned.action().into_owned() {
-            ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
-                let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
-                let patch = json!({
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": {
-                        "name": name,
-                        "namespace": namespace,
-                        "labels": {workloads::POLICY_LABEL: policy},
-                        "ownerReferences": [{
-                            "apiVersion": "crosstrace.dev/v1alpha1",
-                            "kind": "TracingPolicy",
-                            "name": policy,
-                            "uid": policy_uid,
-                        }],
-                    },
-                    "data": data,
-                });
-                writer.apply(&api, &name, patch).await.map(drop)
+        let action = planned.action().into_owned();
+        // Told now, not when the write is first polled: a reconcile right after this one's budget ended
+        // finds it in flight.
+        let noted = match &action {
+            workloads::Action::Inject { kind, workload, .. } | workloads::Action::Remove { kind, workload, .. } => {
+                Some(Noted::start(notes.clone(), *kind, workload))
             }
-            Inject { kind, workload, patch } => noted_apply(writer, notes, kind, &workload, patch).await,
-            Remove { kind, workload, rolled_back } => {
-                let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
-                noted_apply(writer, notes, kind, &workload, patch).await
-            }
-            DeleteCollectorConfig { namespace, name } => {
-                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
-            }
-        }
+            _ => None,
+        };
+        let writer = writer.clone();
+        async move { workload_action(&writer, noted, action).await }
     })
-    .await
+    .await?;
+    let tail = (!in_flight.is_empty()).then(|| {
+        Box::pin(in_flight.for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::warn!(%error, "a workload write left in flight by its reconcile failed; it is planned again");
+            }
+        })) as Tail
+    });
+    Ok((written, tail))
+}
+
+async fn workload_action<N: WriteNotes>(
+    writer: &Writer,
+    noted: Option<Noted<N>>,
+    action: workloads::Action,
+) -> Result<()> {
+    use workloads::Action::*;
+    match action {
+        ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
+            let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
+            let patch = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": {workloads::POLICY_LABEL: policy},
+                    "ownerReferences": [{
+                        "apiVersion": "crosstrace.dev/v1alpha1",
+                        "kind": "TracingPolicy",
+                        "name": policy,
+                        "uid": policy_uid,
+                    }],
+                },
+                "data": data,
+            });
+            writer.apply(&api, &name, patch).await.map(drop)
+        }
+        Inject { kind, workload, patch } => noted_apply(writer, noted, kind, &workload, patch).await,
+        Remove { kind, workload, rolled_back } => {
+            let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
+            noted_apply(writer, noted, kind, &workload, patch).await
+        }
+        DeleteCollectorConfig { namespace, name } => {
+            writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
+        }
+    }
 }
 
 /// Runs the network layer's actions (one per node, independent of each other), paced by `pace`. Every
@@ -661,9 +745,10 @@ pub async fn network(
     notes: &impl WriteNotes,
 ) -> Result<Written> {
     let api = &Api::<NodeTracing>::all(writer.client.clone());
-    paced(
+    let (written, _) = paced(
         actions,
         pace,
+        false,
         |_| 0,
         |action| async move {
             let node = match action {
@@ -695,5 +780,6 @@ pub async fn network(
             result.map(drop)
         },
     )
-    .await
+    .await?;
+    Ok(written)
 }

@@ -7,7 +7,7 @@
 //!   waiting, whatever else the reconciles do between writes. A window in which the writes did not fill
 //!   the limit says nothing about it and is measured again.
 //! - Another limit is tried against the kept one in a paired trial: windows alternate between the two
-//!   (kept, other, kept, other), so that what else loads the API server meanwhile (the workloads'
+//!   (kept, other, three times), so that what else loads the API server meanwhile (the workloads'
 //!   own controllers rolling out what was written, most of all) weighs on both alike.
 //! - Half as many again is kept when it writes more than [`BETTER`] times as much; then more is
 //!   tried. When it does not, a third less is tried, and kept when it writes at least [`SAME`] of the
@@ -21,7 +21,7 @@
 //! With `--write-concurrency-max` equal to `--write-concurrency`, the limit is fixed: it moves for
 //! nothing (the client still waits as a 429's `Retry-After` asks).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -32,6 +32,8 @@ pub const BETTER: f64 = 1.05;
 pub const SAME: f64 = 0.95;
 /// Windows the limit stays at once no other was better, or after an overload.
 pub const HOLD: u32 = 8;
+/// Windows of a trial: the kept limit and the other one, three times each.
+const TRIAL: u8 = 6;
 /// The fewest writes a window has.
 const MIN_WINDOW: u32 = 32;
 /// A window is measured again when its writes filled less than this share of the limit.
@@ -93,7 +95,7 @@ impl Sum {
 enum Step {
     /// Staying at the kept limit for this many more windows, then trying more.
     Hold(u32),
-    /// Trying `other` against the kept limit: the `window`th of four (even: kept, odd: other).
+    /// Trying `other` against the kept limit: the `window`th of [`TRIAL`] (even: kept, odd: other).
     Trial { other: usize, window: u8, kept: Sum, tried: Sum },
 }
 
@@ -120,21 +122,21 @@ impl Answer {
 
 /// A write in flight; its place is given back when it is dropped (also when the write is abandoned).
 #[derive(Debug)]
-pub struct Permit<'a> {
-    limit: &'a WriteLimit,
+pub struct Permit {
+    limit: Arc<WriteLimit>,
     started: Instant,
     in_flight: usize,
     epoch: u64,
 }
 
-impl Permit<'_> {
+impl Permit {
     /// The write ended with `answer`: the limit takes it in.
     pub fn finish(self, answer: Answer) {
         self.limit.took(&self, answer, Instant::now());
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         let mut state = self.limit.lock();
         state.in_flight -= 1;
@@ -192,11 +194,11 @@ impl WriteLimit {
     }
 
     /// A place for one more write, if the limit has room now.
-    pub fn try_start(&self) -> Option<Permit<'_>> {
+    pub fn try_start(self: &Arc<Self>) -> Option<Permit> {
         let mut state = self.lock();
         (state.in_flight < state.limit).then(|| {
             state.in_flight += 1;
-            Permit { limit: self, started: Instant::now(), in_flight: state.in_flight, epoch: state.epoch }
+            Permit { limit: Arc::clone(self), started: Instant::now(), in_flight: state.in_flight, epoch: state.epoch }
         })
     }
 
@@ -206,7 +208,7 @@ impl WriteLimit {
         self.room.notified()
     }
 
-    fn took(&self, permit: &Permit<'_>, answer: Answer, now: Instant) {
+    fn took(&self, permit: &Permit, answer: Answer, now: Instant) {
         let mut state = self.lock();
         let (limit_before, kept_before) = (state.limit, state.kept);
         if state.epoch == permit.epoch && self.floor < self.ceiling {
@@ -226,7 +228,7 @@ impl WriteLimit {
 
 impl State {
     /// Takes in one finished write, started under the current limit.
-    fn take(&mut self, permit: &Permit<'_>, answer: Answer, now: Instant, (floor, ceiling): (usize, usize)) {
+    fn take(&mut self, permit: &Permit, answer: Answer, now: Instant, (floor, ceiling): (usize, usize)) {
         if answer == Answer::Overloaded {
             self.kept = (self.limit.min(self.kept) / 2).max(floor);
             self.step = Step::Hold(HOLD);
@@ -281,7 +283,7 @@ impl State {
                 } else {
                     tried.add(window);
                 }
-                if n < 3 {
+                if n + 1 < TRIAL {
                     Step::Trial { other, window: n + 1, kept, tried }
                 } else if other > self.kept && tried.throughput() > kept.throughput() * BETTER {
                     self.kept = other;
@@ -320,7 +322,7 @@ mod tests {
 
     /// Runs whole windows through `limit`, the limit filled and each write taking `latency(limit)`
     /// seconds; returns the limit each window ran at, and the limit kept after it.
-    fn drive(limit: &WriteLimit, windows: usize, latency: impl Fn(usize) -> f64) -> Vec<(usize, usize)> {
+    fn drive(limit: &Arc<WriteLimit>, windows: usize, latency: impl Fn(usize) -> f64) -> Vec<(usize, usize)> {
         let mut seen = vec![];
         let mut now = Instant::now();
         for _ in 0..windows {
@@ -347,7 +349,7 @@ mod tests {
     #[test]
     fn the_limit_climbs_while_more_in_flight_writes_more_per_second_and_stays_where_it_no_longer_does() {
         // Throughput grows up to 24 in flight and is flat beyond: latency grows with the limit there.
-        let limit = WriteLimit::new(8, 64);
+        let limit = Arc::new(WriteLimit::new(8, 64));
         let path = drive(&limit, 80, |n| n.max(24) as f64 / 1000.0);
         assert_eq!(kept(&path), [8, 12, 18, 27], "{path:?}");
         let tried: BTreeSet<usize> = path.iter().skip_while(|(_, k)| *k != 27).map(|(n, _)| *n).collect();
@@ -358,11 +360,11 @@ mod tests {
 
     #[test]
     fn the_limit_never_leaves_its_bounds_and_a_fixed_one_never_moves() {
-        let limit = WriteLimit::new(8, 32);
+        let limit = Arc::new(WriteLimit::new(8, 32));
         let path = drive(&limit, 40, |_| 0.01);
         assert!(path.iter().all(|(n, k)| (1..=32).contains(n) && (1..=32).contains(k)), "{path:?}");
         assert_eq!(kept(&path), [8, 12, 18, 27, 32], "latency flat: more in flight is always better: {path:?}");
-        let fixed = WriteLimit::fixed(8);
+        let fixed = Arc::new(WriteLimit::fixed(8));
         assert!(drive(&fixed, 20, |n| 0.001 * n as f64).iter().all(|(n, k)| (*n, *k) == (8, 8)));
         fixed.try_start().expect("room").finish(Answer::Overloaded);
         assert_eq!(fixed.limit(), 8, "fixed means fixed, overloaded or not");
@@ -371,7 +373,7 @@ mod tests {
     #[test]
     fn fewer_in_flight_is_kept_when_it_writes_as_much() {
         // Every write is serialized by the server: throughput is the same at any limit.
-        let limit = WriteLimit::new(16, 64);
+        let limit = Arc::new(WriteLimit::new(16, 64));
         let path = drive(&limit, 60, |n| 0.01 * n as f64);
         assert_eq!(kept(&path), [16, 11, 8, 6, 4, 3, 2], "the limit gives back what buys nothing: {path:?}");
     }
@@ -381,7 +383,7 @@ mod tests {
         // Every write takes longer than the one before, whatever the limit (others' load grows), and
         // more in flight writes more: compared with the kept limit's earlier windows alone, the
         // trial would look worse.
-        let limit = WriteLimit::new(8, 32);
+        let limit = Arc::new(WriteLimit::new(8, 32));
         let mut now = Instant::now();
         let mut slower = 0.01;
         for _ in 0..12 {
@@ -400,7 +402,7 @@ mod tests {
 
     #[test]
     fn an_overloaded_answer_halves_the_limit_once_for_the_writes_in_flight_together() {
-        let limit = WriteLimit::new(16, 32);
+        let limit = Arc::new(WriteLimit::new(16, 32));
         let permits: Vec<_> = (0..16).map(|_| limit.try_start().expect("room")).collect();
         let mut permits = permits.into_iter();
         permits.next().unwrap().finish(Answer::Overloaded);
@@ -420,14 +422,14 @@ mod tests {
 
     #[test]
     fn an_abandoned_write_gives_its_place_back_and_a_half_filled_window_is_not_measured() {
-        let limit = WriteLimit::new(4, 64);
+        let limit = Arc::new(WriteLimit::new(4, 64));
         let permit = limit.try_start().expect("room");
         let _others: Vec<_> = (0..3).map(|_| limit.try_start().expect("room")).collect();
         assert!(limit.try_start().is_none());
         drop(permit);
         assert!(limit.try_start().is_some(), "the abandoned write's place is free again");
         // One write at a time, far under the limit: whatever its latency, the limit stays.
-        let idle = WriteLimit::new(8, 64);
+        let idle = Arc::new(WriteLimit::new(8, 64));
         for _ in 0..100 {
             idle.try_start().expect("room").finish(Answer::Answered);
         }

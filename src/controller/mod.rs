@@ -212,9 +212,12 @@ pub struct Context {
     /// The flows receivers' last reports (`TracesFlowing`).
     pub flow_reports: crate::flows::reporter::Reports,
     /// The watch-backed stores of workloads and namespaces (`None`: every reconcile lists them).
-    pub stores: Option<crate::layers::stores::Stores>,
+    pub stores: Option<Arc<crate::layers::stores::Stores>>,
     /// How many writes of each layer are in flight at once, across reconciles.
     pub write_limits: WriteLimits,
+    /// Per policy uid: the workload writes its reconciles left in flight when their budget ended
+    /// (`apply::Tail`), running on.
+    pub tails: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 /// The adaptive write limits ([`limit::WriteLimit`]): one per layer that writes many objects at once,
@@ -624,11 +627,12 @@ pub async fn run(
         canaries: Default::default(),
         hashes: Default::default(),
         flow_reports: Default::default(),
-        stores: Some(
+        stores: Some(Arc::new(
             Stores::new(deployments, statefulsets, daemonsets, namespaces, nodes, tracing_store)
                 .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors }),
-        ),
+        )),
         write_limits,
+        tails: Mutex::default(),
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
     // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects

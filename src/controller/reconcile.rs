@@ -242,11 +242,18 @@ async fn run_layers(
         .filter_map(|p| Some((p.name_any(), workloads::Selection::new(p.spec.workloads.as_ref()?, defaults).ok()?)))
         .collect();
     let observing = Instant::now();
-    let (observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_ref(), view, defaults, |w| {
+    let (mut observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_deref(), view, defaults, |w| {
         let ns_labels = || w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
         older_selections.iter().find(|(_, s)| s.selects(w.kind, &w.metadata, ns_labels)).map(|(name, _)| name.clone())
     })
     .await?;
+    // Writes an earlier reconcile left in flight: planned around until they are answered.
+    let tail_before = lock(&ctx.tails).contains_key(&uid);
+    if let Some(stores) = ctx.stores.as_deref().filter(|_| tail_before) {
+        for t in &mut observed {
+            t.writing = stores.is_writing(t.workload.kind, &t.workload.key(), name);
+        }
+    }
     drop((labels, older_selections));
     drop(older_policies);
     let planning = Instant::now();
@@ -261,9 +268,23 @@ async fn run_layers(
     if !actions.is_empty() {
         info!(actions = actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        written =
+        let tail;
+        (written, tail) =
             super::apply::workloads(&ctx.writer, &actions, pace(ctx, &ctx.write_limits.workloads), &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
+        if let Some(tail) = tail {
+            keep_tail(ctx, &uid, tail);
+        }
+    }
+    // Every planned write was made: the writes an earlier reconcile left in flight end before this one
+    // says so, and the next reconcile looks at what they left (their echoes wake nothing).
+    let mut settled = false;
+    if written.complete() {
+        let previous = lock(&ctx.tails).remove(&uid);
+        if let Some(previous) = previous {
+            let _ = previous.await;
+            settled = true;
+        }
     }
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
     tracing::debug!(
@@ -285,7 +306,7 @@ async fn run_layers(
     drop((actions, drifted));
     drop((observed, config_maps));
 
-    let observed = network::observe(&ctx.client, ctx.stores.as_ref(), view).await?;
+    let observed = network::observe(&ctx.client, ctx.stores.as_deref(), view).await?;
     let mut correlation =
         network::Correlation { max_header_bytes: limits.map(|l| l.max_header_bytes), ..Default::default() };
     if let Some(receiver) = &ctx.settings.flows_receiver
@@ -316,7 +337,25 @@ async fn run_layers(
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
     // Raced writes: the events that told of their targets' change were taken for the writes' echoes.
-    Ok((reports, written.complete() && !raced))
+    Ok((reports, written.complete() && !raced && !settled))
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lets `tail` (writes this reconcile left in flight) run on, after any the policy's earlier
+/// reconciles left: the policy's entry in `ctx.tails` ends when all of them have.
+fn keep_tail(ctx: &Context, uid: &str, tail: super::apply::Tail) {
+    let mut tails = lock(&ctx.tails);
+    let previous = tails.remove(uid);
+    let all = tokio::spawn(async move {
+        tail.await;
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
+    });
+    tails.insert(uid.to_string(), all);
 }
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no

@@ -91,14 +91,16 @@ pub fn pruned_tracing(t: NodeTracing) -> NodeTracing {
     NodeTracing { metadata: pruned_metadata(&t.metadata), ..t }
 }
 
-/// A policy's workload writes, as the stores hear of them.
-pub struct Writes<'a> {
-    stores: &'a Stores,
-    policy: &'a str,
-    raced: AtomicBool,
+/// A policy's workload writes, as the stores hear of them; cloned into each write (some outlive their
+/// reconcile: see `apply::workloads`).
+#[derive(Clone)]
+pub struct Writes {
+    stores: Arc<Stores>,
+    policy: Arc<str>,
+    raced: Arc<AtomicBool>,
 }
 
-impl crate::controller::apply::WriteNotes for Writes<'_> {
+impl crate::controller::apply::WriteNotes for Writes {
     fn writing(&self, kind: WorkloadKind, key: &ObjectKey) {
         let mut writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner());
         // A workload write is judged by the versions its store takes in meanwhile, not by the one before.
@@ -111,7 +113,7 @@ impl crate::controller::apply::WriteNotes for Writes<'_> {
     fn written(&self, kind: WorkloadKind, key: &ObjectKey, left: Option<&Workload>) {
         let writing = self.stores.writing.lock().unwrap_or_else(|e| e.into_inner()).remove(&(kind, key.clone()));
         if let (Some(w), Some(writing)) = (left, writing)
-            && self.stores.saw_written(w, self.policy, writing)
+            && self.stores.saw_written(w, &self.policy, writing)
         {
             self.raced.store(true, Ordering::Relaxed);
         }
@@ -127,14 +129,14 @@ impl crate::controller::apply::WriteNotes for Writes<'_> {
         let before = self.stores.writing_tracings.lock().unwrap_or_else(|e| e.into_inner()).remove(node);
         if let Some(left) = left {
             let before = before.and_then(|w| w.before);
-            if self.stores.saw_written_tracing(node, left, self.policy, before) {
+            if self.stores.saw_written_tracing(node, left, &self.policy, before) {
                 self.raced.store(true, Ordering::Relaxed);
             }
         }
     }
 }
 
-impl Writes<'_> {
+impl Writes {
     /// Did the store of a written workload or NodeTracing take in, during its write, a change after
     /// the write? Those events were taken for the write's echo and woke nothing: the policy should look
     /// again at once rather than at its next poll.
@@ -545,8 +547,14 @@ impl Stores {
     }
 
     /// What `policy`'s workload and NodeTracing writes tell the stores.
-    pub fn writes_of<'a>(&'a self, policy: &'a str) -> Writes<'a> {
-        Writes { stores: self, policy, raced: AtomicBool::new(false) }
+    pub fn writes_of(self: &Arc<Self>, policy: &str) -> Writes {
+        Writes { stores: Arc::clone(self), policy: policy.into(), raced: Arc::default() }
+    }
+
+    /// Is a write of `policy`'s to this workload in flight (one a reconcile that ended left going)?
+    pub fn is_writing(&self, kind: WorkloadKind, key: &ObjectKey, policy: &str) -> bool {
+        let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        writing.get(&(kind, key.clone())).is_some_and(|w| w.policy == policy)
     }
 
     /// Forgets the workloads' stale versions ([`Stores::forget_stale`]) at most every few seconds: it
@@ -612,7 +620,7 @@ mod tests {
         }
     }
 
-    fn stores() -> (Stores, Writer<Pruned<Deployment>>) {
+    fn stores() -> (Arc<Stores>, Writer<Pruned<Deployment>>) {
         let (deployments, writer) = reflector::store();
         let stores = Stores::new(
             deployments,
@@ -622,15 +630,15 @@ mod tests {
             reflector::store().0,
             reflector::store().0,
         );
-        (stores, writer)
+        (Arc::new(stores), writer)
     }
 
-    fn network_stores() -> (Stores, Writer<Addressed<Node>>, Writer<NodeTracing>) {
+    fn network_stores() -> (Arc<Stores>, Writer<Addressed<Node>>, Writer<NodeTracing>) {
         let (nodes, node_writer) = reflector::store();
         let (tracings, tracing_writer) = reflector::store();
         let s = reflector::store().0;
         let stores = Stores::new(s, reflector::store().0, reflector::store().0, reflector::store().0, nodes, tracings);
-        (stores, node_writer, tracing_writer)
+        (Arc::new(stores), node_writer, tracing_writer)
     }
 
     /// NodeTracing `n0` at `version`, with an export of each of `policies`.

@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 
 use super::rollout::{self, Health, Written};
 use super::{
-    LayerReport, ObjectKey, PolicyView, TargetPlan, health, label_equals, matches, normalize_ratio, reasons, schedule,
-    selector,
+    LayerReport, ObjectKey, PolicyView, Progress, TargetPlan, health, label_equals, matches, normalize_ratio, reasons,
+    schedule, selector,
 };
 use crate::api::{OtlpProtocol, TracingPolicySpec, WorkloadKind, WorkloadsSpec};
 use crate::lean::{Lean, Meta};
@@ -330,6 +330,9 @@ pub struct Observed {
     pub selected: bool,
     /// An older policy that also selects this workload and therefore keeps it.
     pub claimed_by: Option<String>,
+    /// A write of this policy's to it is in flight, left going by an earlier reconcile whose write
+    /// budget ended: what it leaves is not known yet.
+    pub writing: bool,
 }
 
 /// One change of the workload layer.
@@ -762,8 +765,20 @@ fn plan_remembering<'a>(
     let mut reverts = Vec::new();
     let mut per_target = Vec::new();
     let mut namespaces_in_use = BTreeSet::new();
+    let mut writing = false;
     for t in targets {
         let w = &t.workload;
+        if t.writing {
+            // It keeps its slot, its namespace keeps the collector configuration, and nothing more is
+            // planned for it until its write is answered.
+            writing = true;
+            namespaces_in_use.insert(w.key().namespace);
+            if active && t.selected {
+                plan.report.selected += 1;
+                per_target.push(TargetPlan::state(Progress::InFlight));
+            }
+            continue;
+        }
         let record = record_of(&w.metadata);
         let ours = matches!(&record, Ok(Some(r)) if r.policy == policy.name);
         let marker = w.metadata.annotations.as_ref().and_then(|a| a.get(ROLLED_BACK_ANNOTATION));
@@ -804,8 +819,9 @@ fn plan_remembering<'a>(
     }
     plan.actions.extend(schedule(per_target, &policy.spec.rollout, &mut plan.report));
     plan.actions.extend(reverts);
-    // A ConfigMap goes last, once no sidecar of this policy is left in its namespace.
-    for cm in config_maps {
+    // A ConfigMap goes last, once no sidecar of this policy is left in its namespace (and no write
+    // of this policy's is in flight: a removal in flight may not have landed yet).
+    for cm in config_maps.iter().filter(|_| !writing) {
         let namespace = cm.namespace().unwrap_or_default();
         if !active || !namespaces_in_use.contains(&namespace) {
             plan.actions.push(Lazy::Now(Action::DeleteCollectorConfig { namespace, name: name.clone() }));
@@ -1086,7 +1102,7 @@ async fn listed(
     let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
     for w in selected.into_iter().filter(|w| !is_edge_controller(w)) {
         let claimed_by = claimant(&w);
-        found.insert((w.key(), w.kind), Observed { workload: w, selected: true, claimed_by });
+        found.insert((w.key(), w.kind), Observed { workload: w, selected: true, claimed_by, writing: false });
     }
     // Workloads this policy changed that are no longer selected: the few whole objects not read above.
     let changed = [(WorkloadKind::Deployment, deployments), (WorkloadKind::StatefulSet, statefulsets)]
@@ -1144,7 +1160,7 @@ async fn stored(
         let selected = selected(w.kind, &w.metadata);
         if selected || labelled(&w.metadata) {
             let claimed_by = if selected { claimant(&w) } else { None };
-            found.insert((w.key(), w.kind), Observed { workload: w, selected, claimed_by });
+            found.insert((w.key(), w.kind), Observed { workload: w, selected, claimed_by, writing: false });
         }
     };
     // Everything `selected` reads besides labels: a resync of a policy that nothing relabelled since
@@ -1438,7 +1454,7 @@ mod tests {
     }
 
     fn selected(w: Workload) -> Observed {
-        Observed { workload: w, selected: true, claimed_by: None }
+        Observed { workload: w, selected: true, ..Default::default() }
     }
 
     /// The workload as the API server holds it after an Inject (record and injected fields present).
@@ -1540,6 +1556,47 @@ mod tests {
         assert!(matches!(plan.actions[0], Action::ApplyCollectorConfig { .. }));
         assert_eq!(plan.actions.iter().filter(|a| matches!(a, Action::Inject { .. })).count(), 2);
         assert_eq!((plan.report.in_flight, plan.report.pending, plan.report.selected), (2, 3, 5));
+    }
+
+    #[test]
+    fn a_target_whose_write_is_still_in_flight_keeps_its_slot_and_gets_nothing_more() {
+        let s = spec();
+        let mut targets: Vec<Observed> = (0..5).map(|i| selected(workload(&format!("w{i}"), &[]))).collect();
+        targets[0].writing = true;
+        let cm = ConfigMap {
+            metadata: ObjectMeta { namespace: Some("shop".into()), ..Default::default() },
+            data: Some(collector_config(&s)),
+            ..Default::default()
+        };
+        let plan = plan(view(&s), &defaults(), &targets, std::slice::from_ref(&cm), NOW);
+        let injected: Vec<String> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Inject { workload, .. } => Some(workload.name.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(injected, ["w1"], "w0 holds one of the two slots; it is not written again");
+        assert_eq!((plan.report.in_flight, plan.report.pending, plan.report.selected), (2, 3, 5));
+
+        // Reverting: a removal in flight is not sent again, and the collector configuration stays until it
+        // has landed.
+        let reverting = PolicyView { deleting: true, ..view(&s) };
+        let mut removing = injected_target(&s, "w0");
+        removing.writing = true;
+        let plan = super::plan(reverting, &defaults(), &[removing.clone()], std::slice::from_ref(&cm), NOW);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        removing.writing = false;
+        let plan = super::plan(reverting, &defaults(), &[removing], std::slice::from_ref(&cm), NOW);
+        assert!(matches!(plan.actions[..], [Action::Remove { .. }, Action::DeleteCollectorConfig { .. }]));
+    }
+
+    /// A target of `s` with its injection written.
+    fn injected_target(s: &TracingPolicySpec, name: &str) -> Observed {
+        let t = selected(workload(name, &[]));
+        let first = plan(view(s), &defaults(), std::slice::from_ref(&t), &[], NOW);
+        injected(t, &first.actions)
     }
 
     #[test]
