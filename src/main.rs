@@ -88,8 +88,8 @@ struct ControllerArgs {
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(leader::MIN_LEASE_DURATION.as_secs()..=3600))]
     lease_duration: u64,
     /// Writes of a layer in flight at once (workload injections, NodeTracings) when the controller starts.
-    /// The limit adapts from there: up while more writes in flight get more done per second, down when
-    /// they do not or when the API server answers that it is overloaded (429, 503, 504).
+    /// The limit adapts from there: up while the API server answers in time, down when it answers that it
+    /// is overloaded (429, 503, 504) or slowly.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     write_concurrency: u16,
     /// The most writes of a layer in flight at once; at least --write-concurrency (equal: the limit is fixed).
