@@ -444,6 +444,39 @@ async fn the_first_failed_write_stops_the_rest() {
     assert!(next_within(&mut handle).await.is_none(), "no write after the failure");
 }
 
+#[tokio::test]
+async fn a_write_dropped_in_flight_is_no_longer_taken_for_one_in_flight() {
+    use crosstrace::layers::stores::Stores;
+    use kube::runtime::reflector;
+    let (writer, mut handle, _) = mocked();
+    let stores = Arc::new(Stores::new(
+        reflector::store().0,
+        reflector::store().0,
+        reflector::store().0,
+        reflector::store().0,
+        reflector::store().0,
+        reflector::store().0,
+    ));
+    let notes = Some(stores.writes_of("storefront"));
+    let actions: Vec<_> = ["a", "b"].into_iter().map(inject).collect();
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &notes).await.map(|(w, _)| w)
+    });
+    let first = next_within(&mut handle).await.expect("a's write");
+    let _second = next_within(&mut handle).await.expect("b's write, at the same time");
+    let (kind, a, b) = (WorkloadKind::Deployment, ObjectKey::new("shop", "a"), ObjectKey::new("shop", "b"));
+    assert!(stores.is_writing(kind, &a, "storefront") && stores.is_writing(kind, &b, "storefront"));
+    assert!(!stores.is_writing(kind, &a, "other"), "in flight for the policy that writes it");
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
+    first.1.send_response(
+        Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap())).unwrap(),
+    );
+    let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert!(result.is_err(), "{result:?}");
+    assert!(!stores.is_writing(kind, &a, "storefront"), "a's write was answered");
+    assert!(!stores.is_writing(kind, &b, "storefront"), "b's write was dropped with the reconcile: not in flight");
+}
+
 // ---- the leader fence ----
 
 use std::time::Instant;
