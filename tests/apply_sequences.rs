@@ -465,16 +465,17 @@ async fn a_write_dropped_in_flight_is_no_longer_taken_for_one_in_flight() {
     let first = next_within(&mut handle).await.expect("a's write");
     let _second = next_within(&mut handle).await.expect("b's write, at the same time");
     let (kind, a, b) = (WorkloadKind::Deployment, ObjectKey::new("shop", "a"), ObjectKey::new("shop", "b"));
-    assert!(stores.is_writing(kind, &a, "storefront") && stores.is_writing(kind, &b, "storefront"));
-    assert!(!stores.is_writing(kind, &a, "other"), "in flight for the policy that writes it");
+    let writing = |policy: &str, key: &ObjectKey| stores.writing_of(policy).contains(&(kind, key.clone()));
+    assert!(writing("storefront", &a) && writing("storefront", &b));
+    assert!(!writing("other", &a), "in flight for the policy that writes it");
     let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
     first.1.send_response(
         Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap())).unwrap(),
     );
     let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
     assert!(result.is_err(), "{result:?}");
-    assert!(!stores.is_writing(kind, &a, "storefront"), "a's write was answered");
-    assert!(!stores.is_writing(kind, &b, "storefront"), "b's write was dropped with the reconcile: not in flight");
+    assert!(!writing("storefront", &a), "a's write was answered");
+    assert!(!writing("storefront", &b), "b's write was dropped with the reconcile: not in flight");
 }
 
 // ---- the leader fence ----

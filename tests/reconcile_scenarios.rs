@@ -123,7 +123,7 @@ fn context_with(
         hashes: Default::default(),
         flow_reports: Default::default(),
         stores: stores.map(Arc::new),
-        tails: Mutex::default(),
+        tails: Default::default(),
     };
     (Arc::new(context), writes)
 }

@@ -454,15 +454,13 @@ impl<N: WriteNotes> Drop for Noted<N> {
 /// [`apply_workload`], told to `noted` as it ends.
 async fn noted_apply<N: WriteNotes>(
     writer: &Writer,
-    noted: Option<Noted<N>>,
+    noted: Noted<N>,
     kind: WorkloadKind,
     key: &ObjectKey,
     patch: Value,
 ) -> Result<()> {
     let result = apply_workload(writer, kind, key, patch).await;
-    if let Some(noted) = noted {
-        noted.ended(result.as_ref().ok());
-    }
+    noted.ended(result.as_ref().ok());
     result.map(drop)
 }
 
@@ -549,6 +547,35 @@ type InFlight<'f> = FuturesUnordered<futures::future::BoxFuture<'f, Result<()>>>
 /// Writes a reconcile started and left in flight when its write budget ran out: they go on after it
 /// returned, each told to the limit and to the stores as it ends (see [`workloads`]).
 pub type Tail = futures::future::BoxFuture<'static, ()>;
+
+/// Per policy uid: the tails its reconciles left, running on.
+#[derive(Debug, Default)]
+pub struct Tails(std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>);
+
+impl Tails {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::task::JoinHandle<()>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets `tail` run on, after any the policy's earlier reconciles left: the policy's entry ends when
+    /// all of them have.
+    pub fn keep(&self, uid: &str, tail: Tail) {
+        let mut tails = self.lock();
+        let previous = tails.remove(uid);
+        let all = tokio::spawn(async move {
+            tail.await;
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+        });
+        tails.insert(uid.to_string(), all);
+    }
+
+    /// The policy's tails, to wait for; none are kept after this.
+    pub fn take(&self, uid: &str) -> Option<tokio::task::JoinHandle<()>> {
+        self.lock().remove(uid)
+    }
+}
 
 /// Runs `actions` in plan order, one phase after the other (`phase` of consecutive actions), the
 /// actions of a phase started while `pace.limit` has room. No action but the first starts once
@@ -672,19 +699,9 @@ pub async fn workloads<N>(
 where
     N: WriteNotes + Clone + Send + 'static,
 {
+    // Owned: an injection built now is moved into its request, not copied.
     let (written, in_flight) = paced(actions, pace, true, WorkloadAction::phase, |planned| {
-        // Owned: an injection built now is moved into its request, not copied.
-        let action = planned.action().into_owned();
-        // Told now, not when the write is first polled: a reconcile right after this one's budget ended
-        // finds it in flight.
-        let noted = match &action {
-            workloads::Action::Inject { kind, workload, .. } | workloads::Action::Remove { kind, workload, .. } => {
-                Some(Noted::start(notes.clone(), *kind, workload))
-            }
-            _ => None,
-        };
-        let writer = writer.clone();
-        async move { workload_action(&writer, noted, action).await }
+        workload_write(writer, notes, planned.action().into_owned())
     })
     .await?;
     let tail = (!in_flight.is_empty()).then(|| {
@@ -697,42 +714,55 @@ where
     Ok((written, tail))
 }
 
-async fn workload_action<N: WriteNotes>(
+/// One write of the workload layer, started now: a workload write is told to `notes` before this
+/// returns (not when it is first polled: a reconcile right after this one's budget ended finds it in
+/// flight), and as it ends.
+fn workload_write<N>(
     writer: &Writer,
-    noted: Option<Noted<N>>,
+    notes: &N,
     action: workloads::Action,
-) -> Result<()> {
+) -> futures::future::BoxFuture<'static, Result<()>>
+where
+    N: WriteNotes + Clone + Send + 'static,
+{
     use workloads::Action::*;
-    match action {
+    let writer = writer.clone();
+    let (kind, workload, patch) = match action {
         ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
-            let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
-            let patch = json!({
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "labels": {workloads::POLICY_LABEL: policy},
-                    "ownerReferences": [{
-                        "apiVersion": "crosstrace.dev/v1alpha1",
-                        "kind": "TracingPolicy",
-                        "name": policy,
-                        "uid": policy_uid,
-                    }],
-                },
-                "data": data,
+            return Box::pin(async move {
+                let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
+                let patch = json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": name,
+                        "namespace": namespace,
+                        "labels": {workloads::POLICY_LABEL: policy},
+                        "ownerReferences": [{
+                            "apiVersion": "crosstrace.dev/v1alpha1",
+                            "kind": "TracingPolicy",
+                            "name": policy,
+                            "uid": policy_uid,
+                        }],
+                    },
+                    "data": data,
+                });
+                writer.apply(&api, &name, patch).await.map(drop)
             });
-            writer.apply(&api, &name, patch).await.map(drop)
-        }
-        Inject { kind, workload, patch } => noted_apply(writer, noted, kind, &workload, patch).await,
-        Remove { kind, workload, rolled_back } => {
-            let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
-            noted_apply(writer, noted, kind, &workload, patch).await
         }
         DeleteCollectorConfig { namespace, name } => {
-            writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
+            return Box::pin(async move {
+                writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
+            });
         }
-    }
+        Inject { kind, workload, patch } => (kind, workload, patch),
+        Remove { kind, workload, rolled_back } => {
+            let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
+            (kind, workload, patch)
+        }
+    };
+    let noted = Noted::start(notes.clone(), kind, &workload);
+    Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await })
 }
 
 /// Runs the network layer's actions (one per node, independent of each other), paced by `pace`. Every

@@ -61,7 +61,7 @@ struct State {
 }
 
 /// Writes measured together.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 struct Window {
     writes: u32,
     /// The writes in flight when each started, summed.
@@ -215,22 +215,23 @@ impl State {
         } else if self.hold > 0 {
             self.hold -= 1;
         } else if window.in_flight / writes >= FILLED * self.limit as f64 {
-            let up = (self.limit + (self.limit / 2).max(1)).min(ceiling);
-            if up != self.limit {
-                self.limit = up;
-                self.epoch += 1;
-            }
+            self.to((self.limit + (self.limit / 2).max(1)).min(ceiling));
         }
     }
 
     /// Down to `limit`, held there for a while.
     fn set(&mut self, limit: usize) {
+        self.to(limit);
+        self.window = Window::default();
+        self.hold = HOLD;
+    }
+
+    /// Writes start under `limit` from now on; the ones in flight are no longer measured.
+    fn to(&mut self, limit: usize) {
         if limit != self.limit {
             self.limit = limit;
             self.epoch += 1;
         }
-        self.window = Window::default();
-        self.hold = HOLD;
     }
 }
 

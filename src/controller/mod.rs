@@ -215,9 +215,9 @@ pub struct Context {
     pub stores: Option<Arc<crate::layers::stores::Stores>>,
     /// How many writes of each layer are in flight at once, across reconciles.
     pub write_limits: WriteLimits,
-    /// Per policy uid: the workload writes its reconciles left in flight when their budget ended
-    /// (`apply::Tail`), running on.
-    pub tails: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Per policy uid: the workload writes its reconciles left in flight when their budget ended,
+    /// running on.
+    pub tails: apply::Tails,
 }
 
 /// The adaptive write limits ([`limit::WriteLimit`]): one per layer that writes many objects at once,
@@ -632,7 +632,7 @@ pub async fn run(
                 .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors }),
         )),
         write_limits,
-        tails: Mutex::default(),
+        tails: apply::Tails::default(),
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
     // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects

@@ -248,10 +248,10 @@ async fn run_layers(
     })
     .await?;
     // Writes an earlier reconcile left in flight: planned around until they are answered.
-    let tail_before = lock(&ctx.tails).contains_key(&uid);
-    if let Some(stores) = ctx.stores.as_deref().filter(|_| tail_before) {
+    let in_flight = ctx.stores.as_deref().map(|stores| stores.writing_of(name)).unwrap_or_default();
+    if !in_flight.is_empty() {
         for t in &mut observed {
-            t.writing = stores.is_writing(t.workload.kind, &t.workload.key(), name);
+            t.writing = in_flight.contains(&(t.workload.kind, t.workload.key()));
         }
     }
     drop((labels, older_selections));
@@ -273,18 +273,17 @@ async fn run_layers(
             super::apply::workloads(&ctx.writer, &actions, pace(ctx, &ctx.write_limits.workloads), &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
         if let Some(tail) = tail {
-            keep_tail(ctx, &uid, tail);
+            ctx.tails.keep(&uid, tail);
         }
     }
     // Every planned write was made: the writes an earlier reconcile left in flight end before this one
     // says so, and the next reconcile looks at what they left (their echoes wake nothing).
     let mut settled = false;
-    if written.complete() {
-        let previous = lock(&ctx.tails).remove(&uid);
-        if let Some(previous) = previous {
-            let _ = previous.await;
-            settled = true;
-        }
+    if written.complete()
+        && let Some(previous) = ctx.tails.take(&uid)
+    {
+        let _ = previous.await;
+        settled = true;
     }
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
     tracing::debug!(
@@ -338,24 +337,6 @@ async fn run_layers(
     };
     // Raced writes: the events that told of their targets' change were taken for the writes' echoes.
     Ok((reports, written.complete() && !raced && !settled))
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Lets `tail` (writes this reconcile left in flight) run on, after any the policy's earlier
-/// reconciles left: the policy's entry in `ctx.tails` ends when all of them have.
-fn keep_tail(ctx: &Context, uid: &str, tail: super::apply::Tail) {
-    let mut tails = lock(&ctx.tails);
-    let previous = tails.remove(uid);
-    let all = tokio::spawn(async move {
-        tail.await;
-        if let Some(previous) = previous {
-            let _ = previous.await;
-        }
-    });
-    tails.insert(uid.to_string(), all);
 }
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no

@@ -23,7 +23,7 @@
 //! What crosstrace wrote also tells the trigger filter that a watch event is the echo of the writing
 //! policy's own write (see [`Stores::written_by`], [`Stores::tracing_written_by`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -551,10 +551,11 @@ impl Stores {
         Writes { stores: Arc::clone(self), policy: policy.into(), raced: Arc::default() }
     }
 
-    /// Is a write of `policy`'s to this workload in flight (one a reconcile that ended left going)?
-    pub fn is_writing(&self, kind: WorkloadKind, key: &ObjectKey, policy: &str) -> bool {
+    /// The workloads `policy` has writes in flight to (between its reconciles: those an ended
+    /// reconcile left going).
+    pub fn writing_of(&self, policy: &str) -> HashSet<(WorkloadKind, ObjectKey)> {
         let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        writing.get(&(kind, key.clone())).is_some_and(|w| w.policy == policy)
+        writing.iter().filter(|(_, w)| w.policy == policy).map(|(k, _)| k.clone()).collect()
     }
 
     /// Forgets the workloads' stale versions ([`Stores::forget_stale`]) at most every few seconds: it
