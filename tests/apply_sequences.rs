@@ -312,13 +312,20 @@ fn ok(send: tower_test::mock::SendResponse<Response<Body>>, reply: &Value) {
     send.send_response(Response::builder().body(Body::from(serde_json::to_vec(reply).unwrap())).unwrap());
 }
 
+/// [`apply::workloads`], then the writes it left in flight (as a reconcile's tails run on).
+async fn all_written(writer: &Writer, actions: &[WorkloadAction], pace: Pace) -> Written {
+    let (written, tail) = apply::workloads(writer, actions, pace, &()).await.expect("written");
+    if let Some(tail) = tail {
+        tail.await.expect("the writes left in flight made");
+    }
+    written
+}
+
 #[tokio::test]
 async fn injections_are_written_with_at_most_the_write_concurrency_in_flight() {
     let (writer, mut handle, metrics) = mocked();
     let actions: Vec<_> = ["a", "b", "c", "d", "e"].into_iter().map(inject).collect();
-    let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &()).await.expect("written").0
-    });
+    let task = tokio::spawn(async move { all_written(&writer, &actions, Pace::new(2, Duration::from_secs(60))).await });
     let reply = deployment_reply();
     let first = next_within(&mut handle).await.expect("a first write");
     let second = next_within(&mut handle).await.expect("a second write at the same time");
@@ -356,7 +363,7 @@ async fn reconciles_share_one_write_limit_and_a_waiting_one_starts_as_soon_as_a_
     let spawn = |names: [&'static str; 2]| {
         let (writer, pace) = (writer.clone(), pace.clone());
         let actions: Vec<_> = names.into_iter().map(inject).collect();
-        tokio::spawn(async move { apply::workloads(&writer, &actions, pace, &()).await.expect("written").0 })
+        tokio::spawn(async move { all_written(&writer, &actions, pace).await })
     };
     let one = spawn(["a", "b"]);
     let first = next_within(&mut handle).await.expect("a first write");
@@ -386,9 +393,7 @@ async fn reconciles_share_one_write_limit_and_a_waiting_one_starts_as_soon_as_a_
 async fn every_collector_config_is_written_before_the_first_injection() {
     let (writer, mut handle, _) = mocked();
     let actions = vec![collector_config("shop"), collector_config("web"), inject("a")];
-    let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written").0
-    });
+    let task = tokio::spawn(async move { all_written(&writer, &actions, Pace::new(8, Duration::from_secs(60))).await });
     let one = next_within(&mut handle).await.expect("a ConfigMap");
     let two = next_within(&mut handle).await.expect("the other ConfigMap at the same time");
     for (request, _) in [&one, &two] {
@@ -421,8 +426,37 @@ async fn a_used_up_write_budget_still_makes_one_write_leaves_it_in_flight_and_sa
     assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
     assert!(next_within(&mut handle).await.is_none(), "no second write once the budget is used up");
     ok(send, &deployment_reply());
-    tokio::time::timeout(Duration::from_secs(1), tail).await.expect("the tail ends once answered").expect("no panic");
+    tokio::time::timeout(Duration::from_secs(1), tail)
+        .await
+        .expect("the tail ends once answered")
+        .expect("no panic")
+        .expect("the write made");
     assert!(metrics.encode().contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 1"));
+}
+
+#[tokio::test]
+async fn the_last_writes_are_left_in_flight_once_started_and_the_tail_ends_with_the_first_failure() {
+    let (writer, mut handle, _) = mocked();
+    let actions = vec![collector_config("shop"), inject("a"), inject("b")];
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written")
+    });
+    let (_, send) = next_within(&mut handle).await.expect("the ConfigMap");
+    assert!(next_within(&mut handle).await.is_none(), "an injection before its ConfigMap is written");
+    ok(send, &config_map_reply(json!({})));
+    // The injections have started (each noted in the stores as it starts): the reconcile goes on
+    // without waiting for the API server's answers.
+    let (written, tail) = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert_eq!(written, Written { done: 3, of: 3 });
+    let tail = tokio::spawn(tail.expect("the injections left in flight"));
+    let (first, second) = (next_within(&mut handle).await.expect("a"), next_within(&mut handle).await.expect("b"));
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
+    first.1.send_response(
+        Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap())).unwrap(),
+    );
+    ok(second.1, &deployment_reply());
+    let result = tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic");
+    assert!(matches!(result, Err(apply::Error::Kube(kube::Error::Api(ref e))) if e.code == 403), "{result:?}");
 }
 
 #[tokio::test]
@@ -458,7 +492,8 @@ async fn a_write_dropped_in_flight_is_no_longer_taken_for_one_in_flight() {
         reflector::store().0,
     ));
     let notes = Some(stores.writes_of("storefront"));
-    let actions: Vec<_> = ["a", "b"].into_iter().map(inject).collect();
+    // c waits for a place: the reconcile is still making its writes when a's fails.
+    let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
     let task = tokio::spawn(async move {
         apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &notes).await.map(|(w, _)| w)
     });

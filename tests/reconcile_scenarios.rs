@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crosstrace::api::TracingPolicy;
-use crosstrace::controller::apply::Writer;
+use crosstrace::controller::apply::{Tails, Wakes, Writer};
 use crosstrace::controller::{Context, Settings, reconcile};
 use crosstrace::layers::stores::Stores;
 use crosstrace::layers::workloads::{self, Workload};
@@ -44,6 +44,8 @@ struct World {
     objects: BTreeMap<String, Value>,
     /// Every read, path and query.
     reads: Arc<Mutex<Vec<String>>>,
+    /// Paths whose writes are refused (403).
+    refused: Vec<String>,
 }
 
 fn list(kind: &str, items: Vec<Value>) -> Value {
@@ -75,6 +77,12 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
             let body =
                 if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
             writes.lock().unwrap().push(Write { method: method.clone(), path: path.clone(), body: body.clone() });
+            if world.refused.contains(&path) {
+                let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403});
+                let response = Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap()));
+                send.send_response(response.unwrap());
+                continue;
+            }
             // Server-side applies and creates carry the whole object: echo it; a delete succeeds; anything
             // else is a patch of the policy.
             let reply = match () {
@@ -102,6 +110,18 @@ fn context_with(
     settings: Settings,
     stores: Option<Stores>,
 ) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>) {
+    let (context, writes, _) = context_waking(policy, world, settings, stores);
+    (context, writes)
+}
+
+/// [`context_with`], and the policies the end of their writes left in flight wakes.
+fn context_waking(
+    policy: &TracingPolicy,
+    world: World,
+    settings: Settings,
+    stores: Option<Stores>,
+) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>, Wakes) {
+    let (tails, wakes) = Tails::new();
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let writes = Arc::new(Mutex::new(Vec::new()));
@@ -123,9 +143,9 @@ fn context_with(
         hashes: Default::default(),
         flow_reports: Default::default(),
         stores: stores.map(Arc::new),
-        tails: Default::default(),
+        tails,
     };
-    (Arc::new(context), writes)
+    (Arc::new(context), writes, wakes)
 }
 
 fn policy(spec: Value, finalizer: bool, status: Option<Value>) -> TracingPolicy {
@@ -322,6 +342,7 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
     let world = World::default();
     let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(targets)));
     run(&p, &ctx).await;
+    settle(&ctx).await;
     let reads = world.reads.lock().unwrap().clone();
     let listed = |r: &String| {
         r.starts_with("/api/v1/namespaces?")
@@ -386,6 +407,55 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
         .map(|w| w.path.rsplit('/').next().unwrap().to_string())
         .collect();
     assert!(rolled_back.contains(&"d-3".to_string()), "{:?}", writes_to(&writes));
+}
+
+/// Waits until the writes the policy's reconciles left in flight have ended.
+async fn settle(ctx: &Context) {
+    let ended = async {
+        while ctx.tails.running("uid-shop") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), ended).await.expect("the writes in flight end");
+}
+
+#[tokio::test]
+async fn the_last_injections_run_on_after_the_reconcile_their_end_wakes_it_and_their_failure_fails_the_next() {
+    use futures::StreamExt;
+    let spec = json!({
+        "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
+        "sampling": {"ratio": "1"},
+        "workloads": {"namespaceSelector": {}, "kinds": ["Deployment"]},
+        "rollout": {"maxConcurrent": 20, "progressDeadlineSeconds": 3600},
+    });
+    let p = policy(spec, true, None);
+    let targets: Vec<Workload> = (0..3).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
+    let world = World { refused: vec!["/apis/apps/v1/namespaces/shop/deployments/d-1".into()], ..World::default() };
+    let (ctx, writes, mut wakes) = context_waking(&p, world, Settings::default(), Some(synced(targets)));
+    let injections = || {
+        let writes = writes.lock().unwrap();
+        let mut paths: Vec<String> = writes
+            .iter()
+            .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
+            .map(|w| w.path.rsplit('/').next().unwrap().to_string())
+            .collect();
+        paths.sort();
+        paths
+    };
+    run(&p, &ctx).await;
+    let woken = tokio::time::timeout(Duration::from_secs(5), wakes.next()).await.expect("woken in time");
+    assert_eq!(woken.map(|r| r.name), Some("shop".to_string()), "the end of its writes wakes the policy");
+    assert!(!ctx.tails.running("uid-shop"));
+    assert_eq!(injections(), ["d-0", "d-1", "d-2"]);
+    // d-1's write was refused after its reconcile returned: the reconcile it woke fails with it (and is
+    // retried after the backoff), writing nothing.
+    let failed = reconcile::reconcile(Arc::new(p.clone()), ctx.clone()).await;
+    assert!(matches!(&failed, Err(e) if e.kind() == "api"), "{failed:?}");
+    assert_eq!(injections().len(), 3, "nothing written by the failed reconcile");
+    // The next one writes d-1 again, and not the others, whose writes were made.
+    run(&p, &ctx).await;
+    settle(&ctx).await;
+    assert_eq!(injections(), ["d-0", "d-1", "d-1", "d-2"]);
 }
 
 #[tokio::test]

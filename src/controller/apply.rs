@@ -15,12 +15,12 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectReference};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, Recorder};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::limit::{Answer, WriteLimit};
-use crate::api::{FIELD_MANAGER, NodeTracing, WorkloadKind};
+use crate::api::{FIELD_MANAGER, NodeTracing, TracingPolicy, WorkloadKind};
 use crate::layers::ingress::{self, CONFIG_ANNOTATION, LEDGER, LEDGER_LABEL, POLICY_LABEL, ROLLED_BACK_ANNOTATION};
 use crate::layers::{ObjectKey, gateway, network, workloads};
 use crate::leader::{Fence, Fenced};
@@ -544,36 +544,85 @@ impl Written {
 /// Writes started and not answered yet.
 type InFlight<'f> = FuturesUnordered<futures::future::BoxFuture<'f, Result<()>>>;
 
-/// Writes a reconcile started and left in flight when its write budget ran out: they go on after it
-/// returned, each told to the limit and to the stores as it ends (see [`workloads`]).
-pub type Tail = futures::future::BoxFuture<'static, ()>;
+/// Writes a reconcile started and left in flight (see [`workloads`]): they go on after it returned,
+/// each told to the limit and to the stores as it ends; the first failure among them is the tail's.
+pub type Tail = futures::future::BoxFuture<'static, Result<()>>;
 
-/// Per policy uid: the tails its reconciles left, running on.
+/// The tails the policies' reconciles left, running on: when one ends, its policy is woken (its
+/// writes' watch events are taken for crosstrace's own echoes and wake nothing), and its first failure
+/// is kept for the policy's next reconcile, which fails with it (and is retried after the backoff, as
+/// if the write had failed in it).
+#[derive(Debug, Clone)]
+pub struct Tails {
+    wake: futures::channel::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<TracingPolicy>>,
+    /// Per policy uid: how many tails run, and the first failure not yet taken.
+    policies: Arc<std::sync::Mutex<std::collections::HashMap<String, Policy>>>,
+}
+
 #[derive(Debug, Default)]
-pub struct Tails(std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>);
+struct Policy {
+    running: usize,
+    failed: Option<Error>,
+}
+
+/// The policies whose tails ended, to reconcile.
+pub type Wakes = futures::channel::mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<TracingPolicy>>;
+
+impl Default for Tails {
+    /// Tails whose ends wake nobody (a context without a controller).
+    fn default() -> Self {
+        Self::new().0
+    }
+}
 
 impl Tails {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::task::JoinHandle<()>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn new() -> (Self, Wakes) {
+        let (wake, wakes) = futures::channel::mpsc::unbounded();
+        (Self { wake, policies: Arc::default() }, wakes)
     }
 
-    /// Lets `tail` run on, after any the policy's earlier reconciles left: the policy's entry ends when
-    /// all of them have.
-    pub fn keep(&self, uid: &str, tail: Tail) {
-        let mut tails = self.lock();
-        let previous = tails.remove(uid);
-        let all = tokio::spawn(async move {
-            tail.await;
-            if let Some(previous) = previous {
-                let _ = previous.await;
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Policy>> {
+        self.policies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets `tail` of `policy` run on; the policy is woken when it ends.
+    pub fn keep(&self, policy: &TracingPolicy, tail: Tail) {
+        let uid = policy.uid().unwrap_or_default();
+        let woken = kube::runtime::reflector::ObjectRef::from_obj(policy);
+        self.lock().entry(uid.clone()).or_default().running += 1;
+        let tails = self.clone();
+        tokio::spawn(async move {
+            let result = tail.await;
+            {
+                let mut policies = tails.lock();
+                let entry = policies.entry(uid.clone()).or_default();
+                entry.running -= 1;
+                if let Err(error) = result {
+                    entry.failed.get_or_insert(error);
+                }
+                if entry.running == 0 && entry.failed.is_none() {
+                    policies.remove(&uid);
+                }
             }
+            // Sent whether or not a reconcile is running (kube runs the policy again after it).
+            let _ = tails.wake.unbounded_send(woken);
         });
-        tails.insert(uid.to_string(), all);
     }
 
-    /// The policy's tails, to wait for; none are kept after this.
-    pub fn take(&self, uid: &str) -> Option<tokio::task::JoinHandle<()>> {
-        self.lock().remove(uid)
+    /// The first failure among the policy's tails since the last call; it is taken.
+    pub fn failure(&self, uid: &str) -> Option<Error> {
+        let mut policies = self.lock();
+        let entry = policies.get_mut(uid)?;
+        let failed = entry.failed.take();
+        if entry.running == 0 {
+            policies.remove(uid);
+        }
+        failed
+    }
+
+    /// Are writes of the policy's reconciles still in flight?
+    pub fn running(&self, uid: &str) -> bool {
+        self.lock().get(uid).is_some_and(|p| p.running > 0)
     }
 }
 
@@ -582,13 +631,15 @@ impl Tails {
 /// `pace.budget` has passed (a later phase never starts while an earlier one is unfinished), and the
 /// first failure stops the rest. Each write's answer is told to the limit.
 ///
-/// When the budget ends within a phase, the writes in flight are waited for, or, with `hand_off`,
-/// returned unanswered: the caller lets them finish while the next reconcile plans and writes on, so
-/// that the API server is not left with fewer writes than the limit between two reconciles.
+/// When the budget ends within a phase, the writes in flight are waited for. The writes of phase
+/// `hand_off` are instead returned unanswered when the budget ends within it, or when the last phase
+/// is that one and all its writes have started: the caller lets them finish while the next reconcile
+/// plans and writes on, so that the API server is not left with fewer writes than the limit between
+/// two reconciles, and no reconcile waits for the API server's answers to its last writes.
 async fn paced<'a, 'f, A, F, Fut>(
     actions: &'a [A],
     pace: Pace,
-    hand_off: bool,
+    hand_off: Option<u8>,
     phase: impl Fn(&A) -> u8,
     write: F,
 ) -> Result<(Written, InFlight<'f>)>
@@ -622,8 +673,10 @@ where
                 next += 1;
             }
             let more = next < end && open(next);
-            // The budget ended within the phase: the rest of it is the next reconcile's.
-            if hand_off && next < end && !open(next) && !in_flight.is_empty() {
+            // The budget ended within the phase (the rest of it is the next reconcile's), or every write
+            // of the last phase has started.
+            let ended = (next < end && !open(next)) || next == of;
+            if hand_off == Some(current) && ended && !in_flight.is_empty() {
                 return Ok((Written { done: next, of }, in_flight));
             }
             if in_flight.is_empty() {
@@ -646,6 +699,9 @@ where
     Ok((Written { done, of }, in_flight))
 }
 
+/// The phase of the workload layer's injections and removals.
+const INJECTIONS: u8 = 1;
+
 /// An action of the workload layer, as planned: built, or an injection built when its write starts
 /// ([`workloads::Lazy`]).
 pub trait WorkloadAction: Sync {
@@ -659,7 +715,7 @@ impl WorkloadAction for workloads::Action {
         use workloads::Action::*;
         match self {
             ApplyCollectorConfig { .. } => 0,
-            Inject { .. } | Remove { .. } => 1,
+            Inject { .. } | Remove { .. } => INJECTIONS,
             DeleteCollectorConfig { .. } => 2,
         }
     }
@@ -673,7 +729,7 @@ impl WorkloadAction for workloads::Lazy<'_> {
     fn phase(&self) -> u8 {
         match self {
             workloads::Lazy::Now(action) => action.phase(),
-            workloads::Lazy::Later { .. } => 1,
+            workloads::Lazy::Later { .. } => INJECTIONS,
         }
     }
 
@@ -687,9 +743,10 @@ impl WorkloadAction for workloads::Lazy<'_> {
 /// is built when its write starts. Each workload write is told to `notes` as it starts and ends (the
 /// stores take in what it left before their watch does).
 ///
-/// When the write budget ends with actions left, the writes still in flight are returned as a
-/// [`Tail`] to run on (`Written::done` counts them): the next reconcile sees them in flight in the
-/// stores and plans around them. A failure in the tail is logged; its target is planned again.
+/// When the write budget ends within the injections and removals, or they are the last writes and have
+/// all started, the writes still in flight are returned as a [`Tail`] to run on (`Written::done` counts
+/// them): the next reconcile sees them in flight in the stores and plans around them. Every failure in
+/// the tail is logged, and the first is what the tail ends with ([`Tails`]).
 pub async fn workloads<N>(
     writer: &Writer,
     actions: &[impl WorkloadAction],
@@ -700,15 +757,16 @@ where
     N: WriteNotes + Clone + Send + 'static,
 {
     // Owned: an injection built now is moved into its request, not copied.
-    let (written, in_flight) = paced(actions, pace, true, WorkloadAction::phase, |planned| {
+    let (written, in_flight) = paced(actions, pace, Some(INJECTIONS), WorkloadAction::phase, |planned| {
         workload_write(writer, notes, planned.action().into_owned())
     })
     .await?;
     let tail = (!in_flight.is_empty()).then(|| {
-        Box::pin(in_flight.for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::warn!(%error, "a workload write left in flight by its reconcile failed; it is planned again");
+        Box::pin(in_flight.fold(Ok(()), |first, result| async move {
+            if let Err(error) = &result {
+                tracing::warn!(%error, "a workload write left in flight by its reconcile failed");
             }
+            first.and(result)
         })) as Tail
     });
     Ok((written, tail))
@@ -778,7 +836,7 @@ pub async fn network(
     let (written, _) = paced(
         actions,
         pace,
-        false,
+        None,
         |_| 0,
         |action| async move {
             let node = match action {

@@ -29,7 +29,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::TracingPolicy;
-use crate::api::{NodeTracing, TracingPolicyStatus, WorkloadKind};
+use crate::api::{NodeTracing, WorkloadKind};
 use crate::clients::Clients;
 use crate::layers::stores::{ConfigMaps, Stores};
 use crate::layers::workloads::Workload;
@@ -144,9 +144,10 @@ pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
 /// The most writes of a layer in flight at once, unless `--write-concurrency-max` says otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY_MAX: usize = 32;
 
-/// How long after its first write a layer starts new ones in one reconcile, unless `--write-budget-ms`
-/// says otherwise.
-pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
+/// How long after its first write the workload layer starts new ones in one reconcile, unless
+/// `--write-budget-ms` says otherwise (the writes it started then run on after the reconcile; the
+/// network layer, whose reconciles wait for their last writes, starts writes for ten times as long).
+pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(50);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -202,7 +203,7 @@ pub struct Context {
     pub policies: Store<TracingPolicy>,
     pub settings: Settings,
     /// The status last written per policy uid: the reflector's copy may not show it yet.
-    pub written: Mutex<HashMap<String, TracingPolicyStatus>>,
+    pub written: Mutex<HashMap<String, status::Reported>>,
     /// Failure streaks per policy uid: how long a failed reconcile waits.
     pub retries: backoff::RetryBackoff,
     /// The last collector canary per collector.
@@ -215,8 +216,7 @@ pub struct Context {
     pub stores: Option<Arc<crate::layers::stores::Stores>>,
     /// How many writes of each layer are in flight at once, across reconciles.
     pub write_limits: WriteLimits,
-    /// Per policy uid: the workload writes its reconciles left in flight when their budget ended,
-    /// running on.
+    /// The workload writes reconciles left in flight, running on; their end wakes their policy.
     pub tails: apply::Tails,
 }
 
@@ -615,6 +615,7 @@ pub async fn run(
     let ingress_ledger_watch = ledger(ingress::LEDGER).reflect(ingress_ledger_writer).touched_objects();
     let gateway_ledger_watch = ledger(gateway::LEDGER).reflect(gateway_ledger_writer).touched_objects();
     let write_limits = WriteLimits::new(&settings, &metrics);
+    let (tails, tails_ended) = apply::Tails::new();
     let context = Arc::new(Context {
         writer,
         recorder,
@@ -632,7 +633,7 @@ pub async fn run(
                 .with_config_maps(ConfigMaps { ingress_ledger, gateway_ledger, collectors }),
         )),
         write_limits,
-        tails: apply::Tails::default(),
+        tails,
     });
     // Workloads: whole objects (without managedFields), each pruned as it arrives and kept pruned in
     // the stores the workload layer reads (`workload_watch`, `layers::stores`). Nodes: whole objects
@@ -738,7 +739,7 @@ pub async fn run(
         );
     }
     let reconciling = controller
-        .reconcile_on(canary_rounds(context.clone()))
+        .reconcile_on(futures::stream::select(canary_rounds(context.clone()), tails_ended))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {

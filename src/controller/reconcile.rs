@@ -81,8 +81,10 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     }
     let started = Instant::now();
     let result = dispatch(&policy, &ctx).await;
-    if result.is_ok() {
-        ctx.retries.succeeded(&policy.uid().unwrap_or_default());
+    let uid = policy.uid().unwrap_or_default();
+    // A reconcile whose writes are still in flight has not succeeded yet: their failure is its own.
+    if result.is_ok() && !ctx.tails.running(&uid) {
+        ctx.retries.succeeded(&uid);
     }
     let took = started.elapsed();
     ctx.metrics.reconciled(took);
@@ -104,9 +106,12 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         if !has_finalizer {
             return Ok(Action::await_change());
         }
-        if !cleanup(policy, name, ctx).await? {
+        match cleanup(policy, name, ctx).await? {
+            Left::Nothing => {}
             // More to revert than one reconcile's write budget: the next reconcile goes on at once.
-            return Ok(Action::requeue(Duration::ZERO));
+            Left::More => return Ok(Action::requeue(Duration::ZERO)),
+            // The end of the reverts in flight wakes the policy (the poll is a fallback).
+            Left::InFlight => return Ok(Action::requeue(ctx.settings.poll)),
         }
         let rest: Vec<&String> = policy.finalizers().iter().filter(|f| *f != FINALIZER).collect();
         let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": policy.resource_version()}});
@@ -172,18 +177,24 @@ async fn namespace_labels(
 }
 
 /// Observes, plans and applies every layer in the safe order (edge, then workloads, then network), and
-/// returns what each enabled layer reports, and whether every planned write was made (a reconcile's
-/// write budget can leave the rest of a big batch to the next one; a write that raced with a change of
-/// its target asks for the next one too). With `deleting`, the plans only revert.
+/// returns what each enabled layer reports, and what is left ([`Left`]: a reconcile's write budget can
+/// leave the rest of a big batch to the next one, a write that raced with a change of its target asks
+/// for the next one too, and the workload writes left in flight wake the policy when they end). With
+/// `deleting`, the plans only revert.
 async fn run_layers(
     policy: &TracingPolicy,
     name: &str,
     ctx: &Context,
     deleting: bool,
     limits: Option<&crate::admin::AdminLimits>,
-) -> Result<(Reports, bool), Error> {
+) -> Result<(Reports, Left), Error> {
     let now = Timestamp::now().as_second();
     let uid = policy.uid().unwrap_or_default();
+    // A write an earlier reconcile left in flight failed: this one fails with it, as the reconcile that
+    // made it would have (retried after the backoff; the target is planned again then).
+    if let Some(error) = ctx.tails.failure(&uid) {
+        return Err(error.into());
+    }
     let older: BTreeSet<String> = ctx
         .policies
         .state()
@@ -265,25 +276,22 @@ async fn run_layers(
     let mut written = Written { done: 0, of: 0 };
     // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often).
     let mut raced = false;
+    // Writes of this policy in flight when this reconcile ends: their end wakes it.
+    let mut waiting = !in_flight.is_empty();
     if !actions.is_empty() {
         info!(actions = actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
+        // New writes start for at least as long as observing and planning took, so that the writes left
+        // in flight are not left to drain while the next reconcile observes and plans.
+        let budget = ctx.settings.write_budget.max(writing - observing);
+        let pace = Pace::within(&ctx.write_limits.workloads, budget);
         let tail;
-        (written, tail) =
-            super::apply::workloads(&ctx.writer, &actions, pace(ctx, &ctx.write_limits.workloads), &notes).await?;
+        (written, tail) = super::apply::workloads(&ctx.writer, &actions, pace, &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
         if let Some(tail) = tail {
-            ctx.tails.keep(&uid, tail);
+            ctx.tails.keep(policy, tail);
+            waiting = true;
         }
-    }
-    // Every planned write was made: the writes an earlier reconcile left in flight end before this one
-    // says so, and the next reconcile looks at what they left (their echoes wake nothing).
-    let mut settled = false;
-    if written.complete()
-        && let Some(previous) = ctx.tails.take(&uid)
-    {
-        let _ = previous.await;
-        settled = true;
     }
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
     tracing::debug!(
@@ -321,12 +329,15 @@ async fn run_layers(
     if !written.complete() {
         // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).
         info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
+    } else if waiting {
+        // The network layer goes after the workloads' writes are answered: in the reconcile their end wakes.
     } else if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        written =
-            super::apply::network(&ctx.writer, &network_plan.actions, pace(ctx, &ctx.write_limits.network), &notes)
-                .await?;
+        // Its writes cannot be left in flight (each is guarded by the version it was planned from), so
+        // each of its reconciles ends waiting for the last of them: it gets longer to start them.
+        let pace = Pace::within(&ctx.write_limits.network, ctx.settings.write_budget * NETWORK_BUDGET_FACTOR);
+        written = super::apply::network(&ctx.writer, &network_plan.actions, pace, &notes).await?;
         raced |= notes.is_some_and(|n| n.raced());
     }
     let reports = Reports {
@@ -336,8 +347,32 @@ async fn run_layers(
         network: policy.spec.network.as_ref().map(|_| network_plan.report),
     };
     // Raced writes: the events that told of their targets' change were taken for the writes' echoes.
-    Ok((reports, written.complete() && !raced && !settled))
+    let left = match () {
+        _ if !written.complete() || raced => Left::More,
+        _ if waiting => Left::InFlight,
+        _ => Left::Nothing,
+    };
+    Ok((reports, left))
 }
+
+/// What a reconcile left to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Left {
+    /// Every planned write was made and answered.
+    Nothing,
+    /// More to write now (the write budget ran out, or a write raced with a change of its target): the
+    /// next reconcile goes on at once.
+    More,
+    /// Writes of the policy are in flight: it is woken when they end ([`super::apply::Tails`]).
+    InFlight,
+}
+
+/// How often a rolling policy's status is written when only its counts moved (a reconcile every few
+/// tens of milliseconds would otherwise write it every time).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// How many times the write budget the network layer starts writes for in one reconcile.
+const NETWORK_BUDGET_FACTOR: u32 = 10;
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no
 /// error: the layer reports it when the policy asks for `spec.gateway`, and has nothing to do otherwise.
@@ -375,13 +410,9 @@ async fn gateway_layer(
     Ok(report)
 }
 
-fn pace(ctx: &Context, limit: &std::sync::Arc<super::limit::WriteLimit>) -> Pace {
-    Pace::within(limit, ctx.settings.write_budget)
-}
-
-/// Reverts every layer, edge first; `false` while there is more to revert. Errors and unfinished
-/// reverts keep the finalizer in place.
-async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<bool, Error> {
+/// Reverts every layer, edge first; what is left to revert. Errors and unfinished reverts keep the
+/// finalizer in place.
+async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Left, Error> {
     Ok(run_layers(policy, name, ctx, true, None).await?.1)
 }
 
@@ -397,7 +428,7 @@ async fn refuse(
     let generation = policy.metadata.generation.unwrap_or(0);
     let previous = last_status(ctx, policy);
     let next = status::unusable(Some(&previous), generation, reason, message, Timestamp::now());
-    report(ctx, policy, name, previous, next).await?;
+    report(ctx, policy, name, previous, next, false).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
@@ -407,7 +438,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         // Bad input waits for a change of the spec: no retry loop, the condition says what to fix.
         let previous = last_status(ctx, policy);
         let next = status::invalid(Some(&previous), generation, &message, Timestamp::now());
-        report(ctx, policy, name, previous, next).await?;
+        report(ctx, policy, name, previous, next, false).await?;
         return Ok(Action::await_change());
     }
     // Admin limits above policy authors (the admission policy enforces them too, where it is installed).
@@ -450,7 +481,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     };
     let (layers, canary, flowing) =
         tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary, flowing);
-    let (reports, finished) = layers?;
+    let (reports, left) = layers?;
     drop(effective);
     for (layer, report) in [
         ("ingress", &reports.ingress),
@@ -472,7 +503,9 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     next.debug = session.status;
     let debug_was = previous.debug.as_ref().map(|d| (d.active, d.session.clone()));
     let debug_is = next.debug.as_ref().map(|d| (d.active, d.session.clone()));
-    report(ctx, policy, name, previous, next.clone()).await?;
+    // While its writes go on, a policy's counts are written now and then; the reconcile that ends them
+    // writes the last.
+    report(ctx, policy, name, previous, next.clone(), left != Left::Nothing).await?;
     if debug_was != debug_is
         && let Some(d) = &next.debug
     {
@@ -494,8 +527,9 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
                 || (r.pending > 0 && !policy.spec.rollout.paused && !r.stopped)
         });
     let next_look = match () {
-        _ if !finished => Duration::ZERO,
-        _ if busy => ctx.settings.poll,
+        _ if left == Left::More => Duration::ZERO,
+        // The end of the writes in flight wakes the policy too.
+        _ if busy || left == Left::InFlight => ctx.settings.poll,
         _ => ctx.settings.resync,
     };
     // The flows reports are read again after the canary interval (a collector's canary turning wakes
@@ -522,6 +556,7 @@ fn last_status(ctx: &Context, policy: &TracingPolicy) -> TracingPolicyStatus {
         .lock()
         .expect("status memo lock")
         .get(&policy.uid().unwrap_or_default())
+        .map(|w| &w.status)
         .filter(|w| w.observed_generation >= cached.and_then(|s| s.observed_generation))
         .cloned()
         .unwrap_or_else(|| cached.cloned().unwrap_or_default())
@@ -529,21 +564,32 @@ fn last_status(ctx: &Context, policy: &TracingPolicy) -> TracingPolicyStatus {
 
 /// Writes the status when it differs from `previous` (built from [`last_status`], so a difference is
 /// never a timestamp alone), and publishes Events for what transitioned: one per failure or recovery ([`conditions::events`]).
+/// With `rolling` (more writes of the policy to come), a status that moved in its counts alone is
+/// written at most every [`PROGRESS_EVERY`].
 async fn report(
     ctx: &Context,
     policy: &TracingPolicy,
     name: &str,
     previous: TracingPolicyStatus,
     next: TracingPolicyStatus,
+    rolling: bool,
 ) -> Result<(), Error> {
     let uid = policy.uid().unwrap_or_default();
     if previous == next {
         return Ok(());
     }
+    let recent = || {
+        let written = ctx.written.lock().expect("status memo lock");
+        written.get(&uid).is_some_and(|w| w.at.elapsed() < PROGRESS_EVERY)
+    };
+    if rolling && status::progress_only(&previous, &next) && recent() {
+        return Ok(());
+    }
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
     let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
     ctx.writer.apply_status(&api, name, patch).await?;
-    ctx.written.lock().expect("status memo lock").insert(uid, next.clone());
+    let reported = status::Reported { status: next.clone(), at: Instant::now() };
+    ctx.written.lock().expect("status memo lock").insert(uid, reported);
     for (warning, c) in conditions::events(&previous.conditions, &next.conditions) {
         let kind = if warning { EventType::Warning } else { EventType::Normal };
         publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;

@@ -212,6 +212,27 @@ pub fn status(
     }
 }
 
+/// Does `next` differ from `previous` only in what a rollout moves all the time: its counts and its
+/// conditions' messages? (Each condition keeps its status and reason, and the generation is the same.)
+pub fn progress_only(previous: &TracingPolicyStatus, next: &TracingPolicyStatus) -> bool {
+    let shape = |s: &TracingPolicyStatus| {
+        let conditions: Vec<_> = s
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.observed_generation))
+            .collect();
+        (s.observed_generation, s.debug.clone(), conditions)
+    };
+    shape(previous) == shape(next)
+}
+
+/// The status last written for a policy, and when.
+#[derive(Clone, Debug)]
+pub struct Reported {
+    pub status: TracingPolicyStatus,
+    pub at: std::time::Instant,
+}
+
 /// The status of a policy whose spec the operator cannot use (the API server accepted it): nothing is
 /// changed, and the conditions say why.
 pub fn invalid(
@@ -316,5 +337,23 @@ mod tests {
         assert_eq!(s.ingress.as_ref().unwrap().summary, "2/3");
         assert_eq!(s.observed_generation, Some(4));
         assert!(s.workloads.is_none());
+    }
+
+    #[test]
+    fn a_rollout_moving_its_counts_is_progress_only_and_its_end_is_not() {
+        let spec = TracingPolicySpec::default();
+        let rolling = |ready| Reports {
+            ingress: Some(LayerReport { selected: 3, ready, in_flight: 3 - ready, ..Default::default() }),
+            ..Default::default()
+        };
+        let at = |s| Timestamp::from_second(s).unwrap();
+        let one = status(None, 1, &spec, &rolling(1), at(100));
+        let two = status(Some(&one), 1, &spec, &rolling(2), at(101));
+        assert_ne!(one, two);
+        assert!(progress_only(&one, &two), "counts and messages moved, nothing else");
+        let done = status(Some(&two), 1, &spec, &rolling(3), at(102));
+        assert!(!progress_only(&two, &done), "Ready and Progressing turned");
+        let changed = status(Some(&two), 2, &spec, &rolling(2), at(102));
+        assert!(!progress_only(&two, &changed), "a new generation");
     }
 }
