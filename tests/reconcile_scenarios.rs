@@ -329,15 +329,20 @@ fn shop_deployment(i: usize) -> Deployment {
     .unwrap()
 }
 
-#[tokio::test]
-async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come_from_one_list() {
+/// A policy tracing every Deployment, 20 at once.
+fn shop_policy() -> TracingPolicy {
     let spec = json!({
         "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
         "sampling": {"ratio": "1"},
         "workloads": {"namespaceSelector": {}, "kinds": ["Deployment"]},
         "rollout": {"maxConcurrent": 20, "progressDeadlineSeconds": 3600},
     });
-    let p = policy(spec, true, None);
+    policy(spec, true, None)
+}
+
+#[tokio::test]
+async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come_from_one_list() {
+    let p = shop_policy();
     let targets: Vec<Workload> = (0..9).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
     let world = World::default();
     let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(synced(targets)));
@@ -422,13 +427,7 @@ async fn settle(ctx: &Context) {
 #[tokio::test]
 async fn the_last_injections_run_on_after_the_reconcile_their_end_wakes_it_and_their_failure_fails_the_next() {
     use futures::StreamExt;
-    let spec = json!({
-        "collector": {"endpoint": "otel-gateway.observability.svc:4317"},
-        "sampling": {"ratio": "1"},
-        "workloads": {"namespaceSelector": {}, "kinds": ["Deployment"]},
-        "rollout": {"maxConcurrent": 20, "progressDeadlineSeconds": 3600},
-    });
-    let p = policy(spec, true, None);
+    let p = shop_policy();
     let targets: Vec<Workload> = (0..3).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
     let world = World { refused: vec!["/apis/apps/v1/namespaces/shop/deployments/d-1".into()], ..World::default() };
     let (ctx, writes, mut wakes) = context_waking(&p, world, Settings::default(), Some(synced(targets)));
