@@ -435,19 +435,19 @@ async fn a_used_up_write_budget_still_makes_one_write_leaves_it_in_flight_and_sa
 }
 
 #[tokio::test]
-async fn the_last_writes_are_left_in_flight_once_started_and_the_tail_ends_with_the_first_failure() {
+async fn writes_unanswered_when_the_budget_ends_run_on_and_the_tail_ends_with_the_first_failure() {
     let (writer, mut handle, _) = mocked();
-    let actions = vec![collector_config("shop"), inject("a"), inject("b")];
-    let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written")
+    let actions = vec![inject("a"), inject("b")];
+    let task = tokio::spawn({
+        let writer = writer.clone();
+        async move {
+            apply::workloads(&writer, &actions, Pace::new(8, Duration::from_millis(100)), &()).await.expect("written")
+        }
     });
-    let (_, send) = next_within(&mut handle).await.expect("the ConfigMap");
-    assert!(next_within(&mut handle).await.is_none(), "an injection before its ConfigMap is written");
-    ok(send, &config_map_reply(json!({})));
-    // The injections have started (each noted in the stores as it starts): the reconcile goes on
-    // without waiting for the API server's answers.
+    // Both have started and are not answered when the budget ends: the reconcile goes on without
+    // waiting for the API server (each write is noted in the stores as it starts).
     let (written, tail) = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
-    assert_eq!(written, Written { done: 3, of: 3 });
+    assert_eq!(written, Written { done: 2, of: 2 });
     let tail = tokio::spawn(tail.expect("the injections left in flight"));
     let (first, second) = (next_within(&mut handle).await.expect("a"), next_within(&mut handle).await.expect("b"));
     let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
@@ -457,6 +457,43 @@ async fn the_last_writes_are_left_in_flight_once_started_and_the_tail_ends_with_
     ok(second.1, &deployment_reply());
     let result = tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic");
     assert!(matches!(result, Err(apply::Error::Kube(kube::Error::Api(ref e))) if e.code == 403), "{result:?}");
+    // Answered within the budget: nothing runs on.
+    let actions = vec![inject("c")];
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written")
+    });
+    let (_, send) = next_within(&mut handle).await.expect("c");
+    ok(send, &deployment_reply());
+    let (written, tail) = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert_eq!(written, Written { done: 1, of: 1 });
+    assert!(tail.is_none(), "nothing left in flight");
+}
+
+#[tokio::test]
+async fn behind_its_own_writes_a_reconcile_waits_for_a_place_only_within_its_budget() {
+    let (writer, mut handle, _) = mocked();
+    let limit = Arc::new(WriteLimit::fixed(1));
+    let held = limit.try_start().expect("the only place, held by a write in flight");
+    let pace = Pace::within(&limit, Duration::from_millis(50));
+    let actions: Vec<_> = ["a", "b"].into_iter().map(inject).collect();
+    let started = std::time::Instant::now();
+    let (written, tail) = apply::workloads(&writer, &actions, pace.clone().behind_own_writes(), &()).await.unwrap();
+    assert_eq!(written, Written { done: 0, of: 2 }, "nothing started: the next reconcile goes on");
+    assert!(tail.is_none());
+    assert!(started.elapsed() < Duration::from_secs(1), "returned at the budget's end: {:?}", started.elapsed());
+    assert!(next_within(&mut handle).await.is_none(), "no request");
+    // Without writes of its own in flight, the first write waits for the place past the budget.
+    let task = tokio::spawn(async move { apply::workloads(&writer, &actions, pace, &()).await.expect("written") });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!task.is_finished(), "the first write waits for a place");
+    drop(held);
+    let (written, tail) = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
+    assert_eq!(written, Written { done: 1, of: 2 }, "a started once a place was free; the budget had ended");
+    let tail = tokio::spawn(tail.expect("a's write, left in flight"));
+    let (request, send) = next_within(&mut handle).await.expect("a's write");
+    assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
+    ok(send, &deployment_reply());
+    tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic").expect("made");
 }
 
 #[tokio::test]

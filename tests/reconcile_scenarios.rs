@@ -46,6 +46,8 @@ struct World {
     reads: Arc<Mutex<Vec<String>>>,
     /// Paths whose writes are refused (403).
     refused: Vec<String>,
+    /// Writes to paths under this prefix wait this long for their answer.
+    slow: Option<(&'static str, Duration)>,
 }
 
 fn list(kind: &str, items: Vec<Value>) -> Value {
@@ -80,7 +82,7 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
             if world.refused.contains(&path) {
                 let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403});
                 let response = Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap()));
-                send.send_response(response.unwrap());
+                answer(send, response.unwrap(), delay(&world, &method, &path));
                 continue;
             }
             // Server-side applies and creates carry the whole object: echo it; a delete succeeds; anything
@@ -94,7 +96,27 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
         };
         let response =
             Response::builder().status(reply.0).body(Body::from(serde_json::to_vec(&reply.1).unwrap())).unwrap();
+        answer(send, response, delay(&world, &method, &path));
+    }
+}
+
+/// How long the answer to a request waits ([`World::slow`]).
+fn delay(world: &World, method: &Method, path: &str) -> Duration {
+    match world.slow {
+        Some((prefix, after)) if method != Method::GET && path.starts_with(prefix) => after,
+        _ => Duration::ZERO,
+    }
+}
+
+/// Sends `response` after `after` (the next requests are taken meanwhile).
+fn answer(send: tower_test::mock::SendResponse<Response<Body>>, response: Response<Body>, after: Duration) {
+    if after.is_zero() {
         send.send_response(response);
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            send.send_response(response);
+        });
     }
 }
 
@@ -425,12 +447,16 @@ async fn settle(ctx: &Context) {
 }
 
 #[tokio::test]
-async fn the_last_injections_run_on_after_the_reconcile_their_end_wakes_it_and_their_failure_fails_the_next() {
+async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_policy_and_a_failure_fails_the_next() {
     use futures::StreamExt;
     let p = shop_policy();
     let targets: Vec<Workload> = (0..3).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
-    let world = World { refused: vec!["/apis/apps/v1/namespaces/shop/deployments/d-1".into()], ..World::default() };
-    let (ctx, writes, mut wakes) = context_waking(&p, world, Settings::default(), Some(synced(targets)));
+    // Writes answered after the reconcile's budget.
+    let refused = vec!["/apis/apps/v1/namespaces/shop/deployments/d-1".into()];
+    let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(200)));
+    let world = World { refused, slow, ..World::default() };
+    let settings = Settings { write_budget: Duration::from_millis(10), ..Settings::default() };
+    let (ctx, writes, mut wakes) = context_waking(&p, world, settings, Some(synced(targets)));
     let injections = || {
         let writes = writes.lock().unwrap();
         let mut paths: Vec<String> = writes

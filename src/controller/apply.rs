@@ -467,23 +467,33 @@ async fn noted_apply<N: WriteNotes>(
 /// How the writes of one layer in one reconcile are paced: how many are in flight at once (a limit
 /// shared by every reconcile, [`WriteLimit`]), and for how long after the first one new ones may start
 /// (a bigger batch stops there and the next reconcile goes on, so that status and spec changes are
-/// looked at again within about that long, however many targets a batch has). The first write always
-/// starts: every reconcile makes progress.
+/// looked at again within about that long, however many targets a batch has). The first write starts
+/// however long it waits for a place, so that every reconcile makes progress, unless the caller's own
+/// writes in flight make it ([`Pace::behind_own_writes`]).
 #[derive(Clone, Debug)]
 pub struct Pace {
     pub limit: Arc<WriteLimit>,
     pub budget: Duration,
+    /// The first write waits for a place past the budget.
+    pub first_waits: bool,
 }
 
 impl Pace {
     /// At most `concurrency` in flight, always.
     pub fn new(concurrency: usize, budget: Duration) -> Self {
-        Self { limit: Arc::new(WriteLimit::fixed(concurrency)), budget }
+        Self { limit: Arc::new(WriteLimit::fixed(concurrency)), budget, first_waits: true }
     }
 
     /// Within `limit`, shared with other reconciles.
     pub fn within(limit: &Arc<WriteLimit>, budget: Duration) -> Self {
-        Self { limit: Arc::clone(limit), budget }
+        Self { limit: Arc::clone(limit), budget, first_waits: true }
+    }
+
+    /// For a caller whose earlier writes are still in flight (they are its progress): no write starts
+    /// after the budget, the first one neither (a reconcile does not wait past its budget for a place
+    /// its own writes hold).
+    pub fn behind_own_writes(self) -> Self {
+        Self { first_waits: false, ..self }
     }
 }
 
@@ -632,10 +642,10 @@ impl Tails {
 /// first failure stops the rest. Each write's answer is told to the limit.
 ///
 /// When the budget ends within a phase, the writes in flight are waited for. The writes of phase
-/// `hand_off` are instead returned unanswered when the budget ends within it, or when the last phase
-/// is that one and all its writes have started: the caller lets them finish while the next reconcile
-/// plans and writes on, so that the API server is not left with fewer writes than the limit between
-/// two reconciles, and no reconcile waits for the API server's answers to its last writes.
+/// `hand_off` are instead returned unanswered when the budget ends within it (whether or not all of it
+/// has started): the caller lets them finish while the next reconcile plans and writes on, so that the
+/// API server is not left with fewer writes than the limit between two reconciles, and no reconcile
+/// waits for the API server's answers past its budget.
 async fn paced<'a, 'f, A, F, Fut>(
     actions: &'a [A],
     pace: Pace,
@@ -649,7 +659,10 @@ where
 {
     let of = actions.len();
     let until = Instant::now() + pace.budget;
-    let open = |next: usize| next == 0 || Instant::now() < until;
+    let open = |next: usize| (next == 0 && pace.first_waits) || Instant::now() < until;
+    // Wakes a wait for a place or an answer when the budget ends (a phase handed off then goes at once).
+    let deadline = tokio::time::sleep_until(until.into());
+    tokio::pin!(deadline);
     let limit = &pace.limit;
     let mut done = 0;
     let mut in_flight = InFlight::new();
@@ -673,22 +686,27 @@ where
                 next += 1;
             }
             let more = next < end && open(next);
-            // The budget ended within the phase (the rest of it is the next reconcile's), or every write
-            // of the last phase has started.
-            let ended = (next < end && !open(next)) || next == of;
-            if hand_off == Some(current) && ended && !in_flight.is_empty() {
+            // The budget ended within a phase handed off: what is in flight runs on, the rest of the
+            // phase is the next reconcile's. (While the budget lasts, the answers are waited for: a
+            // reconcile that is answered within it leaves nothing running.)
+            let handing = hand_off == Some(current);
+            if handing && !open(next) && !in_flight.is_empty() {
                 return Ok((Written { done: next, of }, in_flight));
             }
             if in_flight.is_empty() {
                 if !more {
                     break;
                 }
-                room.await;
+                tokio::select! {
+                    () = &mut room => {}
+                    () = &mut deadline, if !deadline.is_elapsed() => {}
+                }
                 continue;
             }
             tokio::select! {
                 Some(result) = in_flight.next() => result?,
                 () = &mut room, if more => {}
+                () = &mut deadline, if (more || handing) && !deadline.is_elapsed() => {}
             }
         }
         done = next;
@@ -743,9 +761,8 @@ impl WorkloadAction for workloads::Lazy<'_> {
 /// is built when its write starts. Each workload write is told to `notes` as it starts and ends (the
 /// stores take in what it left before their watch does).
 ///
-/// When the write budget ends within the injections and removals, or they are the last writes and have
-/// all started, the writes still in flight are returned as a [`Tail`] to run on (`Written::done` counts
-/// them): the next reconcile sees them in flight in the stores and plans around them. Every failure in
+/// When the write budget ends within the injections and removals (whether or not all have started),
+/// the writes still in flight are returned as a [`Tail`] to run on (`Written::done` counts them): the next reconcile sees them in flight in the stores and plans around them. Every failure in
 /// the tail is logged, and the first is what the tail ends with ([`Tails`]).
 pub async fn workloads<N>(
     writer: &Writer,

@@ -285,6 +285,9 @@ async fn run_layers(
         // in flight are not left to drain while the next reconcile observes and plans.
         let budget = ctx.settings.write_budget.max(writing - observing);
         let pace = Pace::within(&ctx.write_limits.workloads, budget);
+        // The policy's writes in flight make its progress: this reconcile waits for a place only within
+        // its budget (else the next one goes on).
+        let pace = if waiting { pace.behind_own_writes() } else { pace };
         let tail;
         (written, tail) = super::apply::workloads(&ctx.writer, &actions, pace, &notes).await?;
         raced = notes.is_some_and(|n| n.raced());
