@@ -95,8 +95,8 @@ struct ControllerArgs {
     /// The most writes of a layer in flight at once; at least --write-concurrency (equal: the limit is fixed).
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY_MAX as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
     write_concurrency_max: u16,
-    /// Milliseconds after its first write the workload layer starts new ones in one reconcile (the
-    /// network layer: ten times as long); a bigger batch goes on in the next reconcile.
+    /// Milliseconds after its first write a layer starts new ones, and waits for their answers, in one
+    /// reconcile; a bigger batch goes on in the next reconcile.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     write_budget_ms: u64,
     /// Directory of the admin limits (the chart mounts its ConfigMap `crosstrace-admin-limits` there):

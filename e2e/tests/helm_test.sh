@@ -162,8 +162,8 @@ check "write pacing, extraArgs, extraEnv and logLevel reach the controller conta
   --set controller.writeConcurrency=16,controller.writeBudgetMs=250,controller.writeConcurrencyMax=48 --set 'controller.extraArgs={--concurrency=8}' \
   --set logLevel=info\\,crosstrace=debug --set controller.extraEnv[0].name=HTTPS_PROXY \
   --set controller.extraEnv[0].value=http://proxy:3128
-check "the default write pacing is the binary's (8 up to 32, 50 ms) and no RUST_LOG is set" \
-  rendered_has "$controller_container"' | (.args | index("--write-concurrency=8") and index("--write-budget-ms=50")
+check "the default write pacing is the binary's (8 up to 32, 500 ms) and no RUST_LOG is set" \
+  rendered_has "$controller_container"' | (.args | index("--write-concurrency=8") and index("--write-budget-ms=500")
       and index("--write-concurrency-max=32"))
       and (.env | all(.name != "RUST_LOG"))'
 check "extraArgs, extraEnv and logLevel reach the agent container" \

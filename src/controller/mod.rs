@@ -144,10 +144,12 @@ pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
 /// The most writes of a layer in flight at once, unless `--write-concurrency-max` says otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY_MAX: usize = 32;
 
-/// How long after its first write the workload layer starts new ones in one reconcile, unless
-/// `--write-budget-ms` says otherwise (the writes it started then run on after the reconcile; the
-/// network layer, whose reconciles wait for their last writes, starts writes for ten times as long).
-pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(50);
+/// How long after its first write a layer starts new ones, and waits for their answers, in one
+/// reconcile, unless `--write-budget-ms` says otherwise (the workload writes unanswered then run on
+/// after the reconcile). Shorter budgets make shorter reconciles and slower rollouts, since every
+/// reconcile observes and plans all its targets again while the writes in flight thin out
+/// (`e2e/bench/RESULTS.md` has both measured).
+pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
 
 impl Default for Settings {
     fn default() -> Self {

@@ -337,9 +337,9 @@ async fn run_layers(
     } else if !network_plan.actions.is_empty() {
         info!(actions = network_plan.actions.len(), deleting, "changing the network layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        // Its writes cannot be left in flight (each is guarded by the version it was planned from), so
-        // each of its reconciles ends waiting for the last of them: it gets longer to start them.
-        let pace = Pace::within(&ctx.write_limits.network, ctx.settings.write_budget * NETWORK_BUDGET_FACTOR);
+        // Its writes are not left in flight (each is guarded by the version it was planned from): each
+        // of its reconciles ends when the last of them is answered.
+        let pace = Pace::within(&ctx.write_limits.network, ctx.settings.write_budget);
         written = super::apply::network(&ctx.writer, &network_plan.actions, pace, &notes).await?;
         raced |= notes.is_some_and(|n| n.raced());
     }
@@ -373,9 +373,6 @@ enum Left {
 /// How often a rolling policy's status is written when only its counts moved (a reconcile every few
 /// tens of milliseconds would otherwise write it every time).
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
-/// How many times the write budget the network layer starts writes for in one reconcile.
-const NETWORK_BUDGET_FACTOR: u32 = 10;
 
 /// The Gateway API edge: observe, plan, apply; its report. A cluster without the Gateway API is no
 /// error: the layer reports it when the policy asks for `spec.gateway`, and has nothing to do otherwise.
