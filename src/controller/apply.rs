@@ -762,8 +762,9 @@ impl WorkloadAction for workloads::Lazy<'_> {
 /// stores take in what it left before their watch does).
 ///
 /// When the write budget ends within the injections and removals (whether or not all have started),
-/// the writes still in flight are returned as a [`Tail`] to run on (`Written::done` counts them): the next reconcile sees them in flight in the stores and plans around them. Every failure in
-/// the tail is logged, and the first is what the tail ends with ([`Tails`]).
+/// the writes still in flight are returned as a [`Tail`] to run on (`Written::done` counts them): the
+/// next reconcile sees them in flight in the stores and plans around them. Every failure in the tail
+/// is logged, and the first is what the tail ends with ([`Tails`]).
 pub async fn workloads<N>(
     writer: &Writer,
     actions: &[impl WorkloadAction],
