@@ -95,10 +95,14 @@ struct ControllerArgs {
     /// The most writes of a layer in flight at once; at least --write-concurrency (equal: the limit is fixed).
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_CONCURRENCY_MAX as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
     write_concurrency_max: u16,
-    /// Milliseconds after its first write a layer starts new ones, and waits for their answers, in one
-    /// reconcile; a bigger batch goes on in the next reconcile.
+    /// Milliseconds after its first write the network layer starts new ones, and waits for their answers,
+    /// in one reconcile; a bigger batch goes on in the next reconcile.
     #[arg(long, default_value_t = controller::DEFAULT_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     write_budget_ms: u64,
+    /// Milliseconds a reconcile starts workload writes, and waits for their answers, before it hands the
+    /// rest of its plan to the policy's writer (which goes on until the policy's next reconcile).
+    #[arg(long, default_value_t = controller::DEFAULT_WORKLOAD_WRITE_BUDGET.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    workload_write_budget_ms: u64,
     /// Directory of the admin limits (the chart mounts its ConfigMap `crosstrace-admin-limits` there):
     /// policies beyond them are reported and nothing of them is written.
     #[arg(long, env = "CROSSTRACE_ADMIN_LIMITS")]
@@ -185,6 +189,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         write_concurrency: usize::from(args.write_concurrency),
         write_concurrency_max: usize::from(args.write_concurrency_max),
         write_budget: Duration::from_millis(args.write_budget_ms),
+        workload_write_budget: Duration::from_millis(args.workload_write_budget_ms),
         admin_limits: args.admin_limits,
         canary_every: (args.canary_interval_seconds > 0).then(|| Duration::from_secs(args.canary_interval_seconds)),
         flows_receiver: args.flows_receiver.map(controller::FlowsReceiver::new),

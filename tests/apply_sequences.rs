@@ -281,7 +281,7 @@ async fn a_config_map_the_operator_created_is_deleted_on_revert() {
 
 // ---- the workload layer's paced writes ----
 
-use crosstrace::controller::apply::{Pace, Written};
+use crosstrace::controller::apply::{Pace, Turn, Written};
 use crosstrace::controller::limit::WriteLimit;
 use crosstrace::layers::workloads::Action as WorkloadAction;
 
@@ -314,7 +314,7 @@ fn ok(send: tower_test::mock::SendResponse<Response<Body>>, reply: &Value) {
 
 /// [`apply::workloads`], then the writes it left in flight (as a reconcile's tails run on).
 async fn all_written(writer: &Writer, actions: &[WorkloadAction], pace: Pace) -> Written {
-    let (written, tail) = apply::workloads(writer, actions, pace, &()).await.expect("written");
+    let (written, tail) = apply::workloads(writer, actions.to_vec(), pace, &(), &Turn::alone()).await.expect("written");
     if let Some(tail) = tail {
         tail.await.expect("the writes left in flight made");
     }
@@ -412,26 +412,69 @@ async fn every_collector_config_is_written_before_the_first_injection() {
 }
 
 #[tokio::test]
-async fn a_used_up_write_budget_still_makes_one_write_leaves_it_in_flight_and_says_what_is_left() {
+async fn a_used_up_write_budget_still_makes_one_write_and_hands_the_rest_to_the_writer() {
     let (writer, mut handle, metrics) = mocked();
     let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
-    let task =
-        tokio::spawn(async move { apply::workloads(&writer, &actions, Pace::new(8, Duration::ZERO), &()).await });
+    let limit = Arc::new(WriteLimit::fixed(1));
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, actions, Pace::within(&limit, Duration::ZERO), &(), &Turn::alone()).await
+    });
     let result = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
     let (written, tail) = result.expect("nothing failed");
-    assert_eq!(written, Written { done: 1, of: 3 }, "returned before its write is answered");
-    assert!(!written.complete());
-    let tail = tokio::spawn(tail.expect("the write left in flight"));
-    let (request, send) = next_within(&mut handle).await.expect("the first write: every reconcile makes progress");
-    assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
-    assert!(next_within(&mut handle).await.is_none(), "no second write once the budget is used up");
-    ok(send, &deployment_reply());
+    assert_eq!(written, Written { done: 3, of: 3 }, "returned before its write is answered, the rest handed on");
+    let tail = tokio::spawn(tail.expect("the writer"));
+    for name in ["a", "b", "c"] {
+        let (request, send) = next_within(&mut handle).await.expect("every write, one after the other");
+        assert_eq!(request.uri().path(), format!("/apis/apps/v1/namespaces/shop/deployments/{name}"));
+        assert!(next_within(&mut handle).await.is_none(), "one in flight at once");
+        ok(send, &deployment_reply());
+    }
     tokio::time::timeout(Duration::from_secs(1), tail)
         .await
-        .expect("the tail ends once answered")
+        .expect("the writer ends once everything is answered")
         .expect("no panic")
-        .expect("the write made");
-    assert!(metrics.encode().contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 1"));
+        .expect("the writes made");
+    assert!(metrics.encode().contains("crosstrace_api_writes_total{verb=\"apply\",resource=\"deployments\"} 3"));
+}
+
+#[tokio::test]
+async fn a_reconcile_taking_the_turn_over_stops_the_writer_and_learns_what_it_touched_meanwhile() {
+    let (writer, mut handle, _) = mocked();
+    let tails = apply::Tails::default();
+    let first = tails.mark("uid");
+    let (turn, touched) = tails.take_over("uid", first);
+    assert!(touched.is_empty());
+    let actions: Vec<_> = ["a", "b", "c", "d"].into_iter().map(inject).collect();
+    let limit = Arc::new(WriteLimit::fixed(1));
+    let (written, tail) =
+        apply::workloads(&writer, actions, Pace::within(&limit, Duration::ZERO), &(), &turn).await.unwrap();
+    assert_eq!(written, Written { done: 4, of: 4 });
+    let tail = tokio::spawn(tail.expect("the writer"));
+    let (_, send) = next_within(&mut handle).await.expect("a");
+    ok(send, &deployment_reply());
+    // The next reconcile begins (its mark), while b is written; it takes the turn over once it has planned.
+    let (_, send) = next_within(&mut handle).await.expect("b");
+    let next = tails.mark("uid");
+    let (_, c) = {
+        ok(send, &deployment_reply());
+        next_within(&mut handle).await.expect("c, started before the turn is taken over")
+    };
+    let (_, touched) = tails.take_over("uid", next);
+    let key = |name: &str| (Some(WorkloadKind::Deployment), ObjectKey::new("shop", name));
+    assert_eq!(touched, [key("b"), key("c")].into_iter().collect(), "b answered and c started since the mark");
+    ok(c, &deployment_reply());
+    assert!(next_within(&mut handle).await.is_none(), "d is the next reconcile's: the writer starts nothing more");
+    tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic").expect("made");
+    // A writer whose reconcile failed before taking the turn over starts nothing more either.
+    let (turn, _) = tails.take_over("uid", tails.mark("uid"));
+    let actions: Vec<_> = ["e", "f"].into_iter().map(inject).collect();
+    let (_, tail) = apply::workloads(&writer, actions, Pace::within(&limit, Duration::ZERO), &(), &turn).await.unwrap();
+    let tail = tokio::spawn(tail.expect("the writer"));
+    let (_, send) = next_within(&mut handle).await.expect("e");
+    tails.stop("uid");
+    ok(send, &deployment_reply());
+    assert!(next_within(&mut handle).await.is_none(), "f is not written");
+    tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic").expect("made");
 }
 
 #[tokio::test]
@@ -441,7 +484,9 @@ async fn writes_unanswered_when_the_budget_ends_run_on_and_the_tail_ends_with_th
     let task = tokio::spawn({
         let writer = writer.clone();
         async move {
-            apply::workloads(&writer, &actions, Pace::new(8, Duration::from_millis(100)), &()).await.expect("written")
+            apply::workloads(&writer, actions, Pace::new(8, Duration::from_millis(100)), &(), &Turn::alone())
+                .await
+                .expect("written")
         }
     });
     // Both have started and are not answered when the budget ends: the reconcile goes on without
@@ -460,7 +505,9 @@ async fn writes_unanswered_when_the_budget_ends_run_on_and_the_tail_ends_with_th
     // Answered within the budget: nothing runs on.
     let actions = vec![inject("c")];
     let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await.expect("written")
+        apply::workloads(&writer, actions, Pace::new(8, Duration::from_secs(60)), &(), &Turn::alone())
+            .await
+            .expect("written")
     });
     let (_, send) = next_within(&mut handle).await.expect("c");
     ok(send, &deployment_reply());
@@ -477,22 +524,31 @@ async fn behind_its_own_writes_a_reconcile_waits_for_a_place_only_within_its_bud
     let pace = Pace::within(&limit, Duration::from_millis(50));
     let actions: Vec<_> = ["a", "b"].into_iter().map(inject).collect();
     let started = std::time::Instant::now();
-    let (written, tail) = apply::workloads(&writer, &actions, pace.clone().behind_own_writes(), &()).await.unwrap();
-    assert_eq!(written, Written { done: 0, of: 2 }, "nothing started: the next reconcile goes on");
-    assert!(tail.is_none());
+    let (written, tail) =
+        apply::workloads(&writer, actions.clone(), pace.clone().behind_own_writes(), &(), &Turn::alone())
+            .await
+            .unwrap();
+    assert_eq!(written, Written { done: 2, of: 2 }, "nothing started: all handed to the writer");
     assert!(started.elapsed() < Duration::from_secs(1), "returned at the budget's end: {:?}", started.elapsed());
-    assert!(next_within(&mut handle).await.is_none(), "no request");
+    // (The writer, left to run, would wait for the place: here it is dropped, its writes unstarted.)
+    drop(tail.expect("the writer, which would wait for a place"));
+    assert!(next_within(&mut handle).await.is_none(), "no request while the place is held");
     // Without writes of its own in flight, the first write waits for the place past the budget.
-    let task = tokio::spawn(async move { apply::workloads(&writer, &actions, pace, &()).await.expect("written") });
+    let task =
+        tokio::spawn(
+            async move { apply::workloads(&writer, actions, pace, &(), &Turn::alone()).await.expect("written") },
+        );
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!task.is_finished(), "the first write waits for a place");
     drop(held);
     let (written, tail) = tokio::time::timeout(Duration::from_secs(1), task).await.expect("in time").expect("no panic");
-    assert_eq!(written, Written { done: 1, of: 2 }, "a started once a place was free; the budget had ended");
-    let tail = tokio::spawn(tail.expect("a's write, left in flight"));
-    let (request, send) = next_within(&mut handle).await.expect("a's write");
-    assert_eq!(request.uri().path(), "/apis/apps/v1/namespaces/shop/deployments/a");
-    ok(send, &deployment_reply());
+    assert_eq!(written, Written { done: 2, of: 2 }, "a started once a place was free; the budget had ended");
+    let tail = tokio::spawn(tail.expect("a's write in flight and b, handed to the writer"));
+    for name in ["a", "b"] {
+        let (request, send) = next_within(&mut handle).await.expect("a's write, then b's");
+        assert_eq!(request.uri().path(), format!("/apis/apps/v1/namespaces/shop/deployments/{name}"));
+        ok(send, &deployment_reply());
+    }
     tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic").expect("made");
 }
 
@@ -500,10 +556,9 @@ async fn behind_its_own_writes_a_reconcile_waits_for_a_place_only_within_its_bud
 async fn the_first_failed_write_stops_the_rest() {
     let (writer, mut handle, _) = mocked();
     let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
-    let task =
-        tokio::spawn(
-            async move { apply::workloads(&writer, &actions, Pace::new(1, Duration::from_secs(60)), &()).await },
-        );
+    let task = tokio::spawn(async move {
+        apply::workloads(&writer, actions, Pace::new(1, Duration::from_secs(60)), &(), &Turn::alone()).await
+    });
     let (_, send) = next_within(&mut handle).await.expect("the first write");
     let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "denied", "reason": "Forbidden", "code": 403});
     send.send_response(
@@ -532,7 +587,9 @@ async fn a_write_dropped_in_flight_is_no_longer_taken_for_one_in_flight() {
     // c waits for a place: the reconcile is still making its writes when a's fails.
     let actions: Vec<_> = ["a", "b", "c"].into_iter().map(inject).collect();
     let task = tokio::spawn(async move {
-        apply::workloads(&writer, &actions, Pace::new(2, Duration::from_secs(60)), &notes).await.map(|(w, _)| w)
+        apply::workloads(&writer, actions, Pace::new(2, Duration::from_secs(60)), &notes, &Turn::alone())
+            .await
+            .map(|(w, _)| w)
     });
     let first = next_within(&mut handle).await.expect("a's write");
     let _second = next_within(&mut handle).await.expect("b's write, at the same time");
@@ -575,7 +632,7 @@ fn lapsed() -> Fence {
 async fn a_replica_whose_fence_closed_sends_no_request_of_a_batch() {
     let (writer, mut handle, metrics) = mocked_behind(lapsed());
     let actions = vec![collector_config("shop"), inject("a"), inject("b")];
-    let result = apply::workloads(&writer, &actions, Pace::new(8, Duration::from_secs(60)), &()).await;
+    let result = apply::workloads(&writer, actions, Pace::new(8, Duration::from_secs(60)), &(), &Turn::alone()).await;
     let result = result.map(|(written, _)| written);
     assert!(matches!(result, Err(apply::Error::Fenced { verb: "apply", .. })), "{result:?}");
     assert!(next_within(&mut handle).await.is_none(), "no request reached the API server");

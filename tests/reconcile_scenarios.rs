@@ -455,7 +455,7 @@ async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_p
     let refused = vec!["/apis/apps/v1/namespaces/shop/deployments/d-1".into()];
     let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(200)));
     let world = World { refused, slow, ..World::default() };
-    let settings = Settings { write_budget: Duration::from_millis(10), ..Settings::default() };
+    let settings = Settings { workload_write_budget: Duration::from_millis(10), ..Settings::default() };
     let (ctx, writes, mut wakes) = context_waking(&p, world, settings, Some(synced(targets)));
     let injections = || {
         let writes = writes.lock().unwrap();
@@ -481,6 +481,42 @@ async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_p
     run(&p, &ctx).await;
     settle(&ctx).await;
     assert_eq!(injections(), ["d-0", "d-1", "d-1", "d-2"]);
+}
+
+#[tokio::test]
+async fn a_reconcile_while_the_writer_goes_on_takes_its_turn_over_and_no_target_is_written_twice() {
+    let p = shop_policy();
+    let targets: Vec<Workload> = (0..4).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
+    let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(150)));
+    let world = World { slow, ..World::default() };
+    // One write in flight at once: the first reconcile starts d-0, its writer goes on with the rest.
+    let settings = Settings {
+        workload_write_budget: Duration::from_millis(10),
+        write_concurrency: 1,
+        write_concurrency_max: 1,
+        ..Settings::default()
+    };
+    let (ctx, writes, _wakes) = context_waking(&p, world, settings, Some(synced(targets)));
+    let injections = || {
+        let writes = writes.lock().unwrap();
+        let mut paths: Vec<String> = writes
+            .iter()
+            .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
+            .map(|w| w.path.rsplit('/').next().unwrap().to_string())
+            .collect();
+        paths.sort();
+        paths
+    };
+    let first = run(&p, &ctx).await;
+    assert!(ctx.tails.running("uid-shop"), "the writer goes on after the reconcile: {first:?}");
+    // Reconciles while it writes (an owner's change of another object, the resync): each takes the turn
+    // over and writes what is neither in flight nor touched, as one writer at a time.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        run(&p, &ctx).await;
+    }
+    settle(&ctx).await;
+    assert_eq!(injections(), ["d-0", "d-1", "d-2", "d-3"], "every target written once");
 }
 
 #[tokio::test]

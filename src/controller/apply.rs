@@ -3,6 +3,7 @@
 //! and sends it only while this replica's leader [`Fence`] is open (so a replica that may have lost
 //! the lease, e.g. one resumed after being stopped, writes nothing).
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
@@ -473,7 +474,8 @@ async fn noted_apply<N: WriteNotes>(
 #[derive(Clone, Debug)]
 pub struct Pace {
     pub limit: Arc<WriteLimit>,
-    pub budget: Duration,
+    /// None: no end (a policy's writer).
+    pub budget: Option<Duration>,
     /// The first write waits for a place past the budget.
     pub first_waits: bool,
 }
@@ -481,12 +483,12 @@ pub struct Pace {
 impl Pace {
     /// At most `concurrency` in flight, always.
     pub fn new(concurrency: usize, budget: Duration) -> Self {
-        Self { limit: Arc::new(WriteLimit::fixed(concurrency)), budget, first_waits: true }
+        Self { limit: Arc::new(WriteLimit::fixed(concurrency)), budget: Some(budget), first_waits: true }
     }
 
     /// Within `limit`, shared with other reconciles.
     pub fn within(limit: &Arc<WriteLimit>, budget: Duration) -> Self {
-        Self { limit: Arc::clone(limit), budget, first_waits: true }
+        Self { limit: Arc::clone(limit), budget: Some(budget), first_waits: true }
     }
 
     /// For a caller whose earlier writes are still in flight (they are its progress): no write starts
@@ -554,25 +556,88 @@ impl Written {
 /// Writes started and not answered yet.
 type InFlight<'f> = FuturesUnordered<futures::future::BoxFuture<'f, Result<()>>>;
 
-/// Writes a reconcile started and left in flight (see [`workloads`]): they go on after it returned,
-/// each told to the limit and to the stores as it ends; the first failure among them is the tail's.
+/// What a reconcile handed on (see [`workloads`]): the policy's writer, going on with the rest of its
+/// plan after it returned, each write told to the limit and to the stores as it ends; the first
+/// failure among them is the tail's.
 pub type Tail = futures::future::BoxFuture<'static, Result<()>>;
 
-/// The tails the policies' reconciles left, running on: when one ends, its policy is woken (its
-/// writes' watch events are taken for crosstrace's own echoes and wake nothing), and its first failure
-/// is kept for the policy's next reconcile, which fails with it (and is retried after the backoff, as
-/// if the write had failed in it).
+/// A target of the workload layer's writes: a workload, or (no kind) a collector ConfigMap.
+pub type Target = (Option<WorkloadKind>, ObjectKey);
+
+/// The workload writes of one policy: whose turn it is to start them, and which targets they touched
+/// (a write started, or answered) in what order.
+#[derive(Debug, Default)]
+struct Log {
+    seq: u64,
+    turn: u64,
+    touched: HashMap<Target, u64>,
+}
+
+/// Where a reconcile began in its policy's [`Log`] (taken before it observes anything).
+#[derive(Clone, Copy, Debug)]
+pub struct Mark(u64);
+
+/// The right to start a policy's workload writes, given by [`Tails::take_over`] until the policy's
+/// next reconcile takes it over: a writer still going on with an earlier plan then starts nothing more.
+#[derive(Clone, Debug)]
+pub struct Turn {
+    log: Arc<std::sync::Mutex<Log>>,
+    turn: u64,
+}
+
+impl Turn {
+    /// A turn nobody takes over (writes outside a controller, and tests).
+    pub fn alone() -> Self {
+        Self { log: Arc::default(), turn: 0 }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `start` (which tells the stores the write starts) and records `target` touched, if the turn
+    /// is still this one's: in one step, so that a reconcile taking the turn over sees either the
+    /// write in the stores, or its target touched.
+    fn start<T>(&self, target: &Target, start: impl FnOnce() -> T) -> Option<T> {
+        let mut log = self.lock();
+        if log.turn != self.turn {
+            return None;
+        }
+        log.seq += 1;
+        let seq = log.seq;
+        log.touched.insert(target.clone(), seq);
+        Some(start())
+    }
+
+    /// The write to `target` was answered (the stores took in what it left before this is told).
+    fn ended(&self, target: Target) {
+        let mut log = self.lock();
+        log.seq += 1;
+        let seq = log.seq;
+        log.touched.insert(target, seq);
+    }
+}
+
+/// The writers the policies' reconciles handed their plans to, running on: when one ends, its policy
+/// is woken (its writes' watch events are taken for crosstrace's own echoes and wake nothing), and its
+/// first failure is kept for the policy's next reconcile, which fails with it (and is retried after
+/// the backoff, as if the write had failed in it). A reconcile takes the turn over from its policy's
+/// writer once it has planned ([`Tails::take_over`]): the writer starts nothing more, and the targets
+/// it touched while the reconcile observed and planned are not written by the reconcile.
 #[derive(Debug, Clone)]
 pub struct Tails {
     wake: futures::channel::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<TracingPolicy>>,
-    /// Per policy uid: how many tails run, and the first failure not yet taken.
-    policies: Arc<std::sync::Mutex<std::collections::HashMap<String, Policy>>>,
+    /// Per policy uid: how many tails run, the first failure not yet taken, the writes' log.
+    policies: Arc<std::sync::Mutex<HashMap<String, Policy>>>,
 }
 
 #[derive(Debug, Default)]
 struct Policy {
     running: usize,
     failed: Option<Error>,
+    log: Arc<std::sync::Mutex<Log>>,
+    /// Forgotten while writes ran: dropped when the last ends.
+    gone: bool,
 }
 
 /// The policies whose tails ended, to reconcile.
@@ -591,7 +656,7 @@ impl Tails {
         (Self { wake, policies: Arc::default() }, wakes)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Policy>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy>> {
         self.policies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -610,7 +675,7 @@ impl Tails {
                 if let Err(error) = result {
                     entry.failed.get_or_insert(error);
                 }
-                if entry.running == 0 && entry.failed.is_none() {
+                if entry.gone && entry.running == 0 {
                     policies.remove(&uid);
                 }
             }
@@ -621,52 +686,88 @@ impl Tails {
 
     /// The first failure among the policy's tails since the last call; it is taken.
     pub fn failure(&self, uid: &str) -> Option<Error> {
-        let mut policies = self.lock();
-        let entry = policies.get_mut(uid)?;
-        let failed = entry.failed.take();
-        if entry.running == 0 {
-            policies.remove(uid);
-        }
-        failed
+        self.lock().get_mut(uid)?.failed.take()
     }
 
-    /// Are writes of the policy's reconciles still in flight?
+    /// Are writes of the policy's reconciles still in flight (or still to start, by its writer)?
     pub fn running(&self, uid: &str) -> bool {
         self.lock().get(uid).is_some_and(|p| p.running > 0)
     }
+
+    /// Where a reconcile of the policy begins: taken before it observes anything.
+    pub fn mark(&self, uid: &str) -> Mark {
+        let log = Arc::clone(&self.lock().entry(uid.to_string()).or_default().log);
+        Mark(log.lock().unwrap_or_else(|e| e.into_inner()).seq)
+    }
+
+    /// The turn to write the policy's workload layer, taken over from its writer (which starts nothing
+    /// more), and the targets touched since `mark`: what the reconcile observed of those may be stale
+    /// (a write of the writer's started or was answered meanwhile), so it writes none of them; the
+    /// writer's end wakes the policy, and they are looked at again then.
+    pub fn take_over(&self, uid: &str, mark: Mark) -> (Turn, std::collections::HashSet<Target>) {
+        let log = Arc::clone(&self.lock().entry(uid.to_string()).or_default().log);
+        let mut held = log.lock().unwrap_or_else(|e| e.into_inner());
+        held.turn += 1;
+        held.touched.retain(|_, seq| *seq > mark.0);
+        let touched = held.touched.keys().cloned().collect();
+        let turn = held.turn;
+        drop(held);
+        (Turn { log, turn }, touched)
+    }
+
+    /// Stops the policy's writer, if one runs (its writes in flight run on): a reconcile that failed
+    /// before it took the turn over leaves no writer going on with an older plan.
+    pub fn stop(&self, uid: &str) {
+        if let Some(policy) = self.lock().get(uid) {
+            policy.log.lock().unwrap_or_else(|e| e.into_inner()).turn += 1;
+        }
+    }
+
+    /// The policy is gone (its finalizer removed): what was kept of it is dropped.
+    pub fn forget(&self, uid: &str) {
+        let mut policies = self.lock();
+        match policies.get_mut(uid) {
+            Some(policy) if policy.running > 0 => policy.gone = true,
+            Some(_) => drop(policies.remove(uid)),
+            None => {}
+        }
+    }
 }
 
-/// Runs `actions` in plan order, one phase after the other (`phase` of consecutive actions), the
-/// actions of a phase started while `pace.limit` has room. No action but the first starts once
-/// `pace.budget` has passed (a later phase never starts while an earlier one is unfinished), and the
-/// first failure stops the rest. Each write's answer is told to the limit.
+/// Runs `actions[from..]` in plan order, one phase after the other (`phase` of consecutive actions), the
+/// actions of a phase started while `pace.limit` has room, after the writes already `in_flight` (of
+/// the phase of `actions[from]`). No action but the first starts once `pace.budget` has passed (a
+/// later phase never starts while an earlier one is unfinished), nor once `write` gives nothing (its
+/// turn is over); the first failure stops the rest. Each write's answer is told to the limit.
 ///
-/// When the budget ends within a phase, the writes in flight are waited for. The writes of phase
-/// `hand_off` are instead returned unanswered when the budget ends within it (whether or not all of it
-/// has started): the caller lets them finish while the next reconcile plans and writes on, so that the
-/// API server is not left with fewer writes than the limit between two reconciles, and no reconcile
-/// waits for the API server's answers past its budget.
+/// When no more may start, the writes in flight are waited for, unless `hand_off`: they are returned
+/// unanswered then, and the caller lets them finish while it goes on (a policy's writer with the rest),
+/// so that no reconcile waits for the API server's answers past its budget.
 async fn paced<'a, 'f, A, F, Fut>(
     actions: &'a [A],
-    pace: Pace,
-    hand_off: Option<u8>,
+    (from, mut in_flight): (usize, InFlight<'f>),
+    pace: &Pace,
+    hand_off: bool,
     phase: impl Fn(&A) -> u8,
     write: F,
 ) -> Result<(Written, InFlight<'f>)>
 where
-    F: Fn(&'a A) -> Fut,
+    F: Fn(&'a A) -> Option<Fut>,
     Fut: Future<Output = Result<()>> + Send + 'f,
 {
     let of = actions.len();
-    let until = Instant::now() + pace.budget;
-    let open = |next: usize| (next == 0 && pace.first_waits) || Instant::now() < until;
-    // Wakes a wait for a place or an answer when the budget ends (a phase handed off then goes at once).
-    let deadline = tokio::time::sleep_until(until.into());
+    let until = pace.budget.map(|budget| Instant::now() + budget);
+    let mut stopped = false;
+    let open = |next: usize, stopped: bool| {
+        !stopped && ((next == 0 && pace.first_waits) || until.is_none_or(|until| Instant::now() < until))
+    };
+    // Wakes a wait for a place or an answer when the budget ends (the writes are handed off then).
+    let deadline = tokio::time::sleep_until(until.unwrap_or_else(Instant::now).into());
     tokio::pin!(deadline);
+    let timed = until.is_some();
     let limit = &pace.limit;
-    let mut done = 0;
-    let mut in_flight = InFlight::new();
-    while done < of && open(done) {
+    let mut done = from;
+    while done < of && open(done, stopped) {
         let current = phase(&actions[done]);
         let end = actions[done..].iter().position(|a| phase(a) != current).map_or(of, |n| done + n);
         let mut next = done;
@@ -675,9 +776,12 @@ where
             let room = limit.room();
             tokio::pin!(room);
             room.as_mut().enable();
-            while next < end && open(next) {
+            while next < end && open(next, stopped) {
                 let Some(permit) = limit.try_start() else { break };
-                let written = write(&actions[next]);
+                let Some(written) = write(&actions[next]) else {
+                    stopped = true;
+                    break;
+                };
                 in_flight.push(Box::pin(async move {
                     let result = written.await;
                     permit.finish(Answer::of(&result));
@@ -685,12 +789,10 @@ where
                 }));
                 next += 1;
             }
-            let more = next < end && open(next);
-            // The budget ended within a phase handed off: what is in flight runs on, the rest of the
-            // phase is the next reconcile's. (While the budget lasts, the answers are waited for: a
-            // reconcile that is answered within it leaves nothing running.)
-            let handing = hand_off == Some(current);
-            if handing && !open(next) && !in_flight.is_empty() {
+            let more = next < end && open(next, stopped);
+            // No more may start: what is in flight runs on, the rest is the caller's. (While the budget
+            // lasts, the answers are waited for: a reconcile answered within it leaves nothing running.)
+            if hand_off && !open(next, stopped) && !in_flight.is_empty() {
                 return Ok((Written { done: next, of }, in_flight));
             }
             if in_flight.is_empty() {
@@ -699,14 +801,14 @@ where
                 }
                 tokio::select! {
                     () = &mut room => {}
-                    () = &mut deadline, if !deadline.is_elapsed() => {}
+                    () = &mut deadline, if timed && !deadline.is_elapsed() => {}
                 }
                 continue;
             }
             tokio::select! {
                 Some(result) = in_flight.next() => result?,
                 () = &mut room, if more => {}
-                () = &mut deadline, if (more || handing) && !deadline.is_elapsed() => {}
+                () = &mut deadline, if timed && (more || hand_off) && !deadline.is_elapsed() => {}
             }
         }
         done = next;
@@ -717,12 +819,21 @@ where
     Ok((Written { done, of }, in_flight))
 }
 
-/// The phase of the workload layer's injections and removals.
-const INJECTIONS: u8 = 1;
+/// Waits for every write in flight; the first failure is what this ends with (each is logged).
+async fn answered(in_flight: InFlight<'_>) -> Result<()> {
+    in_flight
+        .fold(Ok(()), |first, result| async move {
+            if let Err(error) = &result {
+                tracing::warn!(%error, "a workload write handed on by its reconcile failed");
+            }
+            first.and(result)
+        })
+        .await
+}
 
 /// An action of the workload layer, as planned: built, or an injection built when its write starts
 /// ([`workloads::Lazy`]).
-pub trait WorkloadAction: Sync {
+pub trait WorkloadAction: Send + Sync + 'static {
     /// Collector ConfigMaps (0), then injections and removals (1), then ConfigMap deletions (2).
     fn phase(&self) -> u8;
     fn action(&self) -> std::borrow::Cow<'_, workloads::Action>;
@@ -733,7 +844,7 @@ impl WorkloadAction for workloads::Action {
         use workloads::Action::*;
         match self {
             ApplyCollectorConfig { .. } => 0,
-            Inject { .. } | Remove { .. } => INJECTIONS,
+            Inject { .. } | Remove { .. } => 1,
             DeleteCollectorConfig { .. } => 2,
         }
     }
@@ -743,11 +854,11 @@ impl WorkloadAction for workloads::Action {
     }
 }
 
-impl WorkloadAction for workloads::Lazy<'_> {
+impl WorkloadAction for workloads::Lazy {
     fn phase(&self) -> u8 {
         match self {
             workloads::Lazy::Now(action) => action.phase(),
-            workloads::Lazy::Later { .. } => INJECTIONS,
+            workloads::Lazy::Later { .. } => 1,
         }
     }
 
@@ -756,56 +867,86 @@ impl WorkloadAction for workloads::Lazy<'_> {
     }
 }
 
-/// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
-/// then ConfigMap deletions, each phase paced by `pace`; the first failure stops the rest. An action
-/// is built when its write starts. Each workload write is told to `notes` as it starts and ends (the
-/// stores take in what it left before their watch does).
-///
-/// When the write budget ends within the injections and removals (whether or not all have started),
-/// the writes still in flight are returned as a [`Tail`] to run on (`Written::done` counts them): the
-/// next reconcile sees them in flight in the stores and plans around them. Every failure in the tail
-/// is logged, and the first is what the tail ends with ([`Tails`]).
-pub async fn workloads<N>(
-    writer: &Writer,
-    actions: &[impl WorkloadAction],
-    pace: Pace,
-    notes: &N,
-) -> Result<(Written, Option<Tail>)>
-where
-    N: WriteNotes + Clone + Send + 'static,
-{
-    // Owned: an injection built now is moved into its request, not copied.
-    let (written, in_flight) = paced(actions, pace, Some(INJECTIONS), WorkloadAction::phase, |planned| {
-        workload_write(writer, notes, planned.action().into_owned())
-    })
-    .await?;
-    let tail = (!in_flight.is_empty()).then(|| {
-        Box::pin(in_flight.fold(Ok(()), |first, result| async move {
-            if let Err(error) = &result {
-                tracing::warn!(%error, "a workload write left in flight by its reconcile failed");
-            }
-            first.and(result)
-        })) as Tail
-    });
-    Ok((written, tail))
+/// The target of a workload action.
+pub fn target_of(action: &workloads::Lazy) -> Target {
+    use workloads::Action::*;
+    match action {
+        workloads::Lazy::Later { kind, workload, .. } => (Some(*kind), workload.clone()),
+        workloads::Lazy::Now(Inject { kind, workload, .. } | Remove { kind, workload, .. }) => {
+            (Some(*kind), workload.clone())
+        }
+        workloads::Lazy::Now(
+            ApplyCollectorConfig { namespace, name, .. } | DeleteCollectorConfig { namespace, name },
+        ) => (None, ObjectKey::new(namespace.clone(), name.clone())),
+    }
 }
 
-/// One write of the workload layer, started now: a workload write is told to `notes` before this
-/// returns (not when it is first polled: a reconcile right after this one's budget ended finds it in
-/// flight), and as it ends.
+/// Runs the workload layer's actions: collector ConfigMaps first, then the injections and removals,
+/// then ConfigMap deletions, each phase paced by `pace`, while `turn` is the caller's; the first
+/// failure stops the rest. An action is built when its write starts. Each workload write is told to
+/// `notes` as it starts and ends (the stores take in what it left before their watch does).
+///
+/// When the write budget ends with writes in flight or still to start, they are handed to the
+/// policy's writer, returned as a [`Tail`] to run on (`Written::done` counts them): it starts the rest
+/// of the plan within the limit, in plan order, as long as the turn is its own (until the policy's
+/// next reconcile takes it over), and ends when every write it started is answered. Every failure in
+/// it is logged, and the first is what it ends with ([`Tails`]).
+pub async fn workloads<A, N>(
+    writer: &Writer,
+    actions: Vec<A>,
+    pace: Pace,
+    notes: &N,
+    turn: &Turn,
+) -> Result<(Written, Option<Tail>)>
+where
+    A: WorkloadAction,
+    N: WriteNotes + Clone + Send + 'static,
+{
+    let (written, in_flight) = {
+        // Owned: an injection built now is moved into its request, not copied.
+        let write = |planned: &A| workload_write(writer, notes, turn, planned.action().into_owned());
+        paced(&actions, (0, InFlight::new()), &pace, true, A::phase, write).await?
+    };
+    if written.complete() && in_flight.is_empty() {
+        return Ok((written, None));
+    }
+    let (writer, notes, turn) = (writer.clone(), notes.clone(), turn.clone());
+    let from = written.done;
+    let tail = async move {
+        let mut in_flight = in_flight;
+        // The writes of an earlier phase are answered before the next one starts.
+        let boundary = from > 0 && from < actions.len() && actions[from - 1].phase() != actions[from].phase();
+        if boundary {
+            answered(std::mem::take(&mut in_flight)).await?;
+        }
+        let write = |planned: &A| workload_write(&writer, &notes, &turn, planned.action().into_owned());
+        let unbounded = Pace { budget: None, ..pace };
+        let (_, in_flight) = paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await?;
+        answered(in_flight).await
+    };
+    Ok((Written { done: written.of, of: written.of }, Some(Box::pin(tail))))
+}
+
+/// One write of the workload layer, started now if `turn` is still the caller's: a workload write is
+/// told to `notes` before this returns (not when it is first polled: a reconcile right after this one's
+/// budget ended finds it in flight), and as it ends.
 fn workload_write<N>(
     writer: &Writer,
     notes: &N,
+    turn: &Turn,
     action: workloads::Action,
-) -> futures::future::BoxFuture<'static, Result<()>>
+) -> Option<futures::future::BoxFuture<'static, Result<()>>>
 where
     N: WriteNotes + Clone + Send + 'static,
 {
     use workloads::Action::*;
     let writer = writer.clone();
-    let (kind, workload, patch) = match action {
+    let config_map = |namespace: &str, name: &str| (None, ObjectKey::new(namespace, name));
+    let (target, write): (Target, futures::future::BoxFuture<'static, Result<()>>) = match action {
         ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
-            return Box::pin(async move {
+            let target = config_map(&namespace, &name);
+            turn.start(&target, || ())?;
+            let write = async move {
                 let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
                 let patch = json!({
                     "apiVersion": "v1",
@@ -824,21 +965,35 @@ where
                     "data": data,
                 });
                 writer.apply(&api, &name, patch).await.map(drop)
-            });
+            };
+            (target, Box::pin(write))
         }
         DeleteCollectorConfig { namespace, name } => {
-            return Box::pin(async move {
+            let target = config_map(&namespace, &name);
+            turn.start(&target, || ())?;
+            let write = async move {
                 writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
-            });
+            };
+            (target, Box::pin(write))
         }
-        Inject { kind, workload, patch } => (kind, workload, patch),
+        Inject { kind, workload, patch } => {
+            let target = (Some(kind), workload.clone());
+            let noted = turn.start(&target, || Noted::start(notes.clone(), kind, &workload))?;
+            (target, Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await }))
+        }
         Remove { kind, workload, rolled_back } => {
+            let target = (Some(kind), workload.clone());
             let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
-            (kind, workload, patch)
+            let noted = turn.start(&target, || Noted::start(notes.clone(), kind, &workload))?;
+            (target, Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await }))
         }
     };
-    let noted = Noted::start(notes.clone(), kind, &workload);
-    Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await })
+    let turn = turn.clone();
+    Some(Box::pin(async move {
+        let result = write.await;
+        turn.ended(target);
+        result
+    }))
 }
 
 /// Runs the network layer's actions (one per node, independent of each other), paced by `pace`. Every
@@ -853,37 +1008,40 @@ pub async fn network(
     let api = &Api::<NodeTracing>::all(writer.client.clone());
     let (written, _) = paced(
         actions,
-        pace,
-        None,
+        (0, InFlight::new()),
+        &pace,
+        false,
         |_| 0,
-        |action| async move {
-            let node = match action {
-                network::Action::Put { node, .. } | network::Action::Delete { node, .. } => node,
-            };
-            notes.writing_node(node);
-            let result = match action {
-                network::Action::Put { node, bridges, rolled_back, resource_version } => {
-                    let mut metadata = json!({"name": node});
-                    if let Some(rv) = resource_version {
-                        metadata["resourceVersion"] = json!(rv);
+        |action| {
+            Some(async move {
+                let node = match action {
+                    network::Action::Put { node, .. } | network::Action::Delete { node, .. } => node,
+                };
+                notes.writing_node(node);
+                let result = match action {
+                    network::Action::Put { node, bridges, rolled_back, resource_version } => {
+                        let mut metadata = json!({"name": node});
+                        if let Some(rv) = resource_version {
+                            metadata["resourceVersion"] = json!(rv);
+                        }
+                        if let Some(marker) = rolled_back {
+                            metadata["annotations"] = json!({network::ROLLED_BACK_ANNOTATION: marker});
+                        }
+                        let patch = json!({
+                            "apiVersion": "crosstrace.dev/v1alpha1",
+                            "kind": "NodeTracing",
+                            "metadata": metadata,
+                            "spec": {"nodeName": node, "bridges": bridges},
+                        });
+                        writer.apply(api, node, patch).await.map(Some)
                     }
-                    if let Some(marker) = rolled_back {
-                        metadata["annotations"] = json!({network::ROLLED_BACK_ANNOTATION: marker});
+                    network::Action::Delete { node, resource_version } => {
+                        writer.delete_at_version(api, node, resource_version.clone()).await.map(|()| None)
                     }
-                    let patch = json!({
-                        "apiVersion": "crosstrace.dev/v1alpha1",
-                        "kind": "NodeTracing",
-                        "metadata": metadata,
-                        "spec": {"nodeName": node, "bridges": bridges},
-                    });
-                    writer.apply(api, node, patch).await.map(Some)
-                }
-                network::Action::Delete { node, resource_version } => {
-                    writer.delete_at_version(api, node, resource_version.clone()).await.map(|()| None)
-                }
-            };
-            notes.written_node(node, result.as_ref().ok().map(Option::as_ref));
-            result.map(drop)
+                };
+                notes.written_node(node, result.as_ref().ok().map(Option::as_ref));
+                result.map(drop)
+            })
         },
     )
     .await?;

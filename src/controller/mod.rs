@@ -62,9 +62,12 @@ pub struct Settings {
     pub write_concurrency: usize,
     /// The most the write limit goes up to (equal to `write_concurrency`: fixed).
     pub write_concurrency_max: usize,
-    /// How long after a layer's first write in a reconcile new ones start; a bigger batch goes on in the
-    /// next reconcile at once.
+    /// How long after the network layer's first write in a reconcile new ones start; a bigger batch goes
+    /// on in the next reconcile at once (`--write-budget-ms`).
     pub write_budget: Duration,
+    /// How long a reconcile starts workload writes and waits for their answers before it hands the rest
+    /// of its plan to the policy's writer (`--workload-write-budget-ms`).
+    pub workload_write_budget: Duration,
     /// Where the chart mounts its admin limits (`--admin-limits`): read on every reconcile, so that a
     /// changed limit applies without a restart. `None`: no limits beyond the built-in ones.
     pub admin_limits: Option<std::path::PathBuf>,
@@ -144,12 +147,17 @@ pub const DEFAULT_WRITE_CONCURRENCY: usize = 8;
 /// The most writes of a layer in flight at once, unless `--write-concurrency-max` says otherwise.
 pub const DEFAULT_WRITE_CONCURRENCY_MAX: usize = 32;
 
-/// How long after its first write a layer starts new ones, and waits for their answers, in one
-/// reconcile, unless `--write-budget-ms` says otherwise (the workload writes unanswered then run on
-/// after the reconcile). Shorter budgets make shorter reconciles and slower rollouts, since every
-/// reconcile observes and plans all its targets again while the writes in flight thin out
-/// (`e2e/bench/RESULTS.md` has both measured).
+/// How long after its first write the network layer starts new ones, and waits for their answers, in
+/// one reconcile, unless `--write-budget-ms` says otherwise. Its writes carry the versions they were
+/// planned from, so they are not handed on: shorter budgets make shorter reconciles and slower rollouts,
+/// since every reconcile observes and plans all its nodes again.
 pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
+
+/// How long a reconcile starts workload writes, and waits for their answers, before it hands the rest
+/// of its plan to the policy's writer, unless `--workload-write-budget-ms` says otherwise. The writer
+/// keeps the write limit full while the next reconcile observes and plans, so a short budget costs the
+/// rollout nothing (`e2e/bench/RESULTS.md`).
+pub const DEFAULT_WORKLOAD_WRITE_BUDGET: Duration = Duration::from_millis(50);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -169,6 +177,7 @@ impl Default for Settings {
             write_concurrency: DEFAULT_WRITE_CONCURRENCY,
             write_concurrency_max: DEFAULT_WRITE_CONCURRENCY_MAX,
             write_budget: DEFAULT_WRITE_BUDGET,
+            workload_write_budget: DEFAULT_WORKLOAD_WRITE_BUDGET,
             admin_limits: None,
             canary_every: None,
             flows_receiver: None,

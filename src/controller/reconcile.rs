@@ -82,9 +82,12 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     let started = Instant::now();
     let result = dispatch(&policy, &ctx).await;
     let uid = policy.uid().unwrap_or_default();
-    // A reconcile whose writes are still in flight has not succeeded yet: their failure is its own.
-    if result.is_ok() && !ctx.tails.running(&uid) {
-        ctx.retries.succeeded(&uid);
+    match &result {
+        // A reconcile whose writes are still in flight has not succeeded yet: their failure is its own.
+        Ok(_) if !ctx.tails.running(&uid) => ctx.retries.succeeded(&uid),
+        Ok(_) => {}
+        // No writer goes on with a plan older than the one the retry makes.
+        Err(_) => ctx.tails.stop(&uid),
     }
     let took = started.elapsed();
     ctx.metrics.reconciled(took);
@@ -125,6 +128,7 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
             stores.forget_policy(name);
         }
         ctx.written.lock().expect("status memo lock").remove(&policy.uid().unwrap_or_default());
+        ctx.tails.forget(&policy.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
     if !has_finalizer {
@@ -252,6 +256,9 @@ async fn run_layers(
         .iter()
         .filter_map(|p| Some((p.name_any(), workloads::Selection::new(p.spec.workloads.as_ref()?, defaults).ok()?)))
         .collect();
+    // Before anything is observed: the targets the policy's writer touches from here on are not the
+    // observed ones (see `Tails::take_over`).
+    let mark = ctx.tails.mark(&uid);
     let observing = Instant::now();
     let (mut observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_deref(), view, defaults, |w| {
         let ns_labels = || w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
@@ -267,30 +274,42 @@ async fn run_layers(
     }
     drop((labels, older_selections));
     drop(older_policies);
+    let observed: std::sync::Arc<[workloads::Observed]> = observed.into();
     let planning = Instant::now();
     // Each injection is built when its write starts, from what was observed (kept until then: the
     // stores' workloads are pruned, their apply configurations are not).
-    let workloads::LazyPlan { actions, report: workload_report, drifted } =
+    let workloads::LazyPlan { mut actions, report: workload_report, drifted } =
         workloads::plan_lazily(view, defaults, &observed, &config_maps, now, &ctx.hashes);
+    drop((observed, config_maps));
+    // The policy's writer (an earlier reconcile's plan) starts nothing more; what it touched since this
+    // reconcile began is looked at again when it ends.
+    let (turn, touched) = ctx.tails.take_over(&uid, mark);
+    let planned = actions.len();
+    if !touched.is_empty() {
+        actions.retain(|a| !touched.contains(&super::apply::target_of(a)));
+    }
     let writing = Instant::now();
     let mut written = Written { done: 0, of: 0 };
-    // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often).
-    let mut raced = false;
-    // Writes of this policy in flight when this reconcile ends: their end wakes it.
-    let mut waiting = !in_flight.is_empty();
+    // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often),
+    // or one the writer touched while this reconcile observed it, its writer gone already.
+    let mut raced = actions.len() < planned && !ctx.tails.running(&uid);
+    // Writes of this policy in flight (or still to start, by its writer) when this reconcile ends:
+    // their end wakes it.
+    let mut waiting = !in_flight.is_empty() || ctx.tails.running(&uid);
+    // The injections written again: each drifted target whose injection this reconcile writes.
+    let reapplied: BTreeSet<&ObjectKey> = actions.iter().filter_map(workloads::Lazy::injected).collect();
+    let drifted: Vec<ObjectKey> = drifted.into_iter().filter(|k| reapplied.contains(k)).collect();
+    drop(reapplied);
     if !actions.is_empty() {
         info!(actions = actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        // New writes start for at least as long as observing and planning took, so that the writes left
-        // in flight are not left to drain while the next reconcile observes and plans.
-        let budget = ctx.settings.write_budget.max(writing - observing);
-        let pace = Pace::within(&ctx.write_limits.workloads, budget);
+        let pace = Pace::within(&ctx.write_limits.workloads, ctx.settings.workload_write_budget);
         // The policy's writes in flight make its progress: this reconcile waits for a place only within
-        // its budget (else the next one goes on).
+        // its budget (else its writer goes on).
         let pace = if waiting { pace.behind_own_writes() } else { pace };
         let tail;
-        (written, tail) = super::apply::workloads(&ctx.writer, &actions, pace, &notes).await?;
-        raced = notes.is_some_and(|n| n.raced());
+        (written, tail) = super::apply::workloads(&ctx.writer, actions, pace, &notes, &turn).await?;
+        raced |= notes.is_some_and(|n| n.raced());
         if let Some(tail) = tail {
             ctx.tails.keep(policy, tail);
             waiting = true;
@@ -302,19 +321,16 @@ async fn run_layers(
         plan_us = micros(writing - planning),
         write_us = micros(writing.elapsed()),
         targets = workload_report.selected,
-        planned = written.of,
+        planned,
         written = written.done,
         "workload layer"
     );
-    let reapplied: BTreeSet<&ObjectKey> =
-        actions[..written.done].iter().filter_map(workloads::Lazy::injected).collect();
-    for key in drifted.iter().filter(|k| reapplied.contains(k)) {
+    // Written, or handed to the policy's writer.
+    for key in &drifted {
         let note = format!("the tracing injection of {key} was removed by someone else; applied it again");
         drift_corrected(ctx, policy, "workloads", note).await;
     }
-    drop(reapplied);
-    drop((actions, drifted));
-    drop((observed, config_maps));
+    drop(drifted);
 
     let observed = network::observe(&ctx.client, ctx.stores.as_deref(), view).await?;
     let mut correlation =

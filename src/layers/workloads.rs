@@ -7,6 +7,7 @@
 //! stay as they were, byte for byte.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use futures::{StreamExt, TryFutureExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -690,19 +691,19 @@ pub fn plan_with(
     now: i64,
     hashes: &Hashes,
 ) -> Plan {
-    plan_lazily(policy, defaults, observed, config_maps, now, hashes).built()
+    plan_lazily(policy, defaults, &Arc::from(observed), config_maps, now, hashes).built()
 }
 
 /// [`plan_with`], with each injection built only when it is written ([`Lazy::action`]): a write
 /// budget that ends a reconcile after a few hundred writes leaves the rest of a big batch unbuilt.
-pub fn plan_lazily<'a>(
-    policy: PolicyView<'a>,
-    defaults: &'a Defaults,
-    observed: &'a [Observed],
+pub fn plan_lazily(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    observed: &Arc<[Observed]>,
     config_maps: &[ConfigMap],
     now: i64,
     hashes: &Hashes,
-) -> LazyPlan<'a> {
+) -> LazyPlan {
     let fingerprint = super::hash_of(&json!({
         "name": policy.name, "generation": policy.generation, "spec": policy.spec, "defaults": format!("{defaults:?}"),
     }));
@@ -728,14 +729,14 @@ pub fn plan_lazily<'a>(
 
 /// The plan of the workload layer, its injections not built yet.
 #[derive(Default)]
-pub struct LazyPlan<'a> {
-    pub actions: Vec<Lazy<'a>>,
+pub struct LazyPlan {
+    pub actions: Vec<Lazy>,
     pub report: LayerReport,
     /// Workloads whose injection had been removed by someone else and is applied again.
     pub drifted: Vec<ObjectKey>,
 }
 
-impl LazyPlan<'_> {
+impl LazyPlan {
     /// The plan with every action built.
     pub fn built(self) -> Plan {
         Plan {
@@ -749,24 +750,34 @@ impl LazyPlan<'_> {
 /// The hash of a workload's desired injection: remembered, or computed by the closure.
 type HashOf<'a> = dyn FnMut(&Workload, &dyn Fn() -> String) -> String + 'a;
 
-fn plan_remembering<'a>(
-    policy: PolicyView<'a>,
-    defaults: &'a Defaults,
-    observed: &'a [Observed],
+fn plan_remembering(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    observed: &Arc<[Observed]>,
     config_maps: &[ConfigMap],
     now: i64,
     hash_of: &mut HashOf<'_>,
-) -> LazyPlan<'a> {
+) -> LazyPlan {
     let active = !policy.deleting && policy.spec.workloads.is_some();
     let mut plan = LazyPlan::default();
-    let mut targets: Vec<&Observed> = observed.iter().collect();
-    targets.sort_by_key(|t| (t.workload.key(), t.workload.kind));
+    let mut targets: Vec<usize> = (0..observed.len()).collect();
+    targets.sort_by_cached_key(|&i| (observed[i].workload.key(), observed[i].workload.kind));
+    // What the injections are built from, shared by them (built after this returns, by a writer).
+    let recipe = Arc::new(Recipe {
+        name: policy.name.to_string(),
+        uid: policy.uid.to_string(),
+        generation: policy.generation,
+        spec: policy.spec.clone(),
+        defaults: defaults.clone(),
+        observed: Arc::clone(observed),
+    });
 
     let mut reverts = Vec::new();
     let mut per_target = Vec::new();
     let mut namespaces_in_use = BTreeSet::new();
     let mut writing = false;
-    for t in targets {
+    for index in targets {
+        let t = &observed[index];
         let w = &t.workload;
         if t.writing {
             // It keeps its slot, its namespace keeps the collector configuration, and nothing more is
@@ -790,7 +801,8 @@ fn plan_remembering<'a>(
             continue;
         }
         plan.report.selected += 1;
-        let (target, drifted) = forward(policy, defaults, t, record, marker.map(String::as_str), now, &mut *hash_of);
+        let (target, drifted) =
+            forward(policy, defaults, (&recipe, index), record, marker.map(String::as_str), now, &mut *hash_of);
         if drifted {
             plan.drifted.push(w.key());
         }
@@ -830,19 +842,36 @@ fn plan_remembering<'a>(
     plan
 }
 
+/// What a plan's injections are built from: the policy and the observed workloads, owned (a policy's
+/// writer builds them after the reconcile that planned them returned).
+struct Recipe {
+    name: String,
+    uid: String,
+    generation: i64,
+    spec: TracingPolicySpec,
+    defaults: Defaults,
+    observed: Arc<[Observed]>,
+}
+
+impl Recipe {
+    fn view(&self) -> PolicyView<'_> {
+        PolicyView { uid: &self.uid, generation: self.generation, ..PolicyView::new(&self.name, &self.spec) }
+    }
+}
+
 /// An action of the plan, an injection built only when it is written: a pending target's injection
-/// is not built while it waits for a slot, nor while a write budget leaves it to the next reconcile.
-pub enum Lazy<'a> {
+/// is not built while it waits for a slot, nor while it waits for its turn in the policy's writer.
+pub enum Lazy {
     Now(Action),
     /// An [`Action::Inject`] of this workload.
     Later {
         kind: WorkloadKind,
         workload: ObjectKey,
-        build: Box<dyn Fn() -> Action + Send + Sync + 'a>,
+        build: Box<dyn Fn() -> Action + Send + Sync>,
     },
 }
 
-impl Lazy<'_> {
+impl Lazy {
     /// The action, built now if it is an injection.
     pub fn action(&self) -> std::borrow::Cow<'_, Action> {
         match self {
@@ -867,15 +896,17 @@ impl Lazy<'_> {
     }
 }
 
-fn forward<'a>(
-    policy: PolicyView<'a>,
-    defaults: &'a Defaults,
-    t: &'a Observed,
+/// The plan of one selected target (`observed`: the plan's recipe and the target's place in it).
+fn forward(
+    policy: PolicyView<'_>,
+    defaults: &Defaults,
+    (recipe, index): (&Arc<Recipe>, usize),
     record: Result<Option<Record>, String>,
     marker: Option<&str>,
     now: i64,
     hash_of: &mut HashOf<'_>,
-) -> (TargetPlan<Lazy<'a>>, bool) {
+) -> (TargetPlan<Lazy>, bool) {
+    let t = &recipe.observed[index];
     let w = &t.workload;
     let key = w.key();
     let kind = w.kind;
@@ -915,11 +946,13 @@ fn forward<'a>(
         &policy.spec.rollout,
         move |converged, restart_clock| {
             let workload = inject_key.clone();
+            let recipe = Arc::clone(recipe);
             vec![Lazy::Later {
                 kind,
                 workload,
                 build: Box::new(move || {
-                    let (mut patch, desired) = injection(policy, defaults, w, record.as_ref(), since);
+                    let w = &recipe.observed[index].workload;
+                    let (mut patch, desired) = injection(recipe.view(), &recipe.defaults, w, record.as_ref(), since);
                     if restart_clock {
                         let record = Record { rollout_started: now, ..desired.clone() };
                         patch["metadata"]["annotations"][RECORD_ANNOTATION] = json!(record_json(&record));
@@ -1642,7 +1675,7 @@ mod tests {
         let s = spec();
         let observed: Vec<Observed> = ["a", "b", "c"].iter().map(|n| selected(workload(n, &[]))).collect();
         let d = defaults();
-        let lazy = plan_lazily(view(&s), &d, &observed, &[], NOW, &Hashes::default());
+        let lazy = plan_lazily(view(&s), &d, &Arc::from(observed.as_slice()), &[], NOW, &Hashes::default());
         let injections: Vec<&ObjectKey> = lazy.actions.iter().filter_map(Lazy::injected).collect();
         assert_eq!(injections.len(), 2, "a batch of maxConcurrent 2; the third waits");
         assert!(lazy.actions.iter().any(|a| matches!(a, Lazy::Later { .. })), "nothing built yet");
