@@ -303,10 +303,13 @@ async fn run_layers(
     if !actions.is_empty() {
         info!(actions = actions.len(), deleting, "changing the workload layer");
         let notes = ctx.stores.as_ref().map(|stores| stores.writes_of(name));
-        let pace = Pace::within(&ctx.write_limits.workloads, ctx.settings.workload_write_budget);
-        // The policy's writes in flight make its progress: this reconcile waits for a place only within
-        // its budget (else its writer goes on).
-        let pace = if waiting { pace.behind_own_writes() } else { pace };
+        // The policy's writes in flight make its progress: a reconcile behind them hands its plan to its
+        // writer at once (it would only wait for the places they hold, and its writer starts as they free).
+        let pace = if waiting {
+            Pace::within(&ctx.write_limits.workloads, Duration::ZERO).behind_own_writes()
+        } else {
+            Pace::within(&ctx.write_limits.workloads, ctx.settings.workload_write_budget)
+        };
         let tail;
         (written, tail) = super::apply::workloads(&ctx.writer, actions, pace, &notes, &turn).await?;
         raced |= notes.is_some_and(|n| n.raced());
