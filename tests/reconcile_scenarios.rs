@@ -484,7 +484,7 @@ async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_p
 }
 
 #[tokio::test]
-async fn a_reconcile_while_the_writer_goes_on_takes_its_turn_over_and_no_target_is_written_twice() {
+async fn while_the_writer_goes_on_a_reconcile_is_deferred_then_takes_its_turn_over_and_no_target_is_written_twice() {
     let p = shop_policy();
     let targets: Vec<Workload> = (0..4).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
     let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(150)));
@@ -509,10 +509,16 @@ async fn a_reconcile_while_the_writer_goes_on_takes_its_turn_over_and_no_target_
     };
     let first = run(&p, &ctx).await;
     assert!(ctx.tails.running("uid-shop"), "the writer goes on after the reconcile: {first:?}");
-    // Reconciles while it writes (an owner's change of another object, the resync): each takes the turn
-    // over and writes what is neither in flight nor touched, as one writer at a time.
+    // Right after it, while its writes go on, the policy is not planned again: deferred, writing nothing.
+    let written = writes.lock().unwrap().len();
+    let deferred = reconcile::reconcile(Arc::new(p.clone()), ctx.clone()).await.expect("deferred");
+    assert_eq!(writes.lock().unwrap().len(), written, "a deferred reconcile writes nothing (not even a status)");
+    assert!(format!("{deferred:?}").contains("requeue_after: Some"), "looked at again soon: {deferred:?}");
+    // Reconciles while it writes, once the policy may be planned again (an owner's change of another
+    // object, the resync): each takes the turn over and writes what is neither in flight nor touched, as
+    // one writer at a time.
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(reconcile::REPLAN_EVERY + Duration::from_millis(20)).await;
         run(&p, &ctx).await;
     }
     settle(&ctx).await;

@@ -638,6 +638,8 @@ struct Policy {
     log: Arc<std::sync::Mutex<Log>>,
     /// Forgotten while writes ran: dropped when the last ends.
     gone: bool,
+    /// When a reconcile last took the turn over (it had planned).
+    planned_at: Option<Instant>,
 }
 
 /// The policies whose tails ended, to reconcile.
@@ -705,7 +707,12 @@ impl Tails {
     /// (a write of the writer's started or was answered meanwhile), so it writes none of them; the
     /// writer's end wakes the policy, and they are looked at again then.
     pub fn take_over(&self, uid: &str, mark: Mark) -> (Turn, std::collections::HashSet<Target>) {
-        let log = Arc::clone(&self.lock().entry(uid.to_string()).or_default().log);
+        let log = {
+            let mut policies = self.lock();
+            let policy = policies.entry(uid.to_string()).or_default();
+            policy.planned_at = Some(Instant::now());
+            Arc::clone(&policy.log)
+        };
         let mut held = log.lock().unwrap_or_else(|e| e.into_inner());
         held.turn += 1;
         held.touched.retain(|_, seq| *seq > mark.0);
@@ -713,6 +720,17 @@ impl Tails {
         let turn = held.turn;
         drop(held);
         (Turn { log, turn }, touched)
+    }
+
+    /// How long until the policy is planned again, if its writes go on and it was planned less than
+    /// `every` ago: while they go on, every watch event of its targets' owners (and every end of a
+    /// writer) would plan all its targets again, and each plan pins what it observed until its writer
+    /// ends. Their progress needs no plan; an owner's change is looked at within `every`.
+    pub fn replan_in(&self, uid: &str, every: Duration) -> Option<Duration> {
+        let policies = self.lock();
+        let policy = policies.get(uid).filter(|p| p.running > 0)?;
+        let since = policy.planned_at?.elapsed();
+        every.checked_sub(since).filter(|wait| !wait.is_zero())
     }
 
     /// Stops the policy's writer, if one runs (its writes in flight run on): a reconcile that failed

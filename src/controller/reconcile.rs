@@ -79,9 +79,15 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     if let Some(trace_id) = telemetry::trace_id() {
         Span::current().record("trace_id", field::display(trace_id));
     }
+    let uid = policy.uid().unwrap_or_default();
+    // While the policy's writes go on it is planned at most every REPLAN_EVERY (the rest are deferred,
+    // not counted as reconciles: they observe nothing).
+    if let Some(wait) = ctx.tails.replan_in(&uid, REPLAN_EVERY) {
+        tracing::debug!(wait_us = micros(wait), "deferred while the policy's writes go on");
+        return Ok(Action::requeue(wait));
+    }
     let started = Instant::now();
     let result = dispatch(&policy, &ctx).await;
-    let uid = policy.uid().unwrap_or_default();
     match &result {
         // A reconcile whose writes are still in flight has not succeeded yet: their failure is its own.
         Ok(_) if !ctx.tails.running(&uid) => ctx.retries.succeeded(&uid),
@@ -95,6 +101,9 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     tracing::debug!(took_us = micros(took), "reconciled");
     result
 }
+
+/// How often a policy whose writes go on is planned at most.
+pub const REPLAN_EVERY: Duration = Duration::from_millis(200);
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -274,7 +283,6 @@ async fn run_layers(
     }
     drop((labels, older_selections));
     drop(older_policies);
-    let observed: std::sync::Arc<[workloads::Observed]> = observed.into();
     let planning = Instant::now();
     // Each injection is built when its write starts, from what was observed (kept until then: the
     // stores' workloads are pruned, their apply configurations are not).

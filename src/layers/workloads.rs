@@ -691,7 +691,7 @@ pub fn plan_with(
     now: i64,
     hashes: &Hashes,
 ) -> Plan {
-    plan_lazily(policy, defaults, &Arc::from(observed), config_maps, now, hashes).built()
+    plan_lazily(policy, defaults, observed, config_maps, now, hashes).built()
 }
 
 /// [`plan_with`], with each injection built only when it is written ([`Lazy::action`]): a write
@@ -699,7 +699,7 @@ pub fn plan_with(
 pub fn plan_lazily(
     policy: PolicyView<'_>,
     defaults: &Defaults,
-    observed: &Arc<[Observed]>,
+    observed: &[Observed],
     config_maps: &[ConfigMap],
     now: i64,
     hashes: &Hashes,
@@ -753,15 +753,15 @@ type HashOf<'a> = dyn FnMut(&Workload, &dyn Fn() -> String) -> String + 'a;
 fn plan_remembering(
     policy: PolicyView<'_>,
     defaults: &Defaults,
-    observed: &Arc<[Observed]>,
+    observed: &[Observed],
     config_maps: &[ConfigMap],
     now: i64,
     hash_of: &mut HashOf<'_>,
 ) -> LazyPlan {
     let active = !policy.deleting && policy.spec.workloads.is_some();
     let mut plan = LazyPlan::default();
-    let mut targets: Vec<usize> = (0..observed.len()).collect();
-    targets.sort_by_cached_key(|&i| (observed[i].workload.key(), observed[i].workload.kind));
+    let mut targets: Vec<&Observed> = observed.iter().collect();
+    targets.sort_by_cached_key(|t| (t.workload.key(), t.workload.kind));
     // What the injections are built from, shared by them (built after this returns, by a writer).
     let recipe = Arc::new(Recipe {
         name: policy.name.to_string(),
@@ -769,15 +769,13 @@ fn plan_remembering(
         generation: policy.generation,
         spec: policy.spec.clone(),
         defaults: defaults.clone(),
-        observed: Arc::clone(observed),
     });
 
     let mut reverts = Vec::new();
     let mut per_target = Vec::new();
     let mut namespaces_in_use = BTreeSet::new();
     let mut writing = false;
-    for index in targets {
-        let t = &observed[index];
+    for t in targets {
         let w = &t.workload;
         if t.writing {
             // It keeps its slot, its namespace keeps the collector configuration, and nothing more is
@@ -802,7 +800,7 @@ fn plan_remembering(
         }
         plan.report.selected += 1;
         let (target, drifted) =
-            forward(policy, defaults, (&recipe, index), record, marker.map(String::as_str), now, &mut *hash_of);
+            forward(policy, defaults, (t, &recipe), record, marker.map(String::as_str), now, &mut *hash_of);
         if drifted {
             plan.drifted.push(w.key());
         }
@@ -842,15 +840,15 @@ fn plan_remembering(
     plan
 }
 
-/// What a plan's injections are built from: the policy and the observed workloads, owned (a policy's
-/// writer builds them after the reconcile that planned them returned).
+/// What a plan's injections are built from besides their workload: the policy, owned (a policy's
+/// writer builds them after the reconcile that planned them returned). Each injection holds its own
+/// workload, not the whole observation: a writer keeps only what it has yet to write.
 struct Recipe {
     name: String,
     uid: String,
     generation: i64,
     spec: TracingPolicySpec,
     defaults: Defaults,
-    observed: Arc<[Observed]>,
 }
 
 impl Recipe {
@@ -896,17 +894,16 @@ impl Lazy {
     }
 }
 
-/// The plan of one selected target (`observed`: the plan's recipe and the target's place in it).
+/// The plan of one selected target; its injection is built later from `recipe`.
 fn forward(
     policy: PolicyView<'_>,
     defaults: &Defaults,
-    (recipe, index): (&Arc<Recipe>, usize),
+    (t, recipe): (&Observed, &Arc<Recipe>),
     record: Result<Option<Record>, String>,
     marker: Option<&str>,
     now: i64,
     hash_of: &mut HashOf<'_>,
 ) -> (TargetPlan<Lazy>, bool) {
-    let t = &recipe.observed[index];
     let w = &t.workload;
     let key = w.key();
     let kind = w.kind;
@@ -947,11 +944,12 @@ fn forward(
         move |converged, restart_clock| {
             let workload = inject_key.clone();
             let recipe = Arc::clone(recipe);
+            let observed = w.clone();
             vec![Lazy::Later {
                 kind,
                 workload,
                 build: Box::new(move || {
-                    let w = &recipe.observed[index].workload;
+                    let w = &observed;
                     let (mut patch, desired) = injection(recipe.view(), &recipe.defaults, w, record.as_ref(), since);
                     if restart_clock {
                         let record = Record { rollout_started: now, ..desired.clone() };
@@ -1675,7 +1673,7 @@ mod tests {
         let s = spec();
         let observed: Vec<Observed> = ["a", "b", "c"].iter().map(|n| selected(workload(n, &[]))).collect();
         let d = defaults();
-        let lazy = plan_lazily(view(&s), &d, &Arc::from(observed.as_slice()), &[], NOW, &Hashes::default());
+        let lazy = plan_lazily(view(&s), &d, &observed, &[], NOW, &Hashes::default());
         let injections: Vec<&ObjectKey> = lazy.actions.iter().filter_map(Lazy::injected).collect();
         assert_eq!(injections.len(), 2, "a batch of maxConcurrent 2; the third waits");
         assert!(lazy.actions.iter().any(|a| matches!(a, Lazy::Later { .. })), "nothing built yet");
