@@ -203,6 +203,18 @@ async fn run(policy: &TracingPolicy, ctx: &Arc<Context>) -> Action {
 
 const POLICY: &str = "/apis/crosstrace.dev/v1alpha1/tracingpolicies/shop";
 
+/// The Deployments of namespace `shop` written so far, by name, sorted (a name twice: written twice).
+fn injected(writes: &Arc<Mutex<Vec<Write>>>) -> Vec<String> {
+    let writes = writes.lock().unwrap();
+    let mut names: Vec<String> = writes
+        .iter()
+        .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
+        .map(|w| w.path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 fn writes_to(writes: &Arc<Mutex<Vec<Write>>>) -> Vec<(Method, String)> {
     writes
         .lock()
@@ -457,16 +469,7 @@ async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_p
     let world = World { refused, slow, ..World::default() };
     let settings = Settings { workload_write_budget: Duration::from_millis(10), ..Settings::default() };
     let (ctx, writes, mut wakes) = context_waking(&p, world, settings, Some(synced(targets)));
-    let injections = || {
-        let writes = writes.lock().unwrap();
-        let mut paths: Vec<String> = writes
-            .iter()
-            .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
-            .map(|w| w.path.rsplit('/').next().unwrap().to_string())
-            .collect();
-        paths.sort();
-        paths
-    };
+    let injections = || injected(&writes);
     run(&p, &ctx).await;
     let woken = tokio::time::timeout(Duration::from_secs(5), wakes.next()).await.expect("woken in time");
     assert_eq!(woken.map(|r| r.name), Some("shop".to_string()), "the end of its writes wakes the policy");
@@ -497,16 +500,7 @@ async fn while_the_writer_goes_on_a_reconcile_is_deferred_then_takes_its_turn_ov
         ..Settings::default()
     };
     let (ctx, writes, _wakes) = context_waking(&p, world, settings, Some(synced(targets)));
-    let injections = || {
-        let writes = writes.lock().unwrap();
-        let mut paths: Vec<String> = writes
-            .iter()
-            .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
-            .map(|w| w.path.rsplit('/').next().unwrap().to_string())
-            .collect();
-        paths.sort();
-        paths
-    };
+    let injections = || injected(&writes);
     let first = run(&p, &ctx).await;
     assert!(ctx.tails.running("uid-shop"), "the writer goes on after the reconcile: {first:?}");
     // Right after it, while its writes go on, the policy is not planned again: deferred, writing nothing.
