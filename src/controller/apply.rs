@@ -887,15 +887,20 @@ impl WorkloadAction for workloads::Lazy {
 
 /// The target of a workload action.
 pub fn target_of(action: &workloads::Lazy) -> Target {
-    use workloads::Action::*;
     match action {
         workloads::Lazy::Later { kind, workload, .. } => (Some(*kind), workload.clone()),
-        workloads::Lazy::Now(Inject { kind, workload, .. } | Remove { kind, workload, .. }) => {
-            (Some(*kind), workload.clone())
+        workloads::Lazy::Now(action) => target(action),
+    }
+}
+
+/// The target of a built workload action.
+fn target(action: &workloads::Action) -> Target {
+    use workloads::Action::*;
+    match action {
+        Inject { kind, workload, .. } | Remove { kind, workload, .. } => (Some(*kind), workload.clone()),
+        ApplyCollectorConfig { namespace, name, .. } | DeleteCollectorConfig { namespace, name } => {
+            (None, ObjectKey::new(namespace.clone(), name.clone()))
         }
-        workloads::Lazy::Now(
-            ApplyCollectorConfig { namespace, name, .. } | DeleteCollectorConfig { namespace, name },
-        ) => (None, ObjectKey::new(namespace.clone(), name.clone())),
     }
 }
 
@@ -959,10 +964,9 @@ where
 {
     use workloads::Action::*;
     let writer = writer.clone();
-    let config_map = |namespace: &str, name: &str| (None, ObjectKey::new(namespace, name));
-    let (target, write): (Target, futures::future::BoxFuture<'static, Result<()>>) = match action {
+    let target = target(&action);
+    let write: futures::future::BoxFuture<'static, Result<()>> = match action {
         ApplyCollectorConfig { namespace, name, data, policy, policy_uid } => {
-            let target = config_map(&namespace, &name);
             turn.start(&target, || ())?;
             let write = async move {
                 let api = Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace);
@@ -984,26 +988,23 @@ where
                 });
                 writer.apply(&api, &name, patch).await.map(drop)
             };
-            (target, Box::pin(write))
+            Box::pin(write)
         }
         DeleteCollectorConfig { namespace, name } => {
-            let target = config_map(&namespace, &name);
             turn.start(&target, || ())?;
             let write = async move {
                 writer.delete(&Api::<ConfigMap>::namespaced(writer.client.clone(), &namespace), &name).await
             };
-            (target, Box::pin(write))
+            Box::pin(write)
         }
         Inject { kind, workload, patch } => {
-            let target = (Some(kind), workload.clone());
             let noted = turn.start(&target, || Noted::start(notes.clone(), kind, &workload))?;
-            (target, Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await }))
+            Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await })
         }
         Remove { kind, workload, rolled_back } => {
-            let target = (Some(kind), workload.clone());
             let patch = workloads::removal_patch(kind, &workload, rolled_back.as_deref());
             let noted = turn.start(&target, || Noted::start(notes.clone(), kind, &workload))?;
-            (target, Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await }))
+            Box::pin(async move { noted_apply(&writer, noted, kind, &workload, patch).await })
         }
     };
     let turn = turn.clone();

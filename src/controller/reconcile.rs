@@ -300,10 +300,11 @@ async fn run_layers(
     let mut written = Written { done: 0, of: 0 };
     // A target changed by someone else while crosstrace wrote it (its rollout finishing, most often),
     // or one the writer touched while this reconcile observed it, its writer gone already.
-    let mut raced = actions.len() < planned && !ctx.tails.running(&uid);
+    let writers = ctx.tails.running(&uid);
+    let mut raced = actions.len() < planned && !writers;
     // Writes of this policy in flight (or still to start, by its writer) when this reconcile ends:
     // their end wakes it.
-    let mut waiting = !in_flight.is_empty() || ctx.tails.running(&uid);
+    let mut waiting = !in_flight.is_empty() || writers;
     // The injections written again: each drifted target whose injection this reconcile writes.
     let reapplied: BTreeSet<&ObjectKey> = actions.iter().filter_map(workloads::Lazy::injected).collect();
     let drifted: Vec<ObjectKey> = drifted.into_iter().filter(|k| reapplied.contains(k)).collect();
