@@ -183,6 +183,39 @@ impl Proc {
             .collect()
     }
 
+    /// Where the slowest `share` of the reconciles spent their time: for each part the controller logs
+    /// with a reconcile's duration (`edge_us`, `status_us`, ...), its median over those reconciles, in
+    /// milliseconds, beside the median of their durations (`took`) and of what no part names (`rest`).
+    pub fn slowest_reconciles(&self, share: f64) -> serde_json::Map<String, serde_json::Value> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut reconciles: Vec<serde_json::Map<String, serde_json::Value>> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "reconciled" && v["fields"]["took_us"].is_number())
+            .filter_map(|v| v["fields"].as_object().cloned())
+            .collect();
+        reconciles
+            .sort_by(|a, b| b["took_us"].as_f64().unwrap_or(0.0).total_cmp(&a["took_us"].as_f64().unwrap_or(0.0)));
+        let slowest = &reconciles[..((reconciles.len() as f64 * share).ceil() as usize).min(reconciles.len())];
+        let parts: Vec<&String> =
+            slowest.first().map(|r| r.keys().filter(|k| k.ends_with("_us")).collect()).unwrap_or_default();
+        let mut out = serde_json::Map::new();
+        out.insert("reconciles".into(), slowest.len().into());
+        let ms = |r: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            r.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0) / 1e3
+        };
+        for part in &parts {
+            let values: Vec<f64> = slowest.iter().map(|r| ms(r, part)).collect();
+            out.insert(format!("{}_ms", part.trim_end_matches("_us")), median(&values).into());
+        }
+        let rest: Vec<f64> = slowest
+            .iter()
+            .map(|r| ms(r, "took_us") - parts.iter().filter(|p| p.as_str() != "took_us").map(|p| ms(r, p)).sum::<f64>())
+            .collect();
+        out.insert("rest_ms".into(), median(&rest).into());
+        out
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         support::agents::tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), lines)
     }

@@ -945,6 +945,9 @@ where
         let write = |planned: &A| workload_write(&writer, &notes, &turn, planned.action().into_owned());
         let unbounded = Pace { budget: None, ..pace };
         let (_, in_flight) = paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await?;
+        // Stopped (its turn taken over) or done: what it did not start is dropped now, not when its
+        // writes in flight are answered (a stopped writer held its unbuilt injections until then).
+        drop(actions);
         answered(in_flight).await
     };
     Ok((Written { done: written.of, of: written.of }, Some(Box::pin(tail))))

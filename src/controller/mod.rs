@@ -4,6 +4,7 @@ pub mod apply;
 pub mod backoff;
 pub mod invalid;
 pub mod limit;
+pub mod parts;
 pub mod reconcile;
 pub mod status;
 pub mod triggers;

@@ -17,6 +17,7 @@ use tracing::{Span, field, info, instrument, warn};
 
 use super::Context;
 use super::apply::{Pace, Written};
+use super::parts::{self, micros};
 use super::status::{self, Reports};
 use crate::api::conditions::{self, Status};
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
@@ -87,7 +88,8 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
         return Ok(Action::requeue(wait));
     }
     let started = Instant::now();
-    let result = dispatch(&policy, &ctx).await;
+    // Boxed: the reconcile is a large future, and the scope moves it.
+    let (result, parts) = parts::scope(Box::pin(dispatch(&policy, &ctx))).await;
     match &result {
         // A reconcile whose writes are still in flight has not succeeded yet: their failure is its own.
         Ok(_) if !ctx.tails.running(&uid) => ctx.retries.succeeded(&uid),
@@ -97,17 +99,26 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
     }
     let took = started.elapsed();
     ctx.metrics.reconciled(took);
-    // Raw durations for `just bench` (its p99 comes from these, not from histogram buckets).
-    tracing::debug!(took_us = micros(took), "reconciled");
+    // Raw durations for `just bench` (its p99 comes from these, not from histogram buckets), and where
+    // they went.
+    tracing::debug!(
+        took_us = micros(took),
+        edge_us = micros(parts.edge),
+        labels_us = micros(parts.labels),
+        observe_us = micros(parts.observe),
+        plan_us = micros(parts.plan),
+        write_us = micros(parts.write),
+        network_us = micros(parts.network),
+        status_us = micros(parts.status),
+        events_us = micros(parts.events),
+        canary_us = micros(parts.canary),
+        "reconciled"
+    );
     result
 }
 
 /// How often a policy whose writes go on is planned at most.
 pub const REPLAN_EVERY: Duration = Duration::from_millis(200);
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
 
 /// Adds the finalizer first, runs cleanup on delete and removes the finalizer only when it is done.
 async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error> {
@@ -230,6 +241,7 @@ async fn run_layers(
     let protected = |namespace: &str| defaults.protects(namespace);
     // A layer the policy does not ask for (or is reverting), of which the stores show nothing, is not read.
     let shown = ctx.stores.as_ref().and_then(|s| s.edge_shown(name));
+    let edge = Instant::now();
     let wants = |layer: bool| layer && !deleting;
     let observed = if wants(policy.spec.ingress.is_some()) || shown.is_none_or(|s| s.ingress) {
         ingress::observe(&ctx.client, view, &ctx.settings.namespace, protected, |d| {
@@ -257,7 +269,9 @@ async fn run_layers(
     } else {
         crate::layers::LayerReport::default()
     };
+    parts::add(|p| &mut p.edge, edge.elapsed());
 
+    let labelling = Instant::now();
     let labels = namespace_labels(ctx, policy).await?;
     // The older policies with a workload layer, oldest first, their selectors parsed once.
     let older_policies = older_than(ctx, policy);
@@ -269,6 +283,7 @@ async fn run_layers(
     // observed ones (see `Tails::take_over`).
     let mark = ctx.tails.mark(&uid);
     let observing = Instant::now();
+    parts::add(|p| &mut p.labels, observing - labelling);
     let (mut observed, config_maps) = workloads::observe(&ctx.client, ctx.stores.as_deref(), view, defaults, |w| {
         let ns_labels = || w.metadata.namespace.as_ref().and_then(|n| labels.get(n));
         older_selections.iter().find(|(_, s)| s.selects(w.kind, &w.metadata, ns_labels)).map(|(name, _)| name.clone())
@@ -328,6 +343,9 @@ async fn run_layers(
         }
     }
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
+    parts::add(|p| &mut p.observe, planning - observing);
+    parts::add(|p| &mut p.plan, writing - planning);
+    parts::add(|p| &mut p.write, writing.elapsed());
     tracing::debug!(
         observe_us = micros(planning - observing),
         plan_us = micros(writing - planning),
@@ -344,6 +362,7 @@ async fn run_layers(
     }
     drop(drifted);
 
+    let network_started = Instant::now();
     let observed = network::observe(&ctx.client, ctx.stores.as_deref(), view).await?;
     let mut correlation =
         network::Correlation { max_header_bytes: limits.map(|l| l.max_header_bytes), ..Default::default() };
@@ -371,6 +390,7 @@ async fn run_layers(
         written = super::apply::network(&ctx.writer, &network_plan.actions, pace, &notes).await?;
         raced |= notes.is_some_and(|n| n.raced());
     }
+    parts::add(|p| &mut p.network, network_started.elapsed());
     let reports = Reports {
         ingress: policy.spec.ingress.as_ref().map(|_| edge_plan.report),
         gateway: policy.spec.gateway.as_ref().map(|_| gateway_report),
@@ -507,8 +527,13 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
             ),
         })
     };
-    let (layers, canary, flowing) =
-        tokio::join!(run_layers(&effective, name, ctx, false, limits.as_ref()), canary, flowing);
+    let joined = Instant::now();
+    let layers = async {
+        let layers = run_layers(&effective, name, ctx, false, limits.as_ref()).await;
+        (layers, Instant::now())
+    };
+    let ((layers, layers_ended), canary, flowing) = tokio::join!(layers, canary, flowing);
+    parts::add(|p| &mut p.canary, Instant::now().saturating_duration_since(layers_ended.max(joined)));
     let (reports, left) = layers?;
     drop(effective);
     for (layer, report) in [
@@ -615,7 +640,7 @@ async fn report(
     }
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
     let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
-    ctx.writer.apply_status(&api, name, patch).await?;
+    parts::timed(|p| &mut p.status, ctx.writer.apply_status(&api, name, patch)).await?;
     let reported = status::Reported { status: next.clone(), at: Instant::now() };
     ctx.written.lock().expect("status memo lock").insert(uid, reported);
     for (warning, c) in conditions::events(&previous.conditions, &next.conditions) {
@@ -637,7 +662,8 @@ const MAX_NOTE: usize = 1024;
 async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, mut note: String) {
     conditions::truncate(&mut note, MAX_NOTE);
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(error) = ctx.writer.event(&ctx.recorder, &event, &policy.object_ref(&())).await {
+    let regarding = policy.object_ref(&());
+    if let Err(error) = parts::timed(|p| &mut p.events, ctx.writer.event(&ctx.recorder, &event, &regarding)).await {
         warn!(%error, "could not publish an event");
     }
 }

@@ -326,7 +326,8 @@ pub fn carries_layer(meta: &ObjectMeta) -> bool {
 /// One workload as observed for a policy.
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
-    pub workload: Workload,
+    /// Shared with the plan's injections, each built from it when its write starts.
+    pub workload: Arc<Workload>,
     /// Matches the policy's `spec.workloads` selection now.
     pub selected: bool,
     /// An older policy that also selects this workload and therefore keeps it.
@@ -944,7 +945,7 @@ fn forward(
         move |converged, restart_clock| {
             let workload = inject_key.clone();
             let recipe = Arc::clone(recipe);
-            let observed = w.clone();
+            let observed = Arc::clone(&t.workload);
             vec![Lazy::Later {
                 kind,
                 workload,
@@ -1133,7 +1134,7 @@ async fn listed(
     let mut found: BTreeMap<(ObjectKey, WorkloadKind), Observed> = BTreeMap::new();
     for w in selected.into_iter().filter(|w| !is_edge_controller(w)) {
         let claimed_by = claimant(&w);
-        found.insert((w.key(), w.kind), Observed { workload: w, selected: true, claimed_by, writing: false });
+        found.insert((w.key(), w.kind), Observed { workload: Arc::new(w), selected: true, claimed_by, writing: false });
     }
     // Workloads this policy changed that are no longer selected: the few whole objects not read above.
     let changed = [(WorkloadKind::Deployment, deployments), (WorkloadKind::StatefulSet, statefulsets)]
@@ -1146,7 +1147,7 @@ async fn listed(
             // Many (the policy is being deleted, or its selection shrank): one paged list beats a read each.
             list(client, kind, None, &labelled, |w| {
                 if missing.contains(&w.key()) {
-                    found.insert((w.key(), kind), Observed { workload: w, ..Default::default() });
+                    found.insert((w.key(), kind), Observed { workload: Arc::new(w), ..Default::default() });
                 }
             })
             .await?;
@@ -1154,7 +1155,7 @@ async fn listed(
         }
         for key in missing {
             if let Some(w) = get(client, kind, &key).await? {
-                found.insert((key, kind), Observed { workload: w, ..Default::default() });
+                found.insert((key, kind), Observed { workload: Arc::new(w), ..Default::default() });
             }
         }
     }
@@ -1191,7 +1192,7 @@ async fn stored(
         let selected = selected(w.kind, &w.metadata);
         if selected || labelled(&w.metadata) {
             let claimed_by = if selected { claimant(&w) } else { None };
-            found.insert((w.key(), w.kind), Observed { workload: w, selected, claimed_by, writing: false });
+            found.insert((w.key(), w.kind), Observed { workload: Arc::new(w), selected, claimed_by, writing: false });
         }
     };
     // Everything `selected` reads besides labels: a resync of a policy that nothing relabelled since
@@ -1278,7 +1279,7 @@ pub async fn observe(
     let in_flight = in_flight.filter_map(|o| {
         let record = record_of(&o.workload.metadata).ok().flatten()?;
         (record.policy == policy.name && !converged(&o.workload.metadata, &record))
-            .then_some((&mut o.workload, record.hash))
+            .then_some((Arc::make_mut(&mut o.workload), record.hash))
     });
     let mut by_namespace: BTreeMap<String, Vec<(&mut Workload, String)>> = BTreeMap::new();
     for (workload, hash) in in_flight {
@@ -1485,7 +1486,7 @@ mod tests {
     }
 
     fn selected(w: Workload) -> Observed {
-        Observed { workload: w, selected: true, ..Default::default() }
+        Observed { workload: Arc::new(w), selected: true, ..Default::default() }
     }
 
     /// The workload as the API server holds it after an Inject (record and injected fields present).
@@ -1494,14 +1495,15 @@ mod tests {
             if let Action::Inject { workload, patch, .. } = action
                 && *workload == t.workload.key()
             {
-                let annotations = t.workload.metadata.annotations.get_or_insert_default();
+                let annotations = Arc::make_mut(&mut t.workload).metadata.annotations.get_or_insert_default();
                 let record = patch["metadata"]["annotations"][RECORD_ANNOTATION].as_str().unwrap();
                 annotations.insert(RECORD_ANNOTATION.into(), record.into());
-                t.workload.metadata.labels = serde_json::from_value(patch["metadata"]["labels"].clone()).unwrap();
+                Arc::make_mut(&mut t.workload).metadata.labels =
+                    serde_json::from_value(patch["metadata"]["labels"].clone()).unwrap();
                 let template_annotations = &patch["spec"]["template"]["metadata"]["annotations"];
-                t.workload.template.metadata.get_or_insert_default().annotations =
+                Arc::make_mut(&mut t.workload).template.metadata.get_or_insert_default().annotations =
                     serde_json::from_value(template_annotations.clone()).unwrap();
-                let pod = t.workload.template.spec.as_mut().unwrap();
+                let pod = Arc::make_mut(&mut t.workload).template.spec.as_mut().unwrap();
                 let injected_pod: k8s_openapi::api::core::v1::PodSpec =
                     serde_json::from_value(patch["spec"]["template"]["spec"].clone()).unwrap();
                 pod.init_containers = injected_pod.init_containers;
@@ -1662,7 +1664,7 @@ mod tests {
         assert_eq!(again.report.ready, 1);
 
         let mut drifted = done.clone();
-        drifted.workload.template.spec.as_mut().unwrap().init_containers = None;
+        Arc::make_mut(&mut drifted.workload).template.spec.as_mut().unwrap().init_containers = None;
         let fix = plan(view(&s), &defaults(), &[drifted], &[cm], NOW + 10);
         assert_eq!(fix.drifted, vec![t.workload.key()]);
         assert!(matches!(fix.actions[..], [Action::Inject { .. }]));
@@ -1688,7 +1690,7 @@ mod tests {
         let s = spec();
         let at = |t: &Observed, version: &str| {
             let mut t = t.clone();
-            t.workload.metadata.resource_version = Some(version.into());
+            Arc::make_mut(&mut t.workload).metadata.resource_version = Some(version.into());
             t
         };
         let hashes = Hashes::default();
@@ -1718,13 +1720,14 @@ mod tests {
         // The owner edits the template (a new resourceVersion): its own env var now wins over ours, so
         // the desired injection differs, and the remembered hash must not hide that.
         let mut edited = marked.clone();
-        edited.workload.template.spec.as_mut().unwrap().containers[0].env.get_or_insert_default().push(
-            k8s_openapi::api::core::v1::EnvVar {
+        Arc::make_mut(&mut edited.workload).template.spec.as_mut().unwrap().containers[0]
+            .env
+            .get_or_insert_default()
+            .push(k8s_openapi::api::core::v1::EnvVar {
                 name: "OTEL_SERVICE_NAME".into(),
                 value: Some("mine".into()),
                 ..Default::default()
-            },
-        );
+            });
         let edited = at(&edited, "4");
         let replanned = plan_with(view(&s), &defaults(), std::slice::from_ref(&edited), &[], NOW + 7, &hashes);
         assert_eq!(replanned, plan(view(&s), &defaults(), std::slice::from_ref(&edited), &[], NOW + 7));
@@ -1742,14 +1745,17 @@ mod tests {
     /// The workload as a store keeps it: pruned metadata and its shape.
     fn stored(t: &Observed) -> Observed {
         let w = &t.workload;
-        Observed { workload: Workload::from_shape(w.kind, pruned_metadata(&w.metadata), &w.shape()), ..t.clone() }
+        Observed {
+            workload: Arc::new(Workload::from_shape(w.kind, pruned_metadata(&w.metadata), &w.shape())),
+            ..t.clone()
+        }
     }
 
     #[test]
     fn a_stored_workload_plans_as_the_whole_object() {
         let s = spec();
         let mut t = selected(workload("cart", &[("OTEL_SERVICE_NAME", "mine"), ("LANG", "C")]));
-        let annotations = t.workload.metadata.annotations.get_or_insert_default();
+        let annotations = Arc::make_mut(&mut t.workload).metadata.annotations.get_or_insert_default();
         annotations.insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{...}".into());
         let same = |t: &Observed, now: i64| {
             let whole = plan(view(&s), &defaults(), std::slice::from_ref(t), &[], now);
@@ -1761,7 +1767,7 @@ mod tests {
         let healthy = same(&t, NOW + 5);
         t = injected(t, &healthy.actions);
         assert!(!same(&t, NOW + 6).actions.iter().any(|a| matches!(a, Action::Inject { .. })), "converged");
-        t.workload.template.spec.as_mut().unwrap().init_containers = None;
+        Arc::make_mut(&mut t.workload).template.spec.as_mut().unwrap().init_containers = None;
         assert_eq!(same(&t, NOW + 7).drifted, vec![t.workload.key()]);
         let kept = pruned_metadata(&t.workload.metadata);
         assert!(kept.annotations.unwrap().keys().all(|k| k.starts_with("crosstrace.dev/")), "only crosstrace's");
@@ -1773,7 +1779,7 @@ mod tests {
         let t = selected(workload("cart", &[]));
         let first = plan(view(&s), &defaults(), std::slice::from_ref(&t), &[], NOW);
         let mut stuck = injected(t, &first.actions);
-        stuck.workload.rolled_out = false;
+        Arc::make_mut(&mut stuck.workload).rolled_out = false;
         let waiting = plan(view(&s), &defaults(), std::slice::from_ref(&stuck), &[], NOW + 30);
         assert_eq!(waiting.report.in_flight, 1);
         let failed = plan(view(&s), &defaults(), std::slice::from_ref(&stuck), &[], NOW + 60);
@@ -1786,7 +1792,7 @@ mod tests {
 
         // Removed, marker left: the same generation does not try again.
         let mut rolled_back = stuck;
-        let annotations = rolled_back.workload.metadata.annotations.get_or_insert_default();
+        let annotations = Arc::make_mut(&mut rolled_back.workload).metadata.annotations.get_or_insert_default();
         annotations.remove(RECORD_ANNOTATION);
         annotations.insert(ROLLED_BACK_ANNOTATION.into(), "shop/3".into());
         let held = plan(view(&s), &defaults(), std::slice::from_ref(&rolled_back), &[], NOW + 61);
@@ -1885,7 +1891,7 @@ mod tests {
     fn an_owner_scaling_or_restarting_a_converged_workload_is_reported_never_rolled_back() {
         let s = spec();
         let mut scaled = converged(&s);
-        scaled.workload.rolled_out = false;
+        Arc::make_mut(&mut scaled.workload).rolled_out = false;
         let long_after = NOW + 10 * 60;
         let p = plan(view(&s), &defaults(), std::slice::from_ref(&scaled), &[], long_after);
         assert!(p.actions.iter().all(|a| !matches!(a, Action::Remove { .. })), "{:?}", p.actions);
@@ -1895,7 +1901,7 @@ mod tests {
         assert!(!problem.degraded && problem.message.contains("shop/cart"), "{problem:?}");
 
         // Its owner's new image crash-loops: still the owner's business.
-        scaled.workload.failing = Some("pod cart-2 container app is CrashLoopBackOff".into());
+        Arc::make_mut(&mut scaled.workload).failing = Some("pod cart-2 container app is CrashLoopBackOff".into());
         let p = plan(view(&s), &defaults(), &[scaled], &[], long_after);
         assert!(p.actions.iter().all(|a| !matches!(a, Action::Remove { .. })));
         assert!(p.report.problems[0].message.contains("CrashLoopBackOff"));
@@ -1906,8 +1912,9 @@ mod tests {
         let s = spec();
         let t = selected(workload("cart", &[]));
         let mut stuck = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
-        stuck.workload.rolled_out = false;
-        stuck.workload.failing = Some("pod cart-1 container crosstrace-otel-collector is CrashLoopBackOff".into());
+        Arc::make_mut(&mut stuck.workload).rolled_out = false;
+        Arc::make_mut(&mut stuck.workload).failing =
+            Some("pod cart-1 container crosstrace-otel-collector is CrashLoopBackOff".into());
         let p = plan(view(&s), &defaults(), &[stuck], &[], NOW + 3);
         assert!(p.report.stopped);
         assert_eq!(p.report.problems[0].reason, reasons::ROLLED_BACK);
@@ -1924,9 +1931,9 @@ mod tests {
         ] {
             let t = selected(workload("cart", &[]));
             let mut held = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
-            held.workload.rolled_out = false;
-            held.workload.on_delete = on_delete;
-            held.workload.paused = paused;
+            Arc::make_mut(&mut held.workload).rolled_out = false;
+            Arc::make_mut(&mut held.workload).on_delete = on_delete;
+            Arc::make_mut(&mut held.workload).paused = paused;
             let p = plan(view(&s), &defaults(), std::slice::from_ref(&held), &[], NOW + 3600);
             let writes: Vec<_> =
                 p.actions.iter().filter(|a| !matches!(a, Action::ApplyCollectorConfig { .. })).collect();
@@ -1935,7 +1942,7 @@ mod tests {
             assert_eq!(p.report.problems[0].reason, reason, "{what}");
 
             // The owner recreates the pods (or resumes): healthy, and convergence is recorded.
-            held.workload.rolled_out = true;
+            Arc::make_mut(&mut held.workload).rolled_out = true;
             let p = plan(view(&s), &defaults(), &[held], &[], NOW + 3601);
             assert_eq!(p.report.ready, 1, "{what}");
             assert!(matches!(p.actions[..], [Action::ApplyCollectorConfig { .. }, Action::Inject { .. }]), "{what}");
@@ -1947,8 +1954,8 @@ mod tests {
         let s = spec();
         let t = selected(workload("cart", &[]));
         let mut resumed = injected(t.clone(), &plan(view(&s), &defaults(), &[t], &[], NOW).actions);
-        resumed.workload.rolled_out = false;
-        resumed.workload.resumed_at = Some(NOW + 3000);
+        Arc::make_mut(&mut resumed.workload).rolled_out = false;
+        Arc::make_mut(&mut resumed.workload).resumed_at = Some(NOW + 3000);
         let p = plan(view(&s), &defaults(), &[resumed], &[], NOW + 3010);
         assert_eq!((p.report.in_flight, p.report.rolled_back), (1, 0));
     }
