@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crosstrace::api::TracingPolicy;
 use crosstrace::controller::apply::{Tails, Wakes, Writer};
+use crosstrace::controller::statuses::Statuses;
 use crosstrace::controller::{Context, Settings, reconcile};
 use crosstrace::layers::stores::Stores;
 use crosstrace::layers::workloads::{self, Workload};
@@ -46,6 +47,8 @@ struct World {
     reads: Arc<Mutex<Vec<String>>>,
     /// Paths whose writes are refused (403).
     refused: Vec<String>,
+    /// Paths whose next write is refused (403), once.
+    refused_once: Arc<Mutex<Vec<String>>>,
     /// Writes to paths under this prefix wait this long for their answer.
     slow: Option<(&'static str, Duration)>,
 }
@@ -79,7 +82,12 @@ async fn serve(mut handle: Handle, world: World, echo: Value, writes: Arc<Mutex<
             let body =
                 if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
             writes.lock().unwrap().push(Write { method: method.clone(), path: path.clone(), body: body.clone() });
-            if world.refused.contains(&path) {
+            let once = {
+                let mut once = world.refused_once.lock().unwrap();
+                let found = once.iter().position(|p| *p == path);
+                found.map(|i| once.remove(i)).is_some()
+            };
+            if once || world.refused.contains(&path) {
                 let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403});
                 let response = Response::builder().status(403).body(Body::from(serde_json::to_vec(&refused).unwrap()));
                 answer(send, response.unwrap(), delay(&world, &method, &path));
@@ -151,15 +159,17 @@ fn context_waking(
     let metrics = Arc::new(Metrics::default());
     let (reader, mut writer) = reflector::store();
     writer.apply_watcher_event(&Event::Apply(policy.clone()));
+    let writer = Writer::new(client.clone(), metrics.clone(), Fence::open());
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "crosstrace".into(), instance: None });
     let context = Context {
         write_limits: crosstrace::controller::WriteLimits::new(&settings, &metrics),
-        writer: Writer::new(client.clone(), metrics.clone(), Fence::open()),
-        recorder: Recorder::new(client.clone(), Reporter { controller: "crosstrace".into(), instance: None }),
+        statuses: Statuses::new(writer.clone(), recorder.clone(), tails.waker()),
+        writer,
+        recorder,
         client,
         metrics,
         policies: reader,
         settings,
-        written: Mutex::default(),
         retries: Default::default(),
         canaries: Default::default(),
         hashes: Default::default(),
@@ -194,11 +204,15 @@ fn network_spec() -> Value {
     })
 }
 
+/// One reconcile, and the status write it handed on.
 async fn run(policy: &TracingPolicy, ctx: &Arc<Context>) -> Action {
-    tokio::time::timeout(Duration::from_secs(5), reconcile::reconcile(Arc::new(policy.clone()), ctx.clone()))
-        .await
-        .expect("in time")
-        .expect("reconciled")
+    let reconciled =
+        tokio::time::timeout(Duration::from_secs(5), reconcile::reconcile(Arc::new(policy.clone()), ctx.clone()))
+            .await
+            .expect("in time")
+            .expect("reconciled");
+    tokio::time::timeout(Duration::from_secs(5), ctx.statuses.settled()).await.expect("status written in time");
+    reconciled
 }
 
 const POLICY: &str = "/apis/crosstrace.dev/v1alpha1/tracingpolicies/shop";
@@ -537,4 +551,42 @@ async fn a_converged_policy_with_a_canary_is_looked_at_again_at_the_resync_not_a
     assert_eq!(reachable.unwrap()["status"], "False", "{status}");
     // The canary rounds ask the collector again and wake the policy only when the finding turns.
     assert_eq!(action, Action::requeue(Settings::default().resync));
+}
+
+#[tokio::test]
+async fn a_reconcile_hands_its_status_on_and_a_failed_status_write_fails_the_next_reconcile_and_is_built_again() {
+    use futures::StreamExt;
+    let p = policy(network_spec(), true, None);
+    let status_path = format!("{POLICY}/status");
+    // The status writes are answered after a second, the first one with a refusal.
+    let slow = Some((POLICY, Duration::from_secs(1)));
+    let world = World { slow, refused_once: Arc::new(Mutex::new(vec![status_path.clone()])), ..World::default() };
+    let (ctx, writes, mut wakes) = context_waking(&p, world, Settings::default(), None);
+    let status_writes = || writes.lock().unwrap().iter().filter(|w| w.path == status_path).count();
+    let events = || writes.lock().unwrap().iter().filter(|w| w.path.contains("/events")).count();
+    reconcile::reconcile(Arc::new(p.clone()), ctx.clone()).await.expect("reconciled");
+    // The reconcile returned with its status write handed on, not answered.
+    let settled = tokio::time::timeout(Duration::from_millis(200), ctx.statuses.settled()).await;
+    assert!(settled.is_err(), "the reconcile did not wait for its status write");
+    assert_eq!(status_writes(), 1);
+    // The write is refused: the policy is woken, and its next reconcile fails with the refusal (retried
+    // after the backoff), writing nothing.
+    let woken = tokio::time::timeout(Duration::from_secs(5), wakes.next()).await.expect("woken in time");
+    assert_eq!(woken.map(|r| r.name), Some("shop".to_string()));
+    assert_eq!(events(), 0, "no Event tells of a status that was not written");
+    let failed = reconcile::reconcile(Arc::new(p.clone()), ctx.clone()).await;
+    assert!(matches!(&failed, Err(e) if e.kind() == "api"), "{failed:?}");
+    assert_eq!(status_writes(), 1);
+    // The retry builds the status again from the policy as the API server has it (none: the refused
+    // one is forgotten), writes it, and then tells of its conditions.
+    run(&p, &ctx).await;
+    assert_eq!(status_writes(), 2);
+    assert!(events() > 0, "the conditions' Events follow the write");
+    let conditions = |w: &Write| -> Vec<(Value, Value, Value)> {
+        let all = w.body["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        all.into_iter().map(|c| (c["type"].clone(), c["status"].clone(), c["reason"].clone())).collect()
+    };
+    let both: Vec<_> = writes.lock().unwrap().iter().filter(|w| w.path == status_path).map(conditions).collect();
+    assert!(!both[0].is_empty());
+    assert_eq!(both[0], both[1], "the same status, built again");
 }

@@ -777,6 +777,9 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
         wait_policy_ready(client, READY_POLICY).await;
         tracker.wait("small policy converged", k, |_, s| s.hash.is_some() && s.rolled_out).await;
         let (mut to_ready, mut first, mut rtt, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Where each change's time to Ready went: to its last template patched (the controller's writes),
+        // to its last target rolled out (the controller manager), then to Ready (the controller again).
+        let (mut patched, mut rolled_out) = (Vec::new(), Vec::new());
         for run in 0..cfg.ready_runs {
             let ratio = if run % 2 == 0 { "0.5" } else { "0.25" };
             let before = tracker.hashes();
@@ -796,6 +799,8 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
                 .map(|t| t.saturating_duration_since(applied).as_secs_f64())
                 .fold(f64::INFINITY, f64::min);
             first.push(first_write);
+            patched.push(last_changed(t0, &seen));
+            rolled_out.push(ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max));
             rtt.push(round_trip);
             ratios.push(first_write / round_trip);
         }
@@ -807,6 +812,11 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
                 format!("{} / {}", secs(p50), secs(p99)),
             )
             .goal("p99 < 5 s", p99, 5.0, true);
+        report.row(
+            "4 latency",
+            format!("same ({label}): change -> last template patched / -> last target rolled out, p50"),
+            format!("{} / {}", secs(median(&patched)), secs(median(&rolled_out))),
+        );
         let m = median(&ratios);
         report
             .row(
@@ -820,6 +830,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
         out.push(json!({
             "rollout": label, "max_concurrent": max_concurrent, "targets": k, "runs": cfg.ready_runs,
             "change_to_ready_s": to_ready, "p50_s": p50, "p99_s": p99,
+            "change_to_last_patched_s": patched, "change_to_last_rolled_out_s": rolled_out,
             "first_write_s": first, "ssa_round_trip_s": rtt, "ratios_first_write_over_round_trip": ratios,
             "median_ratio": m,
         }));

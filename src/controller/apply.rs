@@ -662,6 +662,11 @@ impl Tails {
         self.policies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What wakes a policy (the controller's trigger stream these tails feed).
+    pub fn waker(&self) -> futures::channel::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<TracingPolicy>> {
+        self.wake.clone()
+    }
+
     /// Lets `tail` of `policy` run on; the policy is woken when it ends.
     pub fn keep(&self, policy: &TracingPolicy, tail: Tail) {
         let uid = policy.uid().unwrap_or_default();

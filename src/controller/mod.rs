@@ -7,6 +7,7 @@ pub mod limit;
 pub mod parts;
 pub mod reconcile;
 pub mod status;
+pub mod statuses;
 pub mod triggers;
 
 use std::fmt::Debug;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -214,8 +215,9 @@ pub struct Context {
     /// Every TracingPolicy, from the controller's own reflector (for ownership between policies).
     pub policies: Store<TracingPolicy>,
     pub settings: Settings,
-    /// The status last written per policy uid: the reflector's copy may not show it yet.
-    pub written: Mutex<HashMap<String, status::Reported>>,
+    /// The policies' status writes (after their reconciles), and the status last handed per policy
+    /// uid: the reflector's copy may not show it yet.
+    pub statuses: statuses::Statuses,
     /// Failure streaks per policy uid: how long a failed reconcile waits.
     pub retries: backoff::RetryBackoff,
     /// The last collector canary per collector.
@@ -628,6 +630,7 @@ pub async fn run(
     let gateway_ledger_watch = ledger(gateway::LEDGER).reflect(gateway_ledger_writer).touched_objects();
     let write_limits = WriteLimits::new(&settings, &metrics);
     let (tails, tails_ended) = apply::Tails::new();
+    let statuses = statuses::Statuses::new(writer.clone(), recorder.clone(), tails.waker());
     let context = Arc::new(Context {
         writer,
         recorder,
@@ -635,7 +638,7 @@ pub async fn run(
         metrics,
         policies: store,
         settings,
-        written: Mutex::default(),
+        statuses,
         retries: backoff::RetryBackoff::default(),
         canaries: Default::default(),
         hashes: Default::default(),

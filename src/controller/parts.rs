@@ -11,7 +11,8 @@ tokio::task_local! {
 }
 
 /// The parts of one reconcile. Those not listed (the finalizer, the admin limits, the debug session,
-/// the status built from the reports) are the rest of its duration.
+/// the status built from the reports) are the rest of its duration. The status write is not one: it
+/// goes on after the reconcile ([`super::statuses`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Parts {
     /// The edge layers: ingress-nginx and the Gateway API (observe, plan and their writes).
@@ -24,8 +25,6 @@ pub struct Parts {
     pub write: Duration,
     /// The network layer: observe, plan and its writes.
     pub network: Duration,
-    /// The status write (the API request alone).
-    pub status: Duration,
     /// Events published (each an API request).
     pub events: Duration,
     /// Waiting, after the layers, for the collector's canary or the flows receivers' reports.
@@ -73,13 +72,13 @@ mod tests {
 
     #[tokio::test]
     async fn parts_add_up_within_their_reconcile_and_nothing_is_kept_outside() {
-        add(|p| &mut p.status, Duration::from_millis(5));
+        add(|p| &mut p.network, Duration::from_millis(5));
         let ((), parts) = scope(async {
-            add(|p| &mut p.status, Duration::from_millis(2));
-            timed(|p| &mut p.events, async { add(|p| &mut p.status, Duration::from_millis(3)) }).await;
+            add(|p| &mut p.network, Duration::from_millis(2));
+            timed(|p| &mut p.events, async { add(|p| &mut p.network, Duration::from_millis(3)) }).await;
         })
         .await;
-        assert_eq!(parts.status, Duration::from_millis(5));
+        assert_eq!(parts.network, Duration::from_millis(5));
         assert!(parts.events < Duration::from_secs(1));
         assert_eq!(parts.edge, Duration::ZERO);
         let ((), again) = scope(async {}).await;

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Span, field, info, instrument, warn};
@@ -19,7 +19,7 @@ use super::Context;
 use super::apply::{Pace, Written};
 use super::parts::{self, micros};
 use super::status::{self, Reports};
-use crate::api::conditions::{self, Status};
+use crate::api::conditions::Status;
 use crate::api::{FINALIZER, TracingPolicy, TracingPolicyStatus};
 use crate::layers::{ObjectKey, ObserveError, PolicyView, reasons};
 use crate::layers::{debug, gateway, ingress};
@@ -109,7 +109,6 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
         plan_us = micros(parts.plan),
         write_us = micros(parts.write),
         network_us = micros(parts.network),
-        status_us = micros(parts.status),
         events_us = micros(parts.events),
         canary_us = micros(parts.canary),
         "reconciled"
@@ -123,6 +122,11 @@ pub const REPLAN_EVERY: Duration = Duration::from_millis(200);
 /// Adds the finalizer first, runs cleanup on delete and removes the finalizer only when it is done.
 async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error> {
     let name = policy.metadata.name.as_deref().ok_or(Error::Unnamed)?;
+    // A status write handed on by an earlier reconcile failed: this one fails with it (retried after
+    // the backoff, it builds the status again from the policy as the API server has it).
+    if let Some(error) = ctx.statuses.failure(&policy.uid().unwrap_or_default()) {
+        return Err(error.into());
+    }
     let api = Api::<TracingPolicy>::all(ctx.client.clone());
     let has_finalizer = policy.finalizers().iter().any(|f| f == FINALIZER);
     if policy.meta().deletion_timestamp.is_some() {
@@ -147,7 +151,7 @@ async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error
         if let Some(stores) = &ctx.stores {
             stores.forget_policy(name);
         }
-        ctx.written.lock().expect("status memo lock").remove(&policy.uid().unwrap_or_default());
+        ctx.statuses.forget(&policy.uid().unwrap_or_default());
         ctx.tails.forget(&policy.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
@@ -466,18 +470,12 @@ async fn cleanup(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Le
 
 /// Reports why nothing of this policy is changed now, and looks again at the resync (a limit the admin
 /// changes reaches the controller without an event).
-async fn refuse(
-    ctx: &Context,
-    policy: &TracingPolicy,
-    name: &str,
-    reason: &'static str,
-    message: &str,
-) -> Result<Action, Error> {
+fn refuse(ctx: &Context, policy: &TracingPolicy, reason: &'static str, message: &str) -> Action {
     let generation = policy.metadata.generation.unwrap_or(0);
     let previous = last_status(ctx, policy);
     let next = status::unusable(Some(&previous), generation, reason, message, Timestamp::now());
-    report(ctx, policy, name, previous, next, false).await?;
-    Ok(Action::requeue(ctx.settings.resync))
+    report(ctx, policy, previous, next, false);
+    Action::requeue(ctx.settings.resync)
 }
 
 async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<Action, Error> {
@@ -486,7 +484,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         // Bad input waits for a change of the spec: no retry loop, the condition says what to fix.
         let previous = last_status(ctx, policy);
         let next = status::invalid(Some(&previous), generation, &message, Timestamp::now());
-        report(ctx, policy, name, previous, next, false).await?;
+        report(ctx, policy, previous, next, false);
         return Ok(Action::await_change());
     }
     // Admin limits above policy authors (the admission policy enforces them too, where it is installed).
@@ -494,11 +492,11 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
         Ok(limits) => limits,
         Err(error) => {
             let message = format!("the admin limits cannot be read, so nothing is changed: {}", error_chain(&error));
-            return refuse(ctx, policy, name, reasons::ADMIN_LIMITS_UNREADABLE, &message).await;
+            return Ok(refuse(ctx, policy, reasons::ADMIN_LIMITS_UNREADABLE, &message));
         }
     };
     if let Some(violation) = limits.as_ref().and_then(|l| crate::admin::check(&policy.spec, l).err()) {
-        return refuse(ctx, policy, name, reasons::ADMIN_LIMIT, &violation.to_string()).await;
+        return Ok(refuse(ctx, policy, reasons::ADMIN_LIMIT, &violation.to_string()));
     }
     // A debug session gives the layers the spec with sampling raised, until it ends (by the clock).
     let previous = last_status(ctx, policy);
@@ -558,7 +556,7 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
     let debug_is = next.debug.as_ref().map(|d| (d.active, d.session.clone()));
     // While its writes go on, a policy's counts are written now and then; the reconcile that ends them
     // writes the last.
-    report(ctx, policy, name, previous, next.clone(), left != Left::Nothing).await?;
+    report(ctx, policy, previous, next.clone(), left != Left::Nothing);
     if debug_was != debug_is
         && let Some(d) = &next.debug
     {
@@ -605,49 +603,34 @@ async fn converge(policy: &TracingPolicy, name: &str, ctx: &Context) -> Result<A
 /// written again.
 fn last_status(ctx: &Context, policy: &TracingPolicy) -> TracingPolicyStatus {
     let cached = policy.status.as_ref();
-    ctx.written
-        .lock()
-        .expect("status memo lock")
-        .get(&policy.uid().unwrap_or_default())
-        .map(|w| &w.status)
+    ctx.statuses
+        .last(&policy.uid().unwrap_or_default())
+        .map(|w| w.status)
         .filter(|w| w.observed_generation >= cached.and_then(|s| s.observed_generation))
-        .cloned()
         .unwrap_or_else(|| cached.cloned().unwrap_or_default())
 }
 
-/// Writes the status when it differs from `previous` (built from [`last_status`], so a difference is
-/// never a timestamp alone), and publishes Events for what transitioned: one per failure or recovery ([`conditions::events`]).
-/// With `rolling` (more writes of the policy to come), a status that moved in its counts alone is
-/// written at most every [`PROGRESS_EVERY`].
-async fn report(
+/// Hands the status to be written when it differs from `previous` (built from [`last_status`], so a
+/// difference is never a timestamp alone); the Events for what transitioned (one per failure or
+/// recovery, [`conditions::events`]) are published once it is written ([`super::statuses`]: the
+/// reconcile does not wait for the write). With `rolling` (more writes of the policy to come), a status
+/// that moved in its counts alone is handed at most every [`PROGRESS_EVERY`].
+fn report(
     ctx: &Context,
     policy: &TracingPolicy,
-    name: &str,
     previous: TracingPolicyStatus,
     next: TracingPolicyStatus,
     rolling: bool,
-) -> Result<(), Error> {
-    let uid = policy.uid().unwrap_or_default();
+) {
     if previous == next {
-        return Ok(());
+        return;
     }
-    let recent = || {
-        let written = ctx.written.lock().expect("status memo lock");
-        written.get(&uid).is_some_and(|w| w.at.elapsed() < PROGRESS_EVERY)
-    };
+    let uid = policy.uid().unwrap_or_default();
+    let recent = || ctx.statuses.last(&uid).is_some_and(|w| w.at.elapsed() < PROGRESS_EVERY);
     if rolling && status::progress_only(&previous, &next) && recent() {
-        return Ok(());
+        return;
     }
-    let api = Api::<TracingPolicy>::all(ctx.client.clone());
-    let patch = json!({"apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy", "status": next});
-    parts::timed(|p| &mut p.status, ctx.writer.apply_status(&api, name, patch)).await?;
-    let reported = status::Reported { status: next.clone(), at: Instant::now() };
-    ctx.written.lock().expect("status memo lock").insert(uid, reported);
-    for (warning, c) in conditions::events(&previous.conditions, &next.conditions) {
-        let kind = if warning { EventType::Warning } else { EventType::Normal };
-        publish(ctx, policy, kind, &c.reason, format!("{} is {}: {}", c.type_, c.status, c.message)).await;
-    }
-    Ok(())
+    ctx.statuses.hand(policy, &previous, next);
 }
 
 /// Counts a drift correction of `layer` and tells it as a Warning Event on the policy.
@@ -656,16 +639,10 @@ async fn drift_corrected(ctx: &Context, policy: &TracingPolicy, layer: &str, not
     publish(ctx, policy, EventType::Warning, reasons::DRIFT_CORRECTED, note).await;
 }
 
-/// Longest Event note the API server accepts (events.k8s.io/v1 refuses longer ones).
-const MAX_NOTE: usize = 1024;
-
-async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, mut note: String) {
-    conditions::truncate(&mut note, MAX_NOTE);
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+async fn publish(ctx: &Context, policy: &TracingPolicy, type_: EventType, reason: &str, note: String) {
     let regarding = policy.object_ref(&());
-    if let Err(error) = parts::timed(|p| &mut p.events, ctx.writer.event(&ctx.recorder, &event, &regarding)).await {
-        warn!(%error, "could not publish an event");
-    }
+    let published = super::statuses::publish(&ctx.writer, &ctx.recorder, &regarding, type_, reason, note);
+    parts::timed(|p| &mut p.events, published).await;
 }
 
 /// Failed reconciles are retried after a pause that grows with every failure in a row of the policy
