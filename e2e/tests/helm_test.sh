@@ -157,16 +157,16 @@ check "no PodDisruptionBudget with 1 replica" \
   rendered_has '[.[] | select(.kind == "PodDisruptionBudget")] | length == 0' --set controller.replicas=1
 check "write pacing, extraArgs, extraEnv and logLevel reach the controller container" \
   rendered_has "$controller_container"' | (.args | index("--write-concurrency=16") and index("--write-budget-ms=250")
-      and index("--write-concurrency-max=48") and index("--workload-write-budget-ms=20")
+      and index("--write-concurrency-max=48") and index("--workload-write-budget-ms=35")
       and index("--concurrency=8")) and (.env | any(.name == "RUST_LOG" and .value == "info,crosstrace=debug"))
       and (.env | any(.name == "HTTPS_PROXY" and .value == "http://proxy:3128"))' \
   --set controller.writeConcurrency=16,controller.writeBudgetMs=250,controller.writeConcurrencyMax=48 \
-  --set controller.workloadWriteBudgetMs=20 --set 'controller.extraArgs={--concurrency=8}' \
+  --set controller.workloadWriteBudgetMs=35 --set 'controller.extraArgs={--concurrency=8}' \
   --set logLevel=info\\,crosstrace=debug --set controller.extraEnv[0].name=HTTPS_PROXY \
   --set controller.extraEnv[0].value=http://proxy:3128
-check "the default write pacing is the binary's (8 up to 32, 500 ms, workloads 50 ms) and no RUST_LOG is set" \
+check "the default write pacing is the binary's (8 up to 32, 500 ms, workloads 20 ms) and no RUST_LOG is set" \
   rendered_has "$controller_container"' | (.args | index("--write-concurrency=8") and index("--write-budget-ms=500")
-      and index("--write-concurrency-max=32") and index("--workload-write-budget-ms=50"))
+      and index("--write-concurrency-max=32") and index("--workload-write-budget-ms=20"))
       and (.env | all(.name != "RUST_LOG"))'
 check "extraArgs, extraEnv and logLevel reach the agent container" \
   rendered_has '(.[] | select(.kind == "DaemonSet")).spec.template.spec.containers[0] | (.args | index("--unixctl=/x.ctl"))

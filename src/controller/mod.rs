@@ -158,8 +158,9 @@ pub const DEFAULT_WRITE_BUDGET: Duration = Duration::from_millis(500);
 /// How long a reconcile starts workload writes, and waits for their answers, before it hands the rest
 /// of its plan to the policy's writer, unless `--workload-write-budget-ms` says otherwise. The writer
 /// keeps the write limit full while the next reconcile observes and plans, so a short budget costs the
-/// rollout nothing (`e2e/bench/RESULTS.md`).
-pub const DEFAULT_WORKLOAD_WRITE_BUDGET: Duration = Duration::from_millis(50);
+/// rollout nothing, and a reconcile of 1000 targets on a busy 2-core API server spends 20-60 ms observing
+/// and planning besides (`e2e/bench/RESULTS.md`: with 50 the budget was half of the slowest reconciles).
+pub const DEFAULT_WORKLOAD_WRITE_BUDGET: Duration = Duration::from_millis(20);
 
 impl Default for Settings {
     fn default() -> Self {

@@ -178,7 +178,7 @@ impl Statuses {
         }
     }
 
-    /// Once no status write goes on (tests, and a controller shutting down).
+    /// Once no status write goes on (for tests: a reconcile returns before its status is written).
     pub async fn settled(&self) {
         let mut writing = self.inner.writing.subscribe();
         let _ = writing.wait_for(|n| *n == 0).await;
