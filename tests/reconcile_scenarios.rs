@@ -590,3 +590,50 @@ async fn a_reconcile_hands_its_status_on_and_a_failed_status_write_fails_the_nex
     assert!(!both[0].is_empty());
     assert_eq!(both[0], both[1], "the same status, built again");
 }
+
+#[tokio::test]
+async fn a_change_of_the_policy_is_planned_at_once_while_its_writer_goes_on() {
+    let p = shop_policy();
+    let targets: Vec<Workload> = (0..4).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
+    let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(150)));
+    let world = World { slow, ..World::default() };
+    // One write in flight at once: the first reconcile starts d-0, its writer goes on with the rest.
+    let settings = Settings {
+        workload_write_budget: Duration::from_millis(10),
+        write_concurrency: 1,
+        write_concurrency_max: 1,
+        ..Settings::default()
+    };
+    let (ctx, writes, _wakes) = context_waking(&p, world, settings, Some(synced(targets)));
+    run(&p, &ctx).await;
+    assert!(ctx.tails.running("uid-shop"), "the writer goes on after the reconcile");
+    // Right after it, its owner's changes wait (deferred); a change of the policy itself does not.
+    let deferred = reconcile::reconcile(Arc::new(p.clone()), ctx.clone()).await.expect("deferred");
+    assert!(format!("{deferred:?}").contains("requeue_after: Some"), "{deferred:?}");
+    let mut changed = p.clone();
+    changed.metadata.generation = Some(2);
+    changed.spec.sampling.ratio = "0.5".into();
+    run(&changed, &ctx).await;
+    settle(&ctx).await;
+    // The one in flight when the change came is planned around; its end wakes the policy, and the
+    // reconcile it woke writes it again.
+    run(&changed, &ctx).await;
+    settle(&ctx).await;
+    // Every target is written with the new generation's injection; of the old plan, only the write
+    // that was in flight.
+    let records: Vec<(String, i64)> = writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
+        .filter_map(|w| {
+            let record = w.body["metadata"]["annotations"][workloads::RECORD_ANNOTATION].as_str()?;
+            let record: Value = serde_json::from_str(record).ok()?;
+            Some((w.path.rsplit('/').next()?.to_string(), record["generation"].as_i64()?))
+        })
+        .collect();
+    let mut new: Vec<&str> = records.iter().filter(|(_, g)| *g == 2).map(|(n, _)| n.as_str()).collect();
+    new.sort_unstable();
+    assert_eq!(new, ["d-0", "d-1", "d-2", "d-3"], "{records:?}");
+    assert_eq!(records.iter().filter(|(_, g)| *g == 1).count(), 1, "{records:?}");
+}

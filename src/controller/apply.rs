@@ -571,6 +571,24 @@ struct Log {
     seq: u64,
     turn: u64,
     touched: HashMap<Target, u64>,
+    /// Writers of the policy with writes still to start (not only answers to wait for).
+    starting: usize,
+}
+
+/// A writer with writes still to start, counted in its policy's [`Log`] until dropped.
+struct Starting(Arc<std::sync::Mutex<Log>>);
+
+impl Starting {
+    fn new(turn: &Turn) -> Self {
+        turn.lock().starting += 1;
+        Self(Arc::clone(&turn.log))
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).starting -= 1;
+    }
 }
 
 /// Where a reconcile began in its policy's [`Log`] (taken before it observes anything).
@@ -638,8 +656,11 @@ struct Policy {
     log: Arc<std::sync::Mutex<Log>>,
     /// Forgotten while writes ran: dropped when the last ends.
     gone: bool,
-    /// When a reconcile last took the turn over (it had planned).
+    /// When a reconcile last took the turn over (it had planned), for which generation of the policy,
+    /// and how long its observe and plan took.
     planned_at: Option<Instant>,
+    planned_generation: Option<i64>,
+    plan_took: Duration,
 }
 
 /// The policies whose tails ended, to reconcile.
@@ -727,13 +748,30 @@ impl Tails {
         (Turn { log, turn }, touched)
     }
 
-    /// How long until the policy is planned again, if its writes go on and it was planned less than
-    /// `every` ago: while they go on, every watch event of its targets' owners (and every end of a
-    /// writer) would plan all its targets again, and each plan pins what it observed until its writer
-    /// ends. Their progress needs no plan; an owner's change is looked at within `every`.
-    pub fn replan_in(&self, uid: &str, every: Duration) -> Option<Duration> {
+    /// What the reconcile that took the turn over planned from: the policy's `generation`, and how long
+    /// it took to observe and plan.
+    pub fn planned(&self, uid: &str, generation: i64, took: Duration) {
+        let mut policies = self.lock();
+        let policy = policies.entry(uid.to_string()).or_default();
+        policy.planned_generation = Some(generation);
+        policy.plan_took = took;
+    }
+
+    /// How long until the policy (at `generation`) is planned again, if its writes go on and it was
+    /// planned recently: while they go on, every watch event of its targets' owners (and every end of a
+    /// writer) would plan all its targets again. Their progress needs no plan; an owner's change is
+    /// looked at within `every` while its writer has writes left to start, and within ten plans' time
+    /// (at most `every`) while only answers are waited for: a small policy's next step is not held
+    /// back by a big one's bound. A change of the policy itself is planned at once (its take-over stops
+    /// the writer's older plan).
+    pub fn replan_in(&self, uid: &str, generation: i64, every: Duration) -> Option<Duration> {
         let policies = self.lock();
         let policy = policies.get(uid).filter(|p| p.running > 0)?;
+        if policy.planned_generation != Some(generation) {
+            return None;
+        }
+        let starting = policy.log.lock().unwrap_or_else(|e| e.into_inner()).starting > 0;
+        let every = if starting { every } else { every.min(policy.plan_took * REPLAN_PLANS) };
         let since = policy.planned_at?.elapsed();
         every.checked_sub(since).filter(|wait| !wait.is_zero())
     }
@@ -756,6 +794,10 @@ impl Tails {
         }
     }
 }
+
+/// While only answers are waited for, a policy is planned again after at most this many times its last
+/// observe and plan took ([`Tails::replan_in`]): planning then takes at most about a tenth of the time.
+const REPLAN_PLANS: u32 = 10;
 
 /// Runs `actions[from..]` in plan order, one phase after the other (`phase` of consecutive actions), the
 /// actions of a phase started while `pace.limit` has room, after the writes already `in_flight` (of
@@ -940,6 +982,7 @@ where
     }
     let (writer, notes, turn) = (writer.clone(), notes.clone(), turn.clone());
     let from = written.done;
+    let starting = (from < actions.len()).then(|| Starting::new(&turn));
     let tail = async move {
         let mut in_flight = in_flight;
         // The writes of an earlier phase are answered before the next one starts.
@@ -952,7 +995,7 @@ where
         let (_, in_flight) = paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await?;
         // Stopped (its turn taken over) or done: what it did not start is dropped now, not when its
         // writes in flight are answered (a stopped writer held its unbuilt injections until then).
-        drop(actions);
+        drop((actions, starting));
         answered(in_flight).await
     };
     Ok((Written { done: written.of, of: written.of }, Some(Box::pin(tail))))

@@ -81,9 +81,10 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
         Span::current().record("trace_id", field::display(trace_id));
     }
     let uid = policy.uid().unwrap_or_default();
-    // While the policy's writes go on it is planned at most every REPLAN_EVERY (the rest are deferred,
-    // not counted as reconciles: they observe nothing).
-    if let Some(wait) = ctx.tails.replan_in(&uid, REPLAN_EVERY) {
+    // While the policy's writes go on it is planned at most every REPLAN_EVERY, less for a policy whose
+    // plan is quick and whose writes all started, at once after a change of its spec (the rest are
+    // deferred, not counted as reconciles: they observe nothing).
+    if let Some(wait) = ctx.tails.replan_in(&uid, policy.metadata.generation.unwrap_or(0), REPLAN_EVERY) {
         tracing::debug!(wait_us = micros(wait), "deferred while the policy's writes go on");
         return Ok(Action::requeue(wait));
     }
@@ -311,6 +312,7 @@ async fn run_layers(
     // The policy's writer (an earlier reconcile's plan) starts nothing more; what it touched since this
     // reconcile began is looked at again when it ends.
     let (turn, touched) = ctx.tails.take_over(&uid, mark);
+    ctx.tails.planned(&uid, view.generation, observing.elapsed());
     let planned = actions.len();
     if !touched.is_empty() {
         actions.retain(|a| !touched.contains(&super::apply::target_of(a)));
