@@ -500,20 +500,25 @@ async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_p
     assert_eq!(injections(), ["d-0", "d-1", "d-1", "d-2"]);
 }
 
-#[tokio::test]
-async fn while_the_writer_goes_on_a_reconcile_is_deferred_then_takes_its_turn_over_and_no_target_is_written_twice() {
-    let p = shop_policy();
+/// The shop policy's four Deployments, their writes answered after 150 ms, one write in flight at once
+/// and a 10 ms budget: the first reconcile starts d-0, its writer goes on with the rest.
+fn one_write_at_a_time(p: &TracingPolicy) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>, Wakes) {
     let targets: Vec<Workload> = (0..4).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
     let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(150)));
     let world = World { slow, ..World::default() };
-    // One write in flight at once: the first reconcile starts d-0, its writer goes on with the rest.
     let settings = Settings {
         workload_write_budget: Duration::from_millis(10),
         write_concurrency: 1,
         write_concurrency_max: 1,
         ..Settings::default()
     };
-    let (ctx, writes, _wakes) = context_waking(&p, world, settings, Some(synced(targets)));
+    context_waking(p, world, settings, Some(synced(targets)))
+}
+
+#[tokio::test]
+async fn while_the_writer_goes_on_a_reconcile_is_deferred_then_takes_its_turn_over_and_no_target_is_written_twice() {
+    let p = shop_policy();
+    let (ctx, writes, _wakes) = one_write_at_a_time(&p);
     let injections = || injected(&writes);
     let first = run(&p, &ctx).await;
     assert!(ctx.tails.running("uid-shop"), "the writer goes on after the reconcile: {first:?}");
@@ -594,17 +599,7 @@ async fn a_reconcile_hands_its_status_on_and_a_failed_status_write_fails_the_nex
 #[tokio::test]
 async fn a_change_of_the_policy_is_planned_at_once_while_its_writer_goes_on() {
     let p = shop_policy();
-    let targets: Vec<Workload> = (0..4).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
-    let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(150)));
-    let world = World { slow, ..World::default() };
-    // One write in flight at once: the first reconcile starts d-0, its writer goes on with the rest.
-    let settings = Settings {
-        workload_write_budget: Duration::from_millis(10),
-        write_concurrency: 1,
-        write_concurrency_max: 1,
-        ..Settings::default()
-    };
-    let (ctx, writes, _wakes) = context_waking(&p, world, settings, Some(synced(targets)));
+    let (ctx, writes, _wakes) = one_write_at_a_time(&p);
     run(&p, &ctx).await;
     assert!(ctx.tails.running("uid-shop"), "the writer goes on after the reconcile");
     // Right after it, its owner's changes wait (deferred); a change of the policy itself does not.
