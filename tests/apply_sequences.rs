@@ -442,7 +442,7 @@ async fn a_reconcile_taking_the_turn_over_stops_the_writer_and_learns_what_it_to
     let (writer, mut handle, _) = mocked();
     let tails = apply::Tails::default();
     let first = tails.mark("uid");
-    let (turn, touched) = tails.take_over("uid", first);
+    let (turn, touched) = tails.take_over("uid", first, 1, Duration::ZERO);
     assert!(touched.is_empty());
     let actions: Vec<_> = ["a", "b", "c", "d"].into_iter().map(inject).collect();
     let limit = Arc::new(WriteLimit::fixed(1));
@@ -459,14 +459,14 @@ async fn a_reconcile_taking_the_turn_over_stops_the_writer_and_learns_what_it_to
         ok(send, &deployment_reply());
         next_within(&mut handle).await.expect("c, started before the turn is taken over")
     };
-    let (_, touched) = tails.take_over("uid", next);
+    let (_, touched) = tails.take_over("uid", next, 1, Duration::ZERO);
     let key = |name: &str| (Some(WorkloadKind::Deployment), ObjectKey::new("shop", name));
     assert_eq!(touched, [key("b"), key("c")].into_iter().collect(), "b answered and c started since the mark");
     ok(c, &deployment_reply());
     assert!(next_within(&mut handle).await.is_none(), "d is the next reconcile's: the writer starts nothing more");
     tokio::time::timeout(Duration::from_secs(1), tail).await.expect("in time").expect("no panic").expect("made");
     // A writer whose reconcile failed before taking the turn over starts nothing more either.
-    let (turn, _) = tails.take_over("uid", tails.mark("uid"));
+    let (turn, _) = tails.take_over("uid", tails.mark("uid"), 1, Duration::ZERO);
     let actions: Vec<_> = ["e", "f"].into_iter().map(inject).collect();
     let (_, tail) = apply::workloads(&writer, actions, Pace::within(&limit, Duration::ZERO), &(), &turn).await.unwrap();
     let tail = tokio::spawn(tail.expect("the writer"));

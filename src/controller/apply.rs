@@ -731,12 +731,21 @@ impl Tails {
     /// The turn to write the policy's workload layer, taken over from its writer (which starts nothing
     /// more), and the targets touched since `mark`: what the reconcile observed of those may be stale
     /// (a write of the writer's started or was answered meanwhile), so it writes none of them; the
-    /// writer's end wakes the policy, and they are looked at again then.
-    pub fn take_over(&self, uid: &str, mark: Mark) -> (Turn, std::collections::HashSet<Target>) {
+    /// writer's end wakes the policy, and they are looked at again then. `generation` is the policy's
+    /// the reconcile planned from, `took` how long it observed and planned ([`Tails::replan_in`]).
+    pub fn take_over(
+        &self,
+        uid: &str,
+        mark: Mark,
+        generation: i64,
+        took: Duration,
+    ) -> (Turn, std::collections::HashSet<Target>) {
         let log = {
             let mut policies = self.lock();
             let policy = policies.entry(uid.to_string()).or_default();
             policy.planned_at = Some(Instant::now());
+            policy.planned_generation = Some(generation);
+            policy.plan_took = took;
             Arc::clone(&policy.log)
         };
         let mut held = log.lock().unwrap_or_else(|e| e.into_inner());
@@ -746,15 +755,6 @@ impl Tails {
         let turn = held.turn;
         drop(held);
         (Turn { log, turn }, touched)
-    }
-
-    /// What the reconcile that took the turn over planned from: the policy's `generation`, and how long
-    /// it took to observe and plan.
-    pub fn planned(&self, uid: &str, generation: i64, took: Duration) {
-        let mut policies = self.lock();
-        let policy = policies.entry(uid.to_string()).or_default();
-        policy.planned_generation = Some(generation);
-        policy.plan_took = took;
     }
 
     /// How long until the policy (at `generation`) is planned again, if its writes go on and it was

@@ -311,8 +311,7 @@ async fn run_layers(
     drop((observed, config_maps));
     // The policy's writer (an earlier reconcile's plan) starts nothing more; what it touched since this
     // reconcile began is looked at again when it ends.
-    let (turn, touched) = ctx.tails.take_over(&uid, mark);
-    ctx.tails.planned(&uid, view.generation, observing.elapsed());
+    let (turn, touched) = ctx.tails.take_over(&uid, mark, view.generation, observing.elapsed());
     let planned = actions.len();
     if !touched.is_empty() {
         actions.retain(|a| !touched.contains(&super::apply::target_of(a)));
