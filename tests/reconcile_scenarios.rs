@@ -389,7 +389,7 @@ fn shop_policy() -> TracingPolicy {
 }
 
 #[tokio::test]
-async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come_from_one_list() {
+async fn from_synced_stores_a_policy_lists_its_namespaces_once_and_a_batchs_failing_pods_come_from_one_list() {
     let p = shop_policy();
     let targets: Vec<Workload> = (0..9).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
     let world = World::default();
@@ -397,14 +397,22 @@ async fn from_synced_stores_no_workload_is_listed_and_a_batchs_failing_pods_come
     run(&p, &ctx).await;
     settle(&ctx).await;
     let reads = world.reads.lock().unwrap().clone();
-    let listed = |r: &String| {
+    let listed = |r: &&String| {
         r.starts_with("/api/v1/namespaces?")
-            || r == "/api/v1/namespaces"
+            || *r == "/api/v1/namespaces"
             || (["deployments", "statefulsets", "daemonsets"].iter().any(|k| r.contains(&format!("/{k}")))
-                && r.contains("workloads-policy"))
-            || r.starts_with("/apis/apps/v1/namespaces/shop/deployments")
+                && (r.contains("workloads-policy") || !(r.contains("/namespaces/") || r.contains("ingress-policy"))))
+            || r.starts_with("/apis/apps/v1/namespaces/shop/deployments?")
     };
-    assert!(!reads.iter().any(listed), "workloads and namespaces come from the stores: {reads:?}");
+    let lists: Vec<&String> = reads.iter().filter(listed).collect();
+    assert_eq!(lists.len(), 1, "the Deployments of the one namespace it selects, once: {reads:?}");
+    assert!(lists[0].starts_with("/apis/apps/v1/namespaces/shop/deployments?"), "{reads:?}");
+    // From then on the stores keep what it selects: nothing is listed again.
+    world.reads.lock().unwrap().clear();
+    run(&p, &ctx).await;
+    settle(&ctx).await;
+    let reads = world.reads.lock().unwrap().clone();
+    assert!(!reads.iter().any(|r| listed(&r)), "workloads and namespaces come from the stores: {reads:?}");
     let injected: Vec<Workload> = writes
         .lock()
         .unwrap()

@@ -18,7 +18,6 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -387,8 +386,9 @@ fn policies_of_ledger<R: crate::layers::Owned + serde::de::DeserializeOwned>(
 
 /// Which workloads a store keeps with their [`workloads::Shape`]: those carrying the workload layer's
 /// marks, and those some policy's `spec.workloads` selects (by kind, labels and, once the namespace is
-/// known, its namespace's labels). Every other workload is kept as metadata alone; a policy that selects
-/// it later has it read once (see `layers::stores`).
+/// known, its namespace's labels). Of every other workload, a store keeps only an ingress controller's
+/// metadata (for the edge layer), and nothing of the rest; a policy that selects one later lists it
+/// (see `layers::stores`).
 #[derive(Clone)]
 struct Keep {
     policies: Store<TracingPolicy>,
@@ -411,6 +411,69 @@ impl Keep {
                 })
             })
     }
+}
+
+/// Does a workload's store keep it? With its shape (see [`Keep`]), or an ingress controller's
+/// metadata (the edge layer's label: `Stores::edge_shown`).
+fn kept<K>(workload: &Pruned<K>) -> bool {
+    workload.shape.is_some() || workload.metadata.labels.as_ref().is_some_and(|l| l.contains_key(ingress::POLICY_LABEL))
+}
+
+/// Takes a workload watch's event into its store, which keeps only what [`kept`] says (an object it
+/// no longer keeps leaves it), and tells the stores (`stores`) of it. True if the store shows a
+/// workload that appeared or was relabelled.
+fn take_in<K>(
+    writer: &mut reflector::store::Writer<Pruned<K>>,
+    stores: Option<&Stores>,
+    kind: WorkloadKind,
+    event: &watcher::Event<Pruned<K>>,
+) -> bool
+where
+    K: kube::Resource<DynamicType = ()> + 'static,
+{
+    let store = writer.as_reader();
+    let mut relabelled = false;
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) if kept(o) => {
+            let before = store.get(&ObjectRef::from_obj(o));
+            relabelled = before.is_none_or(|b| b.metadata.labels != o.metadata.labels);
+            writer.apply_watcher_event(event);
+            if let Some(stores) = stores {
+                stores.took_in(kind, &o.metadata);
+                stores.watched(kind, &o.metadata);
+            }
+        }
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+            let key = ObjectRef::from_obj(o);
+            if matches!(event, watcher::Event::Apply(_)) && store.get(&key).is_some() {
+                let name = ObjectMeta {
+                    name: o.metadata.name.clone(),
+                    namespace: o.metadata.namespace.clone(),
+                    ..Default::default()
+                };
+                writer.apply_watcher_event(&watcher::Event::Delete(Pruned::new(name, None)));
+            }
+            if let Some(stores) = stores {
+                stores.watched(kind, &o.metadata);
+            }
+        }
+        watcher::Event::Delete(o) => {
+            writer.apply_watcher_event(event);
+            if let Some(stores) = stores {
+                stores.gone(kind, &o.metadata);
+            }
+        }
+        watcher::Event::Init => writer.apply_watcher_event(event),
+        watcher::Event::InitDone => {
+            writer.apply_watcher_event(event);
+            // The relist's objects are in the store now.
+            relabelled = true;
+            if let Some(stores) = stores {
+                stores.relisted(kind);
+            }
+        }
+    }
+    relabelled
 }
 
 /// A watch event with its object pruned for a store: by `kept` while it exists, by `gone` once deleted.
@@ -448,37 +511,23 @@ where
     };
     let gone = |lean: Lean<K>| Pruned::new(workloads::pruned_metadata(&lean.metadata), None);
     // A workload that appears or is relabelled moves the stores' label epoch once the store shows it
-    // (see `Stores::relabelled`): compared with the store's copy before it takes the event in.
-    let stored = store.as_reader();
-    let relabelled = Arc::new(AtomicBool::new(false));
+    // (see `Stores::relabelled`); a relist's, once it is done.
+    let ctx = ctx.clone();
+    let mut store = store;
+    let mut relabelled = false;
     let events = watcher(Api::<Lean<K>>::all(client.clone()), config.clone())
         .map_ok(move |event| pruned_event(event, &prune, &gone))
-        .inspect_ok({
-            let relabelled = relabelled.clone();
-            move |event| {
-                if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = event {
-                    let before = stored.get(&ObjectRef::from_obj(o));
-                    if before.is_none_or(|b| b.metadata.labels != o.metadata.labels) {
-                        relabelled.store(true, Ordering::Relaxed);
-                    }
-                }
+        .inspect_ok(move |event| {
+            let stores = ctx.stores.as_deref();
+            relabelled |= take_in(&mut store, stores, kind, event);
+            if let Some(stores) = stores
+                && matches!(event, watcher::Event::Apply(_) | watcher::Event::InitDone)
+                && std::mem::take(&mut relabelled)
+            {
+                stores.relabelled();
             }
         });
-    // Every version the store takes in is noted for the writes in flight (see `Stores::took_in`).
-    let ctx = ctx.clone();
-    let noted = events.reflect(store).inspect_ok(move |event| {
-        let Some(stores) = &ctx.stores else { return };
-        if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = event {
-            stores.took_in(kind, &o.metadata);
-        }
-        // A relist's objects are in the store once it is done.
-        if matches!(event, watcher::Event::Apply(_) | watcher::Event::InitDone)
-            && relabelled.swap(false, Ordering::Relaxed)
-        {
-            stores.relabelled();
-        }
-    });
-    triggers::relevant(noted)
+    triggers::relevant(events)
 }
 
 /// Maps a workload watch's object to the policies it concerns (`concerns`), but the policy whose own
@@ -790,6 +839,45 @@ mod tests {
         assert_eq!(resolve_flows_receiver("10.96.0.20:6343").await.unwrap().to_string(), "10.96.0.20:6343");
         assert_eq!(resolve_flows_receiver("localhost:6343").await.unwrap().port(), 6343);
         assert!(resolve_flows_receiver("does-not-exist.invalid:6343").await.is_err());
+    }
+
+    #[test]
+    fn a_workload_store_keeps_what_a_policy_may_select_and_an_ingress_controllers_metadata_only() {
+        use k8s_openapi::api::apps::v1::Deployment;
+        use watcher::Event;
+        let (store, mut writer) = reflector::store::<Pruned<Deployment>>();
+        let kind = WorkloadKind::Deployment;
+        let deployment = |name: &str, version: &str, labels: &[(&str, &str)], shape: bool| {
+            let metadata = ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                resource_version: Some(version.into()),
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            };
+            Pruned::new(metadata, shape.then(workloads::Shape::default))
+        };
+        let names = || {
+            let mut names: Vec<String> = store.state().iter().map(|p| p.name_any()).collect();
+            names.sort();
+            names
+        };
+        assert!(!take_in(&mut writer, None, kind, &Event::Init));
+        assert!(take_in(&mut writer, None, kind, &Event::InitApply(deployment("cart", "1", &[], true))), "new");
+        assert!(!take_in(&mut writer, None, kind, &Event::InitApply(deployment("blog", "1", &[], false))));
+        let edge = [(ingress::POLICY_LABEL, "edge")];
+        take_in(&mut writer, None, kind, &Event::InitApply(deployment("nginx", "1", &edge, false)));
+        assert!(take_in(&mut writer, None, kind, &Event::InitDone), "a relist is taken in");
+        assert_eq!(names(), ["cart", "nginx"], "nothing of a workload no policy may select");
+        assert!(store.get(&ObjectRef::new("nginx").within("shop")).is_some_and(|p| p.shape.is_none()));
+
+        assert!(!take_in(&mut writer, None, kind, &Event::Apply(deployment("cart", "2", &[], true))), "same labels");
+        assert!(take_in(&mut writer, None, kind, &Event::Apply(deployment("cart", "3", &[("app", "x")], true))));
+        assert!(!take_in(&mut writer, None, kind, &Event::Apply(deployment("cart", "4", &[], false))));
+        assert_eq!(names(), ["nginx"], "selected no more: it leaves the store");
+        assert!(take_in(&mut writer, None, kind, &Event::Apply(deployment("blog", "2", &[], true))), "appeared");
+        take_in(&mut writer, None, kind, &Event::Delete(deployment("blog", "2", &[], false)));
+        assert_eq!(names(), ["nginx"]);
     }
 
     #[test]

@@ -46,10 +46,16 @@ fn fingerprint<K: Resource + Progress>(obj: &K) -> u64 {
     hasher.finish()
 }
 
-type Key = (Option<String>, Option<String>);
+/// An object's namespace and name, hashed: the filter remembers every object of a watch (a big
+/// cluster's non-targets too), so it keeps 8 bytes of each, not two strings. Two objects whose keys
+/// collide (a chance of one in 2^64 per pair) would share a fingerprint: an event of one whose
+/// fingerprint equals the other's last would not wake its policies (the resync still comes).
+type Key = u64;
 
 fn key<K: Resource>(obj: &K) -> Key {
-    (obj.meta().namespace.clone(), obj.meta().name.clone())
+    let mut hasher = DefaultHasher::new();
+    (&obj.meta().namespace, &obj.meta().name).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// What the filter remembers: the fingerprint of every object seen, and those of a relist in progress.

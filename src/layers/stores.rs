@@ -1,11 +1,17 @@
 //! Watch-backed stores of the workloads, namespaces, nodes and NodeTracings, shared by every reconcile.
 //!
-//! The controller's watches of Deployments, StatefulSets and DaemonSets feed reflectors that keep each
-//! workload pruned ([`Pruned`]): its metadata without managedFields nor the user's annotations, and, for
-//! a workload some policy may select (its kind and labels match a policy's `spec.workloads`, whatever
-//! the namespace) or that carries the workload layer's marks, the [`Shape`] the plan reads. Every other
-//! workload is kept as metadata alone, so memory grows with the targets, not with the cluster's
-//! workloads. The workload layer reads these stores instead of listing the cluster on every reconcile.
+//! The controller's watches of Deployments, StatefulSets and DaemonSets feed reflectors that keep, of
+//! the workloads some policy may select (by kind, labels and their namespace's labels) or that carry
+//! the workload layer's marks, each pruned ([`Pruned`]): its metadata without managedFields nor the
+//! user's annotations, and the [`Shape`] the plan reads. A workload carrying the ingress layer's label
+//! is kept as metadata alone; every other workload is not kept at all (its watch events still wake
+//! the policies it concerns), so memory grows with the targets, not with the cluster's workloads. The
+//! workload layer reads these stores instead of listing the cluster on every reconcile.
+//!
+//! What a store did not keep, because no policy selected it when it last changed, a policy that
+//! selects it now lists (see [`Stores::uncovered`]): the namespaces it selects are listed once for its
+//! selection, and again when a namespace changes or a store relists. What such a list read is used
+//! until the workload's next watch event (which the store keeps, now that a policy selects it).
 //!
 //! The network layer reads the nodes (pruned metadata and the address a correlating policy exports
 //! from, [`Addressed`]) and the NodeTracings (readable ones only: one that cannot be read is left out,
@@ -17,17 +23,18 @@
 //! - what crosstrace wrote (the object each server-side apply returned, or a NodeTracing's deletion),
 //!   used until the store shows a newer version, so a reconcile right after a write plans from it and
 //!   not from the object before;
-//! - workloads the store kept as metadata alone (no policy selected them when they last changed) and
-//!   a policy selects now: read once (GET), used while the store shows the same version.
+//! - workloads the store did not keep (no policy selected them when they last changed) and a policy
+//!   selects now: read once (a list, or a GET of one kept as metadata), used until the store takes in
+//!   another version (or the workload is deleted).
 //!
 //! What crosstrace wrote also tells the trigger filter that a watch event is the echo of the writing
 //! policy's own write (see [`Stores::written_by`], [`Stores::tracing_written_by`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -182,6 +189,55 @@ pub struct Stores {
     scans: Mutex<HashMap<(String, &'static str, WorkloadKind), Scanned>>,
     /// When [`Stores::forget_stale_now_and_then`] last forgot.
     forgot: Mutex<Option<Instant>>,
+    /// Moves on when a workload store takes in a relist: what the policies listed before is covered
+    /// by the store no more (see [`Stores::uncovered`]).
+    relists: AtomicU64,
+    /// By policy: the namespaces whose workloads it listed, for which selection.
+    coverage: Mutex<HashMap<String, Coverage>>,
+    /// Workloads deleted while reads were in flight, and when: a read that started before must not
+    /// bring them back. Emptied whenever no read is in flight.
+    deleted: Mutex<HashMap<(WorkloadKind, ObjectKey), Instant>>,
+    /// Reads of workloads in flight ([`Listing`]).
+    reading: AtomicUsize,
+}
+
+/// Reads of workloads in flight (lists, or GETs), from `since`: a workload deleted meanwhile is not
+/// taken from them ([`Stores::read`]).
+pub struct Listing<'a> {
+    stores: &'a Stores,
+    since: Instant,
+}
+
+impl Drop for Listing<'_> {
+    fn drop(&mut self) {
+        let mut deleted = self.stores.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stores.reading.fetch_sub(1, Ordering::AcqRel) == 1 {
+            deleted.clear();
+        }
+    }
+}
+
+/// The namespaces (at their resourceVersion) whose workloads a policy listed for its selection
+/// (`fingerprint`), since the workload stores' relist numbered `relists`.
+struct Coverage {
+    fingerprint: String,
+    relists: u64,
+    namespaces: HashMap<String, Option<String>>,
+}
+
+/// What a policy must list before its plan can trust the stores: the namespaces it selects whose
+/// workloads it has not listed for its selection (or that changed since); handed back to
+/// [`Stores::covered`] once listed.
+pub struct Uncovered<'a> {
+    by: String,
+    fingerprint: String,
+    relists: u64,
+    /// Every namespace selected, at its resourceVersion.
+    selected: HashMap<String, Option<String>>,
+    /// Those to list.
+    pub namespaces: BTreeSet<String>,
+    /// The lists, for [`Stores::read`].
+    pub listing: Listing<'a>,
 }
 
 /// The ConfigMaps every reconcile looks at, from watches: the edge layers' ledgers (in the operator's
@@ -285,6 +341,10 @@ impl Stores {
             label_epoch: AtomicU64::new(0),
             scans: Mutex::default(),
             forgot: Mutex::default(),
+            relists: AtomicU64::new(0),
+            coverage: Mutex::default(),
+            deleted: Mutex::default(),
+            reading: AtomicUsize::new(0),
         }
     }
 
@@ -450,7 +510,14 @@ impl Stores {
         keep: &impl Fn(&ObjectMeta) -> bool,
     ) -> Vec<Result<Workload, ObjectKey>> {
         let stored = self.scan(store, kind, asked, keep);
-        newest(stored, kind, &self.seen.lock().unwrap_or_else(|e| e.into_inner()))
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found = newest(stored, kind, &seen);
+        // What was read or written of workloads the store does not keep (see `Stores::uncovered`).
+        let unkept = seen.iter().filter(|((k, key), s)| {
+            *k == kind && s.base.is_none() && keep(&s.value.metadata) && version_in(store, key).is_none()
+        });
+        found.extend(unkept.map(|(_, s)| Ok(Workload::from_shape(kind, s.value.metadata.clone(), &s.value.shape))));
+        found
     }
 
     /// The workloads of `store` whose metadata `keep` accepts: from a scan of the store, or from the
@@ -489,14 +556,108 @@ impl Stores {
         self.label_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Forgets what the scans asked by `policy` found (the policy is gone).
+    /// Forgets what the scans asked by `policy` found, and what it listed (the policy is gone).
     pub fn forget_policy(&self, policy: &str) {
         self.scans.lock().unwrap_or_else(|e| e.into_inner()).retain(|(by, _, _), _| by != policy);
+        self.coverage.lock().unwrap_or_else(|e| e.into_inner()).remove(policy);
     }
 
-    /// Remembers a workload read, newer than the store's.
-    pub fn saw(&self, workload: &Workload) {
+    /// The namespaces `asked.by` selects (`selects`, by name and labels) whose workloads it must list
+    /// for the selection `asked.fingerprint` before its plan trusts the stores. The workload stores
+    /// keep what some policy selects when it changes; a workload that changed last before the policy
+    /// selected it (the policy is new, its selection changed, its namespace joined) is not kept. So
+    /// every namespace is listed once per selection, again when it changes (its labels may have made
+    /// the stores drop its workloads meanwhile), and all are after a workload store relists.
+    pub fn uncovered(&self, asked: &Asked, selects: impl Fn(&str, &BTreeMap<String, String>) -> bool) -> Uncovered<'_> {
+        let relists = self.relists.load(Ordering::Acquire);
+        let no_labels = BTreeMap::new();
+        let selected: HashMap<String, Option<String>> = self
+            .namespaces
+            .state()
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.as_deref()?;
+                selects(name, n.metadata.labels.as_ref().unwrap_or(&no_labels))
+                    .then(|| (name.to_string(), n.metadata.resource_version.clone()))
+            })
+            .collect();
+        let coverage = self.coverage.lock().unwrap_or_else(|e| e.into_inner());
+        let covered = coverage.get(&asked.by).filter(|c| c.fingerprint == asked.fingerprint && c.relists == relists);
+        let namespaces = selected
+            .iter()
+            .filter(|(name, version)| covered.is_none_or(|c| c.namespaces.get(*name) != Some(version)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        Uncovered {
+            by: asked.by.clone(),
+            fingerprint: asked.fingerprint.clone(),
+            relists,
+            selected,
+            namespaces,
+            listing: self.listing(),
+        }
+    }
+
+    /// Reads of workloads start: what they read is taken in by [`Stores::read`] while this lives.
+    pub fn listing(&self) -> Listing<'_> {
+        // Counted before the clock is read: a deletion taken in after `since` is kept for the reads.
+        self.reading.fetch_add(1, Ordering::AcqRel);
+        Listing { stores: self, since: Instant::now() }
+    }
+
+    /// Remembers that the namespaces of `uncovered` were listed (and those it did not list, covered
+    /// before, still are): unless a workload store relisted meanwhile.
+    pub fn covered(&self, uncovered: Uncovered<'_>) {
+        if self.relists.load(Ordering::Acquire) != uncovered.relists {
+            return;
+        }
+        let coverage =
+            Coverage { fingerprint: uncovered.fingerprint, relists: uncovered.relists, namespaces: uncovered.selected };
+        self.coverage.lock().unwrap_or_else(|e| e.into_inner()).insert(uncovered.by, coverage);
+    }
+
+    /// Remembers a workload read by `listing`, newer than the store's; unless it was deleted since
+    /// the read started.
+    pub fn read(&self, workload: &Workload, listing: &Listing<'_>) {
+        let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        if deleted.get(&(workload.kind, workload.key())).is_some_and(|at| *at >= listing.since) {
+            return;
+        }
+        drop(deleted);
         self.remember(workload, None);
+    }
+
+    /// A workload store took in (or passed over: it does not keep it) a version of a workload: a read
+    /// of another version is the newest no more. (An older version's event that comes late drops a
+    /// newer read too; the read's own version's event comes next, and the store keeps it.)
+    pub fn watched(&self, kind: WorkloadKind, meta: &ObjectMeta) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.is_empty() {
+            let key = (kind, ObjectKey::of(meta));
+            if seen.get(&key).is_some_and(|s| s.written_by.is_none() && s.version != meta.resource_version) {
+                seen.remove(&key);
+            }
+        }
+    }
+
+    /// A workload was deleted: nothing seen of it is kept, and a list that started before does not
+    /// bring it back.
+    pub fn gone(&self, kind: WorkloadKind, meta: &ObjectMeta) {
+        let key = (kind, ObjectKey::of(meta));
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        if self.reading.load(Ordering::Acquire) > 0 {
+            deleted.insert(key, Instant::now());
+        }
+    }
+
+    /// A workload store took in a relist: every policy lists what it selects again, and what was read
+    /// of workloads of `kind` the store does not keep is forgotten (one deleted while the watch was down
+    /// has no event).
+    pub fn relisted(&self, kind: WorkloadKind) {
+        self.relists.fetch_add(1, Ordering::AcqRel);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|(k, key), s| *k != kind || s.written_by.is_some() || self.version(*k, key).is_some());
     }
 
     /// Remembers what `policy`'s write returned, unless the store already took in the write's echo
@@ -579,9 +740,11 @@ impl Stores {
 
     fn forget_stale_workloads(&self) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // What was seen of a workload the store does not keep stays until its next event or deletion
+        // (see `Stores::watched`, `Stores::gone`).
         seen.retain(|(kind, key), s| {
             let stored = self.version(*kind, key);
-            stored.is_some() && s.current(stored.as_ref())
+            s.current(stored.as_ref()) && (stored.is_some() || s.base.is_none())
         });
     }
 
@@ -884,13 +1047,90 @@ mod tests {
         let (stores, mut writer) = stores();
         writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), None)));
         assert_eq!(rolled_out(&stores), [Err("cart".to_string())]);
-        stores.saw(&workload("cart", "1", true));
+        stores.read(&workload("cart", "1", true), &stores.listing());
         assert_eq!(rolled_out(&stores), [Ok(true)]);
         assert_eq!(stores.written_by(WorkloadKind::Deployment, &meta("cart", "1", &[])), None, "read, not written");
         writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "2", &[]), None)));
         assert_eq!(rolled_out(&stores), [Err("cart".to_string())], "changed since: read again");
         stores.forget_stale();
         assert!(stores.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn what_the_store_does_not_keep_a_policy_lists_once_per_selection_namespace_change_and_relist() {
+        let (namespaces, mut namespace_writer) = reflector::store::<Meta<Namespace>>();
+        let stores = Stores::new(
+            reflector::store().0,
+            reflector::store().0,
+            reflector::store().0,
+            namespaces,
+            reflector::store().0,
+            reflector::store().0,
+        );
+        let namespace = |name: &str, version: &str, team: &str| -> Meta<Namespace> {
+            let metadata = serde_json::json!({"name": name, "resourceVersion": version, "labels": {"team": team}});
+            serde_json::from_value(serde_json::json!({ "metadata": metadata })).unwrap()
+        };
+        namespace_writer.apply_watcher_event(&Event::Apply(namespace("shop", "1", "a")));
+        namespace_writer.apply_watcher_event(&Event::Apply(namespace("blog", "1", "a")));
+        namespace_writer.apply_watcher_event(&Event::Apply(namespace("lab", "1", "b")));
+        let asked = |fingerprint: &str| Asked { by: "shop".into(), what: "workloads", fingerprint: fingerprint.into() };
+        let team_a = |_: &str, labels: &BTreeMap<String, String>| labels.get("team").is_some_and(|t| t == "a");
+        let to_list = |fingerprint: &str| {
+            let uncovered = stores.uncovered(&asked(fingerprint), team_a);
+            let names: Vec<String> = uncovered.namespaces.iter().cloned().collect();
+            (names, uncovered)
+        };
+        let (names, uncovered) = to_list("1");
+        assert_eq!(names, ["blog", "shop"], "a new selection lists every namespace it selects");
+        stores.covered(uncovered);
+        assert!(to_list("1").0.is_empty(), "listed: the stores keep what it selects from now on");
+        namespace_writer.apply_watcher_event(&Event::Apply(namespace("shop", "2", "a")));
+        let (names, uncovered) = to_list("1");
+        assert_eq!(names, ["shop"], "a namespace that changed is listed again");
+        stores.covered(uncovered);
+        namespace_writer.apply_watcher_event(&Event::Apply(namespace("lab", "2", "a")));
+        assert_eq!(to_list("1").0, ["lab"], "a namespace that joined");
+        assert_eq!(to_list("2").0, ["blog", "lab", "shop"], "another selection: every namespace");
+        let (_, uncovered) = to_list("1");
+        stores.relisted(WorkloadKind::StatefulSet);
+        stores.covered(uncovered);
+        assert_eq!(to_list("1").0, ["blog", "lab", "shop"], "a store relisted during the lists: not covered");
+        stores.covered(to_list("1").1);
+        assert!(to_list("1").0.is_empty());
+        stores.forget_policy("shop");
+        assert_eq!(to_list("1").0.len(), 3, "a policy deleted and created again lists again");
+    }
+
+    #[test]
+    fn a_workload_read_that_the_store_does_not_keep_is_used_until_its_next_event_or_deletion() {
+        let (stores, mut writer) = stores();
+        let kind = WorkloadKind::Deployment;
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitDone);
+        let before = stores.listing();
+        stores.read(&workload("cart", "1", true), &before);
+        assert_eq!(rolled_out(&stores), [Ok(true)], "read, not in the store");
+        stores.forget_stale();
+        assert_eq!(rolled_out(&stores), [Ok(true)], "kept: the store has nothing newer");
+        stores.watched(kind, &meta("cart", "1", &[]));
+        assert_eq!(rolled_out(&stores), [Ok(true)], "its own version's event");
+        stores.watched(kind, &meta("cart", "2", &[]));
+        assert_eq!(rolled_out(&stores), [], "another version: the read is the newest no more");
+
+        stores.read(&workload("cart", "2", true), &before);
+        stores.gone(kind, &meta("cart", "2", &[]));
+        assert_eq!(rolled_out(&stores), [], "deleted");
+        stores.read(&workload("cart", "2", true), &before);
+        assert_eq!(rolled_out(&stores), [], "a list that started before the deletion does not bring it back");
+        stores.read(&workload("cart", "3", false), &stores.listing());
+        assert_eq!(rolled_out(&stores), [Ok(false)], "created again, read after");
+        drop(before);
+        assert!(stores.deleted.lock().unwrap().is_empty(), "no read in flight: no deletion is kept");
+        stores.gone(kind, &meta("cart", "3", &[]));
+        assert!(stores.deleted.lock().unwrap().is_empty());
+        stores.relisted(kind);
+        assert_eq!(rolled_out(&stores), [], "a relist forgets reads the store does not keep");
     }
 
     #[test]

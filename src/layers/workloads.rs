@@ -1044,6 +1044,38 @@ async fn list(
     }
 }
 
+/// Lists the workloads of `kinds` in `namespaces` matching `params`: namespace by namespace (a few
+/// lists in flight at once), or, for many namespaces, once across the cluster.
+async fn list_in(
+    client: &Client,
+    kinds: &[WorkloadKind],
+    namespaces: &BTreeSet<String>,
+    params: &ListParams,
+) -> Result<Vec<Workload>, kube::Error> {
+    let across = namespaces.len() > LIST_NAMESPACE_BY_NAMESPACE;
+    let lists: Vec<(WorkloadKind, Option<String>)> = match across {
+        true => kinds.iter().map(|kind| (*kind, None)).collect(),
+        false => kinds.iter().flat_map(|kind| namespaces.iter().map(|ns| (*kind, Some(ns.clone())))).collect(),
+    };
+    futures::stream::iter(lists)
+        .map(|(kind, namespace)| async move {
+            let mut read = Vec::new();
+            list(client, kind, namespace.as_deref(), params, |w| {
+                if !across || w.metadata.namespace.as_ref().is_some_and(|ns| namespaces.contains(ns)) {
+                    read.push(w);
+                }
+            })
+            .await
+            .map(|()| read)
+        })
+        .buffer_unordered(LIST_CONCURRENCY)
+        .try_concat()
+        .await
+}
+
+/// Up to this many namespaces are listed one by one; more, across the cluster.
+const LIST_NAMESPACE_BY_NAMESPACE: usize = 8;
+
 /// Reads one workload; `None` when it is gone.
 async fn get(client: &Client, kind: WorkloadKind, key: &ObjectKey) -> Result<Option<Workload>, kube::Error> {
     let ns = Some(key.namespace.as_str());
@@ -1187,6 +1219,29 @@ async fn stored(
     };
     let labelled =
         |meta: &ObjectMeta| meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)).is_some_and(|p| p == policy.name);
+    // Everything `selected` reads besides labels: a resync of a policy that nothing relabelled since
+    // looks at the workloads its last scan found, not at every workload of the cluster.
+    let asked = super::stores::Asked {
+        by: policy.name.to_string(),
+        what: "workloads",
+        fingerprint: super::hash_of(&json!({"spec": spec, "defaults": format!("{defaults:?}")})),
+    };
+    // What it selects that the stores did not keep (they keep what a policy selected when it changed).
+    if let Some(selection) = &selection {
+        let uncovered = stores.uncovered(&asked, |name, labels| selection.selects_namespace(name, labels));
+        if !uncovered.namespaces.is_empty() {
+            let listed = list_in(client, selection.kinds(), &uncovered.namespaces, params).await?;
+            tracing::debug!(
+                namespaces = uncovered.namespaces.len(),
+                listed = listed.len(),
+                "the workloads of namespaces not listed for this selection are listed"
+            );
+            for w in listed.iter().filter(|w| selected(w.kind, &w.metadata)) {
+                stores.read(w, &uncovered.listing);
+            }
+        }
+        stores.covered(uncovered);
+    }
     let mut found = Found::new();
     let mut add = |w: Workload| {
         let selected = selected(w.kind, &w.metadata);
@@ -1194,13 +1249,6 @@ async fn stored(
             let claimed_by = if selected { claimant(&w) } else { None };
             found.insert((w.key(), w.kind), Observed { workload: Arc::new(w), selected, claimed_by, writing: false });
         }
-    };
-    // Everything `selected` reads besides labels: a resync of a policy that nothing relabelled since
-    // looks at the workloads its last scan found, not at every workload of the cluster.
-    let asked = super::stores::Asked {
-        by: policy.name.to_string(),
-        what: "workloads",
-        fingerprint: super::hash_of(&json!({"spec": spec, "defaults": format!("{defaults:?}")})),
     };
     let mut unread = Vec::new();
     for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet, WorkloadKind::DaemonSet] {
@@ -1211,8 +1259,10 @@ async fn stored(
             }
         }
     }
-    // Those a policy selects that the store kept as metadata (none selected them when they last
-    // changed): a few are read one by one, a namespace's many with one list of what the policy selects.
+    // Those a policy selects that the store kept as metadata (an ingress controller's, which the edge
+    // layer leaves to it): a few are read one by one, a namespace's many with one list of what the
+    // policy selects.
+    let listing = stores.listing();
     if !unread.is_empty() {
         tracing::debug!(unread = unread.len(), "selected workloads the stores hold as metadata alone are read");
     }
@@ -1239,7 +1289,7 @@ async fn stored(
         .try_concat()
         .await?;
     for w in reads {
-        stores.saw(&w);
+        stores.read(&w, &listing);
         add(w);
     }
     stores.forget_stale_now_and_then();
@@ -1413,6 +1463,16 @@ impl<'a> Selection<'a> {
         namespace_labels: impl FnOnce() -> Option<&'l BTreeMap<String, String>>,
     ) -> bool {
         self.selects_in_any_namespace(kind, meta) && matches(&self.namespaces, namespace_labels())
+    }
+
+    /// Does it select workloads of this namespace (by its name and labels)?
+    pub fn selects_namespace(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        !self.defaults.protects(name) && matches(&self.namespaces, Some(labels))
+    }
+
+    /// The kinds it selects.
+    pub fn kinds(&self) -> &[WorkloadKind] {
+        &self.spec.kinds
     }
 
     /// [`Selection::selects`], but for the namespace selector (the namespace's labels are unknown).
