@@ -440,7 +440,7 @@ where
             writer.apply_watcher_event(event);
             if let Some(stores) = stores {
                 stores.took_in(kind, &o.metadata);
-                stores.watched(kind, &o.metadata);
+                stores.watched(kind, &o.metadata, true);
             }
         }
         watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
@@ -454,7 +454,7 @@ where
                 writer.apply_watcher_event(&watcher::Event::Delete(Pruned::new(name, None)));
             }
             if let Some(stores) = stores {
-                stores.watched(kind, &o.metadata);
+                stores.watched(kind, &o.metadata, false);
             }
         }
         watcher::Event::Delete(o) => {

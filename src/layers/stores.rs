@@ -70,6 +70,10 @@ impl<T> Seen<T> {
     }
 }
 
+/// What was seen of workloads newer than their stores (see [`Stores::seen`]); a value is `None` once
+/// the store shows it.
+type SeenWorkloads = HashMap<(WorkloadKind, ObjectKey), Seen<Option<Arc<Kept>>>>;
+
 /// A workload as its store keeps it.
 #[derive(Clone, Debug)]
 struct Kept {
@@ -172,7 +176,9 @@ pub struct Stores {
     pub nodes: Store<Addressed<Node>>,
     /// Readable NodeTracings, pruned ([`pruned_tracing`]).
     pub node_tracings: Store<NodeTracing>,
-    seen: Mutex<HashMap<(WorkloadKind, ObjectKey), Seen<Kept>>>,
+    /// A workload's value is dropped once its store shows the same version: what is left tells the
+    /// write's echo (a big rollout's last writes would otherwise be kept twice, here and in the store).
+    seen: Mutex<SeenWorkloads>,
     /// Workload writes in flight.
     writing: Mutex<HashMap<(WorkloadKind, ObjectKey), Writing>>,
     /// NodeTracings crosstrace wrote (`None`: deleted), by node, newer than the store's.
@@ -262,27 +268,46 @@ fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>
     store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
 }
 
-/// The `stored` workloads, each as the newest version known (see [`Stores::workloads`]).
+/// The `stored` workloads, each as the newest version known (see [`Stores::workloads`]); with those
+/// seen of `kind` that the store does not hold, and `keep` accepts. `seen` is locked only to look the
+/// workloads up (the watches lock it for each event): the workloads are built after.
 fn newest<K: kube::Resource<DynamicType = ()> + 'static>(
     stored: Vec<Arc<Pruned<K>>>,
     kind: WorkloadKind,
-    seen: &HashMap<(WorkloadKind, ObjectKey), Seen<Kept>>,
+    seen: &Mutex<SeenWorkloads>,
+    unkept: impl Fn(&ObjectKey, &Kept) -> bool,
 ) -> Vec<Result<Workload, ObjectKey>> {
-    stored
-        .iter()
-        .map(|p| {
-            let (meta, shape) = (&p.metadata, p.shape.as_ref());
-            let key = ObjectKey::of(meta);
-            let newer = seen.get(&(kind, key.clone())).filter(|s| {
-                s.current(meta.resource_version.as_ref()) && !(shape.is_some() && meta.resource_version == s.version)
+    let keys: Vec<(WorkloadKind, ObjectKey)> = stored.iter().map(|p| (kind, ObjectKey::of(&p.metadata))).collect();
+    let (newer, unkept): (Vec<Option<Arc<Kept>>>, Vec<Arc<Kept>>) = {
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            let newer = stored.iter().zip(&keys).map(|(p, key)| {
+                let (version, shape) = (p.metadata.resource_version.as_ref(), p.shape.as_ref());
+                let s =
+                    seen.get(key).filter(|s| s.current(version) && !(shape.is_some() && version == s.version.as_ref()));
+                s.and_then(|s| s.value.clone())
             });
-            match (newer, shape) {
-                (Some(s), _) => Ok(Workload::from_shape(kind, s.value.metadata.clone(), &s.value.shape)),
-                (None, Some(shape)) => Ok(Workload::from_shape(kind, meta.clone(), shape)),
-                (None, None) => Err(key),
-            }
+            let newer = newer.collect();
+            let candidates = seen.iter().filter(|((k, _), s)| *k == kind && s.base.is_none());
+            let candidates = candidates.filter_map(|((_, key), s)| s.value.clone().filter(|v| unkept(key, v)));
+            (newer, candidates.collect())
+        }
+    };
+    let newer = newer.into_iter().chain(std::iter::repeat(None));
+    let mut found: Vec<_> = stored
+        .iter()
+        .zip(keys)
+        .zip(newer)
+        .map(|((p, (_, key)), newer)| match (newer, p.shape.as_ref()) {
+            (Some(s), _) => Ok(Workload::from_shape(kind, s.metadata.clone(), &s.shape)),
+            (None, Some(shape)) => Ok(Workload::from_shape(kind, p.metadata.clone(), shape)),
+            (None, None) => Err(key),
         })
-        .collect()
+        .collect();
+    found.extend(unkept.iter().map(|v| Ok(Workload::from_shape(kind, v.metadata.clone(), &v.shape))));
+    found
 }
 
 /// What a scan of a workload store is asked for: by whom (a policy) and what for, and a fingerprint
@@ -314,7 +339,16 @@ fn version_in<K: kube::Resource<DynamicType = ()> + 'static>(
     store: &Store<Pruned<K>>,
     key: &ObjectKey,
 ) -> Option<String> {
-    store.get(&ObjectRef::new(&key.name).within(&key.namespace)).and_then(|p| p.metadata.resource_version.clone())
+    stored_in(store, key).map(|(version, _)| version)
+}
+
+/// The resourceVersion of `key` in `store`, and whether the store keeps its shape.
+fn stored_in<K: kube::Resource<DynamicType = ()> + 'static>(
+    store: &Store<Pruned<K>>,
+    key: &ObjectKey,
+) -> Option<(String, bool)> {
+    let stored = store.get(&ObjectRef::new(&key.name).within(&key.namespace))?;
+    Some((stored.metadata.resource_version.clone()?, stored.shape.is_some()))
 }
 
 impl Stores {
@@ -477,11 +511,21 @@ impl Stores {
     }
 
     fn version(&self, kind: WorkloadKind, key: &ObjectKey) -> Option<String> {
+        self.stored(kind, key).map(|(version, _)| version)
+    }
+
+    /// The version of a workload its store shows, and whether it keeps its shape.
+    fn stored(&self, kind: WorkloadKind, key: &ObjectKey) -> Option<(String, bool)> {
         match kind {
-            WorkloadKind::Deployment => version_in(&self.deployments, key),
-            WorkloadKind::StatefulSet => version_in(&self.statefulsets, key),
-            WorkloadKind::DaemonSet => version_in(&self.daemonsets, key),
+            WorkloadKind::Deployment => stored_in(&self.deployments, key),
+            WorkloadKind::StatefulSet => stored_in(&self.statefulsets, key),
+            WorkloadKind::DaemonSet => stored_in(&self.daemonsets, key),
         }
+    }
+
+    /// Does the store show this version of the workload as the plan reads it (with its shape)?
+    fn shows(&self, kind: WorkloadKind, key: &ObjectKey, version: Option<&String>) -> bool {
+        self.stored(kind, key).is_some_and(|(v, shaped)| shaped && Some(&v) == version)
     }
 
     /// The workloads of `kind` whose metadata `keep` accepts, each as the newest version known: the
@@ -510,14 +554,8 @@ impl Stores {
         keep: &impl Fn(&ObjectMeta) -> bool,
     ) -> Vec<Result<Workload, ObjectKey>> {
         let stored = self.scan(store, kind, asked, keep);
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut found = newest(stored, kind, &seen);
-        // What was read or written of workloads the store does not keep (see `Stores::uncovered`).
-        let unkept = seen.iter().filter(|((k, key), s)| {
-            *k == kind && s.base.is_none() && keep(&s.value.metadata) && version_in(store, key).is_none()
-        });
-        found.extend(unkept.map(|(_, s)| Ok(Workload::from_shape(kind, s.value.metadata.clone(), &s.value.shape))));
-        found
+        // And what was read or written of workloads the store does not keep (see `Stores::uncovered`).
+        newest(stored, kind, &self.seen, |key, v| keep(&v.metadata) && version_in(store, key).is_none())
     }
 
     /// The workloads of `store` whose metadata `keep` accepts: from a scan of the store, or from the
@@ -616,9 +654,12 @@ impl Stores {
         self.coverage.lock().unwrap_or_else(|e| e.into_inner()).insert(uncovered.by, coverage);
     }
 
-    /// Remembers a workload read by `listing`, newer than the store's; unless it was deleted since
-    /// the read started.
+    /// Remembers a workload read by `listing`, newer than the store's; unless the store shows that
+    /// version, or it was deleted since the read started.
     pub fn read(&self, workload: &Workload, listing: &Listing<'_>) {
+        if self.shows(workload.kind, &workload.key(), workload.metadata.resource_version.as_ref()) {
+            return;
+        }
         let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
         if deleted.get(&(workload.kind, workload.key())).is_some_and(|at| *at >= listing.since) {
             return;
@@ -627,16 +668,20 @@ impl Stores {
         self.remember(workload, None);
     }
 
-    /// A workload store took in (or passed over: it does not keep it) a version of a workload: a read
-    /// of another version is the newest no more. (An older version's event that comes late drops a
-    /// newer read too; the read's own version's event comes next, and the store keeps it.)
-    pub fn watched(&self, kind: WorkloadKind, meta: &ObjectMeta) {
+    /// A workload store took in (`kept`), or passed over, a version of a workload: a read of another
+    /// version is the newest no more (an older version's event that comes late drops a newer read too;
+    /// the read's own version's event comes next, and the store keeps it); what was seen of this
+    /// version, the store now shows.
+    pub fn watched(&self, kind: WorkloadKind, meta: &ObjectMeta, kept: bool) {
+        let key = (kind, ObjectKey::of(meta));
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if !seen.is_empty() {
-            let key = (kind, ObjectKey::of(meta));
-            if seen.get(&key).is_some_and(|s| s.written_by.is_none() && s.version != meta.resource_version) {
+        let Some(s) = seen.get_mut(&key) else { return };
+        if s.version != meta.resource_version {
+            if s.written_by.is_none() {
                 seen.remove(&key);
             }
+        } else if kept && s.base.is_none() {
+            s.base = s.version.clone();
         }
     }
 
@@ -682,7 +727,7 @@ impl Stores {
         let seen = Seen {
             base,
             version: workload.metadata.resource_version.clone(),
-            value: Kept { metadata: pruned_metadata(&workload.metadata), shape: workload.shape() },
+            value: Some(Arc::new(Kept { metadata: pruned_metadata(&workload.metadata), shape: workload.shape() })),
             written_by: written_by.map(str::to_string),
         };
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert((workload.kind, key), seen);
@@ -744,6 +789,15 @@ impl Stores {
         // (see `Stores::watched`, `Stores::gone`).
         seen.retain(|(kind, key), s| {
             let stored = self.version(*kind, key);
+            let shown = stored.is_some() && stored == s.version && self.shows(*kind, key, stored.as_ref());
+            if shown && s.written_by.is_none() {
+                // A read of the version the store shows.
+                return false;
+            }
+            if shown {
+                // The store shows a write: only its echo is left to tell.
+                s.value = None;
+            }
             s.current(stored.as_ref()) && (stored.is_some() || s.base.is_none())
         });
     }
@@ -1113,9 +1167,9 @@ mod tests {
         assert_eq!(rolled_out(&stores), [Ok(true)], "read, not in the store");
         stores.forget_stale();
         assert_eq!(rolled_out(&stores), [Ok(true)], "kept: the store has nothing newer");
-        stores.watched(kind, &meta("cart", "1", &[]));
+        stores.watched(kind, &meta("cart", "1", &[]), false);
         assert_eq!(rolled_out(&stores), [Ok(true)], "its own version's event");
-        stores.watched(kind, &meta("cart", "2", &[]));
+        stores.watched(kind, &meta("cart", "2", &[]), false);
         assert_eq!(rolled_out(&stores), [], "another version: the read is the newest no more");
 
         stores.read(&workload("cart", "2", true), &before);
@@ -1150,6 +1204,8 @@ mod tests {
         writer.apply_watcher_event(&Event::Apply(Pruned::new(echo.clone(), shape(false))));
         stores.forget_stale();
         assert_eq!(stores.written_by(WorkloadKind::Deployment, &echo).as_deref(), Some("shop"), "kept for the echo");
+        assert!(stores.seen.lock().unwrap().values().all(|s| s.value.is_none()), "not twice: the store has it");
+        assert_eq!(rolled_out(&stores), [Ok(false)], "from the store");
         writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "3", &[]), shape(true))));
         assert_eq!(rolled_out(&stores), [Ok(true)], "the owner's change after the write");
         assert_eq!(stores.written_by(WorkloadKind::Deployment, &meta("cart", "3", &[])), None);

@@ -1044,32 +1044,40 @@ async fn list(
     }
 }
 
-/// Lists the workloads of `kinds` in `namespaces` matching `params`: namespace by namespace (a few
-/// lists in flight at once), or, for many namespaces, once across the cluster.
+/// Lists the workloads of `kinds` in `namespaces` matching `params`, handing each to `each` as its
+/// page arrives: namespace by namespace (a few lists in flight at once), or, for many namespaces and a
+/// label selector (the API server sends what it matches, not the cluster), once across the cluster.
+/// Returns how many were handed.
 async fn list_in(
     client: &Client,
     kinds: &[WorkloadKind],
     namespaces: &BTreeSet<String>,
     params: &ListParams,
-) -> Result<Vec<Workload>, kube::Error> {
-    let across = namespaces.len() > LIST_NAMESPACE_BY_NAMESPACE;
+    each: impl Fn(Workload) + Sync,
+) -> Result<usize, kube::Error> {
+    let across =
+        namespaces.len() > LIST_NAMESPACE_BY_NAMESPACE && params.label_selector.as_ref().is_some_and(|s| !s.is_empty());
     let lists: Vec<(WorkloadKind, Option<String>)> = match across {
         true => kinds.iter().map(|kind| (*kind, None)).collect(),
         false => kinds.iter().flat_map(|kind| namespaces.iter().map(|ns| (*kind, Some(ns.clone())))).collect(),
     };
     futures::stream::iter(lists)
-        .map(|(kind, namespace)| async move {
-            let mut read = Vec::new();
-            list(client, kind, namespace.as_deref(), params, |w| {
-                if !across || w.metadata.namespace.as_ref().is_some_and(|ns| namespaces.contains(ns)) {
-                    read.push(w);
-                }
-            })
-            .await
-            .map(|()| read)
+        .map(|(kind, namespace)| {
+            let each = &each;
+            async move {
+                let mut handed = 0;
+                list(client, kind, namespace.as_deref(), params, |w| {
+                    if !across || w.metadata.namespace.as_ref().is_some_and(|ns| namespaces.contains(ns)) {
+                        handed += 1;
+                        each(w);
+                    }
+                })
+                .await
+                .map(|()| handed)
+            }
         })
         .buffer_unordered(LIST_CONCURRENCY)
-        .try_concat()
+        .try_fold(0, |all, handed| std::future::ready(Ok(all + handed)))
         .await
 }
 
@@ -1230,15 +1238,17 @@ async fn stored(
     if let Some(selection) = &selection {
         let uncovered = stores.uncovered(&asked, |name, labels| selection.selects_namespace(name, labels));
         if !uncovered.namespaces.is_empty() {
-            let listed = list_in(client, selection.kinds(), &uncovered.namespaces, params).await?;
+            let read = |w: Workload| {
+                if selected(w.kind, &w.metadata) {
+                    stores.read(&w, &uncovered.listing);
+                }
+            };
+            let listed = list_in(client, selection.kinds(), &uncovered.namespaces, params, read).await?;
             tracing::debug!(
                 namespaces = uncovered.namespaces.len(),
-                listed = listed.len(),
+                listed,
                 "the workloads of namespaces not listed for this selection are listed"
             );
-            for w in listed.iter().filter(|w| selected(w.kind, &w.metadata)) {
-                stores.read(w, &uncovered.listing);
-            }
         }
         stores.covered(uncovered);
     }
