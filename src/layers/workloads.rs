@@ -1147,21 +1147,11 @@ async fn listed(
                 .labels_from(&selector(s).map_err(super::ObserveError::selector("spec.workloads.selector"))?),
             None => ListParams::default(),
         };
-        let lists: Vec<(String, WorkloadKind)> = selected_namespaces(client, spec, defaults)
-            .await?
-            .into_iter()
-            .flat_map(|namespace| spec.kinds.iter().map(move |kind| (namespace.clone(), *kind)))
-            .collect();
-        let params = &params;
-        futures::stream::iter(lists)
-            .map(|(namespace, kind)| async move {
-                let mut workloads = Vec::new();
-                list(client, kind, Some(&namespace), params, |w| workloads.push(w)).await.map(|()| workloads)
-            })
-            .buffer_unordered(LIST_CONCURRENCY)
-            .try_concat()
-            .await
-            .map_err(super::ObserveError::from)
+        let namespaces = selected_namespaces(client, spec, defaults).await?;
+        let workloads = std::sync::Mutex::new(Vec::new());
+        let push = |w| workloads.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+        list_in(client, &spec.kinds, &namespaces, &params, push).await?;
+        Ok::<_, super::ObserveError>(workloads.into_inner().unwrap_or_else(|e| e.into_inner()))
     };
     // ... and, at the same time, what carries its label (it changed them) and its ConfigMaps.
     let labelled = ListParams::default().labels_from(&label_equals(POLICY_LABEL, policy.name));
