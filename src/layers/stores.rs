@@ -788,8 +788,8 @@ impl Stores {
         // What was seen of a workload the store does not keep stays until its next event or deletion
         // (see `Stores::watched`, `Stores::gone`).
         seen.retain(|(kind, key), s| {
-            let stored = self.version(*kind, key);
-            let shown = stored.is_some() && stored == s.version && self.shows(*kind, key, stored.as_ref());
+            let (stored, shaped) = self.stored(*kind, key).unzip();
+            let shown = stored.is_some() && stored == s.version && shaped == Some(true);
             if shown && s.written_by.is_none() {
                 // A read of the version the store shows.
                 return false;
