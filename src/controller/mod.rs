@@ -645,7 +645,8 @@ pub async fn run(
     let any = watcher::Config::default().any_semantic();
     let policies = lenient::typed(lenient::watch::<TracingPolicy>(client.clone(), any.clone()), unreadable.sink())
         .reflect(policy_writer)
-        .applied_objects();
+        .applied_objects()
+        .predicate_filter(triggers::policy_changed, Default::default());
     // No debounce: kube's resets with every new event, so a steady stream of events (a big rollout's
     // own writes) would hold a policy back for as long as it lasts. Events arriving while a policy is
     // reconciled are merged into one run right after it anyway.

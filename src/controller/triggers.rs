@@ -98,6 +98,19 @@ impl Seen {
     }
 }
 
+/// What of a policy itself wakes its reconcile: its spec (generation), labels, annotations, finalizers
+/// and deletion. Not its status: crosstrace writes that itself (a rollout writes it every few seconds),
+/// and a reconcile woken by its own status write observes every target again while a change waits
+/// behind it. A status written by someone else does not choose what crosstrace writes either: the next
+/// status is built from the last one crosstrace wrote (`reconcile::last_status`).
+pub fn policy_changed<K: Resource>(policy: &K) -> Option<u64> {
+    let meta = policy.meta();
+    let mut hasher = DefaultHasher::new();
+    (meta.generation, &meta.labels, &meta.annotations, &meta.finalizers, meta.deletion_timestamp.is_some())
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// The objects of a watch a policy should hear of (see the module documentation); errors pass through.
 pub fn relevant<K: Resource + Progress>(
     events: impl Stream<Item = Result<Event<K>, watcher::Error>>,
@@ -183,5 +196,45 @@ mod tests {
             Event::Apply(deployment("a", 2, "5", "web")),          // status only
         ];
         assert_eq!(names(events), ["a", "a", "a"]);
+    }
+
+    #[test]
+    fn a_policys_own_status_writes_do_not_wake_it_and_its_spec_metadata_and_deletion_do() {
+        use crate::api::{TracingPolicy, TracingPolicyStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use kube::ResourceExt;
+        use kube::runtime::WatchStreamExt;
+        let mut policy: TracingPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy",
+            "metadata": {"name": "shop", "namespace": "shop", "uid": "u1", "generation": 1, "resourceVersion": "1"},
+            "spec": {}
+        }))
+        .unwrap();
+        let mut versions = vec![];
+        let mut next = |policy: &mut TracingPolicy, change: &dyn Fn(&mut TracingPolicy), wakes: bool| {
+            change(policy);
+            let version = policy.metadata.resource_version.as_ref().unwrap().parse::<u32>().unwrap() + 1;
+            policy.metadata.resource_version = Some(version.to_string());
+            versions.push((policy.clone(), wakes));
+        };
+        next(&mut policy, &|_| {}, true); // first seen
+        next(
+            &mut policy,
+            &|p| p.status = Some(TracingPolicyStatus { observed_generation: Some(1), ..Default::default() }),
+            false,
+        );
+        next(&mut policy, &|p| p.metadata.generation = Some(2), true); // spec changed
+        next(&mut policy, &|p| p.status.as_mut().unwrap().observed_generation = Some(2), false);
+        next(&mut policy, &|p| drop(p.labels_mut().insert("team".into(), "a".into())), true);
+        next(&mut policy, &|p| drop(p.annotations_mut().insert("note".into(), "x".into())), true);
+        next(&mut policy, &|p| p.finalizers_mut().push("crosstrace.dev/revert".into()), true);
+        next(&mut policy, &|p| p.metadata.deletion_timestamp = Some(Time(Default::default())), true);
+        let expected: Vec<String> =
+            versions.iter().filter(|(_, wakes)| *wakes).map(|(p, _)| p.resource_version().unwrap()).collect();
+        let stream = futures::stream::iter(versions.into_iter().map(|(p, _)| Ok(p)))
+            .predicate_filter(policy_changed, Default::default());
+        let woken: Vec<String> =
+            futures::executor::block_on(stream.map(|r| r.unwrap().resource_version().unwrap()).collect());
+        assert_eq!(woken, expected);
     }
 }
