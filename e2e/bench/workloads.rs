@@ -315,7 +315,8 @@ struct Limit {
 fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
     let spec: TracingPolicySpec = serde_json::from_value(policy["spec"].clone()).expect("policy spec");
     let older = BTreeSet::new();
-    let view = PolicyView { uid: "bench-limit", generation: 1, older: &older, ..PolicyView::new(POLICY, &spec) };
+    let name = policy["metadata"]["name"].as_str().expect("a policy name");
+    let view = PolicyView { uid: "bench-limit", generation: 1, older: &older, ..PolicyView::new(name, &spec) };
     let defaults = Settings::default().workloads;
     let mut config_maps = BTreeMap::new();
     let mut injections = Vec::new();
@@ -742,6 +743,25 @@ fn linearity(small: &SizeRuns, large: &SizeRuns, report: &mut Report) -> Value {
 
 const READY_NAMESPACE: &str = "ct-bench-r0";
 const READY_POLICY: &str = "bench-r0";
+/// The namespace of the hops-alone baseline's Deployments, and the policy name their records carry: no
+/// policy selects them, and no policy of that name exists.
+const HOPS_NAMESPACE: &str = "ct-bench-h0";
+const HOPS_POLICY: &str = "bench-h0";
+
+/// The Kubernetes hops of a change alone, without crosstrace: the apply configurations crosstrace
+/// would write for the change to `ratio` (its own pure plan, as the limit client's) sent straight to
+/// `keys` (all at once, 16 in flight), then every one of them awaited until the controller manager
+/// reports it rolled out. Seconds from the first write to the last target rolled out.
+async fn hops_alone(client: &Client, tracker: &Tracker, keys: &[ObjectKey], ratio: &str) -> f64 {
+    let limit = limit_patches(&named_policy(HOPS_POLICY, "h0", ratio, Some(keys.len())), keys);
+    let before = tracker.hashes();
+    let t0 = Instant::now();
+    send_limit(client, &limit, 16).await;
+    let changed = |key: &str, s: &Seen| s.hash.is_some() && before.get(key).is_none_or(|b| *b != s.hash);
+    let seen =
+        tracker.wait("hops alone: changed and rolled out", keys.len(), |k, s| changed(k, s) && s.rolled_out).await;
+    ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max)
+}
 
 /// Scenario 4 on a small policy: `ready_targets` Deployments with replicas 0 (a rollout is the
 /// controller manager's bookkeeping only), `ready_runs` sampling changes each, once with every target
@@ -769,6 +789,12 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
     };
     let keys: Vec<ObjectKey> = (0..k).map(|i| ObjectKey::new(READY_NAMESPACE, format!("r-{i:04}"))).collect();
     ensure_targets(client, &tracker, &keys, 0, "r0").await;
+    // The baseline's own Deployments (the same number, replicas 0), injected once as crosstrace would.
+    ensure_namespace(client, HOPS_NAMESPACE, json!({TARGET_LABEL: "h0"})).await;
+    let hops_tracker = Tracker::start(client, "h0");
+    let hops_keys: Vec<ObjectKey> = (0..k).map(|i| ObjectKey::new(HOPS_NAMESPACE, format!("h-{i:04}"))).collect();
+    ensure_targets(client, &hops_tracker, &hops_keys, 0, "h0").await;
+    hops_alone(client, &hops_tracker, &hops_keys, "0.25").await;
     let mut out = Vec::new();
     for (label, max_concurrent) in
         [(format!("maxConcurrent {k}"), Some(k.min(1000))), ("default rollout".to_string(), None)]
@@ -780,6 +806,8 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
         // Where each change's time to Ready went: to its last template patched (the controller's writes),
         // to its last target rolled out (the controller manager), then to Ready (the controller again).
         let (mut patched, mut rolled_out) = (Vec::new(), Vec::new());
+        // The same change's Kubernetes hops alone, interleaved with crosstrace's, and their paired ratios.
+        let (mut hops, mut over_hops) = (Vec::new(), Vec::new());
         for run in 0..cfg.ready_runs {
             let ratio = if run % 2 == 0 { "0.5" } else { "0.25" };
             let before = tracker.hashes();
@@ -803,14 +831,24 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
             rolled_out.push(ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max));
             rtt.push(round_trip);
             ratios.push(first_write / round_trip);
+            let alone = hops_alone(client, &hops_tracker, &hops_keys, ratio).await;
+            over_hops.push(since(t0) / alone);
+            hops.push(alone);
         }
         let (p50, p99) = (quantile(&to_ready, 0.5), quantile(&to_ready, 0.99));
+        let over_hops_median = median(&over_hops);
         report
             .row(
                 "4 latency",
                 format!("sampling change -> Ready, {k} targets (replicas 0), {label}: p50 / p99 of {}", cfg.ready_runs),
                 format!("{} / {}", secs(p50), secs(p99)),
             )
+            .baseline(format!(
+                "the Kubernetes hops alone (the same writes sent directly, rollouts awaited): p50 {} / p99 {}",
+                secs(quantile(&hops, 0.5)),
+                secs(quantile(&hops, 0.99))
+            ))
+            .ratio(over_hops_median)
             .goal("p99 < 5 s", p99, 5.0, true);
         report.row(
             "4 latency",
@@ -832,7 +870,8 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
             "change_to_ready_s": to_ready, "p50_s": p50, "p99_s": p99,
             "change_to_last_patched_s": patched, "change_to_last_rolled_out_s": rolled_out,
             "first_write_s": first, "ssa_round_trip_s": rtt, "ratios_first_write_over_round_trip": ratios,
-            "median_ratio": m,
+            "median_ratio": m, "hops_alone_s": hops, "ratios_change_to_ready_over_hops_alone": over_hops,
+            "median_ratio_over_hops_alone": over_hops_median,
         }));
         delete_policy(client, READY_POLICY).await;
         tracker.wait_clean(k).await;
@@ -840,7 +879,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
     config_watch.abort();
     json!({
         "scenarios": out,
-        "method": "per change: t0, then the policy's server-side apply (its duration = one SSA round trip); first write = the earliest moment after that apply returned that the bench's watches saw the policy's collector ConfigMap change or a target's template carry the new injection; Ready = a watch on the policy saw Ready for the new generation; p99 nearest rank over the changes; the first-write ratio is the median of the per-change ratios",
+        "method": "per change: t0, then the policy's server-side apply (its duration = one SSA round trip); first write = the earliest moment after that apply returned that the bench's watches saw the policy's collector ConfigMap change or a target's template carry the new injection; Ready = a watch on the policy saw Ready for the new generation; p99 nearest rank over the changes; the first-write ratio is the median of the per-change ratios; after each change, the hops alone: the same number of Deployments (replicas 0) in a namespace no policy selects get the apply configurations crosstrace's plan builds for the same change, sent directly (16 in flight), and the time from the first write until the last is rolled out; the ratio over the hops is the median of the per-change (change -> Ready) / (hops alone)",
     })
 }
 
