@@ -34,7 +34,7 @@ use crate::api::{NodeTracing, WorkloadKind};
 use crate::clients::Clients;
 use crate::layers::stores::{ConfigMaps, Stores};
 use crate::layers::workloads::Workload;
-use crate::layers::{gateway, ingress, matches, network, selector, workloads};
+use crate::layers::{gateway, ingress, network, workloads};
 use crate::leader::Fence;
 use crate::lean::{Addressed, Lean, Meta, Parts, Pruned};
 use crate::lenient;
@@ -256,42 +256,28 @@ impl WriteLimits {
 
 /// The policies a changed Deployment or DaemonSet concerns: the one whose edge label it carries, every policy
 /// whose `spec.ingress` selects it, and those whose workload layer may.
-fn policies_for_controller(
-    store: &Store<TracingPolicy>,
-    kind: WorkloadKind,
-    d: &ObjectMeta,
-) -> Vec<ObjectRef<TracingPolicy>> {
+fn policies_for_controller(keep: &Keep, kind: WorkloadKind, d: &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>> {
     let edge = d.labels.as_ref().and_then(|l| l.get(ingress::POLICY_LABEL)).map(|p| ObjectRef::new(p));
-    let selecting = store
+    let selecting = keep
+        .policies
         .state()
         .iter()
         .filter(|p| p.spec.ingress.as_ref().is_some_and(|i| ingress::selects(i, d)))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect::<Vec<_>>();
     let mut refs: Vec<_> = edge.into_iter().chain(selecting).collect();
-    refs.extend(policies_for_workload(store, kind, d));
+    refs.extend(policies_for_workload(keep, kind, d));
     refs
 }
 
-/// The policies a changed workload concerns: the one whose label it carries, and every policy with
-/// a workload layer for its kind whose selector matches (the namespace is checked in reconcile).
-fn policies_for_workload(
-    store: &Store<TracingPolicy>,
-    kind: WorkloadKind,
-    w: &ObjectMeta,
-) -> Vec<ObjectRef<TracingPolicy>> {
-    let labels = w.labels.as_ref();
-    let labelled = labels.and_then(|l| l.get(workloads::POLICY_LABEL)).map(|p| ObjectRef::new(p));
-    let wants = |s: &crate::api::WorkloadsSpec| {
-        s.kinds.contains(&kind)
-            && s.selector.as_ref().is_none_or(|sel| selector(sel).is_ok_and(|sel| matches(&sel, labels)))
-    };
-    let selecting = store
-        .state()
-        .iter()
-        .filter(|p| p.spec.workloads.as_ref().is_some_and(wants))
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect::<Vec<_>>();
+/// The policies a changed workload concerns: the one whose label it carries (every workload a policy
+/// injected carries it, so a workload that left the selection still wakes it), and every policy that
+/// selects it by kind, labels and its namespace's labels ([`Keep::selecting`]). A workload whose labels
+/// match a policy's selector in a namespace the policy does not select wakes nothing: a busy tenant's
+/// rollouts elsewhere do not make a converged policy observe and plan all its targets again.
+fn policies_for_workload(keep: &Keep, kind: WorkloadKind, w: &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>> {
+    let labelled = w.labels.as_ref().and_then(|l| l.get(workloads::POLICY_LABEL)).map(|p| ObjectRef::new(p));
+    let selecting = keep.selecting(kind, w).into_iter().map(|p| ObjectRef::from_obj(p.as_ref()));
     labelled.into_iter().chain(selecting).collect()
 }
 
@@ -398,18 +384,24 @@ struct Keep {
 
 impl Keep {
     fn shape_of(&self, kind: WorkloadKind, meta: &ObjectMeta) -> bool {
+        workloads::carries_layer(meta) || !self.selecting(kind, meta).is_empty()
+    }
+
+    /// The policies whose `spec.workloads` selects this workload (by kind, labels and, once the
+    /// namespace is known, its namespace's labels: a namespace not seen yet may be selected).
+    fn selecting(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Vec<Arc<TracingPolicy>> {
         let namespace = meta.namespace.as_deref().map(ObjectRef::new);
         let namespace = namespace.and_then(|n| self.namespaces.get(&n));
-        // A namespace not seen yet: its labels are unknown, so it may be selected.
         let labels = namespace.as_ref().map(|n| n.metadata.labels.clone().unwrap_or_default());
-        workloads::carries_layer(meta)
-            || self.policies.state().iter().any(|p| {
-                let selection = p.spec.workloads.as_ref().map(|s| workloads::Selection::new(s, &self.defaults));
-                selection.and_then(Result::ok).is_some_and(|s| match &labels {
-                    Some(labels) => s.selects(kind, meta, || Some(labels)),
-                    None => s.selects_in_any_namespace(kind, meta),
-                })
+        let mut policies = self.policies.state();
+        policies.retain(|p| {
+            let selection = p.spec.workloads.as_ref().map(|s| workloads::Selection::new(s, &self.defaults));
+            selection.and_then(Result::ok).is_some_and(|s| match &labels {
+                Some(labels) => s.selects(kind, meta, || Some(labels)),
+                None => s.selects_in_any_namespace(kind, meta),
             })
+        });
+        policies
     }
 }
 
@@ -534,12 +526,12 @@ where
 /// write this version is (see [`not_the_writer`]).
 fn concerned<K>(
     ctx: &Arc<Context>,
-    policies: Store<TracingPolicy>,
+    keep: Keep,
     kind: WorkloadKind,
-    concerns: fn(&Store<TracingPolicy>, WorkloadKind, &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>>,
+    concerns: fn(&Keep, WorkloadKind, &ObjectMeta) -> Vec<ObjectRef<TracingPolicy>>,
 ) -> impl Fn(Pruned<K>) -> Vec<ObjectRef<TracingPolicy>> + Send + Sync + 'static {
     let ctx = ctx.clone();
-    move |w| not_the_writer(&ctx, kind, &w.metadata, concerns(&policies, kind, &w.metadata))
+    move |w| not_the_writer(&ctx, kind, &w.metadata, concerns(&keep, kind, &w.metadata))
 }
 
 /// The policies a workload's change concerns, but the policy whose own write this version is: what it
@@ -656,9 +648,6 @@ pub async fn run(
     let (tracing_store, tracing_writer) = reflector::store();
     let node_tracings =
         lenient::typed(node_tracing_watch(&client, tracing_writer), unreadable.sink()).touched_objects();
-    let deployment_store = store.clone();
-    let statefulset_store = store.clone();
-    let daemonset_store = store.clone();
     let namespace_store = store.clone();
     // The stores of workloads and namespaces (see `layers::stores`), fed by the watches below.
     let (namespaces, namespace_writer) = reflector::store();
@@ -724,7 +713,7 @@ pub async fn run(
                 Workload::from_deployment,
                 deployment_writer,
             ),
-            concerned(&context, deployment_store, WorkloadKind::Deployment, policies_for_controller),
+            concerned(&context, keep.clone(), WorkloadKind::Deployment, policies_for_controller),
         )
         .watches_stream(
             workload_watch(
@@ -736,7 +725,7 @@ pub async fn run(
                 Workload::from_statefulset,
                 statefulset_writer,
             ),
-            concerned(&context, statefulset_store, WorkloadKind::StatefulSet, policies_for_workload),
+            concerned(&context, keep.clone(), WorkloadKind::StatefulSet, policies_for_workload),
         )
         .watches_stream(
             workload_watch(
@@ -744,11 +733,11 @@ pub async fn run(
                 &client,
                 &meta,
                 WorkloadKind::DaemonSet,
-                keep,
+                keep.clone(),
                 Workload::from_daemonset,
                 daemonset_writer,
             ),
-            concerned(&context, daemonset_store, WorkloadKind::DaemonSet, policies_for_controller),
+            concerned(&context, keep.clone(), WorkloadKind::DaemonSet, policies_for_controller),
         )
         .watches_stream(
             triggers::relevant(
@@ -879,6 +868,53 @@ mod tests {
         assert!(take_in(&mut writer, None, kind, &Event::Apply(deployment("blog", "2", &[], true))), "appeared");
         take_in(&mut writer, None, kind, &Event::Delete(deployment("blog", "2", &[], false)));
         assert_eq!(names(), ["nginx"]);
+    }
+
+    #[test]
+    fn a_workloads_change_wakes_the_policies_that_select_it_in_its_namespace_and_the_one_that_injected_it() {
+        use serde_json::json;
+        let (policies, mut policy_writer) = reflector::store::<TracingPolicy>();
+        let policy = |name: &str, team: &str| -> TracingPolicy {
+            serde_json::from_value(json!({
+                "apiVersion": "crosstrace.dev/v1alpha1", "kind": "TracingPolicy",
+                "metadata": {"name": name, "uid": name},
+                "spec": {"workloads": {"namespaceSelector": {"matchLabels": {"team": team}},
+                    "selector": {"matchLabels": {"app.kubernetes.io/part-of": "shop"}}, "kinds": ["Deployment"]}},
+            }))
+            .unwrap()
+        };
+        for p in [policy("a", "a"), policy("b", "b")] {
+            policy_writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let (namespaces, mut namespace_writer) = reflector::store::<Meta<Namespace>>();
+        for (name, team) in [("shop-a", "a"), ("shop-b", "b")] {
+            let ns: Meta<Namespace> =
+                serde_json::from_value(json!({"metadata": {"name": name, "labels": {"team": team}}})).unwrap();
+            namespace_writer.apply_watcher_event(&watcher::Event::Apply(ns));
+        }
+        let keep = Keep { policies, namespaces, defaults: Settings::default().workloads };
+        let woken = |namespace: &str, labels: &[(&str, &str)]| {
+            let meta = ObjectMeta {
+                name: Some("cart".into()),
+                namespace: Some(namespace.into()),
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            };
+            let mut names: Vec<String> =
+                policies_for_workload(&keep, WorkloadKind::Deployment, &meta).into_iter().map(|r| r.name).collect();
+            names.sort();
+            names
+        };
+        let shop = ("app.kubernetes.io/part-of", "shop");
+        assert_eq!(woken("shop-a", &[shop]), ["a"], "selected by a only: b selects other namespaces");
+        assert_eq!(woken("shop-b", &[shop]), ["b"]);
+        assert!(woken("shop-a", &[("app.kubernetes.io/part-of", "blog")]).is_empty(), "selected by nobody");
+        assert_eq!(woken("shop-b", &[(workloads::POLICY_LABEL, "a")]), ["a"], "injected by a, out of its selection");
+        assert_eq!(woken("new", &[shop]), ["a", "b"], "a namespace not seen yet may be selected by either");
+        assert!(
+            policies_for_workload(&keep, WorkloadKind::StatefulSet, &ObjectMeta::default()).is_empty(),
+            "a kind no policy selects"
+        );
     }
 
     #[test]
