@@ -1143,6 +1143,7 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
     drop(controller);
     let mut namespaces: Vec<String> = (0..cfg.namespaces).map(namespace).collect();
     namespaces.push(READY_NAMESPACE.to_string());
+    namespaces.push(HOPS_NAMESPACE.to_string());
     namespaces.extend((0..10).map(|i| format!("ct-bench-extra-{i}")));
     for ns in namespaces {
         let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::background()).await;
