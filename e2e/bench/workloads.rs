@@ -832,7 +832,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
             rtt.push(round_trip);
             ratios.push(first_write / round_trip);
             let alone = hops_alone(client, &hops_tracker, &hops_keys, ratio).await;
-            over_hops.push(since(t0) / alone);
+            over_hops.push(to_ready[run] / alone);
             hops.push(alone);
         }
         let (p50, p99) = (quantile(&to_ready, 0.5), quantile(&to_ready, 0.99));
