@@ -294,12 +294,19 @@ async fn delete_policy(client: &Client, name: &str) {
     }
 }
 
-/// A fresh controller process, once its policy is Ready, `settle` has passed and it has made no write
-/// for 10 s (what the memory figures are read from).
+/// A fresh controller process, once its policy is Ready, `settle` has passed since its own first
+/// reconcile and it has made no write for 10 s (what the memory figures are read from).
 async fn converged_fresh(client: &Client, tag: &str, settle: Duration) -> Proc {
     let controller = Proc::controller(tag);
     controller.wait_up().await;
     wait_policy_ready(client, POLICY).await;
+    // The policy's status says Ready from the process before; `settle` counts from this process's own
+    // first reconcile (in a big cluster its stores take seconds to sync before it).
+    let deadline = Instant::now() + PATIENCE;
+    while support::sum_samples(&controller.metrics().await, "crosstrace_reconciles_total") < 1.0 {
+        assert!(Instant::now() < deadline, "timed out waiting for the fresh controller's first reconcile");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(settle).await;
     wait_quiet(&controller, Duration::from_secs(10)).await;
     controller
