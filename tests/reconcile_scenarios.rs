@@ -508,6 +508,31 @@ async fn injections_unanswered_when_the_budget_ends_run_on_their_end_wakes_the_p
     assert_eq!(injections(), ["d-0", "d-1", "d-1", "d-2"]);
 }
 
+#[tokio::test]
+async fn a_writers_failure_stops_the_rest_and_still_waits_for_the_writes_it_had_in_flight() {
+    use futures::StreamExt;
+    let p = shop_policy();
+    let targets: Vec<Workload> = (0..3).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
+    // No budget: the reconcile starts its first write (the collector ConfigMap) and hands the rest on, so
+    // the policy's writer starts all three injections; d-1's refusal comes back before d-2's answer.
+    let refused = vec!["/apis/apps/v1/namespaces/shop/deployments/d-1".into()];
+    let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(200)));
+    let world = World { refused, slow, ..World::default() };
+    let settings = Settings { workload_write_budget: Duration::ZERO, ..Settings::default() };
+    let (ctx, writes, mut wakes) = context_waking(&p, world, settings, Some(synced(targets)));
+    let injections = || injected(&writes);
+    run(&p, &ctx).await;
+    let woken = tokio::time::timeout(Duration::from_secs(5), wakes.next()).await.expect("woken in time");
+    assert_eq!(woken.map(|r| r.name), Some("shop".to_string()));
+    assert_eq!(injections(), ["d-0", "d-1", "d-2"]);
+    let failed = reconcile::reconcile(Arc::new(p.clone()), ctx.clone()).await;
+    assert!(matches!(&failed, Err(e) if e.kind() == "api"), "{failed:?}");
+    // d-2's answer, which came after the refusal, was still taken in: only d-1 is written again.
+    run(&p, &ctx).await;
+    settle(&ctx).await;
+    assert_eq!(injections(), ["d-0", "d-1", "d-1", "d-2"]);
+}
+
 /// The shop policy's four Deployments, their writes answered after 150 ms, one write in flight at once
 /// and a 10 ms budget: the first reconcile starts d-0, its writer goes on with the rest.
 fn one_write_at_a_time(p: &TracingPolicy) -> (Arc<Context>, Arc<Mutex<Vec<Write>>>, Wakes) {

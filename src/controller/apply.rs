@@ -803,7 +803,9 @@ const REPLAN_PLANS: u32 = 10;
 /// actions of a phase started while `pace.limit` has room, after the writes already `in_flight` (of
 /// the phase of `actions[from]`). No action but the first starts once `pace.budget` has passed (a
 /// later phase never starts while an earlier one is unfinished), nor once `write` gives nothing (its
-/// turn is over); the first failure stops the rest. Each write's answer is told to the limit.
+/// turn is over); the first failure stops the rest, and comes back with the writes still in flight
+/// ([`Stopped`]: the caller chooses whether to wait for their answers). Each write's answer is told to
+/// the limit.
 ///
 /// When no more may start, the writes in flight are waited for, unless `hand_off`: they are returned
 /// unanswered then, and the caller lets them finish while it goes on (a policy's writer with the rest),
@@ -815,7 +817,7 @@ async fn paced<'a, 'f, A, F, Fut>(
     hand_off: bool,
     phase: impl Fn(&A) -> u8,
     write: F,
-) -> Result<(Written, InFlight<'f>)>
+) -> std::result::Result<(Written, InFlight<'f>), Stopped<'f>>
 where
     F: Fn(&'a A) -> Option<Fut>,
     Fut: Future<Output = Result<()>> + Send + 'f,
@@ -871,7 +873,11 @@ where
                 continue;
             }
             tokio::select! {
-                Some(result) = in_flight.next() => result?,
+                Some(result) = in_flight.next() => {
+                    if let Err(error) = result {
+                        return Err(Stopped { error, in_flight });
+                    }
+                }
                 () = &mut room, if more => {}
                 () = &mut deadline, if timed && (more || hand_off) && !deadline.is_elapsed() => {}
             }
@@ -882,6 +888,12 @@ where
         }
     }
     Ok((Written { done, of }, in_flight))
+}
+
+/// The first failure of [`paced`], and the writes it had in flight then.
+struct Stopped<'f> {
+    error: Error,
+    in_flight: InFlight<'f>,
 }
 
 /// Waits for every write in flight; the first failure is what this ends with (each is logged).
@@ -975,7 +987,9 @@ where
     let (written, in_flight) = {
         // Owned: an injection built now is moved into its request, not copied.
         let write = |planned: &A| workload_write(writer, notes, turn, planned.action().into_owned());
-        paced(&actions, (0, InFlight::new()), &pace, true, A::phase, write).await?
+        // A failure ends the reconcile at once (it is retried after the backoff, planned anew): the
+        // writes still in flight are not waited for.
+        paced(&actions, (0, InFlight::new()), &pace, true, A::phase, write).await.map_err(|s| s.error)?
     };
     if written.complete() && in_flight.is_empty() {
         return Ok((written, None));
@@ -992,7 +1006,16 @@ where
         }
         let write = |planned: &A| workload_write(&writer, &notes, &turn, planned.action().into_owned());
         let unbounded = Pace { budget: None, ..pace };
-        let (_, in_flight) = paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await?;
+        // A failure stops the rest of the plan; the writes in flight then are still answered (and the
+        // stores told), so that the reconcile the failure wakes does not write them again.
+        let in_flight = match paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await {
+            Ok((_, in_flight)) => in_flight,
+            Err(Stopped { error, in_flight }) => {
+                drop((actions, starting));
+                let _ = answered(in_flight).await;
+                return Err(error);
+            }
+        };
         // Stopped (its turn taken over) or done: what it did not start is dropped now, not when its
         // writes in flight are answered (a stopped writer held its unbuilt injections until then).
         drop((actions, starting));
@@ -1114,6 +1137,7 @@ pub async fn network(
             })
         },
     )
-    .await?;
+    .await
+    .map_err(|s| s.error)?;
     Ok(written)
 }
