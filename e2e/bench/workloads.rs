@@ -273,6 +273,11 @@ async fn apply_policy(client: &Client, policy: &Value) -> f64 {
     since(t0)
 }
 
+/// Milliseconds since the Unix epoch, as the controller's log timestamps are.
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
 /// Waits (on a watch: the moment matters) until policy `name` is Ready for its current generation.
 async fn wait_policy_ready(client: &Client, name: &str) -> TracingPolicy {
     let api = Api::<TracingPolicy>::all(client.clone());
@@ -810,6 +815,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
         wait_policy_ready(client, READY_POLICY).await;
         tracker.wait("small policy converged", k, |_, s| s.hash.is_some() && s.rolled_out).await;
         let (mut to_ready, mut first, mut rtt, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut applied_at: Vec<u128> = Vec::new();
         // Where each change's time to Ready went: to its last template patched (the controller's writes),
         // to its last target rolled out (the controller manager), then to Ready (the controller again).
         let (mut patched, mut rolled_out) = (Vec::new(), Vec::new());
@@ -821,6 +827,8 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
             let t0 = Instant::now();
             let round_trip = apply_policy(client, &named_policy(READY_POLICY, "r0", ratio, max_concurrent)).await;
             let applied = Instant::now();
+            // The wall-clock moment too, to set each change beside the controller's log.
+            applied_at.push(unix_ms());
             wait_policy_ready(client, READY_POLICY).await;
             to_ready.push(since(t0));
             let changed = |key: &str, s: &Seen| s.hash.is_some() && before.get(key).is_none_or(|b| *b != s.hash);
@@ -877,7 +885,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
             "change_to_ready_s": to_ready, "p50_s": p50, "p99_s": p99,
             "change_to_last_patched_s": patched, "change_to_last_rolled_out_s": rolled_out,
             "first_write_s": first, "ssa_round_trip_s": rtt, "ratios_first_write_over_round_trip": ratios,
-            "median_ratio": m, "hops_alone_s": hops, "ratios_change_to_ready_over_hops_alone": over_hops,
+            "median_ratio": m, "applied_at_unix_ms": applied_at, "hops_alone_s": hops, "ratios_change_to_ready_over_hops_alone": over_hops,
             "median_ratio_over_hops_alone": over_hops_median,
         }));
         delete_policy(client, READY_POLICY).await;
@@ -886,7 +894,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
     config_watch.abort();
     json!({
         "scenarios": out,
-        "method": "per change: t0, then the policy's server-side apply (its duration = one SSA round trip); first write = the earliest moment after that apply returned that the bench's watches saw the policy's collector ConfigMap change or a target's template carry the new injection; Ready = a watch on the policy saw Ready for the new generation; p99 nearest rank over the changes; the first-write ratio is the median of the per-change ratios; after each change, the hops alone: the same number of Deployments (replicas 0) in a namespace no policy selects get the apply configurations crosstrace's plan builds for the same change, sent directly (16 in flight), and the time from the first write until the last is rolled out; the ratio over the hops is the median of the per-change (change -> Ready) / (hops alone)",
+        "method": "per change: t0, then the policy's server-side apply (its duration = one SSA round trip); applied_at_unix_ms = the wall-clock moment that apply returned (to set beside the controller's log); first write = the earliest moment after that apply returned that the bench's watches saw the policy's collector ConfigMap change or a target's template carry the new injection; Ready = a watch on the policy saw Ready for the new generation; p99 nearest rank over the changes; the first-write ratio is the median of the per-change ratios; after each change, the hops alone: the same number of Deployments (replicas 0) in a namespace no policy selects get the apply configurations crosstrace's plan builds for the same change, sent directly (16 in flight), and the time from the first write until the last is rolled out; the ratio over the hops is the median of the per-change (change -> Ready) / (hops alone)",
     })
 }
 
