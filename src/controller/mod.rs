@@ -384,24 +384,29 @@ struct Keep {
 
 impl Keep {
     fn shape_of(&self, kind: WorkloadKind, meta: &ObjectMeta) -> bool {
-        workloads::carries_layer(meta) || !self.selecting(kind, meta).is_empty()
+        workloads::carries_layer(meta) || self.policies.state().iter().any(self.selects(kind, meta))
     }
 
-    /// The policies whose `spec.workloads` selects this workload (by kind, labels and, once the
-    /// namespace is known, its namespace's labels: a namespace not seen yet may be selected).
+    /// The policies whose `spec.workloads` selects this workload.
     fn selecting(&self, kind: WorkloadKind, meta: &ObjectMeta) -> Vec<Arc<TracingPolicy>> {
+        let mut policies = self.policies.state();
+        policies.retain(self.selects(kind, meta));
+        policies
+    }
+
+    /// Does a policy's `spec.workloads` select this workload (by kind, labels and, once the namespace is
+    /// known, its namespace's labels: a namespace not seen yet may be selected)?
+    fn selects<'a>(&'a self, kind: WorkloadKind, meta: &'a ObjectMeta) -> impl Fn(&Arc<TracingPolicy>) -> bool + 'a {
         let namespace = meta.namespace.as_deref().map(ObjectRef::new);
         let namespace = namespace.and_then(|n| self.namespaces.get(&n));
         let labels = namespace.as_ref().map(|n| n.metadata.labels.clone().unwrap_or_default());
-        let mut policies = self.policies.state();
-        policies.retain(|p| {
+        move |p| {
             let selection = p.spec.workloads.as_ref().map(|s| workloads::Selection::new(s, &self.defaults));
             selection.and_then(Result::ok).is_some_and(|s| match &labels {
                 Some(labels) => s.selects(kind, meta, || Some(labels)),
                 None => s.selects_in_any_namespace(kind, meta),
             })
-        });
-        policies
+        }
     }
 }
 
