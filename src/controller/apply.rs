@@ -1006,20 +1006,19 @@ where
         }
         let write = |planned: &A| workload_write(&writer, &notes, &turn, planned.action().into_owned());
         let unbounded = Pace { budget: None, ..pace };
-        // A failure stops the rest of the plan; the writes in flight then are still answered (and the
-        // stores told), so that the reconcile the failure wakes does not write them again.
-        let in_flight = match paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await {
-            Ok((_, in_flight)) => in_flight,
-            Err(Stopped { error, in_flight }) => {
-                drop((actions, starting));
-                let _ = answered(in_flight).await;
-                return Err(error);
-            }
-        };
-        // Stopped (its turn taken over) or done: what it did not start is dropped now, not when its
-        // writes in flight are answered (a stopped writer held its unbuilt injections until then).
+        let result = paced(&actions, (from, in_flight), &unbounded, true, A::phase, write).await;
+        // Stopped (its turn taken over, or a failure) or done: what it did not start is dropped now, not
+        // when its writes in flight are answered (a stopped writer held its unbuilt injections until then).
         drop((actions, starting));
-        answered(in_flight).await
+        match result {
+            Ok((_, in_flight)) => answered(in_flight).await,
+            // The writes in flight at a failure are still answered (and the stores told), so that the
+            // reconcile the failure wakes does not write them again; the failure is what it ends with.
+            Err(Stopped { error, in_flight }) => {
+                let _ = answered(in_flight).await;
+                Err(error)
+            }
+        }
     };
     Ok((Written { done: written.of, of: written.of }, Some(Box::pin(tail))))
 }
