@@ -252,6 +252,11 @@ impl Tracker {
     }
 }
 
+/// Whether a target carries an injection other than the one `before` recorded for it (`Tracker::hashes`).
+fn changed_since(before: &HashMap<String, Option<String>>) -> impl Fn(&str, &Seen) -> bool + '_ {
+    |key, s| s.hash.is_some() && before.get(key).is_none_or(|b| *b != s.hash)
+}
+
 /// Seconds from `t0` to the latest `changed_at` / `ready_at` of `seen`.
 fn last_changed(t0: Instant, seen: &[Seen]) -> f64 {
     seen.iter().map(|s| s.changed_at.saturating_duration_since(t0).as_secs_f64()).fold(0.0, f64::max)
@@ -769,7 +774,7 @@ async fn hops_alone(client: &Client, tracker: &Tracker, keys: &[ObjectKey], rati
     let before = tracker.hashes();
     let t0 = Instant::now();
     send_limit(client, &limit, 16).await;
-    let changed = |key: &str, s: &Seen| s.hash.is_some() && before.get(key).is_none_or(|b| *b != s.hash);
+    let changed = changed_since(&before);
     let seen =
         tracker.wait("hops alone: changed and rolled out", keys.len(), |k, s| changed(k, s) && s.rolled_out).await;
     ready_latencies(t0, &seen).into_iter().fold(0.0, f64::max)
@@ -831,7 +836,7 @@ async fn ready_runs(client: &Client, cfg: &Config, report: &mut Report) -> Value
             applied_at.push(unix_ms());
             wait_policy_ready(client, READY_POLICY).await;
             to_ready.push(since(t0));
-            let changed = |key: &str, s: &Seen| s.hash.is_some() && before.get(key).is_none_or(|b| *b != s.hash);
+            let changed = changed_since(&before);
             let seen =
                 tracker.wait("small policy changed and rolled out", k, |key, s| changed(key, s) && s.rolled_out).await;
             let first_config = config_changes.lock().unwrap().iter().copied().find(|t| *t >= applied);
@@ -980,8 +985,8 @@ pub async fn run(client: &Client, scenarios: &[u8], report: &mut Report) {
             let before = tracker.hashes();
             let t0 = Instant::now();
             apply_policy(client, &policy(ratio, cfg.max_concurrent)).await;
-            let changed = |k: &str, s: &Seen| s.hash.is_some() && before.get(k).is_none_or(|b| *b != s.hash);
-            let seen = tracker.wait("sampling change patched", n, changed).await;
+            let changed = changed_since(&before);
+            let seen = tracker.wait("sampling change patched", n, &changed).await;
             patched.push(last_changed(t0, &seen));
             wait_policy_ready(client, POLICY).await;
             to_ready.push(since(t0));
