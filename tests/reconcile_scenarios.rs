@@ -377,6 +377,31 @@ fn shop_deployment(i: usize) -> Deployment {
     .unwrap()
 }
 
+/// The shop Deployments as the injections written to them left them (generation 2), and as the
+/// Deployment controller reports them: rolled out (healthy) or not taken in yet.
+fn as_written(writes: &Arc<Mutex<Vec<Write>>>, rolled_out: bool) -> Vec<Workload> {
+    writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
+        .map(|w| {
+            let i: usize = w.path.rsplit("d-").next().unwrap().parse().unwrap();
+            let mut d = shop_deployment(i);
+            let patch: Deployment = serde_json::from_value(w.body.clone()).unwrap();
+            d.metadata.labels = patch.metadata.labels;
+            d.metadata.annotations = patch.metadata.annotations;
+            d.metadata.resource_version = Some("2".into());
+            d.metadata.generation = Some(2);
+            d.spec.as_mut().unwrap().template = patch.spec.unwrap().template;
+            if rolled_out {
+                d.status.as_mut().unwrap().observed_generation = Some(2);
+            }
+            Workload::from_deployment(d)
+        })
+        .collect()
+}
+
 /// A policy tracing every Deployment, 20 at once.
 fn shop_policy() -> TracingPolicy {
     let spec = json!({
@@ -413,23 +438,7 @@ async fn from_synced_stores_a_policy_lists_its_namespaces_once_and_a_batchs_fail
     settle(&ctx).await;
     let reads = world.reads.lock().unwrap().clone();
     assert!(!reads.iter().any(|r| listed(&r)), "workloads and namespaces come from the stores: {reads:?}");
-    let injected: Vec<Workload> = writes
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|w| w.path.starts_with("/apis/apps/v1/namespaces/shop/deployments/"))
-        .map(|w| {
-            let i: usize = w.path.rsplit("d-").next().unwrap().parse().unwrap();
-            let mut d = shop_deployment(i);
-            let patch: Deployment = serde_json::from_value(w.body.clone()).unwrap();
-            d.metadata.labels = patch.metadata.labels;
-            d.metadata.annotations = patch.metadata.annotations;
-            d.metadata.resource_version = Some("2".into());
-            d.metadata.generation = Some(2);
-            d.spec.as_mut().unwrap().template = patch.spec.unwrap().template;
-            Workload::from_deployment(d)
-        })
-        .collect();
+    let injected = as_written(&writes, false);
     assert_eq!(injected.len(), 9, "the whole batch is injected at once");
     assert!(injected.iter().all(|w| !w.rolled_out), "rolling out");
 
@@ -559,6 +568,58 @@ async fn while_the_writer_goes_on_a_reconcile_is_deferred_then_takes_its_turn_ov
     }
     settle(&ctx).await;
     assert_eq!(injections(), ["d-0", "d-1", "d-2", "d-3"], "every target written once");
+}
+
+/// The conditions of the last status the policy's reconciles wrote, by type: (status, message).
+fn last_conditions(writes: &Arc<Mutex<Vec<Write>>>) -> BTreeMap<String, (String, String)> {
+    let writes = writes.lock().unwrap();
+    let status = writes.iter().rev().find(|w| w.path.ends_with("/status")).expect("a status written");
+    let conditions = status.body["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    conditions
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().to_string(),
+                (c["status"].as_str().unwrap().into(), c["message"].as_str().unwrap().into()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_policy_is_not_ready_while_the_writes_recording_its_convergence_are_in_flight() {
+    // Three injections written, rolled out and healthy: the next reconcile records their convergence.
+    let p = shop_policy();
+    let fresh: Vec<Workload> = (0..3).map(|i| Workload::from_deployment(shop_deployment(i))).collect();
+    let (ctx, writes) = context_with(&p, World::default(), Settings::default(), Some(synced(fresh)));
+    run(&p, &ctx).await;
+    settle(&ctx).await;
+    let healthy = as_written(&writes, true);
+    assert_eq!(healthy.len(), 3);
+
+    // Answered within the reconcile's budget: Ready at once.
+    let (ctx, writes) = context_with(&p, World::default(), Settings::default(), Some(synced(healthy.clone())));
+    run(&p, &ctx).await;
+    settle(&ctx).await;
+    assert_eq!(injected(&writes), ["d-0", "d-1", "d-2"], "each convergence recorded");
+    assert_eq!(last_conditions(&writes)["Ready"].0, "True");
+
+    // Answered after it: the writes go on in the policy's writer, and an owner reading Ready=True could
+    // change a workload under a write of crosstrace's that puts back what the owner took out (the
+    // reconcile their answers wake says Ready).
+    let slow = Some(("/apis/apps/v1/namespaces/shop/deployments/", Duration::from_millis(200)));
+    let world = World { slow, ..World::default() };
+    let settings = Settings { workload_write_budget: Duration::from_millis(10), ..Settings::default() };
+    let (ctx, writes, _wakes) = context_waking(&p, world, settings, Some(synced(healthy)));
+    run(&p, &ctx).await;
+    assert!(ctx.tails.running("uid-shop"), "the writes go on after the reconcile");
+    let conditions = last_conditions(&writes);
+    assert_eq!(conditions["Ready"].0, "Unknown", "{conditions:?}");
+    assert_eq!(conditions["Progressing"].0, "True", "{conditions:?}");
+    let workloads = &conditions["WorkloadsReady"];
+    assert_eq!(workloads.0, "Unknown");
+    assert!(workloads.1.ends_with("crosstrace's writes in flight"), "{}", workloads.1);
+    settle(&ctx).await;
 }
 
 #[tokio::test]

@@ -306,7 +306,7 @@ async fn run_layers(
     let planning = Instant::now();
     // Each injection is built when its write starts, from what was observed (kept until then: the
     // stores' workloads are pruned, their apply configurations are not).
-    let workloads::LazyPlan { mut actions, report: workload_report, drifted } =
+    let workloads::LazyPlan { mut actions, report: mut workload_report, drifted } =
         workloads::plan_lazily(view, defaults, &observed, &config_maps, now, &ctx.hashes);
     drop((observed, config_maps));
     // The policy's writer (an earlier reconcile's plan) starts nothing more; what it touched since this
@@ -347,6 +347,7 @@ async fn run_layers(
             waiting = true;
         }
     }
+    workload_report.writing = waiting || raced || !written.complete();
     // Where a reconcile's time goes, for `just bench` and for anyone reading a slow rollout's log.
     parts::add(|p| &mut p.observe, planning - observing);
     parts::add(|p| &mut p.plan, writing - planning);
@@ -380,7 +381,8 @@ async fn run_layers(
             Err(e) => correlation.unresolved = Some(format!("{}: {e}", receiver.name)),
         }
     }
-    let network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
+    let mut network_plan = network::plan(view, &observed, Timestamp::now(), &correlation);
+    network_plan.report.writing = !network_plan.actions.is_empty();
     if !written.complete() {
         // The budget ran out: the network layer goes after the workloads, in the next reconcile (at once).
         info!(written = written.done, planned = written.of, "write budget used up; continuing in the next reconcile");
@@ -393,7 +395,9 @@ async fn run_layers(
         // of its reconciles ends when the last of them is answered.
         let pace = Pace::within(&ctx.write_limits.network, ctx.settings.write_budget);
         written = super::apply::network(&ctx.writer, &network_plan.actions, pace, &notes).await?;
-        raced |= notes.is_some_and(|n| n.raced());
+        let network_raced = notes.is_some_and(|n| n.raced());
+        network_plan.report.writing = network_raced || !written.complete();
+        raced |= network_raced;
     }
     parts::add(|p| &mut p.network, network_started.elapsed());
     let reports = Reports {

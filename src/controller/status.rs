@@ -47,12 +47,13 @@ fn layer_condition(type_: &'static str, field: &str, r: &LayerReport) -> Desired
             with_warnings(format!("{counts}: {}", all.join("; "))),
         );
     }
-    if r.in_flight > 0 || r.pending > 0 {
+    if r.in_flight > 0 || r.pending > 0 || r.writing {
+        let writing = if r.writing { ", crosstrace's writes in flight" } else { "" };
         return Desired::new(
             type_,
             Status::Unknown,
             reasons::ROLLOUT_IN_PROGRESS,
-            with_warnings(format!("{counts}, {} changing, {} waiting", r.in_flight, r.pending)),
+            with_warnings(format!("{counts}, {} changing, {} waiting{writing}", r.in_flight, r.pending)),
         );
     }
     if r.selected == 0 {
@@ -70,7 +71,7 @@ pub fn desired_conditions(spec: &TracingPolicySpec, reports: &Reports) -> Vec<De
     let layers: Vec<Desired> = reports.layers().map(|(t, f, r)| layer_condition(t, f, r)).collect();
     let all: Vec<&LayerReport> = reports.layers().map(|(_, _, r)| r).collect();
     let paused = spec.rollout.paused;
-    let moving = all.iter().any(|r| r.in_flight > 0);
+    let moving = all.iter().any(|r| r.in_flight > 0 || r.writing);
     let waiting = all.iter().any(|r| r.pending > 0);
     let stopped = all.iter().any(|r| r.stopped);
 
@@ -298,6 +299,19 @@ mod tests {
         let c = desired_conditions(&TracingPolicySpec::default(), &reports);
         assert_eq!(ready_of(&c, READY), (Status::Unknown, "RolloutInProgress"));
         assert_eq!(ready_of(&c, PROGRESSING), (Status::True, "RolloutInProgress"));
+    }
+
+    #[test]
+    fn every_target_ready_with_crosstrace_writes_in_flight_is_not_ready_yet() {
+        // The reconcile that marks the last target converged hands that write to the policy's writer:
+        // an owner reading Ready=True would otherwise edit the workload under crosstrace's write.
+        let reports = Reports { workloads: Some(LayerReport { writing: true, ..report(1, 1) }), ..Default::default() };
+        let c = desired_conditions(&TracingPolicySpec::default(), &reports);
+        assert_eq!(ready_of(&c, READY), (Status::Unknown, "RolloutInProgress"));
+        assert_eq!(ready_of(&c, WORKLOADS_READY), (Status::Unknown, "RolloutInProgress"));
+        assert_eq!(ready_of(&c, PROGRESSING), (Status::True, "RolloutInProgress"));
+        let workloads = c.iter().find(|c| c.type_ == WORKLOADS_READY).unwrap();
+        assert_eq!(workloads.message, "1/1 ready, 0 changing, 0 waiting, crosstrace's writes in flight");
     }
 
     #[test]

@@ -189,6 +189,10 @@ pub struct LayerReport {
     pub blocked: usize,
     /// A failed batch stopped the rollout for this generation.
     pub stopped: bool,
+    /// Writes crosstrace planned for the layer's targets were still in flight, or not started yet, when
+    /// its reconcile ended: the layer is not ready until the reconcile their answers wake says so (a
+    /// target counted ready because its convergence is being recorded may meet its owner's change first).
+    pub writing: bool,
     pub problems: Vec<Problem>,
     /// Notes for the layer's Ready condition that are not problems (e.g. a vulnerable controller version).
     pub warnings: Vec<String>,
