@@ -443,7 +443,7 @@ async fn from_synced_stores_a_policy_lists_its_namespaces_once_and_a_batchs_fail
     assert!(injected.iter().all(|w| !w.rolled_out), "rolling out");
 
     // A pod of d-3's new revision cannot start.
-    let hash = |w: &Workload| w.shape().injection.unwrap();
+    let hash = |w: &Workload| w.template.names().injection.clone().unwrap();
     let failing = json!({
         "metadata": {"name": "d-3-abc", "namespace": "shop", "labels": {"app": "d-3"},
             "annotations": {workloads::INJECTION_ANNOTATION: hash(&injected[3])}},

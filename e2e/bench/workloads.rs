@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crosstrace::api::{TracingPolicy, TracingPolicySpec, WorkloadKind};
 use crosstrace::controller::Settings;
-use crosstrace::layers::workloads::{self, Action, Observed, RECORD_ANNOTATION, Workload};
+use crosstrace::layers::workloads::{self, Action, Observed, RECORD_ANNOTATION, Template, Workload};
 use crosstrace::layers::{ObjectKey, PolicyView, health};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -351,7 +351,9 @@ fn limit_patches(policy: &Value, keys: &[ObjectKey]) -> Limit {
                         labels: Some(BTreeMap::from([(PART_OF.to_string(), "bench".to_string())])),
                         ..Default::default()
                     },
-                    template: Box::new(serde_json::from_value::<PodTemplateSpec>(template(&k.name)).unwrap()),
+                    template: Template::Full(Box::new(
+                        serde_json::from_value::<PodTemplateSpec>(template(&k.name)).unwrap(),
+                    )),
                     rolled_out: true,
                     ..Default::default()
                 }),

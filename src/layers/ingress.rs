@@ -202,7 +202,7 @@ pub fn split_host_port(endpoint: &str) -> (&str, &str) {
 /// in the Deployment's namespace; `$(POD_NAMESPACE)` is the Deployment's namespace.
 pub fn config_map_ref(controller: &Workload) -> Option<(&Container, ObjectKey)> {
     let namespace = controller.metadata.namespace.clone().unwrap_or_default();
-    let containers = &controller.template.spec.as_ref()?.containers;
+    let containers = &controller.template.full()?.spec.as_ref()?.containers;
     containers.iter().find_map(|c| {
         let args = c.args.iter().flatten();
         let value = args.clone().zip(args.skip(1).map(Some).chain([None])).find_map(|(arg, next)| {
@@ -847,7 +847,7 @@ mod tests {
     }
 
     fn set_image(w: &mut Workload, image: &str) {
-        w.template.spec.as_mut().unwrap().containers[0].image = Some(image.into());
+        w.template.full_mut().unwrap().spec.as_mut().unwrap().containers[0].image = Some(image.into());
     }
 
     #[test]

@@ -1188,6 +1188,31 @@ mod tests {
     }
 
     #[test]
+    fn the_workloads_a_reconcile_reads_share_their_template_names_with_the_store() {
+        use crate::layers::workloads::{Names, Template};
+        let (stores, mut writer) = stores();
+        let names = Names { containers: vec![("app".into(), vec!["LANG".into()])], ..Default::default() };
+        let shape = Shape { names: Arc::new(names), ..Default::default() };
+        writer.apply_watcher_event(&Event::Apply(Pruned::new(meta("cart", "1", &[]), Some(shape.clone()))));
+        // Two reconciles' observations: neither copies the names (a thousand targets' rebuilt templates
+        // were most of a reconcile's memory).
+        let read = || stores.workloads(WorkloadKind::Deployment, None, |_| true).remove(0).expect("kept");
+        let (first, second) = (read(), read());
+        let shared = |w: &Workload| match &w.template {
+            Template::Names(n) => Arc::ptr_eq(n, &stores_names(&stores)),
+            Template::Full(_) => false,
+        };
+        assert!(shared(&first) && shared(&second));
+        assert_eq!(first.template.names().containers, [("app".to_string(), vec!["LANG".to_string()])]);
+    }
+
+    /// The names the Deployment store holds for its one workload.
+    fn stores_names(stores: &Stores) -> Arc<crate::layers::workloads::Names> {
+        let stored = stores.deployments.state();
+        Arc::clone(&stored[0].shape.as_ref().expect("a shape").names)
+    }
+
+    #[test]
     fn a_write_is_used_until_the_store_shows_it_and_marks_its_own_echo() {
         use crate::controller::apply::WriteNotes;
         let (stores, mut writer) = stores();

@@ -83,14 +83,12 @@ pub struct Record {
     pub rollout_started: i64,
 }
 
-/// One workload, reduced to what the layer needs (the pod template and how its rollout stands).
+/// One workload, reduced to what the layer needs (its pod template and how its rollout stands).
 #[derive(Clone, Debug, Default)]
 pub struct Workload {
     pub kind: WorkloadKind,
     pub metadata: ObjectMeta,
-    /// Boxed: a Workload is moved around in big numbers (a store's thousands per reconcile), and a pod template
-    /// is most of its size.
-    pub template: Box<PodTemplateSpec>,
+    pub template: Template,
     pub rolled_out: bool,
     /// The pods' selector (to find the pods of crosstrace's revision).
     pub selector: Option<LabelSelector>,
@@ -109,6 +107,56 @@ pub struct Workload {
     pub available: bool,
 }
 
+/// A workload's pod template: whole, as read from the API server (the edge layer reads its containers'
+/// arguments), or the [`Names`] a store keeps, shared with the store (a reconcile of a thousand targets
+/// held a rebuilt template of each, most of its memory: issue 13).
+#[derive(Clone, Debug)]
+pub enum Template {
+    /// Boxed: a Workload is moved around in big numbers, and a pod template is most of its size.
+    Full(Box<PodTemplateSpec>),
+    Names(Arc<Names>),
+}
+
+impl Default for Template {
+    fn default() -> Self {
+        Template::Names(Arc::default())
+    }
+}
+
+impl Template {
+    /// What the workload layer reads of the template.
+    pub fn names(&self) -> std::borrow::Cow<'_, Names> {
+        match self {
+            Template::Full(template) => std::borrow::Cow::Owned(Names::of(template)),
+            Template::Names(names) => std::borrow::Cow::Borrowed(names),
+        }
+    }
+
+    /// The names, shared: those a store keeps are not copied.
+    fn shared_names(&self) -> Arc<Names> {
+        match self {
+            Template::Full(template) => Arc::new(Names::of(template)),
+            Template::Names(names) => Arc::clone(names),
+        }
+    }
+
+    /// The whole template, when it was read whole.
+    pub fn full(&self) -> Option<&PodTemplateSpec> {
+        match self {
+            Template::Full(template) => Some(template),
+            Template::Names(_) => None,
+        }
+    }
+
+    /// The whole template, to change (tests and simulations of an owner's edit).
+    pub fn full_mut(&mut self) -> Option<&mut PodTemplateSpec> {
+        match self {
+            Template::Full(template) => Some(template),
+            Template::Names(_) => None,
+        }
+    }
+}
+
 impl Workload {
     pub fn key(&self) -> ObjectKey {
         ObjectKey::of(&self.metadata)
@@ -123,7 +171,7 @@ impl Workload {
         let spec = d.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::Deployment,
-            template: Box::new(spec.template),
+            template: Template::Full(Box::new(spec.template)),
             metadata: d.metadata,
             rolled_out,
             selector: Some(spec.selector),
@@ -143,7 +191,7 @@ impl Workload {
         let spec = s.spec.unwrap_or_default();
         Self {
             kind: WorkloadKind::StatefulSet,
-            template: Box::new(spec.template),
+            template: Template::Full(Box::new(spec.template)),
             metadata: s.metadata,
             rolled_out,
             selector: Some(spec.selector),
@@ -162,7 +210,7 @@ impl Workload {
         let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
         Self {
             kind: WorkloadKind::DaemonSet,
-            template: Box::new(spec.template),
+            template: Template::Full(Box::new(spec.template)),
             metadata: d.metadata,
             rolled_out,
             selector: Some(spec.selector),
@@ -175,26 +223,8 @@ impl Workload {
 
     /// What the layer needs of this workload beyond its metadata, for a store.
     pub fn shape(&self) -> Shape {
-        let pod = self.template.spec.as_ref();
-        let names = |list: Option<&Vec<k8s_openapi::api::core::v1::Container>>| -> Vec<String> {
-            list.into_iter().flatten().map(|c| c.name.clone()).collect()
-        };
         Shape {
-            injection: self
-                .template
-                .metadata
-                .as_ref()
-                .and_then(|m| m.annotations.as_ref())
-                .and_then(|a| a.get(INJECTION_ANNOTATION))
-                .cloned(),
-            containers: pod
-                .map(|p| p.containers.iter())
-                .into_iter()
-                .flatten()
-                .map(|c| (c.name.clone(), c.env.iter().flatten().map(|e| e.name.clone()).collect()))
-                .collect(),
-            init_containers: names(pod.and_then(|p| p.init_containers.as_ref())),
-            volumes: pod.and_then(|p| p.volumes.as_ref()).into_iter().flatten().map(|v| v.name.clone()).collect(),
+            names: self.template.shared_names(),
             selector: self.selector.clone(),
             rolled_out: self.rolled_out,
             paused: self.paused,
@@ -205,37 +235,12 @@ impl Workload {
         }
     }
 
-    /// The workload a store holds: its pruned metadata and [`Shape`], with a pod template that has
-    /// only what the plan reads (names, env names, the injection annotation).
+    /// The workload a store holds: its pruned metadata and [`Shape`], whose template names it shares.
     pub fn from_shape(kind: WorkloadKind, metadata: ObjectMeta, shape: &Shape) -> Self {
-        use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
-        let named = |name: &String| Container { name: name.clone(), ..Default::default() };
-        let template = PodTemplateSpec {
-            metadata: Some(ObjectMeta {
-                annotations: shape
-                    .injection
-                    .as_ref()
-                    .map(|h| BTreeMap::from([(INJECTION_ANNOTATION.into(), h.clone())])),
-                ..Default::default()
-            }),
-            spec: Some(PodSpec {
-                containers: shape
-                    .containers
-                    .iter()
-                    .map(|(name, env)| Container {
-                        env: Some(env.iter().map(|e| EnvVar { name: e.clone(), ..Default::default() }).collect()),
-                        ..named(name)
-                    })
-                    .collect(),
-                init_containers: Some(shape.init_containers.iter().map(named).collect()),
-                volumes: Some(shape.volumes.iter().map(|v| Volume { name: v.clone(), ..Default::default() }).collect()),
-                ..Default::default()
-            }),
-        };
         Self {
             kind,
             metadata,
-            template: Box::new(template),
+            template: Template::Names(Arc::clone(&shape.names)),
             rolled_out: shape.rolled_out,
             selector: shape.selector.clone(),
             paused: shape.paused,
@@ -271,16 +276,10 @@ impl Workload {
 }
 
 /// What the workload layer reads of a workload besides its metadata, small enough to keep for every
-/// workload a policy may select: the names in its pod template (containers with their env names, init
-/// containers, volumes), the injection annotation of the template, and how its rollout stands. Env
-/// values, images and everything else of the template are left out (the injection is a server-side
-/// apply of crosstrace's own fields: it never needs them).
+/// workload a policy may select: the names in its pod template ([`Names`]) and how its rollout stands.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Shape {
-    pub injection: Option<String>,
-    pub containers: Vec<(String, Vec<String>)>,
-    pub init_containers: Vec<String>,
-    pub volumes: Vec<String>,
+    pub names: Arc<Names>,
     pub selector: Option<LabelSelector>,
     pub rolled_out: bool,
     pub paused: bool,
@@ -288,6 +287,48 @@ pub struct Shape {
     pub on_delete: bool,
     pub available: bool,
     pub revision_started: bool,
+}
+
+/// The names in a pod template the workload layer reads: containers with their env names, init
+/// containers, volumes, and the template's injection annotation. Env values, images and everything else
+/// are left out (the injection is a server-side apply of crosstrace's own fields: it never needs them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Names {
+    pub injection: Option<String>,
+    pub containers: Vec<(String, Vec<String>)>,
+    pub init_containers: Vec<String>,
+    pub volumes: Vec<String>,
+}
+
+impl Names {
+    pub fn of(template: &PodTemplateSpec) -> Self {
+        let pod = template.spec.as_ref();
+        Names {
+            injection: template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(INJECTION_ANNOTATION))
+                .cloned(),
+            containers: pod
+                .into_iter()
+                .flat_map(|p| &p.containers)
+                .map(|c| (c.name.clone(), c.env.iter().flatten().map(|e| e.name.clone()).collect()))
+                .collect(),
+            init_containers: pod
+                .and_then(|p| p.init_containers.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|c| c.name.clone())
+                .collect(),
+            volumes: pod.and_then(|p| p.volumes.as_ref()).into_iter().flatten().map(|v| v.name.clone()).collect(),
+        }
+    }
+
+    /// The env names of container `name`, if the template has it.
+    fn env_of(&self, name: &str) -> Option<&[String]> {
+        self.containers.iter().find(|(c, _)| c == name).map(|(_, env)| env.as_slice())
+    }
 }
 
 /// The metadata a store keeps of a workload: identity, generation, labels (selection) and crosstrace's
@@ -559,28 +600,25 @@ fn injection(
     let workloads = spec.workloads.as_ref().expect("injection is only planned with spec.workloads");
     let kind = w.kind;
     let key = w.key();
-    let pod = w.template.spec.clone().unwrap_or_default();
+    let names = w.template.names();
     let desired_env = otel_env(spec, kind, &key);
     let mut injected: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let containers: Vec<Value> = pod
+    let containers: Vec<Value> = names
         .containers
         .iter()
-        .filter(|c| c.name != SIDECAR_NAME)
-        .map(|c| {
+        .filter(|(name, _)| name != SIDECAR_NAME)
+        .map(|(name, env)| {
             let ours: BTreeSet<&str> =
-                previous.and_then(|r| r.env.get(&c.name)).into_iter().flatten().map(String::as_str).collect();
-            let users: BTreeSet<&str> =
-                c.env.iter().flatten().map(|e| e.name.as_str()).filter(|n| !ours.contains(n)).collect();
+                previous.and_then(|r| r.env.get(name)).into_iter().flatten().map(String::as_str).collect();
+            let users: BTreeSet<&str> = env.iter().map(String::as_str).filter(|n| !ours.contains(n)).collect();
             let env: Vec<Value> = desired_env
                 .iter()
                 .filter(|(name, _)| !users.contains(name.as_str()))
                 .map(|(name, value)| json!({"name": name, "value": value}))
                 .collect();
-            injected.insert(
-                c.name.clone(),
-                env.iter().map(|e| e["name"].as_str().unwrap_or_default().to_string()).collect(),
-            );
-            json!({"name": c.name, "env": env})
+            injected
+                .insert(name.clone(), env.iter().map(|e| e["name"].as_str().unwrap_or_default().to_string()).collect());
+            json!({"name": name, "env": env})
         })
         .collect();
     let sidecar = sidecar(workloads, defaults, kind, &key);
@@ -621,21 +659,18 @@ fn injection(
 
 /// Is everything the record says was injected still in the pod template?
 fn injection_present(w: &Workload, record: &Record, native: bool) -> bool {
-    let Some(pod) = w.template.spec.as_ref() else {
-        return false;
+    let pod = w.template.names();
+    let has_sidecar = if native {
+        pod.init_containers.iter().any(|c| c == SIDECAR_NAME)
+    } else {
+        pod.containers.iter().any(|(c, _)| c == SIDECAR_NAME)
     };
-    let sidecars = if native { pod.init_containers.as_deref().unwrap_or_default() } else { &pod.containers };
-    let has_sidecar = sidecars.iter().any(|c| c.name == SIDECAR_NAME);
-    let has_volume = pod.volumes.iter().flatten().any(|v| v.name == CONFIG_VOLUME);
-    let has_env = record.env.iter().all(|(container, names)| {
-        pod.containers
-            .iter()
-            .find(|c| &c.name == container)
-            .is_none_or(|c| names.iter().all(|n| c.env.iter().flatten().any(|e| &e.name == n)))
-    });
-    let has_annotation =
-        w.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).and_then(|a| a.get(INJECTION_ANNOTATION))
-            == Some(&record.hash);
+    let has_volume = pod.volumes.iter().any(|v| v == CONFIG_VOLUME);
+    let has_env = record
+        .env
+        .iter()
+        .all(|(container, names)| pod.env_of(container).is_none_or(|env| names.iter().all(|n| env.contains(n))));
+    let has_annotation = pod.injection.as_ref() == Some(&record.hash);
     has_sidecar && has_volume && has_env && has_annotation
 }
 
@@ -1539,10 +1574,15 @@ mod tests {
         Workload {
             kind: WorkloadKind::Deployment,
             metadata,
-            template: Box::new(template),
+            template: Template::Full(Box::new(template)),
             rolled_out: true,
             ..Default::default()
         }
+    }
+
+    /// The whole pod template of a target read from the API server, to change.
+    fn full(t: &mut Observed) -> &mut PodTemplateSpec {
+        Arc::make_mut(&mut t.workload).template.full_mut().expect("read whole")
     }
 
     fn selected(w: Workload) -> Observed {
@@ -1561,9 +1601,9 @@ mod tests {
                 Arc::make_mut(&mut t.workload).metadata.labels =
                     serde_json::from_value(patch["metadata"]["labels"].clone()).unwrap();
                 let template_annotations = &patch["spec"]["template"]["metadata"]["annotations"];
-                Arc::make_mut(&mut t.workload).template.metadata.get_or_insert_default().annotations =
+                full(&mut t).metadata.get_or_insert_default().annotations =
                     serde_json::from_value(template_annotations.clone()).unwrap();
-                let pod = Arc::make_mut(&mut t.workload).template.spec.as_mut().unwrap();
+                let pod = full(&mut t).spec.as_mut().unwrap();
                 let injected_pod: k8s_openapi::api::core::v1::PodSpec =
                     serde_json::from_value(patch["spec"]["template"]["spec"].clone()).unwrap();
                 pod.init_containers = injected_pod.init_containers;
@@ -1724,7 +1764,7 @@ mod tests {
         assert_eq!(again.report.ready, 1);
 
         let mut drifted = done.clone();
-        Arc::make_mut(&mut drifted.workload).template.spec.as_mut().unwrap().init_containers = None;
+        full(&mut drifted).spec.as_mut().unwrap().init_containers = None;
         let fix = plan(view(&s), &defaults(), &[drifted], &[cm], NOW + 10);
         assert_eq!(fix.drifted, vec![t.workload.key()]);
         assert!(matches!(fix.actions[..], [Action::Inject { .. }]));
@@ -1780,14 +1820,13 @@ mod tests {
         // The owner edits the template (a new resourceVersion): its own env var now wins over ours, so
         // the desired injection differs, and the remembered hash must not hide that.
         let mut edited = marked.clone();
-        Arc::make_mut(&mut edited.workload).template.spec.as_mut().unwrap().containers[0]
-            .env
-            .get_or_insert_default()
-            .push(k8s_openapi::api::core::v1::EnvVar {
+        full(&mut edited).spec.as_mut().unwrap().containers[0].env.get_or_insert_default().push(
+            k8s_openapi::api::core::v1::EnvVar {
                 name: "OTEL_SERVICE_NAME".into(),
                 value: Some("mine".into()),
                 ..Default::default()
-            });
+            },
+        );
         let edited = at(&edited, "4");
         let replanned = plan_with(view(&s), &defaults(), std::slice::from_ref(&edited), &[], NOW + 7, &hashes);
         assert_eq!(replanned, plan(view(&s), &defaults(), std::slice::from_ref(&edited), &[], NOW + 7));
@@ -1827,7 +1866,7 @@ mod tests {
         let healthy = same(&t, NOW + 5);
         t = injected(t, &healthy.actions);
         assert!(!same(&t, NOW + 6).actions.iter().any(|a| matches!(a, Action::Inject { .. })), "converged");
-        Arc::make_mut(&mut t.workload).template.spec.as_mut().unwrap().init_containers = None;
+        full(&mut t).spec.as_mut().unwrap().init_containers = None;
         assert_eq!(same(&t, NOW + 7).drifted, vec![t.workload.key()]);
         let kept = pruned_metadata(&t.workload.metadata);
         assert!(kept.annotations.unwrap().keys().all(|k| k.starts_with("crosstrace.dev/")), "only crosstrace's");
