@@ -235,6 +235,12 @@ impl Workload {
         }
     }
 
+    /// The workload as a store keeps it: its pruned metadata and its template's [`Names`] (all the
+    /// workload layer reads; a listed or read workload is kept so while a reconcile holds it).
+    pub fn pruned(self) -> Self {
+        Self::from_shape(self.kind, pruned_metadata(&self.metadata), &self.shape())
+    }
+
     /// The workload a store holds: its pruned metadata and [`Shape`], whose template names it shares.
     pub fn from_shape(kind: WorkloadKind, metadata: ObjectMeta, shape: &Shape) -> Self {
         Self {
@@ -1055,7 +1061,7 @@ fn api<K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType
 }
 
 /// Lists the workloads of `kind` in `namespace` (or every namespace) matching `params`, a page at a
-/// time, each reduced to a [`Workload`] at once.
+/// time, each reduced at once to a [`Workload`] as a store keeps it ([`Workload::pruned`]).
 async fn list(
     client: &Client,
     kind: WorkloadKind,
@@ -1066,15 +1072,15 @@ async fn list(
     match kind {
         WorkloadKind::Deployment => {
             let api = api::<Lean<Deployment>>(client, namespace);
-            list_paged(&api, params, |d| each(Workload::from_deployment(d.into_inner()))).await
+            list_paged(&api, params, |d| each(Workload::from_deployment(d.into_inner()).pruned())).await
         }
         WorkloadKind::StatefulSet => {
             let api = api::<Lean<StatefulSet>>(client, namespace);
-            list_paged(&api, params, |s| each(Workload::from_statefulset(s.into_inner()))).await
+            list_paged(&api, params, |s| each(Workload::from_statefulset(s.into_inner()).pruned())).await
         }
         WorkloadKind::DaemonSet => {
             let api = api::<Lean<DaemonSet>>(client, namespace);
-            list_paged(&api, params, |d| each(Workload::from_daemonset(d.into_inner()))).await
+            list_paged(&api, params, |d| each(Workload::from_daemonset(d.into_inner()).pruned())).await
         }
     }
 }
@@ -1119,10 +1125,10 @@ async fn list_in(
 /// Up to this many namespaces are listed one by one; more, across the cluster.
 const LIST_NAMESPACE_BY_NAMESPACE: usize = 8;
 
-/// Reads one workload; `None` when it is gone.
+/// Reads one workload, as a store keeps it ([`Workload::pruned`]); `None` when it is gone.
 async fn get(client: &Client, kind: WorkloadKind, key: &ObjectKey) -> Result<Option<Workload>, kube::Error> {
     let ns = Some(key.namespace.as_str());
-    Ok(match kind {
+    let read = match kind {
         WorkloadKind::Deployment => api::<Lean<Deployment>>(client, ns)
             .get_opt(&key.name)
             .await?
@@ -1135,7 +1141,8 @@ async fn get(client: &Client, kind: WorkloadKind, key: &ObjectKey) -> Result<Opt
             .get_opt(&key.name)
             .await?
             .map(|d| Workload::from_daemonset(d.into_inner())),
-    })
+    };
+    Ok(read.map(Workload::pruned))
 }
 
 /// The keys of the workloads of `kind` carrying this policy's label (metadata only, a page at a time).
@@ -1843,11 +1850,7 @@ mod tests {
 
     /// The workload as a store keeps it: pruned metadata and its shape.
     fn stored(t: &Observed) -> Observed {
-        let w = &t.workload;
-        Observed {
-            workload: Arc::new(Workload::from_shape(w.kind, pruned_metadata(&w.metadata), &w.shape())),
-            ..t.clone()
-        }
+        Observed { workload: Arc::new(Workload::clone(&t.workload).pruned()), ..t.clone() }
     }
 
     #[test]
