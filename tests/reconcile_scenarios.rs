@@ -348,8 +348,9 @@ async fn from_synced_network_stores_nothing_is_listed_and_a_write_is_not_planned
         let metadata = ObjectMeta { name: Some(name.into()), resource_version: Some("1".into()), ..Default::default() };
         Addressed::new(metadata, Some("10.0.0.10".into()))
     };
+    let (deployments, statefulsets, daemonsets) = (reflector::store().0, reflector::store().0, reflector::store().0);
     let nodes = sync(vec![node("node-0"), node("node-1")]);
-    let stores = Stores::new(sync(vec![]), sync(vec![]), sync(vec![]), sync(vec![]), nodes, sync(vec![]));
+    let stores = Stores::new(deployments, statefulsets, daemonsets, reflector::store().0, nodes, sync(vec![]));
     let world = World::default();
     let settings = Settings { write_budget: Duration::from_secs(5), ..Settings::default() };
     let (ctx, writes) = context_with(&p, world.clone(), settings, Some(stores));
@@ -363,46 +364,6 @@ async fn from_synced_network_stores_nothing_is_listed_and_a_write_is_not_planned
     // The store has not seen the writes yet: the next reconcile plans from what they returned.
     run(&p, &ctx).await;
     assert_eq!(node_writes(&writes), 2, "written once: {:?}", writes_to(&writes));
-}
-
-#[tokio::test]
-async fn a_restarted_controllers_reconcile_waits_for_the_stores_first_lists_and_lists_nothing() {
-    // The Deployments' store takes in its first list 300 ms after the reconcile starts (in a big cluster:
-    // tens of seconds, during which a list of what the policy selects read every Deployment from etcd).
-    let p = shop_policy();
-    let namespace: Meta<k8s_openapi::api::core::v1::Namespace> =
-        serde_json::from_value(json!({"metadata": {"name": "shop", "resourceVersion": "1"}})).unwrap();
-    let (deployments, mut writer) = reflector::store();
-    let (nodes, tracings) = (reflector::store().0, reflector::store().0);
-    let stores = Stores::new(deployments, sync(vec![]), sync(vec![]), sync(vec![namespace]), nodes, tracings);
-    let world = World::default();
-    let (ctx, writes) = context_with(&p, world.clone(), Settings::default(), Some(stores));
-    let first_list = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let w = Workload::from_deployment(shop_deployment(0));
-        writer.apply_watcher_event(&Event::Init);
-        writer.apply_watcher_event(&Event::InitApply(Pruned::new(
-            workloads::pruned_metadata(&w.metadata),
-            Some(w.shape()),
-        )));
-        writer.apply_watcher_event(&Event::InitDone);
-    });
-    let started = std::time::Instant::now();
-    run(&p, &ctx).await;
-    let took = started.elapsed();
-    first_list.await.unwrap();
-    // Without the wait: the workloads carrying the policy's label, listed across the cluster (each such
-    // list read every Deployment from etcd in a big cluster).
-    let reads = world.reads.lock().unwrap().clone();
-    let across = |r: &&String| {
-        ["/apis/apps/v1/deployments?", "/apis/apps/v1/statefulsets?", "/apis/apps/v1/daemonsets?"]
-            .iter()
-            .any(|kind| r.starts_with(kind) && r.contains("workloads-policy"))
-    };
-    assert!(!reads.iter().any(|r| across(&r)), "nothing listed across the cluster: {reads:?}");
-    assert!(took >= Duration::from_millis(300), "it waited for the first list");
-    settle(&ctx).await;
-    assert_eq!(injected(&writes), ["d-0"], "planned from the store");
 }
 
 fn shop_deployment(i: usize) -> Deployment {

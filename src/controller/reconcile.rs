@@ -88,13 +88,6 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
         tracing::debug!(wait_us = micros(wait), "deferred while the policy's writes go on");
         return Ok(Action::requeue(wait));
     }
-    // A restarted controller's reconciles wait for the stores' first lists (STORES_SYNC at most from
-    // its start; after that they list what they read).
-    if let Some(stores) = ctx.stores.as_ref().filter(|s| !s.ready()) {
-        let waited = Instant::now();
-        let synced = stores.first_lists(STORES_SYNC).await;
-        tracing::debug!(waited_us = micros(waited.elapsed()), synced, "waited for the stores' first lists");
-    }
     let started = Instant::now();
     // Boxed: the reconcile is a large future, and the scope moves it.
     let (result, parts) = parts::scope(Box::pin(dispatch(&policy, &ctx))).await;
@@ -126,9 +119,6 @@ pub async fn reconcile(policy: Arc<TracingPolicy>, ctx: Arc<Context>) -> Result<
 
 /// How often a policy whose writes go on is planned at most.
 pub const REPLAN_EVERY: Duration = Duration::from_millis(200);
-
-/// How long after the controller's start its reconciles wait at most for the stores' first lists.
-pub const STORES_SYNC: Duration = Duration::from_secs(60);
 
 /// Adds the finalizer first, runs cleanup on delete and removes the finalizer only when it is done.
 async fn dispatch(policy: &TracingPolicy, ctx: &Context) -> Result<Action, Error> {

@@ -205,8 +205,6 @@ pub struct Stores {
     deleted: Mutex<HashMap<(WorkloadKind, ObjectKey), Instant>>,
     /// Reads of workloads in flight ([`Listing`]).
     reading: AtomicUsize,
-    /// When the stores were made (their watches started): [`Stores::first_lists`] waits from then.
-    made: Instant,
 }
 
 /// Reads of workloads in flight (lists, or GETs), from `since`: a workload deleted meanwhile is not
@@ -380,7 +378,6 @@ impl Stores {
             relists: AtomicU64::new(0),
             coverage: Mutex::default(),
             deleted: Mutex::default(),
-            made: Instant::now(),
             reading: AtomicUsize::new(0),
         }
     }
@@ -425,26 +422,6 @@ impl Stores {
     /// cluster as before.
     pub fn ready(&self) -> bool {
         ready(&self.deployments) && ready(&self.statefulsets) && ready(&self.daemonsets) && ready(&self.namespaces)
-    }
-
-    /// Waits until the workload layer's stores have taken in their first list ([`Stores::ready`]), until
-    /// `within` after the stores were made at most; says whether they have. A reconcile before that
-    /// lists what it reads instead: in a cluster of 100 000 Deployments each of those label-selected lists
-    /// read every Deployment from etcd while the stores' own first lists did too, and a restarted
-    /// controller's reconciles took 10-20 s each for a minute. A store that cannot list (its RBAC missing)
-    /// is not waited for again after `within`: the reconciles list, as before the stores.
-    pub async fn first_lists(&self, within: std::time::Duration) -> bool {
-        let all = futures::future::join4(
-            self.deployments.wait_until_ready(),
-            self.statefulsets.wait_until_ready(),
-            self.daemonsets.wait_until_ready(),
-            self.namespaces.wait_until_ready(),
-        );
-        let left = within.saturating_sub(self.made.elapsed());
-        match tokio::time::timeout(left, all).await {
-            Ok((a, b, c, d)) => a.is_ok() && b.is_ok() && c.is_ok() && d.is_ok(),
-            Err(_) => false,
-        }
     }
 
     /// Have the nodes' and the NodeTracings' stores taken in their first list? Until then the network
@@ -1208,18 +1185,6 @@ mod tests {
         assert!(stores.deleted.lock().unwrap().is_empty());
         stores.relisted(kind);
         assert_eq!(rolled_out(&stores), [], "a relist forgets reads the store does not keep");
-    }
-
-    #[tokio::test]
-    async fn the_first_lists_are_waited_for_until_a_deadline_from_the_start_then_not_again() {
-        let (stores, _deployments) = stores();
-        let within = Duration::from_millis(200);
-        let started = Instant::now();
-        assert!(!stores.first_lists(within).await, "a store that never lists (its RBAC missing, say)");
-        assert!(started.elapsed() >= Duration::from_millis(150), "waited until the deadline");
-        let again = Instant::now();
-        assert!(!stores.first_lists(within).await);
-        assert!(again.elapsed() < Duration::from_millis(50), "past the deadline: not waited for again");
     }
 
     #[test]
