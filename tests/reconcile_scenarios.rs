@@ -634,10 +634,8 @@ async fn a_converged_policy_with_a_canary_is_looked_at_again_at_the_resync_not_a
     let settings = Settings { canary_every: Some(Duration::from_secs(1)), ..Settings::default() };
     let (ctx, writes) = context(&p, World::default(), settings);
     let action = run(&p, &ctx).await;
-    let status = writes.lock().unwrap().iter().rev().find(|w| w.path.ends_with("/status")).unwrap().body.clone();
-    let reachable =
-        status["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "CollectorReachable");
-    assert_eq!(reachable.unwrap()["status"], "False", "{status}");
+    let conditions = last_conditions(&writes);
+    assert_eq!(conditions["CollectorReachable"].0, "False", "{conditions:?}");
     // The canary rounds ask the collector again and wake the policy only when the finding turns.
     assert_eq!(action, Action::requeue(Settings::default().resync));
 }
