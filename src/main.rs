@@ -21,7 +21,8 @@ use futures::FutureExt;
 /// objects, and glibc kept those peaks (a long-running controller held 112.6 MiB after four rollouts of
 /// 1000 targets; one arena: 71.6 MiB; mimalloc: 62.6 MiB but 12 MiB more in every agent). jemalloc with
 /// its background thread (controller only): 36.5 MiB, the agent 2.5 MiB more. Measured with `just bench`
-/// (issue 13; e2e/bench/RESULTS.md).
+/// (issue 13; e2e/bench/RESULTS.md). Its options are compiled in (`.cargo/config.toml`: one arena,
+/// freed pages handed back after 200 ms; why there).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -290,6 +291,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Controller(args) => {
             let _telemetry = telemetry::init(cli.log_format, "crosstrace-controller")?;
             run_controller(args).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// jemalloc was built with the options of `.cargo/config.toml` (`JEMALLOC_SYS_WITH_MALLOC_CONF`),
+    /// and took them.
+    #[test]
+    fn jemalloc_runs_one_arena_and_hands_freed_pages_back_within_200_ms() {
+        let built = tikv_jemalloc_ctl::config::malloc_conf::read().unwrap();
+        assert!(built.contains("narenas:1") && built.contains("dirty_decay_ms:200"), "{built}");
+        if std::env::var_os("_RJEM_MALLOC_CONF").is_none() {
+            assert_eq!(tikv_jemalloc_ctl::opt::narenas::read().unwrap(), 1);
         }
     }
 }
