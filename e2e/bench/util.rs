@@ -245,7 +245,7 @@ impl Proc {
                 .to_string(),
             ])
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info,crosstrace::controller::reconcile=debug,crosstrace::controller::limit=debug")
+            .env("RUST_LOG", "info,crosstrace::controller::reconcile=debug,crosstrace::controller::limit=debug,crosstrace::controller::apply=debug")
             .env("CROSSTRACE_LOG_FORMAT", "json")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("controller log"))

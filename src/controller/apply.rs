@@ -460,7 +460,17 @@ async fn noted_apply<N: WriteNotes>(
     key: &ObjectKey,
     patch: Value,
 ) -> Result<()> {
+    let started = Instant::now();
     let result = apply_workload(writer, kind, key, patch).await;
+    // Each answer's moment (the line's timestamp) and round trip, at debug level: what lies between a
+    // reconcile's first write and its target's change being seen elsewhere (`just bench`'s first write).
+    tracing::debug!(
+        kind = ?kind,
+        workload = %key,
+        took_us = super::parts::micros(started.elapsed()),
+        ok = result.is_ok(),
+        "workload written"
+    );
     noted.ended(result.as_ref().ok());
     result.map(drop)
 }
