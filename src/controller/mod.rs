@@ -41,10 +41,6 @@ use crate::lenient;
 use crate::metrics::Metrics;
 use apply::Writer;
 
-/// Objects per page of the watches' lists (metadata, or workloads pruned as they arrive): bounds what
-/// one response holds in memory.
-const METADATA_PAGE: u32 = 100;
-
 /// Settings of the controller role.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -701,7 +697,7 @@ pub async fn run(
     // the API server sends metadata, not whole objects), kept in a store too. Status churn is filtered
     // out of the triggers (`triggers`). Their lists are paged and read at the latest version: a list at
     // "any" version comes from the API server's cache in one piece, however big the cluster.
-    let meta = watcher::Config::default().page_size(METADATA_PAGE);
+    let meta = watcher::Config::default().page_size(workloads::PAGE);
     // The Gateway API and its providers' kinds are watched only where the cluster serves them (a watch
     // on a resource the API server does not know fails on every retry); a kind installed later is seen
     // by the policies' periodic resync, and watched after a restart.

@@ -1022,10 +1022,12 @@ pub async fn selected_namespaces(
     Ok(namespaces.into_iter().filter_map(|n| n.metadata.name).filter(|n| !defaults.protects(n)).collect())
 }
 
-/// Objects per list request: bounds what one response holds in memory, however big a namespace is. A
-/// page of 500 Deployments held about 16 MiB while it was read and decoded (its text, then the whole
-/// objects): a fresh controller's first reconciles list while its watches list, and its RSS peaked there.
-const PAGE: u32 = 100;
+/// Objects per list request, of a reconcile's lists and of the controller's watches' (metadata, or
+/// workloads pruned as they arrive): bounds what one response holds in memory, however big a namespace
+/// is. A page of 500 Deployments held about 16 MiB while it was read and decoded (its text, then the
+/// whole objects): a fresh controller's first reconciles list while its watches list, and its RSS
+/// peaked there.
+pub const PAGE: u32 = 100;
 
 /// Up to this many workloads that carry a policy's label but are no longer selected are read one by
 /// one; more are listed.
